@@ -1,0 +1,237 @@
+"""`Sample`: one trained turn on the host, the data contract of DESIGN.md.
+
+A sample holds `tokens` = prompt followed by response; the last `response_len` tokens are the
+response. Every per-response-token array (`loss_mask`, `rollout_logp`, `teacher_logp`) has length
+`response_len` and is about the response token at the same index: `rollout_logp[i]` is
+log π(tokens[P + i] | tokens[:P + i]) with P = len(tokens) - response_len. The prompt is never
+empty (the first token of a sequence is never scored).
+
+`clawjax.batch` re-exports `Sample`; the gRPC buffer, the replay file and the rollout side all
+produce and consume this one class. It imports numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+KINDS = ("rl", "opd", "both")
+
+# Size limits a single sample must respect (the buffer enforces them as well).
+MAX_TOKENS = 1 << 20
+MAX_TOPK = 1024
+
+
+class SampleError(ValueError):
+    """A sample breaks the data contract. Names the sample, the field, the value and what was
+    expected, so a producer can find and fix it."""
+
+    def __init__(self, sample_id: str, field: str, value: Any, expected: str):
+        self.sample_id = sample_id
+        self.field = field
+        self.value = value
+        self.expected = expected
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        super().__init__(
+            f"sample {sample_id!r}: field {field!r} = {shown}, expected {expected}")
+
+
+def _as_array(value, dtype) -> np.ndarray | None:
+    if value is None:
+        return None
+    return np.asarray(value, dtype=dtype)
+
+
+@dataclasses.dataclass(eq=False)
+class Sample:
+    """One trained turn. Arrays are numpy; construction converts lists to the right dtype.
+
+    Shapes (N = len(tokens), R = response_len, K = top-K width):
+      tokens [N] int32, loss_mask [R] float32 (0/1), rollout_logp [R] float32,
+      teacher_logp [R] float32 or None (present ⇒ OPD sample),
+      teacher_topk_logp [R, K] float32 / teacher_topk_ids [R, K] int32, both or neither,
+      step_rewards [S] float32 or None.
+    `loss_mask` defaults to all ones and `rollout_logp` to zeros when omitted.
+    """
+
+    sample_id: str
+    tokens: np.ndarray
+    response_len: int
+    loss_mask: np.ndarray | None = None
+    rollout_logp: np.ndarray | None = None
+    reward: float = 0.0
+    kind: str = "rl"
+    session_id: str = ""
+    turn_index: int = 0
+    policy_version: int = 0
+    created_unix_ms: int = 0
+    step_rewards: np.ndarray | None = None
+    teacher_logp: np.ndarray | None = None
+    teacher_topk_logp: np.ndarray | None = None
+    teacher_topk_ids: np.ndarray | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.tokens = np.asarray(self.tokens, dtype=np.int32)
+        self.response_len = int(self.response_len)
+        if self.loss_mask is None:
+            self.loss_mask = np.ones((max(self.response_len, 0),), np.float32)
+        if self.rollout_logp is None:
+            self.rollout_logp = np.zeros((max(self.response_len, 0),), np.float32)
+        self.loss_mask = _as_array(self.loss_mask, np.float32)
+        self.rollout_logp = _as_array(self.rollout_logp, np.float32)
+        self.teacher_logp = _as_array(self.teacher_logp, np.float32)
+        self.teacher_topk_logp = _as_array(self.teacher_topk_logp, np.float32)
+        self.teacher_topk_ids = _as_array(self.teacher_topk_ids, np.int32)
+        self.step_rewards = _as_array(self.step_rewards, np.float32)
+        self.reward = float(self.reward)
+        self.metadata = dict(self.metadata or {})
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def prompt_len(self) -> int:
+        """Number of prompt tokens P = len(tokens) - response_len (≥ 1 for a valid sample)."""
+        return int(self.tokens.shape[0]) - self.response_len
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_logp is not None
+
+    @property
+    def num_bytes(self) -> int:
+        """Approximate payload size, used for buffer capacity accounting."""
+        arrays = (self.tokens, self.loss_mask, self.rollout_logp, self.step_rewards,
+                  self.teacher_logp, self.teacher_topk_logp, self.teacher_topk_ids)
+        size = sum(a.nbytes for a in arrays if a is not None)
+        size += len(self.sample_id) + len(self.session_id) + len(self.kind)
+        size += sum(len(k) + len(v) for k, v in self.metadata.items())
+        return size + 64
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, vocab_size: int | None = None, max_tokens: int = MAX_TOKENS) -> "Sample":
+        """Checks the data contract; raises `SampleError` on the first violation, else returns
+        self. With `vocab_size`, token ids must also be < vocab_size."""
+        sid = self.sample_id
+
+        def fail(field, value, expected):
+            raise SampleError(sid if isinstance(sid, str) else repr(sid), field, value, expected)
+
+        if not isinstance(sid, str) or not sid:
+            fail("sample_id", sid, "a non-empty string")
+        if self.kind not in KINDS:
+            fail("kind", self.kind, f"one of {KINDS}")
+        if self.tokens.ndim != 1:
+            fail("tokens", self.tokens.shape, "a 1-D array of token ids")
+        n = int(self.tokens.shape[0])
+        if n > max_tokens:
+            fail("tokens", f"length {n}", f"at most {max_tokens} tokens")
+        if not 1 <= self.response_len <= n - 1:
+            fail("response_len", self.response_len,
+                 f"between 1 and len(tokens) - 1 = {n - 1} (the prompt is never empty)")
+        if n and int(self.tokens.min()) < 0:
+            fail("tokens", int(self.tokens.min()), "non-negative token ids")
+        if vocab_size is not None and n and int(self.tokens.max()) >= vocab_size:
+            fail("tokens", int(self.tokens.max()), f"token ids < vocab_size {vocab_size}")
+        r = self.response_len
+        for name in ("loss_mask", "rollout_logp", "teacher_logp"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            if arr.shape != (r,):
+                fail(name, f"shape {arr.shape}", f"shape ({r},) = (response_len,)")
+        if not np.all((self.loss_mask == 0) | (self.loss_mask == 1)):
+            bad = self.loss_mask[(self.loss_mask != 0) & (self.loss_mask != 1)][0]
+            fail("loss_mask", float(bad), "values in {0, 1}")
+        for name in ("rollout_logp", "teacher_logp"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            if not np.all(np.isfinite(arr)):
+                fail(name, float(arr[~np.isfinite(arr)][0]), "finite log-probs")
+            if np.any(arr > 0):
+                fail(name, float(arr[arr > 0][0]), "log-probs ≤ 0")
+        if not math.isfinite(self.reward):
+            fail("reward", self.reward, "a finite float")
+        if self.step_rewards is not None:
+            if self.step_rewards.ndim != 1 or not np.all(np.isfinite(self.step_rewards)):
+                fail("step_rewards", self.step_rewards.tolist()[:8], "a 1-D array of finite floats")
+        wants_teacher = self.kind in ("opd", "both")
+        if wants_teacher and self.teacher_logp is None:
+            fail("teacher_logp", None, f"per-token teacher log-probs for kind {self.kind!r}")
+        if not wants_teacher and self.teacher_logp is not None:
+            fail("kind", self.kind, "'opd' or 'both' when teacher_logp is present")
+        if (self.teacher_topk_logp is None) != (self.teacher_topk_ids is None):
+            fail("teacher_topk_ids", None if self.teacher_topk_ids is None else "present",
+                 "teacher_topk_logp and teacher_topk_ids both present or both absent")
+        if self.teacher_topk_logp is not None:
+            shape = self.teacher_topk_logp.shape
+            if len(shape) != 2 or shape[0] != r or not 1 <= shape[1] <= MAX_TOPK:
+                fail("teacher_topk_logp", f"shape {shape}", f"shape ({r}, K) with 1 ≤ K ≤ {MAX_TOPK}")
+            if self.teacher_topk_ids.shape != shape:
+                fail("teacher_topk_ids", f"shape {self.teacher_topk_ids.shape}",
+                     f"shape {shape} (same as teacher_topk_logp)")
+            if not np.all(np.isfinite(self.teacher_topk_logp)) or np.any(self.teacher_topk_logp > 0):
+                fail("teacher_topk_logp", "non-finite or positive entry", "finite log-probs ≤ 0")
+            if np.any(self.teacher_topk_ids < 0):
+                fail("teacher_topk_ids", int(self.teacher_topk_ids.min()), "non-negative token ids")
+        for key, value in self.metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                fail("metadata", {key: value}, "a map of string to string")
+        for name in ("turn_index", "policy_version", "created_unix_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                fail(name, value, "a non-negative integer")
+        if not isinstance(self.session_id, str):
+            fail("session_id", self.session_id, "a string")
+        return self
+
+    # ------------------------------------------------------------------ JSON (replay files)
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict whose keys are the field names (None fields are omitted)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = value.tolist() if isinstance(value, np.ndarray) else value
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "Sample":
+        """Inverse of `to_json_dict`. Unknown keys raise a `SampleError` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        sid = str(data.get("sample_id", "<missing>"))
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SampleError(sid, unknown[0], data[unknown[0]], f"one of the Sample fields {sorted(names)}")
+        for required in ("sample_id", "tokens", "response_len"):
+            if required not in data:
+                raise SampleError(sid, required, None, "a value (required field)")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as e:
+            raise SampleError(sid, "<construction>", str(e), "values of the documented types") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_json_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> "Sample":
+        return cls.from_json_dict(json.loads(line))
+
+    def equals(self, other: "Sample") -> bool:
+        """Field-by-field equality (arrays compared exactly)."""
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if a is None or b is None or a.shape != b.shape or not np.array_equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True

@@ -1,0 +1,1 @@
+"""Pallas kernels, each beside its pure-JAX reference (installed as `clawjax.kernels`)."""
