@@ -1,0 +1,175 @@
+"""The one ConfigDict every entry point reads: its keys, defaults, method presets and validation.
+
+`configs/*.py` start from `base_config()` and change what their run needs; the command line
+overrides single keys (`--config.trainer.lr=3e-6`). The dict is locked, so a misspelt key fails
+at parse time naming the key; `validate(config)` then checks every value and names the key that
+is wrong. Loss fields left as `None` take the defaults of `config.method` (SPEC.md §2–§3).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+METHODS = ("rl", "opd", "combine")
+
+# Loss defaults per method (SPEC §2–§3): weights of the two advantage terms and the KL coefficient.
+METHOD_LOSS_DEFAULTS = {
+    "rl": dict(w_rl=1.0, w_opd=0.0, kl_coef=0.02),
+    "opd": dict(w_rl=0.0, w_opd=1.0, kl_coef=0.0),
+    "combine": dict(w_rl=1.0, w_opd=1.0, kl_coef=0.0),
+}
+
+# A tiny random Qwen3 that trains in seconds on a CPU (vocabulary ≥ 512 for recorded files).
+TINY_QWEN3 = dict(
+    model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+class ConfigError(ValueError):
+    """A config key holds a bad value; the message names the key, the value and the expectation."""
+
+    def __init__(self, key: str, value, expected: str):
+        self.key = key
+        super().__init__(f"config key {key!r} = {value!r}, expected {expected}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with CPU-friendly defaults."""
+    c = ml_collections.ConfigDict()
+    c.workdir = "workdir"
+    c.method = "combine"
+    c.replay = ""  # JSONL of samples; "" = the gRPC buffer if buffer.address, else in-process
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF checkpoint directory; "" = random init from model.hf_config
+    c.model.hf_config = dict(TINY_QWEN3)
+    c.model.dtype = "float32"  # parameter and compute dtype: float32 | bfloat16
+    c.model.remat = False  # rematerialise each block in the backward pass
+    c.model.seed = 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1 takes the remaining devices
+    c.mesh.tensor = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.w_rl = config_dict.placeholder(float)
+    c.loss.w_opd = config_dict.placeholder(float)
+    c.loss.eps_clip = 0.2
+    c.loss.eps_clip_high = 0.28
+    c.loss.dual_clip = config_dict.placeholder(float)
+    c.loss.kl_coef = config_dict.placeholder(float)
+    c.loss.kl_kind = "low_var_kl"
+    c.loss.entropy_coef = 0.0
+    c.loss.reduction = "sample_mean"
+    c.loss.topk_coef = 0.0
+    c.loss.use_tis = False
+    c.loss.tis_cap = 2.0
+    c.loss.old_logp = "rollout"  # rollout | recompute
+    c.loss.logp_chunk = 1024  # vocabulary chunk of token_logp_and_entropy
+
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.steps = 100
+    c.trainer.lr = 1e-5
+    c.trainer.b1 = 0.9
+    c.trainer.b2 = 0.98
+    c.trainer.weight_decay = 0.1
+    c.trainer.grad_clip = 1.0
+    c.trainer.samples_per_step = 16
+    c.trainer.token_budget = 1024  # tokens per packed row
+    c.trainer.micro_batches = 1
+    c.trainer.resume = False
+    c.trainer.seed = 0
+    c.trainer.max_staleness = -1  # -1: no bound; else drop samples this many versions behind
+    c.trainer.take_timeout_s = 60.0
+    c.trainer.log_every = 1
+    c.trainer.progress = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.buffer = ml_collections.ConfigDict()
+    c.buffer.address = ""
+    c.buffer.token_file = ""
+    c.buffer.tls_ca = ""
+
+    c.publish = ml_collections.ConfigDict()
+    c.publish.every_steps = 0  # 0: never publish
+    c.publish.dir = ""  # "" = workdir/publish
+    c.publish.urls = ""  # comma-separated server URLs
+    c.publish.keep = 2
+    c.publish.dtype = "bfloat16"
+    return c
+
+
+def resolved_loss_kwargs(config) -> dict:
+    """`LossConfig` keyword arguments with the method's defaults filled in."""
+    preset = METHOD_LOSS_DEFAULTS[config.method]
+    loss = config.loss
+    out = dict(
+        w_rl=preset["w_rl"] if loss.w_rl is None else float(loss.w_rl),
+        w_opd=preset["w_opd"] if loss.w_opd is None else float(loss.w_opd),
+        kl_coef=preset["kl_coef"] if loss.kl_coef is None else float(loss.kl_coef),
+        eps_clip=float(loss.eps_clip), eps_clip_high=float(loss.eps_clip_high),
+        dual_clip=None if loss.dual_clip is None else float(loss.dual_clip),
+        kl_kind=str(loss.kl_kind), entropy_coef=float(loss.entropy_coef),
+        reduction=str(loss.reduction), topk_coef=float(loss.topk_coef),
+        use_tis=bool(loss.use_tis), tis_cap=float(loss.tis_cap),
+    )
+    return out
+
+
+def _check(ok: bool, key: str, value, expected: str):
+    if not ok:
+        raise ConfigError(key, value, expected)
+
+
+def validate(config) -> None:
+    """Raises `ConfigError` naming the first key whose value is out of its domain."""
+    c = config
+    _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
+    _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", c.model.dtype,
+           "'float32' or 'bfloat16'")
+    _check(bool(c.model.path) or bool(c.model.hf_config), "model.path", c.model.path,
+           "an HF checkpoint directory, or model.hf_config for a random model")
+    for axis in ("data", "fsdp", "tensor"):
+        size = c.mesh[axis]
+        _check(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.{axis}", size,
+               "a positive integer or -1 (the remaining devices)")
+    _check(c.loss.old_logp in ("rollout", "recompute"), "loss.old_logp", c.loss.old_logp,
+           "'rollout' or 'recompute'")
+    _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")
+    t = c.trainer
+    _check(t.steps >= 0, "trainer.steps", t.steps, "an integer ≥ 0")
+    _check(t.lr > 0, "trainer.lr", t.lr, "a positive learning rate")
+    _check(0 <= t.b1 < 1, "trainer.b1", t.b1, "a value in [0, 1)")
+    _check(0 <= t.b2 < 1, "trainer.b2", t.b2, "a value in [0, 1)")
+    _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "a value ≥ 0")
+    _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "a positive global-norm bound")
+    _check(t.samples_per_step >= 1, "trainer.samples_per_step", t.samples_per_step,
+           "an integer ≥ 1")
+    _check(t.token_budget >= 2, "trainer.token_budget", t.token_budget, "an integer ≥ 2")
+    _check(t.micro_batches >= 1, "trainer.micro_batches", t.micro_batches, "an integer ≥ 1")
+    _check(t.max_staleness >= -1, "trainer.max_staleness", t.max_staleness,
+           "-1 (no bound) or an integer ≥ 0")
+    _check(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", c.checkpoint.every_steps,
+           "an integer ≥ 1")
+    _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, "an integer ≥ 1")
+    _check(c.publish.every_steps >= 0, "publish.every_steps", c.publish.every_steps,
+           "an integer ≥ 0 (0 = never)")
+    _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
+           "'float32' or 'bfloat16'")
+    _check(not (c.replay and c.buffer.address), "replay", c.replay,
+           "empty when buffer.address is set (one sample source at a time)")
+    from clawjax import losses
+
+    try:
+        losses.LossConfig(**resolved_loss_kwargs(c))
+    except (ValueError, TypeError) as e:
+        raise ConfigError("loss", dict(c.loss), f"valid LossConfig fields ({e})") from e
