@@ -1,0 +1,1 @@
+"""Run configs (ml_collections, `get_config()`); installed as `clawjax.configs`."""
