@@ -1,0 +1,268 @@
+"""`TrainLoop`: the trainer's step loop — sources, validation, packing, the jitted step,
+checkpoints with exactly-once acknowledgement, metrics, publishing.
+
+Exactly-once: the ids of samples trained since the last checkpoint are stored in the next
+checkpoint's meta (`unacked_ids`) and acknowledged to the source once that checkpoint is
+committed. On resume, the restored checkpoint's `unacked_ids` are acknowledged first (idempotent)
+and skipped if delivered again; samples trained after the checkpoint were never acknowledged, so
+the source delivers them again and they are trained from the restored state. `trained.jsonl`
+keeps the ids per step of the surviving lineage (lines after the restored step are dropped).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clawjax import batch as batch_lib
+from clawjax import checkpoint as ckpt_lib
+from clawjax import config as config_lib
+from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
+from clawjax.metrics import MetricsWriter
+from clawjax.sample import Sample, SampleError
+
+log = logging.getLogger("clawjax.train")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Row counts a step may compile for: powers of two, large enough that one step is one batch.
+ROW_BUCKETS = tuple(2 ** i for i in range(16))
+
+
+def build_model(config, mesh):
+    """`(model, model_config)` from `model.path` (HF directory) or `model.hf_config` (random)."""
+    dtype = DTYPES[config.model.dtype]
+    if config.model.path:
+        model, model_config = model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh)
+    else:
+        model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
+        model = model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh)
+    if config.model.remat:
+        model_lib.set_remat(model, True)
+    return model, model_config
+
+
+def make_source(config, vocab_size: int, workdir: str):
+    if config.replay:
+        return sources.ReplaySource(config.replay, vocab_size=vocab_size)
+    if config.buffer.address:
+        token = None
+        if config.buffer.token_file:
+            with open(config.buffer.token_file) as f:
+                token = f.read().strip()
+        return sources.BufferSource(
+            config.buffer.address, token=token, tls_ca=config.buffer.tls_ca or None,
+            rejected_path=os.path.join(workdir, "rejected.jsonl"))
+    return sources.QueueSource()
+
+
+class TrainLoop:
+    """Owns the train state and drives `trainer.steps` updates from a sample source."""
+
+    def __init__(self, config, source=None, publisher=None):
+        config_lib.validate(config)
+        self.config = config
+        self.workdir = os.path.abspath(config.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        model, self.model_config = build_model(config, self.mesh)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.param_shardings = sharding_lib.param_shardings(model, self.mesh)
+        self.loss_config = losses.LossConfig(**config_lib.resolved_loss_kwargs(config))
+        self.step_config = trainer.StepConfig(
+            loss=self.loss_config, old_logp=config.loss.old_logp,
+            logp_chunk=config.loss.logp_chunk, use_ref=self.loss_config.kl_coef > 0)
+        t = config.trainer
+        self.optimizer = trainer.make_optimizer(t.lr, t.b1, t.b2, t.weight_decay, t.grad_clip)
+        self.state = jax.jit(
+            lambda p: trainer.init_state(p, self.optimizer, t.seed))(params)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.ref_params = params if self.step_config.use_ref else None
+        self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # Micro-batch stacks are [M, R, L(, K)]: rows split over the data-parallel axes.
+        self.stack_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        self._step = jax.jit(
+            trainer.make_train_step(self.graphdef, self.optimizer, self.step_config),
+            in_shardings=(self.state_shardings, self.stack_sharding,
+                          self.param_shardings if self.ref_params is not None else None),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,))
+        self.source = source if source is not None else make_source(
+            config, self.model_config.vocab_size, self.workdir)
+        self.publisher = publisher
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save)
+        self.dropped = collections.Counter()
+        self.unacked: list[str] = []  # trained since the last checkpoint save started
+        self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
+        self._stop = threading.Event()
+        self._trained_log = os.path.join(self.workdir, "trained.jsonl")
+        if config.trainer.resume:
+            self.restore()
+        self.metrics = MetricsWriter(self.workdir, total_steps=config.trainer.steps,
+                                     progress=config.trainer.progress)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def policy_version(self) -> int:
+        return self.step
+
+    def model(self):
+        """The current policy as an `nnx.Module` (shares the train state's arrays)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def restore(self) -> None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.state, self.state_shardings)
+        self.state, meta, step = self.checkpointer.restore(abstract)
+        self.source.restore(meta.get("source", {}))
+        self.skip_ids = set(meta.get("unacked_ids", []))
+        if self.skip_ids:
+            self.source.commit(sorted(self.skip_ids))
+        self.dropped.update(meta.get("dropped", {}))
+        self._truncate_trained_log(step)
+        log.info("resumed from checkpoint step %d (%d samples acknowledged on resume)",
+                 step, len(self.skip_ids))
+
+    def _truncate_trained_log(self, step: int) -> None:
+        if not os.path.exists(self._trained_log):
+            return
+        with open(self._trained_log) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self._trained_log, "w") as f:
+            f.writelines(kept)
+
+    def save_checkpoint(self) -> None:
+        ids, self.unacked = self.unacked, []
+        meta = {"source": self.source.state(), "policy_version": self.policy_version,
+                "unacked_ids": ids, "dropped": dict(self.dropped)}
+        self.checkpointer.save(self.step, self.state, meta,
+                               on_commit=lambda: self.source.commit(ids))
+
+    # ------------------------------------------------------------------ samples
+    def admit(self, sample: Sample) -> str | None:
+        """None if `sample` may be trained now, else the drop reason (counted and kept)."""
+        try:
+            sample.validate(vocab_size=self.model_config.vocab_size)
+        except SampleError as e:
+            log.warning("rejected: %s", e)
+            return "invalid"
+        if len(sample.tokens) > self.config.trainer.token_budget:
+            log.warning("rejected sample %r: %d tokens > trainer.token_budget %d",
+                        sample.sample_id, len(sample.tokens), self.config.trainer.token_budget)
+            return "too_long"
+        bound = self.config.trainer.max_staleness
+        if bound >= 0 and self.policy_version - sample.policy_version > bound:
+            return "stale"
+        return None
+
+    def take_samples(self) -> list[Sample]:
+        """Blocks until `samples_per_step` admissible samples are in hand (or a stop)."""
+        want = self.config.trainer.samples_per_step
+        out: list[Sample] = []
+        while len(out) < want and not self._stop.is_set():
+            got = self.source.take(want - len(out), self.config.trainer.take_timeout_s)
+            for s in got:
+                if s.sample_id in self.skip_ids:
+                    self.source.commit([s.sample_id])
+                    continue
+                reason = self.admit(s)
+                if reason is None:
+                    out.append(s)
+                else:
+                    self.dropped[reason] += 1
+                    self.source.reject(s, reason)
+            self.source.keepalive()
+            self.checkpointer.poll()
+        return out
+
+    def pack(self, samples: list[Sample]):
+        """Packs samples into a `[M, R, L]` stack of micro-batches placed on the mesh."""
+        micro = self.config.trainer.micro_batches
+        packed = batch_lib.pack(samples, self.config.trainer.token_budget,
+                                row_buckets=ROW_BUCKETS, row_multiple=micro * self.data_parallel)
+        assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
+        stack = trainer.split_rows(packed[0], micro)
+        return jax.device_put(stack, self.stack_sharding)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, samples: list[Sample]) -> dict:
+        """One update on `samples`; returns host metrics."""
+        start = time.perf_counter()
+        version_before = self.policy_version
+        stack = self.pack(samples)
+        self.state, metrics = self._step(self.state, stack, self.ref_params)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - start
+        version = self.policy_version
+        staleness = [version_before - s.policy_version for s in samples]
+        metrics.update(
+            samples=len(samples), tokens=int(sum(len(s.tokens) for s in samples)),
+            tokens_per_s=sum(len(s.tokens) for s in samples) / max(elapsed, 1e-9),
+            step_time_s=elapsed, policy_version=version,
+            reward_mean=float(np.mean([s.reward for s in samples])),
+            opd_share=float(np.mean([s.has_teacher for s in samples])),
+            staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),
+            skipped_total=float(self.state.skipped),
+            **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},
+        )
+        ids = [s.sample_id for s in samples]
+        self.unacked.extend(ids)
+        with open(self._trained_log, "a") as f:
+            f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
+        return metrics
+
+    def run(self) -> None:
+        cfg = self.config
+        while self.step < cfg.trainer.steps and not self._stop.is_set():
+            samples = self.take_samples()
+            if not samples:
+                continue
+            metrics = self.train_step(samples)
+            self.metrics.write(self.step, metrics)
+            if hasattr(self.source, "set_policy_version"):
+                self.source.set_policy_version(self.policy_version)
+            if self.step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+            if self.publisher is not None:
+                self.publisher.maybe_publish(self.step, self.model(), self.model_config,
+                                             self.policy_version)
+            self.checkpointer.poll()
+        if self.unacked or self.checkpointer.latest_step() != self.step:
+            self.save_checkpoint()
+        self.checkpointer.wait()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly."""
+        def stop(signum, frame):
+            log.warning("signal %d: stopping after this step (checkpoint will be saved)", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        self.source.close()

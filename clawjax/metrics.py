@@ -1,0 +1,67 @@
+"""Per-step metrics: `workdir/metrics.jsonl`, TensorBoard events (tensorboardX, no TensorFlow)
+and a progress bar with the numbers a user watches (step, samples, tokens/s, loss, reward,
+clipfrac, staleness)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+PROGRESS_KEYS = ("loss", "reward_mean", "clipfrac", "staleness_mean", "tokens_per_s")
+
+
+def _plain(value):
+    value = float(value) if hasattr(value, "__float__") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, total_steps: int | None = None, progress: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard events are optional
+            self._tb = None
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS
+                     if isinstance(record.get(k), (int, float))}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,188 @@
+"""Where the trainer's samples come from: a replay file, the gRPC buffer, or an in-process queue.
+
+Every source follows one protocol, so the trainer's exactly-once bookkeeping is the same for all:
+  take(n, timeout_s) -> list[Sample]   up to n samples (fewer only at timeout / shutdown)
+  commit(sample_ids)                   their update is in a durable checkpoint: acknowledge
+  reject(sample, reason)               never train it: acknowledge it and keep it on disk
+  keepalive()                          keep the leases of taken, uncommitted samples alive
+  state() / restore(state)             the position to checkpoint (replay only)
+  close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from typing import Iterable
+
+from clawjax.sample import Sample, SampleError
+
+
+class ReplayError(ValueError):
+    """A replay file line is malformed; names the file, the line, the sample and the field."""
+
+
+def read_replay(path: str, vocab_size: int | None = None) -> list[Sample]:
+    """Reads and validates every line of a JSONL replay file (one Sample per line)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"replay = {path!r}: no such file")
+    samples = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReplayError(f"{path}:{number}: not a JSON object ({e.msg})") from e
+            if not isinstance(data, dict):
+                raise ReplayError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
+            try:
+                samples.append(Sample.from_json_dict(data).validate(vocab_size=vocab_size))
+            except SampleError as e:
+                raise ReplayError(f"{path}:{number}: {e}") from e
+    if not samples:
+        raise ReplayError(f"{path}: no samples")
+    return samples
+
+
+def write_replay(path: str, samples: Iterable[Sample]) -> None:
+    with open(path, "w") as f:
+        for s in samples:
+            f.write(s.to_json() + "\n")
+
+
+class ReplaySource:
+    """Samples of a JSONL file in order, looping when it runs out; the position is checkpointed."""
+
+    def __init__(self, path: str, vocab_size: int | None = None):
+        self.samples = read_replay(path, vocab_size)
+        self.position = 0
+
+    def take(self, n: int, timeout_s: float = 0.0) -> list[Sample]:
+        out = [self.samples[(self.position + i) % len(self.samples)] for i in range(n)]
+        self.position += n
+        return out
+
+    def commit(self, sample_ids) -> None:
+        pass
+
+    def reject(self, sample: Sample, reason: str) -> None:
+        pass
+
+    def keepalive(self) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+
+    def close(self) -> None:
+        pass
+
+
+class QueueSource:
+    """An in-process queue that a rollout loop in the same process feeds with `put`."""
+
+    def __init__(self, maxsize: int = 0):
+        self._queue: queue.Queue[Sample] = queue.Queue(maxsize)
+        self._closed = threading.Event()
+
+    def put(self, samples: Iterable[Sample]) -> None:
+        for s in samples:
+            self._queue.put(s)
+
+    def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
+        out: list[Sample] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < n and not self._closed.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                out.append(self._queue.get(timeout=min(remaining, 0.1)))
+            except queue.Empty:
+                continue
+        return out
+
+    def commit(self, sample_ids) -> None:
+        pass
+
+    def reject(self, sample: Sample, reason: str) -> None:
+        pass
+
+    def keepalive(self) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class BufferSource:
+    """Leases from the gRPC rollout buffer; acknowledges only on `commit` (after a checkpoint).
+
+    Leases of taken samples are extended by `keepalive()` until they are committed, so a slow
+    checkpoint never lets the buffer hand them to someone else. After a crash the buffer makes
+    every unacknowledged sample deliverable again.
+    """
+
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
+                 rejected_path: str | None = None):
+        from clawjax.buffer import BufferClient
+
+        self.client = BufferClient(address, token=token, tls_ca=tls_ca)
+        self._held: set[str] = set()
+        self._rejected_path = rejected_path
+
+    def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
+        out: list[Sample] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            got = self.client.lease(n - len(out), timeout_s=min(remaining, 5.0))
+            out.extend(got)
+            self._held.update(s.sample_id for s in got)
+            if self._held:
+                self.keepalive()
+        return out
+
+    def commit(self, sample_ids) -> None:
+        ids = [i for i in sample_ids]
+        if ids:
+            self.client.ack(ids)
+        self._held.difference_update(ids)
+
+    def reject(self, sample: Sample, reason: str) -> None:
+        if self._rejected_path:
+            with open(self._rejected_path, "a") as f:
+                f.write(json.dumps({"reason": reason, "sample": sample.to_json_dict()}) + "\n")
+        self.commit([sample.sample_id])
+
+    def keepalive(self) -> None:
+        if self._held:
+            self.client.extend_lease(sorted(self._held))
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def set_policy_version(self, version: int) -> None:
+        self.client.set_policy_version(version)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,156 @@
+"""The train state and the jitted, sharded update: model → log-probs → combined loss → optax.
+
+One update consumes a *stack* of micro-batches `[M, R, L]` (every `TokenBatch` field gets a
+leading micro-batch axis). The loss is the sum of the micro-batches' loss numerators divided
+once by the denominator of the whole stack (SPEC.md §4), so accumulating over M micro-batches
+gives exactly the full-batch value and gradient:
+
+    loss = Σ_m S_m(θ) / D,   ∇loss = Σ_m ∇S_m(θ) / D,   D = Σ_m D_m (independent of θ).
+
+A non-finite loss or gradient leaves parameters and optimizer state unchanged and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from clawjax import losses
+from clawjax.batch import TokenBatch
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything an update changes. `step` counts applied updates (= the policy version)."""
+
+    step: jax.Array  # int32 scalar
+    params: Any  # nnx.State of nnx.Param
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+
+def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+    """AdamW with a constant learning rate behind global-norm gradient clipping (SPEC §6)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static configuration of the jitted step (hashable)."""
+
+    loss: losses.LossConfig
+    old_logp: str = "rollout"  # rollout | recompute
+    logp_chunk: int = 1024
+    use_ref: bool = False
+
+
+def sequence_logp(graphdef, params, batch: TokenBatch, chunk: int):
+    """`(logp [R, L], entropy [R, L], student_topk_logp [R, L, K] | None)`, aligned with
+    `batch.tokens` (DESIGN.md); top-K only when the batch carries teacher top-K ids."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden(batch.tokens, batch.positions, batch.segment_ids)
+    if batch.teacher_topk_ids is not None:
+        return losses.sequence_logp_entropy_topk(
+            hidden, model.lm_head(), batch.tokens, batch.segment_ids, batch.teacher_topk_ids,
+            chunk=chunk)
+    logp, entropy = losses.sequence_logp_and_entropy(
+        hidden, model.lm_head(), batch.tokens, batch.segment_ids, chunk=chunk)
+    return logp, entropy, None
+
+
+def _micro_terms(graphdef, params, ref_params, batch: TokenBatch, cfg: StepConfig):
+    """Loss `(sum, denominator)` terms of one micro-batch, and Σ|logp − rollout_logp|."""
+    logp, entropy, student_topk = sequence_logp(graphdef, params, batch, cfg.logp_chunk)
+    if cfg.old_logp == "recompute":
+        # The parameters before this update *are* `params`: their log-probs, held constant.
+        batch = dataclasses.replace(batch, old_logp=jax.lax.stop_gradient(logp))
+    if cfg.use_ref:
+        ref_logp = sequence_logp(graphdef, ref_params, batch, cfg.logp_chunk)[0]
+        batch = dataclasses.replace(batch, ref_logp=jax.lax.stop_gradient(ref_logp))
+    terms = losses.combined_loss_terms(logp, batch, cfg.loss, entropy=entropy,
+                                       student_topk_logp=student_topk)
+    mask = batch.loss_mask
+    gap = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - batch.rollout_logp) * mask)
+    return terms, gap
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: StepConfig):
+    """Returns `step(state, stack, ref_params) -> (state, metrics)` (un-jitted; see `jit_step`).
+
+    `stack` is a `TokenBatch` with a leading micro-batch axis `[M, R, L]`.
+    """
+
+    def step(state: TrainState, stack: TokenBatch, ref_params):
+        # One denominator for the whole stack, from masks only (independent of θ).
+        denom = jnp.sum(jax.vmap(lambda b: losses.reduce(
+            b.loss_mask, b.loss_mask, b.segment_ids, cfg.loss.reduction)[1])(stack))
+        denom = jnp.maximum(denom, 1.0)
+
+        def numerator(params, batch):
+            terms, gap = _micro_terms(graphdef, params, ref_params, batch, cfg)
+            return terms["loss"][0] / denom, (terms, gap)
+
+        grad_fn = jax.grad(numerator, has_aux=True)
+
+        def accumulate(carry, batch):
+            grads_sum, terms_sum, gap_sum = carry
+            grads, (terms, gap) = grad_fn(state.params, batch)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            terms_sum = losses.add_terms(terms_sum, terms)
+            return (grads_sum, terms_sum, gap_sum + gap), None
+
+        first = jax.tree.map(lambda x: x[0], stack)
+        terms_shape = jax.eval_shape(
+            lambda: _micro_terms(graphdef, state.params, ref_params, first, cfg)[0])
+        zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape),
+                 jnp.zeros((), jnp.float32))
+        (grads, terms, gap), _ = jax.lax.scan(accumulate, zeros, stack)
+
+        grad_norm = optax.global_norm(grads)
+        loss = terms["loss"][0] / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = losses.divide_terms(terms)
+        metrics.update(
+            loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+            logp_gap=gap / jnp.maximum(terms["num_tokens"][0], 1.0),
+        )
+        return new_state, metrics
+
+    return step
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)),
+                      skipped=jnp.zeros((), jnp.int32))
+
+
+def split_rows(batch: TokenBatch, micro_batches: int) -> TokenBatch:
+    """`[R, L]` rows → a `[M, R / M, L]` stack of micro-batches (R divisible by M)."""
+    rows = batch.tokens.shape[0]
+    if rows % micro_batches:
+        raise ValueError(f"split_rows: {rows} rows do not split into {micro_batches} micro-batches")
+    return jax.tree.map(
+        lambda x: x.reshape(micro_batches, rows // micro_batches, *x.shape[1:]), batch)
