@@ -1,0 +1,122 @@
+"""Decoder pieces: grouped-query attention, SwiGLU MLP and the pre-norm block.
+
+Shape letters: B batch, T query tokens, S key tokens (T itself, or cache slots), D hidden,
+N query heads, K kv heads, G = N / K heads per kv head, H head_dim, F mlp width.
+Query head n uses kv head n // G (HF's `repeat_kv` order).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clawjax.model.config import ModelConfig
+from clawjax.model.layers import RMSNorm, apply_rope, param
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: fully masked (padding) rows stay NaN-free
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention. q `[B,T,N,H]`, k/v `[B,S,K,H]`, mask `[B,T,S]` bool → `[B,T,N,H]`.
+
+    Scores and softmax in float32; probabilities cast back to q.dtype before the value product.
+    A query whose mask row is all False gets a uniform (garbage, finite) output.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with optional q/k/v/o bias and Qwen3 q/k RMSNorm (before rope)."""
+
+    def __init__(self, config: ModelConfig, dtype, *, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
+        if config.qkv_bias:
+            self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), dtype, init="zeros")
+            self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+        if config.o_bias:
+            self.o_bias = param(rngs, (d,), ("embed",), dtype, init="zeros")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype, rngs=rngs)
+        self.qkv_bias = config.qkv_bias
+        self.has_o_bias = config.o_bias
+        self.qk_norm = config.qk_norm
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x `[B,T,D]` → rotated q `[B,T,N,H]`, rotated k `[B,T,K,H]`, v `[B,T,K,H]`."""
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """Attention output `[B,T,N,H]` → `[B,T,D]`."""
+        y = jnp.einsum("BTNH,NHD->BTD", o, self.o_proj[...])
+        return y + self.o_bias[...] if self.has_o_bias else y
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Self-attention over the T tokens of `x` `[B,T,D]` with mask `[B,T,T]`."""
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(attend(q, k, v, mask))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up)). gate/up `[D,F]`, down `[F,D]`."""
+
+    def __init__(self, config: ModelConfig, dtype, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...])
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...])
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...])
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, dtype, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
+        self.attn = Attention(config, dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def cached(self, h: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array, mask: jax.Array,
+               k_cache: jax.Array, v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Block over new tokens h `[B,T,D]` against one layer's cache k/v `[B,S,K,H]`.
+
+        Each token's k/v is written at `slots` `[B,T]` (S or beyond = not written); queries
+        attend cache slots under `mask` `[B,T,S]`. Returns (h, k_cache, v_cache).
+        """
+        q, k, v = self.attn.qkv(self.attn_norm(h), cos, sin)
+        rows = jnp.arange(h.shape[0])[:, None]
+        k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+        o = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        h = h + self.attn.out(o)
+        return h + self.mlp(self.mlp_norm(h)), k_cache, v_cache
