@@ -1,0 +1,245 @@
+"""`BufferClient`: the rollout fleet's and the trainer's handle on a `BufferServer`.
+
+Trainer protocol (exactly-once after ack):
+    samples = client.lease(256, timeout_s=1.0)        # or: for s in client.stream(...)
+    ... train; until the checkpoint commits call client.extend_lease(ids) every
+        lease_timeout_s / 3 seconds (a `LeaseKeeper` does it in a thread) ...
+    client.ack(ids)                                     # durable: never delivered again
+On a crash, unacked samples come back after the buffer restarts (leases are not persisted) or
+when their lease expires.
+
+Retries: UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff (jittered),
+RESOURCE_EXHAUSTED with the server's `retry-after-ms` hint (buffer full) as well, for up to
+`retry_budget_s` per call; everything else raises at once (see `clawjax.buffer.errors`). Every
+RPC here is safe to repeat: pushes are idempotent by sample id, acks/nacks by id.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Iterable, Iterator, NamedTuple
+
+import grpc
+
+from clawjax.buffer import codec
+from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer import rollout_pb2_grpc as pb_grpc
+from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
+                                   InvalidSampleError, RolloutBufferError)
+from clawjax.sample import Sample
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class PushResult(NamedTuple):
+    accepted: int    # new samples, durable on return
+    duplicates: int  # ids already known to the buffer (ignored)
+
+
+def _retry_hint_s(err: grpc.RpcError) -> float | None:
+    for key, value in (err.trailing_metadata() or ()):
+        if key == "retry-after-ms":
+            try:
+                return int(value) / 1000.0
+            except ValueError:
+                return None
+    return None
+
+
+def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
+    code, details = err.code(), err.details() or ""
+    msg = f"{what}: {code.name}: {details}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidSampleError(msg, code.name, details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthenticationError(msg, code.name, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return BufferFullError(msg, code.name, details)
+    return RolloutBufferError(msg, code.name, details)
+
+
+class BufferClient:
+    """Connects to `address` ("host:port"). `token` adds `authorization: Bearer <token>` to every
+    call; `tls_ca` (path or PEM bytes) switches to TLS with that root certificate
+    (`tls_server_name` overrides the name checked against the certificate)."""
+
+    def __init__(self, address: str, token: str | None = None, tls_ca=None,
+                 tls_server_name: str | None = None, retry_budget_s: float = 120.0,
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0,
+                 rpc_timeout_s: float = 60.0, max_message_bytes: int = 256 << 20):
+        self.address = address
+        self.retry_budget_s, self.rpc_timeout_s = retry_budget_s, rpc_timeout_s
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        if tls_ca is not None:
+            if not isinstance(tls_ca, bytes):
+                with open(tls_ca, "rb") as f:
+                    tls_ca = f.read()
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.RolloutBufferStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
+        return base * (0.5 + random.random() / 2)
+
+    def _call(self, method, request, what: str, timeout_s: float | None = None):
+        give_up = time.monotonic() + self.retry_budget_s
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=timeout_s or self.rpc_timeout_s,
+                              metadata=self._metadata)
+            except grpc.RpcError as err:
+                wait = self._retry_wait(err, attempt, what)
+                if time.monotonic() + wait > give_up:
+                    exc = BufferFullError if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        else BufferUnavailableError
+                    raise exc(f"{what}: gave up after {self.retry_budget_s:.0f} s of retries: "
+                              f"{err.code().name}: {err.details()}", err.code().name,
+                              err.details() or "") from err
+                time.sleep(wait)
+                attempt += 1
+
+    def _retry_wait(self, err: grpc.RpcError, attempt: int, what: str) -> float:
+        """Seconds to wait before retrying `err`; raises the permanent error otherwise."""
+        code = err.code()
+        if code in _TRANSIENT:
+            return self._backoff(attempt)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            hint = _retry_hint_s(err)
+            if hint is not None:  # buffer full: the server says when to come back
+                return max(hint, self._backoff(attempt))
+        raise _permanent(err, what) from err
+
+    # ------------------------------------------------------------------ API
+    def push(self, samples: Iterable[Sample]) -> PushResult:
+        """Pushes samples in one atomic RPC; returns once they are durable. Raises
+        `InvalidSampleError` (nothing stored) naming the bad sample's id, field and value."""
+        request = pb.PushRequest()
+        for sample in samples:
+            codec.to_proto(sample, request.samples.add())
+        reply = self._call(self._stub.Push, request, "push")
+        return PushResult(reply.accepted, reply.duplicates)
+
+    def lease(self, max_samples: int, timeout_s: float = 0.0) -> list[Sample]:
+        """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one."""
+        reply = self._call(self._stub.Lease, pb.LeaseRequest(max_samples=max_samples,
+                                                             timeout_s=timeout_s),
+                           "lease", timeout_s=timeout_s + self.rpc_timeout_s)
+        return [codec.from_proto(m) for m in reply.samples]
+
+    def stream(self, max_in_flight: int = 64, max_samples: int | None = None
+               ) -> Iterator[Sample]:
+        """Yields leased samples continuously. The server keeps at most `max_in_flight` of this
+        stream's samples unacknowledged: ack (or nack) to receive more. Reconnects on transient
+        failures; stops after `max_samples` if given (closing the generator also stops it)."""
+        delivered, attempt = 0, 0
+        give_up = time.monotonic() + self.retry_budget_s
+        while max_samples is None or delivered < max_samples:
+            call = self._stub.Stream(pb.StreamRequest(max_in_flight=max_in_flight),
+                                     metadata=self._metadata)
+            try:
+                for msg in call:
+                    attempt, give_up = 0, time.monotonic() + self.retry_budget_s
+                    delivered += 1
+                    yield codec.from_proto(msg)
+                    if max_samples is not None and delivered >= max_samples:
+                        return
+            except grpc.RpcError as err:
+                wait = self._retry_wait(err, attempt, "stream")
+                if time.monotonic() + wait > give_up:
+                    raise BufferUnavailableError(f"stream: gave up after retries: {err.details()}",
+                                                 err.code().name, err.details() or "") from err
+                time.sleep(wait)
+                attempt += 1
+            finally:
+                call.cancel()
+
+    def ack(self, sample_ids: Iterable[str]) -> int:
+        """Finishes samples for good (durable on return); returns how many were held."""
+        return self._call(self._stub.Ack, pb.SampleIds(sample_ids=list(sample_ids)), "ack").acked
+
+    def nack(self, sample_ids: Iterable[str]) -> int:
+        """Returns leased samples to the front of the queue; returns how many were requeued."""
+        return self._call(self._stub.Nack, pb.SampleIds(sample_ids=list(sample_ids)),
+                          "nack").requeued
+
+    def extend_lease(self, sample_ids: Iterable[str], lease_timeout_s: float = 0.0
+                     ) -> tuple[list[str], list[str]]:
+        """Keep-alive: moves each lease's deadline to now + lease_timeout_s (0 = the server's
+        default). Returns (extended, lost); lost ids were redelivered or finished already."""
+        reply = self._call(self._stub.ExtendLease, pb.ExtendLeaseRequest(
+            sample_ids=list(sample_ids), lease_timeout_s=lease_timeout_s), "extend_lease")
+        return list(reply.extended), list(reply.lost)
+
+    def set_policy_version(self, version: int) -> int:
+        """Announces the trainer's weights version; returns how many samples became too stale."""
+        return self._call(self._stub.SetPolicyVersion, pb.PolicyVersion(version=version),
+                          "set_policy_version").moved_stale
+
+    def stats(self) -> dict[str, int]:
+        reply = self._call(self._stub.Stats, pb.StatsRequest(), "stats")
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "BufferClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LeaseKeeper:
+    """Keeps leases alive from a thread until released: `keeper.add(ids)` after leasing,
+    `keeper.remove(ids)` after ack/nack, `keeper.close()` at the end. Calls `extend_lease`
+    every `interval_s` (pick ≤ lease_timeout_s / 3); `lost` accumulates ids the server no longer
+    holds for us (they were redelivered: do not ack them as trained-once)."""
+
+    def __init__(self, client: BufferClient, interval_s: float, lease_timeout_s: float = 0.0):
+        self._client, self._interval, self._length = client, interval_s, lease_timeout_s
+        self._ids: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def add(self, ids: Iterable[str]) -> None:
+        with self._lock:
+            self._ids.update(ids)
+
+    def remove(self, ids: Iterable[str]) -> None:
+        with self._lock:
+            self._ids.difference_update(ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = list(self._ids)
+            if not ids:
+                continue
+            try:
+                _, lost = self._client.extend_lease(ids, self._length)
+            except RolloutBufferError:
+                continue
+            with self._lock:
+                self.lost.update(lost)
+                self._ids.difference_update(lost)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,36 @@
+"""Exceptions the buffer client raises. Permanent failures are never retried; transient ones
+(UNAVAILABLE, RESOURCE_EXHAUSTED with the server's retry hint) are retried with backoff and
+raise `BufferUnavailableError` only when the retry budget is spent."""
+
+from __future__ import annotations
+
+
+class RolloutBufferError(RuntimeError):
+    """Base class. `code` is the gRPC status code name (e.g. 'INVALID_ARGUMENT'), `details` the
+    server's message."""
+
+    def __init__(self, message: str, code: str = "", details: str = ""):
+        super().__init__(message)
+        self.code, self.details = code, details
+
+
+class InvalidSampleError(RolloutBufferError, ValueError):
+    """INVALID_ARGUMENT: the server refused the request (the whole push); the message names the
+    sample id, the field, the value and what was expected."""
+
+
+class AuthenticationError(RolloutBufferError, PermissionError):
+    """UNAUTHENTICATED / PERMISSION_DENIED: wrong or missing token."""
+
+
+class BufferUnavailableError(RolloutBufferError, ConnectionError):
+    """UNAVAILABLE (or deadline exceeded) for longer than the client's retry budget."""
+
+
+class BufferFullError(RolloutBufferError):
+    """RESOURCE_EXHAUSTED (buffer full) for longer than the client's retry budget, or a message
+    larger than the transport's limit (no retry hint: permanent)."""
+
+
+class InsecureBindError(ValueError):
+    """A server without a token was asked to bind a non-loopback address."""

@@ -1,0 +1,288 @@
+"""`BufferServer`: the gRPC `RolloutBuffer` service (plus standard health checking) over a
+`Store` in a directory.
+
+Status codes: bad samples → INVALID_ARGUMENT (the whole push is refused, message names sample id,
+field, value, expectation); buffer full → RESOURCE_EXHAUSTED with trailing metadata
+`retry-after-ms`; wrong or missing token → UNAUTHENTICATED. A failing request never stops the
+server. Lease and Stream responses are assembled from the stored serialized samples without
+re-encoding them (a `LeaseResponse` is `repeated Sample samples = 1` on the wire).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import ipaddress
+import logging
+import os
+import threading
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer.errors import InsecureBindError
+from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
+from clawjax.buffer.validate import Limits, check
+from clawjax.sample import MAX_TOKENS, SampleError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "clawjax.buffer.RolloutBuffer"
+MAX_LEASE_SAMPLES = 100_000
+MAX_WAIT_S = 300.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_lease_response(samples: list[bytes]) -> bytes:
+    """Serialized `LeaseResponse` from serialized `Sample`s (field 1, length-delimited)."""
+    return b"".join(b"\x0a" + _varint(len(s)) + s for s in samples)
+
+
+def _read(value) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Every RPC needs `authorization: Bearer <token>`; compared in constant time."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        got = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value
+        if hmac.compare_digest(str(got).encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong bearer token in 'authorization' metadata")
+
+        def deny_stream(request, context):
+            deny(request, context)
+            yield from ()
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                deny_stream, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                deny, handler.request_deserializer, handler.response_serializer)
+        return handler  # no streaming-request methods in this service
+
+
+class BufferServer:
+    """The rollout buffer. `start()` binds and returns the port; `stop()` drains and closes.
+
+    Without `token` the server only binds loopback (`InsecureBindError` otherwise). With
+    `tls_cert`/`tls_key` (paths or PEM bytes) it serves TLS. `max_message_bytes` bounds every
+    gRPC message; `max_sample_bytes`/`max_sample_tokens` bound each sample. Lease keep-alive:
+    `ExtendLease` moves deadlines (the trainer calls it while a checkpoint is pending).
+    """
+
+    def __init__(self, dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None, tls_cert=None, tls_key=None,
+                 max_bytes: int = 1 << 30, lease_timeout_s: float = 60.0,
+                 max_staleness: int | None = None, max_message_bytes: int = 64 << 20,
+                 max_sample_bytes: int = 16 << 20, max_sample_tokens: int = MAX_TOKENS,
+                 segment_bytes: int = 64 << 20, fsync: bool = True, max_workers: int = 64,
+                 compact_interval_s: float = 1.0, retry_after_s: float = 0.2):
+        if not token and not is_loopback(host):
+            raise InsecureBindError(
+                f"host = {host!r}: a server without a token binds only loopback addresses "
+                "(127.0.0.1, ::1, localhost); pass a token (--token-file) to bind elsewhere")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key: expected both or neither")
+        if token is not None and not token:
+            raise ValueError("token = '': expected a non-empty token or None")
+        self.dir, self.host, self.port = os.fspath(dir), host, int(port)
+        self.token = token
+        self._tls = (_read(tls_key), _read(tls_cert)) if tls_cert is not None else None
+        self.max_message_bytes = int(max_message_bytes)
+        self.limits = Limits(max_sample_bytes=min(max_sample_bytes, max_message_bytes),
+                             max_tokens=max_sample_tokens)
+        self._store_kwargs = dict(max_bytes=max_bytes, lease_timeout_s=lease_timeout_s,
+                                  max_staleness=max_staleness, segment_bytes=segment_bytes,
+                                  fsync=fsync, compact_interval_s=compact_interval_s,
+                                  retry_after_s=retry_after_s)
+        self.max_workers = max_workers
+        self.store: Store | None = None
+        self._server: grpc.Server | None = None
+        self._stopping = threading.Event()
+        self._rejected = 0
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> int:
+        """Recovers the store from `dir`, binds, serves; returns the bound port."""
+        self.store = Store(self.dir, **self._store_kwargs)
+        options = [("grpc.max_receive_message_length", self.max_message_bytes),
+                   ("grpc.max_send_message_length", self.max_message_bytes)]
+        interceptors = [_TokenAuth(self.token)] if self.token else []
+        self._server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="buffer"),
+            options=options, interceptors=interceptors)
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        target = f"{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+        if self._tls is not None:
+            creds = grpc.ssl_server_credentials([self._tls])
+            port = self._server.add_secure_port(target, creds)
+        else:
+            port = self._server.add_insecure_port(target)
+        if not port:
+            self.store.close()
+            raise OSError(f"could not bind {target}")
+        self.port = port
+        if self.token and self._tls is None and not is_loopback(self.host):
+            log.warning("serving on %s with a token but without TLS: the token travels in clear",
+                        target)
+        self._server.start()
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("rollout buffer serving on %s (dir %s)", self.address, self.dir)
+        return port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stops accepting RPCs, waits up to `grace` s for running ones, closes the log."""
+        self._stopping.set()
+        if self._server is not None:
+            self._health.enter_graceful_shutdown()
+            self._server.stop(grace).wait()
+            self._server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def __enter__(self) -> "BufferServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ handlers
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        raw = lambda b: b  # noqa: E731 (responses already serialized)
+        h = grpc.unary_unary_rpc_method_handler
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Push": h(self._push, pb.PushRequest.FromString, pb.PushResponse.SerializeToString),
+            "Lease": h(self._lease, pb.LeaseRequest.FromString, raw),
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                self._stream, pb.StreamRequest.FromString, raw),
+            "Ack": h(self._ack, pb.SampleIds.FromString, pb.AckResponse.SerializeToString),
+            "Nack": h(self._nack, pb.SampleIds.FromString, pb.NackResponse.SerializeToString),
+            "ExtendLease": h(self._extend, pb.ExtendLeaseRequest.FromString,
+                             pb.ExtendLeaseResponse.SerializeToString),
+            "SetPolicyVersion": h(self._set_policy, pb.PolicyVersion.FromString,
+                                  pb.SetPolicyVersionResponse.SerializeToString),
+            "Stats": h(self._stats, pb.StatsRequest.FromString, pb.StatsResponse.SerializeToString),
+        })
+
+    def _push(self, request: pb.PushRequest, context) -> pb.PushResponse:
+        items = []
+        for i, msg in enumerate(request.samples):
+            try:
+                check(msg, self.limits)
+            except SampleError as e:
+                with self._lock:
+                    self._rejected += len(request.samples)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"push refused, nothing stored: samples[{i}]: {e}")
+            items.append((msg.sample_id, msg.policy_version, msg.SerializeToString()))
+        try:
+            accepted, dup = self.store.push(items)
+        except BufferFull as e:
+            context.set_trailing_metadata(
+                (("retry-after-ms", str(max(1, int(e.retry_after_s * 1000)))),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except BatchTooLarge as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.PushResponse(accepted=accepted, duplicates=dup)
+
+    def _check_count(self, context, name: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"field {name!r} = {value}, expected between {low} and {high}")
+
+    def _lease(self, request: pb.LeaseRequest, context) -> bytes:
+        self._check_count(context, "max_samples", request.max_samples, 1, MAX_LEASE_SAMPLES)
+        timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
+        got = self.store.lease(request.max_samples, timeout,
+                               max_out_bytes=self.max_message_bytes // 2)
+        return encode_lease_response([data for _, data in got])
+
+    def _stream(self, request: pb.StreamRequest, context):
+        self._check_count(context, "max_in_flight", request.max_in_flight, 1, MAX_LEASE_SAMPLES)
+        owner, limit = uuid.uuid4().hex, request.max_in_flight
+        while context.is_active() and not self._stopping.is_set():
+            if not self.store.wait_for_slot(owner, limit, 0.25):
+                continue
+            free = limit - self.store.in_flight(owner)
+            for _, data in self.store.lease(free, 0.25, owner=owner,
+                                            max_out_bytes=self.max_message_bytes // 2):
+                yield data
+
+    def _ack(self, request: pb.SampleIds, context) -> pb.AckResponse:
+        acked, unknown = self.store.ack(list(request.sample_ids))
+        return pb.AckResponse(acked=acked, unknown=unknown)
+
+    def _nack(self, request: pb.SampleIds, context) -> pb.NackResponse:
+        requeued, unknown = self.store.nack(list(request.sample_ids))
+        return pb.NackResponse(requeued=requeued, unknown=unknown)
+
+    def _extend(self, request: pb.ExtendLeaseRequest, context) -> pb.ExtendLeaseResponse:
+        if not 0 <= request.lease_timeout_s <= 24 * 3600:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"field 'lease_timeout_s' = {request.lease_timeout_s}, expected "
+                          "0 (server default) to 86400 seconds")
+        extended, lost = self.store.extend(list(request.sample_ids), request.lease_timeout_s)
+        return pb.ExtendLeaseResponse(extended=extended, lost=lost)
+
+    def _set_policy(self, request: pb.PolicyVersion, context) -> pb.SetPolicyVersionResponse:
+        moved = self.store.set_policy_version(request.version)
+        return pb.SetPolicyVersionResponse(version=request.version, moved_stale=moved)
+
+    def _stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        stats = self.store.stats()
+        with self._lock:
+            stats["rejected_total"] = self._rejected
+        return pb.StatsResponse(**stats)

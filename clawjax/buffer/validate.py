@@ -1,0 +1,41 @@
+"""Checks a pushed wire sample against the data contract and the buffer's size limits.
+
+`Sample.validate()` supplies the contract rules; this adds what only the wire and the store
+care about (serialized size, id length, a top-K payload that reshapes to `[response_len, K]`).
+Every failure is a `SampleError` naming sample id, field, value and expectation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clawjax.buffer import codec
+from clawjax.buffer import rollout_pb2 as pb
+from clawjax.sample import MAX_TOKENS, Sample, SampleError
+
+MAX_ID_BYTES = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-sample limits: serialized bytes, token count, id length (utf-8 bytes)."""
+    max_sample_bytes: int = 16 << 20
+    max_tokens: int = MAX_TOKENS
+    max_id_bytes: int = MAX_ID_BYTES
+
+
+def check(msg: pb.Sample, limits: Limits = Limits()) -> Sample:
+    """Returns the host `Sample` for a valid wire sample; raises `SampleError` otherwise."""
+    sid = msg.sample_id
+    size = msg.ByteSize()
+    if size > limits.max_sample_bytes:
+        raise SampleError(sid, "sample (serialized size)", f"{size} bytes",
+                          f"at most max_sample_bytes = {limits.max_sample_bytes}")
+    if len(sid.encode()) > limits.max_id_bytes:
+        raise SampleError(sid[:64], "sample_id", f"{len(sid.encode())} bytes",
+                          f"at most {limits.max_id_bytes} bytes")
+    if len(msg.tokens) > limits.max_tokens:  # before decoding a huge array
+        raise SampleError(sid, "tokens", f"length {len(msg.tokens)}",
+                          f"at most {limits.max_tokens} tokens")
+    sample = codec.from_proto(msg)
+    return sample.validate(max_tokens=limits.max_tokens)

@@ -1,0 +1,341 @@
+"""Write-ahead log: checksummed records in numbered segment files, group-committed fsync,
+torn-tail truncation on open, and compaction of sealed segments.
+
+On disk (`dir/wal/`): segments `wal-00000001.log`, `wal-00000002.log`, ...; each starts with the
+8-byte `MAGIC` and holds records
+
+    u32 payload length | u32 crc32(type byte + payload) | u8 type | payload
+
+little-endian. Only the highest-numbered segment (the active one) is ever appended to; the others
+are sealed (fully written and fsynced before the next one was created).
+
+Invariants:
+- `append` returns only after its records are written and fsynced (when `fsync=True`); appends
+  that arrive while a write is in progress share the next fsync (group commit).
+- On open, a torn or corrupt tail of the active segment (short header, short payload, checksum or
+  type mismatch) is truncated at the first bad record; everything before it is kept. Corruption
+  inside a sealed segment is not a torn write and raises `WalCorruptError`.
+- `compact` replaces sealed segments 1..k by one file carrying what `keep` returns, written to a
+  temporary file, fsynced and renamed over segment k before 1..k-1 are deleted, so a crash at
+  any point leaves a log that replays to the same state (replay is idempotent per sample id).
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import pathlib
+import struct
+import threading
+import zlib
+from typing import Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CJWAL\x00\x01\n"
+HEADER = struct.Struct("<IIB")
+MAX_RECORD = 1 << 30
+
+
+class RecordType(enum.IntEnum):
+    PUSH = 1     # payload: encode_push(sample_id, policy_version, sample proto bytes)
+    DONE = 2     # payload: SampleIds proto; the ids are finished for good (acked or moved aside)
+    POLICY = 3   # payload: PolicyVersion proto; the trainer's announced version
+
+
+class WalCorruptError(RuntimeError):
+    """A sealed segment is damaged (not a torn tail): names the file and the offset."""
+
+
+class WalClosedError(RuntimeError):
+    """The log was closed, or a write failed and the log refuses further appends."""
+
+
+def encode_record(rtype: int, payload: bytes) -> bytes:
+    """One record's bytes: header (length, crc32 over type + payload, type) then payload."""
+    if len(payload) > MAX_RECORD:
+        raise ValueError(f"WAL record payload of {len(payload)} bytes, expected ≤ {MAX_RECORD}")
+    crc = zlib.crc32(payload, zlib.crc32(bytes((rtype,))))
+    return HEADER.pack(len(payload), crc, rtype) + payload
+
+
+_PUSH_HEAD = struct.Struct("<QH")
+
+
+def encode_push(sample_id: str, policy_version: int, sample_bytes: bytes) -> bytes:
+    """PUSH payload: u64 policy_version | u16 id length | utf-8 id | serialized Sample (id and
+    version are readable without parsing the sample)."""
+    sid = sample_id.encode()
+    return _PUSH_HEAD.pack(policy_version, len(sid)) + sid + sample_bytes
+
+
+def decode_push(payload: bytes) -> tuple[str, int, bytes]:
+    """Inverse of `encode_push`: (sample_id, policy_version, serialized Sample)."""
+    version, n = _PUSH_HEAD.unpack_from(payload)
+    start = _PUSH_HEAD.size
+    return payload[start:start + n].decode(), version, payload[start + n:]
+
+
+def read_records(path: pathlib.Path) -> tuple[list[tuple[int, bytes]], int, str | None]:
+    """Reads one segment: (records [(type, payload)], offset of the end of the last good record,
+    why reading stopped early or None). Never raises on bad content."""
+    data = path.read_bytes()
+    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+        return [], 0, f"bad or missing magic {data[:len(MAGIC)]!r}"
+    records, off, types = [], len(MAGIC), {int(t) for t in RecordType}
+    while off < len(data):
+        if off + HEADER.size > len(data):
+            return records, off, f"short header at offset {off}"
+        length, crc, rtype = HEADER.unpack_from(data, off)
+        start = off + HEADER.size
+        if start + length > len(data):
+            return records, off, f"short payload at offset {off} ({length} bytes announced)"
+        payload = data[start:start + length]
+        if rtype not in types or zlib.crc32(payload, zlib.crc32(bytes((rtype,)))) != crc:
+            return records, off, f"checksum or type mismatch at offset {off}"
+        records.append((rtype, payload))
+        off = start + length
+    return records, off, None
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Waiter:
+    __slots__ = ("data", "event", "segment", "error")
+
+    def __init__(self, data: bytes):
+        self.data, self.event, self.segment, self.error = data, threading.Event(), 0, None
+
+
+class WriteAheadLog:
+    """The buffer's log. `replay()` once after construction, then `append` from any thread."""
+
+    def __init__(self, directory: str | os.PathLike, segment_bytes: int = 64 << 20,
+                 fsync: bool = True):
+        self.dir = pathlib.Path(directory) / "wal"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"{self.dir} is in use by another buffer process (LOCK is held)")
+        self.segment_bytes = int(segment_bytes)
+        self.fsync = fsync
+        self.fsyncs_total = 0
+        self.compactions_total = 0
+        self._cv = threading.Condition()
+        self._pending: list[_Waiter] = []
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._seg_lock = threading.Lock()   # guards the segment list (writer vs compaction)
+        self._compact_lock = threading.Lock()
+        self._fd = -1
+        self._active = 0
+        self._active_size = 0
+        self._writer: threading.Thread | None = None
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+
+    # ------------------------------------------------------------------ segments
+    def _path(self, n: int) -> pathlib.Path:
+        return self.dir / f"wal-{n:08d}.log"
+
+    def segments(self) -> list[int]:
+        """Segment numbers present on disk, ascending."""
+        return sorted(int(p.stem[4:]) for p in self.dir.glob("wal-*.log"))
+
+    def sealed(self) -> list[int]:
+        with self._seg_lock:
+            return [n for n in self.segments() if n < self._active]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("wal-*.log"))
+
+    # ------------------------------------------------------------------ open / replay
+    def replay(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yields (segment, type, payload) for every good record in order, truncating a torn tail
+        of the last segment, then opens the log for appends. Call exactly once."""
+        segs = self.segments()
+        for i, n in enumerate(segs):
+            path = self._path(n)
+            records, end, problem = read_records(path)
+            if problem is not None:
+                if i != len(segs) - 1:
+                    raise WalCorruptError(f"{path}: {problem}; a sealed segment is damaged")
+                size = path.stat().st_size
+                log.warning("WAL %s: %s; truncating the torn tail (%d bytes)", path, problem,
+                            size - end)
+                with open(path, "r+b") as f:
+                    if end == 0:
+                        f.write(MAGIC)
+                        end = len(MAGIC)
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for rtype, payload in records:
+                yield n, rtype, payload
+        self._open_active(segs[-1] if segs else 1, create=not segs)
+
+    def _open_active(self, n: int, create: bool) -> None:
+        path = self._path(n)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if create:
+            _write_all(self._fd, MAGIC)
+            os.fsync(self._fd)
+            _fsync_dir(self.dir)
+        with self._seg_lock:
+            self._active = n
+        self._active_size = os.fstat(self._fd).st_size
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="wal-writer", daemon=True)
+            self._writer.start()
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._open_active(self._active + 1, create=True)
+
+    # ------------------------------------------------------------------ appends
+    def append(self, records: Iterable[tuple[int, bytes]]) -> int:
+        """Appends records contiguously; returns the segment they landed in once durable."""
+        waiter = _Waiter(b"".join(encode_record(t, p) for t, p in records))
+        with self._cv:
+            if self._closed or self._failed is not None:
+                raise WalClosedError(f"write-ahead log {self.dir} is closed"
+                                     + (f" after a write failure: {self._failed}" if self._failed else ""))
+            self._pending.append(waiter)
+            self._cv.notify()
+        waiter.event.wait()
+        if waiter.error is not None:
+            raise WalClosedError(f"write-ahead log {self.dir}: write failed: {waiter.error}")
+        return waiter.segment
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                if self._active_size >= self.segment_bytes:
+                    self._rotate()
+                data = b"".join(w.data for w in batch)
+                _write_all(self._fd, data)
+                if self.fsync:
+                    os.fdatasync(self._fd)
+                self.fsyncs_total += 1
+                self._active_size += len(data)
+                for w in batch:
+                    w.segment = self._active
+            except BaseException as e:  # disk full, I/O error: fail loudly, accept nothing more
+                log.error("WAL write failed: %s", e)
+                with self._cv:
+                    self._failed = e
+                for w in batch:
+                    w.error = e
+            for w in batch:
+                w.event.set()
+
+    def close(self) -> None:
+        """Flushes pending appends, stops the writer, closes the active segment."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._writer is not None:
+            self._writer.join()
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # ------------------------------------------------------------------ compaction
+    def compact(self, keep: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]]) -> int:
+        """Rewrites all sealed segments as one. `keep` gets their records in order and returns
+        the records to carry over. Returns the bytes reclaimed (0 when nothing is sealed)."""
+        with self._compact_lock:
+            segs = self.sealed()
+            if not segs:
+                return 0
+            records, before = [], 0
+            for n in segs:
+                path = self._path(n)
+                got, end, problem = read_records(path)
+                if problem is not None:
+                    raise WalCorruptError(f"{path}: {problem}; a sealed segment is damaged")
+                records.extend(got)
+                before += path.stat().st_size
+            kept = keep(records)
+            last = self._path(segs[-1])
+            tmp = last.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(MAGIC)
+                for rtype, payload in kept:
+                    f.write(encode_record(rtype, payload))
+                f.flush()
+                os.fsync(f.fileno())
+            after = tmp.stat().st_size
+            os.replace(tmp, last)
+            _fsync_dir(self.dir)
+            for n in segs[:-1]:
+                self._path(n).unlink()
+            _fsync_dir(self.dir)
+            self.compactions_total += 1
+            return before - after
+
+
+class StaleLog:
+    """`dir/stale.log`: samples moved aside as too stale, kept for inspection (PUSH records in
+    the WAL's record format, appended and fsynced synchronously, never compacted)."""
+
+    def __init__(self, directory: str | os.PathLike, fsync: bool = True):
+        self.path = pathlib.Path(directory) / "stale.log"
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        if self.path.exists():
+            _, end, problem = read_records(self.path)
+            if problem is not None:
+                with open(self.path, "r+b") as f:
+                    if end == 0:
+                        f.write(MAGIC)
+                        end = len(MAGIC)
+                    f.truncate(end)
+        else:
+            self.path.write_bytes(MAGIC)
+
+    def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        """Appends (sample_id, policy_version, serialized Sample) triples durably."""
+        data = b"".join(encode_record(RecordType.PUSH, encode_push(*item)) for item in items)
+        with self._lock, open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+
+
+def read_stale(directory: str | os.PathLike) -> list[tuple[str, int, bytes]]:
+    """Samples moved aside in `directory`: [(sample_id, policy_version, serialized Sample)]."""
+    path = pathlib.Path(directory) / "stale.log"
+    if not path.exists():
+        return []
+    records, _, _ = read_records(path)
+    return [decode_push(p) for t, p in records if t == RecordType.PUSH]
