@@ -1,0 +1,407 @@
+"""The embedded server's batched decoding engine: one background thread, a fixed-shape KV cache
+with `max_batch` slots, continuous batching and weight versions.
+
+Each engine step (the thread's loop):
+  1. installs a pending weight swap (`load_weights` loaded it off the hot path),
+  2. admits waiting requests into free slots and prefills them together in one forward
+     (`forward_cached` with rows right-padded by position -1, T bucketed to a power of two),
+  3. runs one batched decode step (T = 1) for every active slot, one forward per weight
+     version in use (rows of the other version are padding, so they are not touched).
+
+Weight-version policy: a request records the weight version current when it is admitted
+(prefilled) and finishes on it; the old parameters stay alive until their last request
+finishes, new requests start on the newest version, and generation never pauses for a swap.
+So a response never mixes versions and `meta_info.weight_version` names the one that
+produced every token of it. The swap itself is a pointer change between two steps.
+
+Log-probs are the model's raw float32 log-softmax (temperature 1, no truncation), computed in
+the same forward that produced the token, so they equal a full-forward recomputation of the
+same tokens. Input log-probs follow SGLang (SPEC.md §7): entries for prompt positions
+`logprob_start_len .. L-1`, the first one `None`; `logprob_start_len = -1` means `L - 1`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clawjax.serving.protocol import SamplingParams
+from clawjax.serving.sampling import sample_token, top_logprobs
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A request inside the engine. `on_done(result)` and `on_token(partial)` are called from
+    the engine thread; `result` is the SGLang `/generate` response dict."""
+    prompt: list[int]
+    params: SamplingParams
+    on_done: Callable[[dict], None]
+    rid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    on_token: Callable[[dict], None] | None = None
+    # --- engine state ---
+    slot: int = -1
+    gen: int = -1  # the engine's weight generation this request runs on
+    version: str = ""  # its weight_version label
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logp: list[float] = dataclasses.field(default_factory=list)
+    output_top: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    input_logp: list[float | None] = dataclasses.field(default_factory=list)
+    input_top: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
+    finish: dict | None = None
+    trim_text_at: int | None = None
+    aborted: str | None = None
+    rng: np.random.Generator | None = None
+    t_start: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def _bucket(n: int, cap: int) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+def _make_steps(graphdef):
+    """Jitted prefill and decode for one graphdef (architecture). The cache is donated."""
+
+    def prefill(state, cache, tokens, positions, targets, last_idx, k):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model.forward_cached(tokens, positions, cache)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,T,V]
+        tok_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B,T]
+        last = jnp.take_along_axis(logp, last_idx[:, None, None], axis=1)[:, 0]  # [B,V]
+        if k:
+            top_v, top_i = jax.lax.top_k(logp, k)  # [B,T,k]
+        else:
+            top_v = top_i = jnp.zeros((0,), jnp.float32)
+        return cache, last, tok_logp, top_v, top_i
+
+    def decode(state, cache, tokens, positions):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model.forward_cached(tokens, positions, cache)
+        return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [B,V]
+
+    return (jax.jit(prefill, static_argnames=("k",), donate_argnums=(1,)),
+            jax.jit(decode, donate_argnums=(1,)))
+
+
+class Engine:
+    """Continuous-batching generator over a `clawjax.model` Transformer.
+
+    Args:
+      model: the Transformer; config: its ModelConfig.
+      max_batch: KV-cache slots (concurrent sequences). context_len: cache length (prompt +
+        output tokens per sequence). eos_ids: tokens that end generation unless `ignore_eos`.
+      detokenize: `(ids, skip_special_tokens) -> str` or None (no stop strings / text then).
+    """
+
+    def __init__(self, model, config, *, max_batch: int = 8, context_len: int = 1024,
+                 weight_version: str = "default", eos_ids: tuple[int, ...] = (),
+                 detokenize: Callable[[list[int], bool], str] | None = None, seed: int = 0):
+        self.config = config
+        self.max_batch = max_batch
+        self.context_len = context_len
+        self.eos_ids = frozenset(eos_ids)
+        self.detokenize = detokenize
+        graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
+        self._prefill, self._decode = _make_steps(graphdef)
+        # generation id -> (weight_version label, params); labels may repeat, ids never do.
+        self._params: dict[int, tuple[str, Any]] = {0: (weight_version, state)}
+        self._gen = 0
+        self.weight_version = weight_version
+        self._cache = model.init_cache(max_batch, context_len, jnp.float32)
+        self._cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        self._cache)
+        self._slots: list[Request | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._swap: tuple[str, Any, threading.Event] | None = None
+        self._load_lock = threading.Lock()
+        self._paused = False
+        self._closed = False
+        self._rng = np.random.default_rng(seed)
+        self.counters = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="clawjax-engine", daemon=True)
+        self._thread.start()
+
+    # --- public, thread-safe ---------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queues a validated request (lengths already checked against `context_len`)."""
+        if req.rng is None:
+            req.rng = (np.random.default_rng(req.params.sampling_seed)
+                       if req.params.sampling_seed is not None
+                       else np.random.default_rng(self._rng.integers(1 << 63)))
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._waiting.append(req)
+            self._cv.notify_all()
+
+    def abort(self, rid: str | None = None, message: str = "aborted") -> int:
+        """Marks a request (or all, `rid=None`) aborted; returns how many were found."""
+        n = 0
+        with self._cv:
+            for r in list(self._waiting) + [s for s in self._slots if s is not None]:
+                if rid is None or r.rid == rid:
+                    r.aborted = message
+                    n += 1
+            self._cv.notify_all()
+        return n
+
+    def pause(self) -> None:
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def load_weights(self, model, config, version: str, timeout: float = 600.0) -> None:
+        """Installs new weights (already loaded by the caller, off the engine thread) as
+        `version`; returns once the engine has switched. Raises ValueError when `config`
+        differs from the serving model's (the cache and compiled steps depend on it)."""
+        if config != self.config:
+            diff = [f.name for f in dataclasses.fields(config)
+                    if getattr(config, f.name) != getattr(self.config, f.name)]
+            raise ValueError(f"model_path config differs from the serving model in {diff}; "
+                             "expected the same architecture")
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("model_path holds a different module structure than the serving "
+                             "model; expected the same architecture")
+        with self._load_lock:
+            done = threading.Event()
+            with self._cv:
+                self._swap = (version, state, done)
+                self._cv.notify_all()
+            if not done.wait(timeout):
+                raise TimeoutError(f"engine did not take the new weights within {timeout}s")
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"running": sum(s is not None for s in self._slots),
+                    "waiting": len(self._waiting), "weight_version": self.weight_version,
+                    "versions_alive": sorted(v for v, _ in self._params.values()),
+                    "paused": self._paused,
+                    **self.counters}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        for r in list(self._waiting) + [s for s in self._slots if s is not None]:
+            r.aborted = "server shutting down"
+            self._finish(r, {"type": "abort", "message": r.aborted})
+
+    # --- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and self._swap is None and (
+                        self._paused or not (self._waiting or any(self._slots))):
+                    self._cv.wait(timeout=1.0)
+                    self._reap_aborted_locked()
+                if self._closed:
+                    return
+                self._install_swap_locked()
+                self._reap_aborted_locked()
+                admitted = self._admit_locked()
+                active = [r for r in self._slots if r is not None and r.finish is None]
+            try:
+                if admitted:
+                    self._run_prefill(admitted)
+                decoding = [r for r in active if r.finish is None and r not in admitted]
+                if decoding:
+                    self._run_decode(decoding)
+            except Exception as e:  # noqa: BLE001 - a failing step must not kill the server
+                for r in admitted + active:
+                    if r.finish is None:
+                        r.finish = {"type": "abort", "message": f"engine error: {e!r}"}
+                        self._finish(r, r.finish)
+                self.counters["engine_errors"] += 1
+                self._cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                           self._cache_spec)
+            with self._cv:
+                self._drop_unused_versions_locked()
+
+    def _install_swap_locked(self) -> None:
+        if self._swap is None:
+            return
+        version, state, done = self._swap
+        self._swap = None
+        self._gen += 1
+        self._params[self._gen] = (version, state)
+        self.weight_version = version
+        self.counters["weight_swaps"] += 1
+        done.set()
+
+    def _drop_unused_versions_locked(self) -> None:
+        in_use = {r.gen for r in self._slots if r is not None} | {self._gen}
+        for g in list(self._params):
+            if g not in in_use:
+                del self._params[g]
+
+    def _reap_aborted_locked(self) -> None:
+        for r in list(self._waiting):
+            if r.aborted:
+                self._waiting.remove(r)
+                self._finish(r, {"type": "abort", "message": r.aborted})
+        for i, r in enumerate(self._slots):
+            if r is not None and r.aborted and r.finish is None:
+                self._slots[i] = None
+                self._finish(r, {"type": "abort", "message": r.aborted})
+
+    def _admit_locked(self) -> list[Request]:
+        admitted = []
+        for i in range(self.max_batch):
+            if not self._waiting:
+                break
+            if self._slots[i] is None:
+                r = self._waiting.popleft()
+                r.slot, r.gen, r.version = i, self._gen, self.weight_version
+                self._slots[i] = r
+                admitted.append(r)
+        return admitted
+
+    def _run_prefill(self, reqs: list[Request]) -> None:
+        b = self.max_batch
+        t = _bucket(max(len(r.prompt) for r in reqs), self.context_len)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.full((b, t), -1, np.int32)
+        targets = np.zeros((b, t), np.int32)
+        last_idx = np.zeros((b,), np.int32)
+        k = 0
+        for r in reqs:
+            n = len(r.prompt)
+            tokens[r.slot, :n] = r.prompt
+            positions[r.slot, :n] = np.arange(n)
+            targets[r.slot, :n - 1] = r.prompt[1:]
+            last_idx[r.slot] = n - 1
+            if r.return_logprob:
+                k = max(k, r.top_logprobs_num)
+        k = 0 if k == 0 else 1 << (k - 1).bit_length()  # bucket k to bound recompiles
+        k = min(k, self.config.vocab_size)
+        self._cache, last, tok_logp, top_v, top_i = self._prefill(
+            self._params[reqs[0].gen][1], self._cache, tokens, positions, targets, last_idx, k=k)
+        last, tok_logp = np.asarray(last), np.asarray(tok_logp)
+        top_v, top_i = (np.asarray(top_v), np.asarray(top_i)) if k else (None, None)
+        self.counters["prefill_steps"] += 1
+        for r in reqs:
+            if r.return_logprob:
+                n, s = len(r.prompt), r.logprob_start_len
+                s = n - 1 if s < 0 else s
+                r.input_logp = [None] + [float(tok_logp[r.slot, j - 1]) for j in range(s + 1, n)]
+                if r.top_logprobs_num:
+                    kk = r.top_logprobs_num
+                    r.input_top = [None] + [
+                        [(float(v), int(i)) for v, i in zip(top_v[r.slot, j - 1, :kk],
+                                                            top_i[r.slot, j - 1, :kk])]
+                        for j in range(s + 1, n)]
+            if r.params.max_new_tokens == 0:
+                self._finish(r, {"type": "length", "length": 0})
+            else:
+                self._accept(r, last[r.slot])
+
+    def _run_decode(self, reqs: list[Request]) -> None:
+        by_gen: dict[int, list[Request]] = collections.defaultdict(list)
+        for r in reqs:
+            by_gen[r.gen].append(r)
+        for gen, group in by_gen.items():
+            tokens = np.zeros((self.max_batch, 1), np.int32)
+            positions = np.full((self.max_batch, 1), -1, np.int32)
+            for r in group:
+                tokens[r.slot, 0] = r.output_ids[-1]
+                positions[r.slot, 0] = len(r.prompt) + len(r.output_ids) - 1
+            self._cache, logp = self._decode(self._params[gen][1], self._cache, tokens,
+                                             positions)
+            logp = np.asarray(logp)
+            self.counters["decode_steps"] += 1
+            for r in group:
+                self._accept(r, logp[r.slot])
+
+    def _accept(self, r: Request, logp: np.ndarray) -> None:
+        """Samples the next token of `r` from `logp [V]`, records it, checks stop conditions."""
+        p = r.params
+        tok = sample_token(logp, p, r.rng)
+        r.output_ids.append(tok)
+        if r.return_logprob:
+            r.output_logp.append(float(logp[tok]))
+            if r.top_logprobs_num:
+                r.output_top.append(top_logprobs(logp, r.top_logprobs_num))
+        n_out = len(r.output_ids)
+        finish = None
+        if n_out >= p.min_new_tokens and (
+                tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)):
+            finish = {"type": "stop", "matched": tok}
+        elif p.stop and self.detokenize is not None and n_out >= p.min_new_tokens:
+            text = self.detokenize(r.output_ids, p.skip_special_tokens)
+            hits = [(text.find(s), s) for s in p.stop if s in text]
+            if hits:
+                at, s = min(hits)
+                finish = {"type": "stop", "matched": s}
+                r.trim_text_at = None if p.no_stop_trim else at
+        if finish is None and (n_out >= p.max_new_tokens or
+                               len(r.prompt) + n_out >= self.context_len):
+            finish = {"type": "length", "length": n_out}
+        if finish is not None:
+            self._finish(r, finish)
+        elif r.on_token is not None:
+            r.on_token(self._result(r, None))
+
+    def _finish(self, r: Request, finish: dict) -> None:
+        r.finish = finish
+        with self._cv:
+            if 0 <= r.slot < self.max_batch and self._slots[r.slot] is r:
+                self._slots[r.slot] = None
+        self.counters["finished_" + finish["type"]] += 1
+        r.on_done(self._result(r, finish))
+
+    def _text(self, ids: list[int], skip_special: bool) -> str | None:
+        return None if self.detokenize is None else self.detokenize(ids, skip_special)
+
+    def _triple(self, lp: float | None, tok: int, with_text: bool) -> list:
+        return [lp, tok, self._text([tok], False) if with_text else None]
+
+    def _result(self, r: Request, finish: dict | None) -> dict:
+        """The SGLang `/generate` response for `r` so far (`finish=None` while streaming)."""
+        text = self._text(r.output_ids, r.params.skip_special_tokens) or ""
+        if r.trim_text_at is not None:
+            text = text[:r.trim_text_at]
+        meta: dict[str, Any] = {
+            "id": r.rid, "finish_reason": finish, "prompt_tokens": len(r.prompt),
+            "completion_tokens": len(r.output_ids), "cached_tokens": 0,
+            "weight_version": r.version or self.weight_version,
+            "e2e_latency": time.monotonic() - r.t_start,
+        }
+        if r.return_logprob:
+            wt = r.return_text_in_logprobs and self.detokenize is not None
+            s = len(r.prompt) - len(r.input_logp)
+            meta["input_token_logprobs"] = [self._triple(lp, r.prompt[s + i], wt)
+                                            for i, lp in enumerate(r.input_logp)]
+            meta["output_token_logprobs"] = [self._triple(lp, t, wt)
+                                             for lp, t in zip(r.output_logp, r.output_ids)]
+            if r.top_logprobs_num:
+                meta["input_top_logprobs"] = [
+                    None if top is None else [self._triple(lp, t, wt) for lp, t in top]
+                    for top in r.input_top]
+                meta["output_top_logprobs"] = [[self._triple(lp, t, wt) for lp, t in top]
+                                               for top in r.output_top]
+        return {"text": text, "output_ids": list(r.output_ids), "meta_info": meta}
