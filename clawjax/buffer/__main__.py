@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="withhold samples more than N policy versions behind the trainer")
     s.add_argument("--max-message-bytes", type=int, default=64 << 20)
     s.add_argument("--max-sample-bytes", type=int, default=16 << 20)
+    s.add_argument("--max-sample-tokens", type=int, default=None,
+                   help="tokens per sample (default: clawjax.sample.MAX_TOKENS)")
     s.add_argument("--segment-bytes", type=int, default=64 << 20, help="WAL segment size")
     s.add_argument("--log-level", default="INFO")
     sub.add_parser("gen-proto", help="regenerate rollout_pb2*.py from rollout.proto")
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_staleness=args.max_staleness,
                               max_message_bytes=args.max_message_bytes,
                               max_sample_bytes=args.max_sample_bytes,
+                              **({"max_sample_tokens": args.max_sample_tokens}
+                                 if args.max_sample_tokens else {}),
                               segment_bytes=args.segment_bytes)
         server.start()
     except (InsecureBindError, ValueError, OSError, RuntimeError) as e:

@@ -1,0 +1,89 @@
+"""The committed protobuf modules match rollout.proto; Sample ⇄ wire message is lossless."""
+
+import re
+
+import numpy as np
+import pytest
+
+from clawjax.buffer import codec, protogen
+from clawjax.buffer import rollout_pb2 as pb
+from clawjax.sample import Sample, SampleError
+
+_VERSION_LINES = [
+    (re.compile(r"# Protobuf Python Version: \S+"), "# Protobuf Python Version: X"),
+    (re.compile(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*"
+                r"\d+,\s*\d+,\s*\d+,"), "ValidateProtobufRuntimeVersion(PUBLIC, X,"),
+    (re.compile(r"GRPC_GENERATED_VERSION = '[^']*'"), "GRPC_GENERATED_VERSION = 'X'"),
+]
+
+
+def _normalize(text: str) -> str:
+    """Drops the generator's version stamps (a newer grpcio-tools in CI must not fail this)."""
+    for pattern, repl in _VERSION_LINES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def test_committed_generated_code_matches_proto():
+    fresh = protogen.generate()
+    for name, text in fresh.items():
+        committed = protogen.PROTO.with_name(name).read_text()
+        assert _normalize(committed) == _normalize(text), (
+            f"{name} is out of date with rollout.proto: run `python -m clawjax.buffer gen-proto`")
+
+
+def test_normalize_still_sees_real_changes():
+    text = protogen.PROTO.with_name("rollout_pb2.py").read_text()
+    assert _normalize(text) != _normalize(text.replace("sample_id", "sample_idx"))
+
+
+def full_sample(sid="full-1") -> Sample:
+    rng = np.random.default_rng(0)
+    r, k = 5, 3
+    return Sample(
+        sample_id=sid, tokens=rng.integers(0, 50_000, size=12).astype(np.int32), response_len=r,
+        loss_mask=np.array([1, 0, 1, 1, 0], np.float32),
+        rollout_logp=-rng.random(r).astype(np.float32), reward=0.123456789012345,
+        kind="both", session_id="sess-é", turn_index=7, policy_version=2**40 + 3,
+        created_unix_ms=1_764_000_000_123, step_rewards=np.array([0.5, -1.0], np.float32),
+        teacher_logp=-rng.random(r).astype(np.float32),
+        teacher_topk_logp=-rng.random((r, k)).astype(np.float32),
+        teacher_topk_ids=rng.integers(0, 50_000, size=(r, k)).astype(np.int32),
+        metadata={"env": "terminal", "ключ": "значение", "empty": ""})
+
+
+def test_round_trip_every_field_through_bytes():
+    s = full_sample()
+    back = codec.from_proto(pb.Sample.FromString(codec.to_proto(s).SerializeToString()))
+    assert back.equals(s)
+    assert back.reward == s.reward  # double on the wire, not float32
+    assert back.teacher_topk_logp.shape == (5, 3) and back.teacher_topk_ids.dtype == np.int32
+
+
+def test_absent_optionals_stay_absent_and_empty_stays_empty():
+    s = Sample("rl-1", [3, 4, 5], 1, rollout_logp=[-0.25], step_rewards=np.zeros(0, np.float32))
+    back = codec.from_proto(pb.Sample.FromString(codec.to_proto(s).SerializeToString()))
+    assert back.teacher_logp is None and back.teacher_topk_logp is None
+    assert back.teacher_topk_ids is None
+    assert back.step_rewards is not None and back.step_rewards.shape == (0,)
+    assert back.equals(s)
+
+
+def test_tokens_and_logps_are_packed_on_the_wire():
+    s = Sample("p", np.arange(1000), 500, rollout_logp=np.full(500, -1.0))
+    size = codec.to_proto(s).ByteSize()
+    # packed: ~2 bytes per token id, 4 per float; unpacked would add a tag byte per element
+    assert size < 1000 * 2 + 500 * 4 * 2 + 100
+
+
+def test_topk_payload_that_does_not_reshape_names_the_field():
+    msg = codec.to_proto(full_sample())
+    del msg.teacher_topk.ids[-1]
+    with pytest.raises(SampleError, match="teacher_topk"):
+        codec.from_proto(msg)
+
+
+def test_negative_counter_cannot_be_encoded_and_names_the_field():
+    s = Sample("neg", [1, 2], 1, turn_index=-1)
+    with pytest.raises(SampleError, match="turn_index"):
+        codec.to_proto(s)
