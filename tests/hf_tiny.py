@@ -70,3 +70,23 @@ def torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length), dtype=np.int32)
+
+
+def _forward(graphdef, params, tokens, positions, segment_ids):
+    from flax import nnx
+    return nnx.merge(graphdef, params)(tokens, positions, segment_ids)
+
+
+_jit_forward = None
+
+
+def jit_logits(model, tokens, positions=None, segment_ids=None):
+    """`model(tokens, positions, segment_ids)` as one jitted program (eager op-by-op dispatch
+    compiles every primitive per shape, which is slow on CPU)."""
+    global _jit_forward
+    import jax
+    from flax import nnx
+    if _jit_forward is None:
+        _jit_forward = jax.jit(_forward, static_argnums=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return _jit_forward(graphdef, params, tokens, positions, segment_ids)

@@ -19,7 +19,8 @@ INIT_STD = 0.02  # std of normal init for matrices (HF `initializer_range` defau
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
           init: Literal["normal", "ones", "zeros"] = "normal") -> nnx.Param:
-    """An `nnx.Param` of `shape`/`dtype` carrying `logical_axes=axes` (one name per dim)."""
+    """An `nnx.Param` of `shape`/`dtype` carrying `logical_axes=axes` (one name per dim) and
+    `init` (how `clawjax.model.init_random` fills it: N(0, INIT_STD), ones or zeros)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
         value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -27,7 +28,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
         value = jnp.ones(shape, jnp.float32)
     else:
         value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes), init=init)
 
 
 class RMSNorm(nnx.Module):

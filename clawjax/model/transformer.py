@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from clawjax.model.cache import KVCache, cache_mask_and_slots, init_cache
 from clawjax.model.config import ModelConfig, rope_inv_freq
-from clawjax.model.layers import RMSNorm, param, rope_cos_sin
+from clawjax.model.layers import INIT_STD, RMSNorm, param, rope_cos_sin
 from clawjax.model.modules import Block
 
 
@@ -131,17 +132,28 @@ def _check_inputs(tokens, positions, segment_ids):
 
 
 def init_random(config: ModelConfig, seed: int, dtype=jnp.float32, mesh=None) -> Transformer:
-    """A randomly initialised model; params are created directly with their shardings on
-    `mesh` (a 1×1×1 mesh on the first device when None) by a jit with `out_shardings`."""
+    """A randomly initialised model (matrices N(0, INIT_STD), norm scales 1, biases 0).
+
+    Each parameter is drawn on the host (numpy, float32, in parameter-path order, so values do
+    not depend on the mesh) and placed shard by shard on `mesh` (1×1×1 on the first device
+    when None) with its sharding: no device ever holds an unsharded copy. Host draws avoid
+    compiling a random-init program per config, which dominates for tiny test models.
+    """
     from clawjax import sharding  # local: sharding imports nothing from the model at import time
 
     mesh = mesh if mesh is not None else sharding.single_device_mesh()
-
-    def create() -> Transformer:
-        return Transformer(config, dtype, rngs=nnx.Rngs(params=seed))
-
-    abstract = nnx.eval_shape(create)
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(abstract_params, mesh)
-    params = jax.jit(lambda: nnx.split(create(), nnx.Param)[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, params)
+    rng = np.random.default_rng(seed)
+    flat = []
+    for (path, var), (_, shard) in zip(nnx.to_flat_state(abstract_params), nnx.to_flat_state(shardings)):
+        kind = var.get_metadata().get("init", "normal")
+        if kind == "normal":
+            host = (INIT_STD * rng.standard_normal(var.shape, dtype=np.float32))
+        else:
+            host = np.full(var.shape, 1.0 if kind == "ones" else 0.0, np.float32)
+        host = host.astype(jnp.dtype(dtype))
+        value = jax.make_array_from_callback(var.shape, shard.get_value(), lambda idx, a=host: a[idx])
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,102 @@
+"""Export round trip: clawjax save_pretrained → transformers from_pretrained gives the same
+logits, and clawjax from_pretrained of the export gives the same parameters; single-file and
+sharded-with-index exports."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import hf_tiny
+from clawjax import model as cm
+
+
+@pytest.fixture(scope="module", params=hf_tiny.ARCHS)
+def loaded(request, tmp_path_factory):
+    arch = request.param
+    hf = hf_tiny.build(arch, seed=3)
+    path = hf_tiny.save(hf, tmp_path_factory.mktemp(arch))
+    model, config = cm.from_pretrained(path, dtype=jnp.float32)
+    tokens = hf_tiny.random_tokens(2, 24, seed=2)
+    return arch, model, config, tokens, hf_tiny.torch_logits(hf, tokens)
+
+
+def _flat_params(model) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_round_trip(loaded, sharded, tmp_path):
+    arch, model, config, tokens, ref = loaded
+    kwargs = {"max_shard_bytes": 40_000} if sharded else {}
+    files = cm.save_pretrained(model, config, tmp_path, dtype=jnp.float32, **kwargs)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if sharded:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 1 and "model.safetensors" not in names
+        assert names == sorted(shards + ["config.json", "model.safetensors.index.json"])
+        assert set(index["weight_map"]) == {m.hf_name for m in cm.hf_table(config)}
+    else:
+        assert names == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in files) == names
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                 "llama": "LlamaForCausalLM"}[arch]
+    np.testing.assert_allclose(hf_tiny.torch_logits(hf, tokens), ref, atol=1e-6, rtol=0)
+
+    again, config2 = cm.from_pretrained(tmp_path, dtype=jnp.float32)
+    assert config2 == config
+    a, b = _flat_params(model), _flat_params(again)
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=str(path))
+
+
+def test_bf16_export_loads_in_transformers_as_bf16(loaded, tmp_path):
+    arch, model, config, tokens, ref = loaded
+    cm.save_pretrained(model, config, tmp_path, dtype=jnp.bfloat16)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["model_type"] == arch
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    expect = np.asarray(model.embedding[...]).astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().float().numpy(), expect)
+    again, _ = cm.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert again.embedding[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(again.embedding[...], np.float32), expect)
+
+
+def test_export_replaces_a_previous_sharded_export(loaded, tmp_path):
+    _, model, config, tokens, ref = loaded
+    cm.save_pretrained(model, config, tmp_path, dtype=jnp.float32, max_shard_bytes=40_000)
+    cm.save_pretrained(model, config, tmp_path, dtype=jnp.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_config_round_trip_keeps_extra_keys():
+    d = hf_tiny.hf_config("qwen3", eos_token_id=7, bos_token_id=5).to_dict()
+    config = cm.ModelConfig.from_hf(d)
+    out = config.to_hf()
+    assert out["eos_token_id"] == 7 and out["bos_token_id"] == 5
+    assert cm.ModelConfig.from_hf(out) == config
+    assert hash(cm.ModelConfig.from_hf(out)) == hash(config)
+
+
+def test_init_random_export_loads_in_transformers(tmp_path):
+    config = cm.ModelConfig.from_hf(hf_tiny.hf_config("qwen3").to_dict())
+    model = cm.init_random(config, seed=0)
+    cm.save_pretrained(model, config, tmp_path, dtype=jnp.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = hf_tiny.random_tokens(1, 10)
+    np.testing.assert_allclose(np.asarray(hf_tiny.jit_logits(model, tokens)), hf_tiny.torch_logits(hf, tokens),
+                               atol=1e-5, rtol=0)
+    assert jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype == jnp.float32
