@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from clawjax.buffer import codec, protogen
+from clawjax.buffer import codec, protogen, wire
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.sample import Sample, SampleError
 
@@ -72,8 +72,32 @@ def test_absent_optionals_stay_absent_and_empty_stays_empty():
 def test_tokens_and_logps_are_packed_on_the_wire():
     s = Sample("p", np.arange(1000), 500, rollout_logp=np.full(500, -1.0))
     size = codec.to_proto(s).ByteSize()
-    # packed: ~2 bytes per token id, 4 per float; unpacked would add a tag byte per element
-    assert size < 1000 * 2 + 500 * 4 * 2 + 100
+    # packed: 4 bytes per token id and per float, one tag per array; unpacked would add a tag
+    # byte per element (+2000)
+    assert 1000 * 4 + 500 * 4 * 2 < size < 1000 * 4 + 500 * 4 * 2 + 64
+
+
+@pytest.mark.parametrize("sample", [
+    full_sample(),
+    Sample("rl", [5, 6, 7], 2),
+    Sample("neg", [-1, -2**31, 2**31 - 1, 0, 300], 2, step_rewards=np.zeros(0, np.float32),
+           teacher_logp=np.zeros(0, np.float32), kind="opd"),
+    Sample("nan", [1, 2], 1, rollout_logp=[float("nan")], reward=float("inf"),
+           teacher_topk_logp=np.zeros((0, 3)), teacher_topk_ids=np.zeros((0, 3))),
+], ids=lambda s: s.sample_id)
+def test_fast_encoder_parses_to_the_same_message(sample):
+    assert pb.Sample.FromString(wire.encode_sample(sample)) == codec.to_proto(sample)
+
+
+def test_join_and_split_repeated_round_trip_and_refuse_garbage():
+    items = [wire.encode_sample(full_sample(f"s{i}")) for i in range(3)] + [b""]
+    joined = wire.join_repeated(items)
+    assert wire.split_repeated(joined) == items
+    assert [codec.from_proto(m).sample_id for m in pb.PushRequest.FromString(joined).samples] \
+        == ["s0", "s1", "s2", ""]
+    for bad in (joined[:-5], b"\x12\x00", b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"):
+        with pytest.raises(ValueError):
+            wire.split_repeated(bad)
 
 
 def test_topk_payload_that_does_not_reshape_names_the_field():

@@ -26,6 +26,7 @@ import grpc
 from clawjax.buffer import codec
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import rollout_pb2_grpc as pb_grpc
+from clawjax.buffer import wire
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
                                    InvalidSampleError, RolloutBufferError)
 from clawjax.sample import Sample
@@ -89,6 +90,10 @@ class BufferClient:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.RolloutBufferStub(self._channel)
+        # Push with a request assembled by `wire` (numpy → bytes, no per-element loop).
+        self._push_raw = self._channel.unary_unary(
+            "/clawjax.buffer.RolloutBuffer/Push", request_serializer=None,
+            response_deserializer=pb.PushResponse.FromString)
 
     # ------------------------------------------------------------------ plumbing
     def _backoff(self, attempt: int) -> float:
@@ -128,10 +133,8 @@ class BufferClient:
     def push(self, samples: Iterable[Sample]) -> PushResult:
         """Pushes samples in one atomic RPC; returns once they are durable. Raises
         `InvalidSampleError` (nothing stored) naming the bad sample's id, field and value."""
-        request = pb.PushRequest()
-        for sample in samples:
-            codec.to_proto(sample, request.samples.add())
-        reply = self._call(self._stub.Push, request, "push")
+        request = wire.join_repeated([wire.encode_sample(s) for s in samples])
+        reply = self._call(self._push_raw, request, "push")
         return PushResult(reply.accepted, reply.duplicates)
 
     def lease(self, max_samples: int, timeout_s: float = 0.0) -> list[Sample]:

@@ -15,17 +15,17 @@ from clawjax.sample import Sample, SampleError
 
 
 def _floats(container) -> np.ndarray:
-    return np.fromiter(container, dtype=np.float32, count=len(container))
+    """Copy of a repeated float field (upb containers expose `__array__`: no per-item loop)."""
+    return np.array(container, dtype=np.float32)
 
 
 def _ints(container) -> np.ndarray:
-    return np.fromiter(container, dtype=np.int32, count=len(container))
+    return np.array(container, dtype=np.int32)
 
 
-def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
-    """Host sample → wire message. Raises `SampleError` for values the wire cannot carry
-    (negative counters, non-string metadata), naming the field."""
-    msg = pb.Sample() if out is None else out
+def scalars_to_proto(sample: Sample, msg: pb.Sample) -> pb.Sample:
+    """Sets the non-array fields of `msg` from `sample` (ids, counters, reward, kind,
+    metadata). Raises `SampleError` for values the wire cannot carry, naming the field."""
     sid = sample.sample_id if isinstance(sample.sample_id, str) else repr(sample.sample_id)
     try:
         msg.sample_id = sample.sample_id
@@ -43,10 +43,32 @@ def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
             setattr(msg, name, value)
         except TypeError as e:
             raise SampleError(sid, name, value, "a string") from e
+    msg.reward = float(sample.reward)
+    for key, value in sample.metadata.items():
+        try:
+            msg.metadata[key] = value
+        except (TypeError, ValueError) as e:
+            raise SampleError(sid, "metadata", {key: value}, "a map of string to string") from e
+    return msg
+
+
+def checked_topk(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher_topk_logp, teacher_topk_ids), both [R, K]; `SampleError` if they do not pair."""
+    logp, ids = sample.teacher_topk_logp, sample.teacher_topk_ids
+    if logp is None or ids is None or logp.ndim != 2 or ids.shape != logp.shape:
+        raise SampleError(str(sample.sample_id), "teacher_topk_logp",
+                          None if logp is None else f"shape {logp.shape}",
+                          "teacher_topk_logp and teacher_topk_ids both [response_len, K]")
+    return logp, ids
+
+
+def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
+    """Host sample → wire message. Raises `SampleError` for values the wire cannot carry
+    (negative counters, non-string metadata, unpaired top-K arrays), naming the field."""
+    msg = scalars_to_proto(sample, pb.Sample() if out is None else out)
     msg.tokens.extend(np.asarray(sample.tokens).reshape(-1).tolist())
     msg.loss_mask.extend(np.asarray(sample.loss_mask).reshape(-1).tolist())
     msg.rollout_logp.extend(np.asarray(sample.rollout_logp).reshape(-1).tolist())
-    msg.reward = float(sample.reward)
     if sample.step_rewards is not None:
         msg.step_rewards.SetInParent()
         msg.step_rewards.values.extend(sample.step_rewards.reshape(-1).tolist())
@@ -54,19 +76,10 @@ def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
         msg.teacher_logp.SetInParent()
         msg.teacher_logp.values.extend(sample.teacher_logp.reshape(-1).tolist())
     if sample.teacher_topk_logp is not None or sample.teacher_topk_ids is not None:
-        logp, ids = sample.teacher_topk_logp, sample.teacher_topk_ids
-        if logp is None or ids is None or logp.ndim != 2 or ids.shape != logp.shape:
-            raise SampleError(sid, "teacher_topk_logp",
-                              None if logp is None else f"shape {logp.shape}",
-                              "teacher_topk_logp and teacher_topk_ids both [response_len, K]")
+        logp, ids = checked_topk(sample)
         msg.teacher_topk.k = int(logp.shape[1])
         msg.teacher_topk.logp.extend(logp.reshape(-1).tolist())
         msg.teacher_topk.ids.extend(ids.reshape(-1).tolist())
-    for key, value in sample.metadata.items():
-        try:
-            msg.metadata[key] = value
-        except (TypeError, ValueError) as e:
-            raise SampleError(sid, "metadata", {key: value}, "a map of string to string") from e
     return msg
 
 

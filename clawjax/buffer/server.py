@@ -5,7 +5,8 @@ Status codes: bad samples → INVALID_ARGUMENT (the whole push is refused, messa
 field, value, expectation); buffer full → RESOURCE_EXHAUSTED with trailing metadata
 `retry-after-ms`; wrong or missing token → UNAUTHENTICATED. A failing request never stops the
 server. Lease and Stream responses are assembled from the stored serialized samples without
-re-encoding them (a `LeaseResponse` is `repeated Sample samples = 1` on the wire).
+re-encoding them (a `LeaseResponse` is `repeated Sample samples = 1` on the wire), and a pushed sample's bytes
+are stored as received.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import uuid
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from google.protobuf.message import DecodeError
+
 from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer import wire
 from clawjax.buffer.errors import InsecureBindError
 from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
 from clawjax.buffer.validate import Limits, check
@@ -42,20 +46,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_lease_response(samples: list[bytes]) -> bytes:
-    """Serialized `LeaseResponse` from serialized `Sample`s (field 1, length-delimited)."""
-    return b"".join(b"\x0a" + _varint(len(s)) + s for s in samples)
 
 
 def _read(value) -> bytes | None:
@@ -204,7 +194,7 @@ class BufferServer:
         raw = lambda b: b  # noqa: E731 (responses already serialized)
         h = grpc.unary_unary_rpc_method_handler
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Push": h(self._push, pb.PushRequest.FromString, pb.PushResponse.SerializeToString),
+            "Push": h(self._push, raw, pb.PushResponse.SerializeToString),
             "Lease": h(self._lease, pb.LeaseRequest.FromString, raw),
             "Stream": grpc.unary_stream_rpc_method_handler(
                 self._stream, pb.StreamRequest.FromString, raw),
@@ -217,17 +207,28 @@ class BufferServer:
             "Stats": h(self._stats, pb.StatsRequest.FromString, pb.StatsResponse.SerializeToString),
         })
 
-    def _push(self, request: pb.PushRequest, context) -> pb.PushResponse:
+    def _refuse(self, context, count: int, message: str) -> None:
+        with self._lock:
+            self._rejected += count
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push refused, nothing stored: {message}")
+
+    def _push(self, request: bytes, context) -> pb.PushResponse:
+        """`request` is a serialized PushRequest: each sample is validated from its own bytes
+        and those bytes are what the log and later leases carry (never re-encoded)."""
+        try:
+            raw = wire.split_repeated(request, field=1)
+        except ValueError as e:
+            self._refuse(context, 0, f"malformed PushRequest: {e}")
         items = []
-        for i, msg in enumerate(request.samples):
+        for i, data in enumerate(raw):
             try:
-                check(msg, self.limits)
+                msg = pb.Sample.FromString(data)
+                check(msg, self.limits, size=len(data))
+            except DecodeError as e:
+                self._refuse(context, len(raw), f"samples[{i}]: not a valid Sample message: {e}")
             except SampleError as e:
-                with self._lock:
-                    self._rejected += len(request.samples)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"push refused, nothing stored: samples[{i}]: {e}")
-            items.append((msg.sample_id, msg.policy_version, msg.SerializeToString()))
+                self._refuse(context, len(raw), f"samples[{i}]: {e}")
+            items.append((msg.sample_id, msg.policy_version, data))
         try:
             accepted, dup = self.store.push(items)
         except BufferFull as e:
@@ -248,7 +249,7 @@ class BufferServer:
         timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
         got = self.store.lease(request.max_samples, timeout,
                                max_out_bytes=self.max_message_bytes // 2)
-        return encode_lease_response([data for _, data in got])
+        return wire.join_repeated([data for _, data in got])
 
     def _stream(self, request: pb.StreamRequest, context):
         self._check_count(context, "max_in_flight", request.max_in_flight, 1, MAX_LEASE_SAMPLES)

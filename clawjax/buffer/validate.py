@@ -24,10 +24,11 @@ class Limits:
     max_id_bytes: int = MAX_ID_BYTES
 
 
-def check(msg: pb.Sample, limits: Limits = Limits()) -> Sample:
-    """Returns the host `Sample` for a valid wire sample; raises `SampleError` otherwise."""
+def check(msg: pb.Sample, limits: Limits = Limits(), size: int | None = None) -> Sample:
+    """Returns the host `Sample` for a valid wire sample; raises `SampleError` otherwise.
+    `size` is the serialized size when the caller has it (else computed)."""
     sid = msg.sample_id
-    size = msg.ByteSize()
+    size = msg.ByteSize() if size is None else size
     if size > limits.max_sample_bytes:
         raise SampleError(sid, "sample (serialized size)", f"{size} bytes",
                           f"at most max_sample_bytes = {limits.max_sample_bytes}")

@@ -1,0 +1,220 @@
+"""`python -m clawjax.bench buffer`: the rollout buffer against a bare gRPC echo of the same bytes.
+
+Both servers run as subprocesses on loopback; this process is the client side.
+1. Throughput: `--samples` samples (`--tokens` tokens each, half response, teacher log-probs)
+   go push → stream → ack through the buffer (fsync on, `--pushers` pushing threads, batches of
+   `--batch`) and, as the baseline, the same serialized batches go up and back down through a
+   bare gRPC echo service (bytes in, same bytes out). Figure: MB/s of sample bytes, and the
+   ratio buffer / echo (target ≥ 0.5).
+2. Latency at a steady `--rate` samples/s for `--seconds`: a paced pusher (10 samples per push)
+   and a trainer-like consumer: lease up to 256 → ack → 5 ms of "work" → lease again. Lease
+   latency = the Lease RPC round trip (client call to samples in hand; target p99 < 20 ms). Also
+   shown: Ack and Push round trips, and delivery latency (push returned, i.e. durable → leased,
+   which includes the consumer's 5 ms work gaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from clawjax.buffer import BufferClient, codec
+from clawjax.buffer.testing import ServerProcess
+from clawjax.sample import Sample
+
+_ECHO_SERVER = r"""
+import concurrent.futures, sys, grpc
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(16), options=[
+    ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+ident = lambda b: b
+echo = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req, ident, ident)
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo",
+                                                                      {"Echo": echo}),))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(f"echo listening on 127.0.0.1:{port}", flush=True)
+sys.stdin.read()
+"""
+
+
+def make_samples(n: int, tokens: int, seed: int = 0, prefix: str = "b") -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    r = tokens // 2
+    return [Sample(f"{prefix}{i}", rng.integers(0, 150_000, size=tokens), r,
+                   rollout_logp=-rng.random(r), teacher_logp=-rng.random(r), kind="both",
+                   reward=1.0, policy_version=1)
+            for i in range(n)]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
+
+
+def bench_echo(batches: list[bytes], pushers: int) -> float:
+    """Seconds to send every batch up and receive it back through the echo service."""
+    import grpc
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().split()[-1]
+        options = [("grpc.max_receive_message_length", 256 << 20)]
+        channels = [grpc.insecure_channel(address, options=options) for _ in range(pushers)]
+        calls = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
+        calls[0](b"warm-up", timeout=30)
+
+        def run(k: int) -> None:
+            for batch in batches[k::pushers]:
+                assert len(calls[k](batch, timeout=60)) == len(batch)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(pushers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        for ch in channels:
+            ch.close()
+        return elapsed
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> float:
+    """Seconds from the first push to the last ack of every sample (push → stream → ack)."""
+    total = sum(len(b) for b in batches)
+    clients = [BufferClient(address) for _ in range(pushers)]
+    consumer = BufferClient(address)
+    consumer.stats()
+    acked = 0
+
+    def push(k: int) -> None:
+        for batch in batches[k::pushers]:
+            clients[k].push(batch)
+
+    threads = [threading.Thread(target=push, args=(k,)) for k in range(pushers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    pending: list[str] = []
+    stream = consumer.stream(max_in_flight=512)
+    for sample in stream:
+        pending.append(sample.sample_id)
+        if len(pending) >= 64 or acked + len(pending) == total:
+            consumer.ack(pending)
+            acked += len(pending)
+            pending = []
+            if acked == total:
+                break
+    elapsed = time.perf_counter() - t0
+    stream.close()
+    for t in threads:
+        t.join()
+    for c in clients + [consumer]:
+        c.close()
+    return elapsed
+
+
+def bench_latency(address: str, rate: float, seconds: float, tokens: int) -> dict[str, list]:
+    """Paced pushes of 10 samples every 10/rate s; a consumer leases, acks, works 5 ms."""
+    per_push = 10
+    n_pushes = int(rate * seconds / per_push)
+    batches = [make_samples(per_push, tokens, seed=i, prefix=f"lat{i}-") for i in range(n_pushes)]
+    pushed_at: dict[str, float] = {}
+    lat: dict[str, list] = {"delivery": [], "lease_rpc": [], "ack_rpc": [], "push_rpc": []}
+    producer, consumer = BufferClient(address), BufferClient(address)
+    done = threading.Event()
+
+    def produce() -> None:
+        start = time.perf_counter()
+        for i, batch in enumerate(batches):
+            delay = start + i * per_push / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter()
+            producer.push(batch)
+            t1 = time.perf_counter()
+            lat["push_rpc"].append(t1 - t0)
+            for s in batch:
+                pushed_at[s.sample_id] = t1
+        done.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    received = 0
+    while received < n_pushes * per_push:
+        t0 = time.perf_counter()
+        got = consumer.lease(256, timeout_s=1.0)
+        t1 = time.perf_counter()
+        if not got:
+            continue
+        lat["lease_rpc"].append(t1 - t0)
+        for s in got:  # the push may return to its thread a hair after the lease does
+            lat["delivery"].append(max(0.0, t1 - pushed_at.get(s.sample_id, t1)))
+        t2 = time.perf_counter()
+        consumer.ack([s.sample_id for s in got])
+        lat["ack_rpc"].append(time.perf_counter() - t2)
+        received += len(got)
+        time.sleep(0.005)
+    thread.join()
+    producer.close()
+    consumer.close()
+    return lat
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m clawjax.bench buffer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--pushers", type=int, default=4)
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--dir", default=None, help="WAL directory (default: a temporary one)")
+    args = p.parse_args(argv)
+
+    samples = make_samples(args.samples, args.tokens)
+    batches = [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)]
+    wire = [codec.to_proto(s).SerializeToString() for s in samples]
+    nbytes = sum(len(w) for w in wire)
+    echo_batches = [b"".join(wire[i:i + args.batch]) for i in range(0, len(wire), args.batch)]
+    print(f"bench buffer: {args.samples} samples x {args.tokens} tokens "
+          f"({nbytes / len(wire) / 1024:.1f} KiB each, {nbytes / 1e6:.1f} MB), batches of "
+          f"{args.batch}, {args.pushers} pushers; fsync on")
+
+    echo_s = bench_echo(echo_batches, args.pushers)
+    with tempfile.TemporaryDirectory() as tmp:
+        with ServerProcess(args.dir or tmp, "--lease-timeout-s", "60",
+                           "--max-bytes", str(4 << 30)) as proc:
+            buffer_s = bench_buffer(proc.address, batches, args.pushers)
+            with BufferClient(proc.address) as c:
+                fsyncs = c.stats()["fsyncs_total"]
+            lat = bench_latency(proc.address, args.rate, args.seconds, args.tokens)
+    echo_mbs, buffer_mbs = nbytes / echo_s / 1e6, nbytes / buffer_s / 1e6
+    n_pushes = len(batches)
+    print(f"throughput  echo (bare gRPC, same bytes up and down): {echo_mbs:8.1f} MB/s "
+          f"({args.samples / echo_s:8.0f} samples/s)")
+    print(f"throughput  buffer push -> stream -> ack (fsync):     {buffer_mbs:8.1f} MB/s "
+          f"({args.samples / buffer_s:8.0f} samples/s, {n_pushes} pushes shared {fsyncs} fsyncs)")
+    print(f"ratio buffer / echo: {buffer_mbs / echo_mbs:.2f}x (target >= 0.5x)")
+    print(f"latency at {args.rate:.0f} samples/s for {args.seconds:.0f} s "
+          f"({len(lat['delivery'])} samples, {len(lat['lease_rpc'])} leases):")
+    for name, label in (("lease_rpc", "lease latency (Lease RPC)"), ("ack_rpc", "Ack RPC"),
+                        ("push_rpc", "Push RPC (10 samples, fsync)"),
+                        ("delivery", "delivery (durable -> leased)")):
+        print(f"  {label:30s} p50 {_pct(lat[name], 50):7.2f} ms   p99 {_pct(lat[name], 99):7.2f} ms")
+    p99 = _pct(lat["lease_rpc"], 99)
+    print(f"lease latency p99 {p99:.2f} ms (target < 20 ms): {'ok' if p99 < 20 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
