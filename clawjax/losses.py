@@ -30,6 +30,12 @@ LOW_VAR_KL_CLAMP = 10.0
 TOPK_TAIL_MAX_LOGSUMEXP = -1e-7
 
 
+def _floating(x: Array) -> Array:
+    """x as a float of at least float32 precision (bfloat16 → float32, float64 kept)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 # ---------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -93,13 +99,13 @@ def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, eps_clip: f
 
     ratio = exp(logp − old_logp); l1 = −ratio·A; l2 = −clip(ratio, 1−ε, 1+ε_high)·A;
     l = max(l1, l2); with dual clip c > 1, where A < 0: l = min(l, −c·A).
-    Returns `(per_token_loss, clipped)`; `clipped` is 1.0 where l2 > l1 (float32), else 0.0.
+    Returns `(per_token_loss, clipped)`; `clipped` is 1.0 where l2 > l1, else 0.0.
     """
     ratio = jnp.exp(logp - old_logp)
     l1 = -ratio * advantages
     l2 = -jnp.clip(ratio, 1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
     loss = jnp.maximum(l1, l2)
-    clipped = (l2 > l1).astype(jnp.float32)
+    clipped = (l2 > l1).astype(loss.dtype)
     if dual_clip is not None:
         loss = jnp.where(advantages < 0, jnp.minimum(loss, -dual_clip * advantages), loss)
     return loss, clipped
@@ -124,9 +130,17 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: str = "low_var_kl") -> Array:
 
 
 def _log_tail(bins_logp: Array) -> Array:
-    """log of the probability mass outside the K bins: log(1 − exp(min(lse(bins), −1e−7)))."""
-    lse = jnp.minimum(jax.nn.logsumexp(bins_logp, axis=-1), TOPK_TAIL_MAX_LOGSUMEXP)
-    return jnp.log(-jnp.expm1(lse))
+    """log of the probability mass outside the K bins: log(1 − exp(min(lse(bins), −1e−7))).
+
+    Evaluated as 1 − Σ p_k = −expm1(log p_top) − Σ_{k ≠ top} p_k, which equals the formula
+    but keeps float32 precision when one bin holds nearly all the mass (a peaked teacher, where
+    1 − exp(lse) would cancel catastrophically)."""
+    top = jnp.max(bins_logp, axis=-1)
+    not_top = 1.0 - jax.nn.one_hot(jnp.argmax(bins_logp, axis=-1), bins_logp.shape[-1],
+                                   dtype=bins_logp.dtype)
+    rest = jnp.sum(jnp.exp(bins_logp) * not_top, axis=-1)
+    floor = -jnp.expm1(jnp.asarray(TOPK_TAIL_MAX_LOGSUMEXP, bins_logp.dtype))
+    return jnp.log(jnp.maximum(-jnp.expm1(top) - rest, floor))
 
 
 def topk_reverse_kl(student_topk_logp: Array, teacher_topk_logp: Array) -> Array:
@@ -145,14 +159,15 @@ def topk_reverse_kl(student_topk_logp: Array, teacher_topk_logp: Array) -> Array
 def binary_rl_advantages(rewards: Array) -> Array:
     """Binary RL (SPEC §2): A_t = r, the sample's scalar reward already broadcast over its
     tokens (`[R, L]`, as `pack` lays it out). No normalisation. Stop-gradient."""
-    return jax.lax.stop_gradient(rewards.astype(jnp.float32))
+    return jax.lax.stop_gradient(_floating(rewards))
 
 
 def opd_advantages(teacher_logp: Array, old_logp: Array, teacher_mask: Array) -> Array:
     """OPD (SPEC §2): A_t = m_t · (teacher_logp_t − old_logp_t), `[R, L]`, stop-gradient.
     Where `teacher_mask` is 0 the advantage is exactly 0 whatever `teacher_logp` holds."""
-    diff = jnp.where(teacher_mask > 0, teacher_logp - old_logp, 0.0)
-    return jax.lax.stop_gradient(diff.astype(jnp.float32))
+    diff = jnp.where(jnp.asarray(teacher_mask) > 0,
+                     jnp.asarray(teacher_logp) - jnp.asarray(old_logp), 0.0)
+    return jax.lax.stop_gradient(_floating(diff))
 
 
 def combined_advantages(batch: Any, w_rl: float = 1.0, w_opd: float = 1.0) -> Array:
@@ -172,8 +187,8 @@ def grpo_advantages(rewards: Array, group_ids: Array, scale_by_std: bool = True,
     unbiased (ddof=1) group standard deviation, as torch's default; a group of one has std 0
     and advantage 0. O(N²) in the number of samples, which is small.
     """
-    r = rewards.astype(jnp.float32)
-    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)   # [N, N]
+    r = _floating(rewards)
+    same = (group_ids[:, None] == group_ids[None, :]).astype(r.dtype)   # [N, N]
     count = jnp.sum(same, axis=1)
     mean = same @ r / count
     centred = r - mean
@@ -196,8 +211,8 @@ def reduce(values: Array, loss_mask: Array, segment_ids: Array, mode: str
     gets exactly zero gradient. Divide with `sum / max(denominator, 1)`.
     """
     mask = (loss_mask > 0) & (segment_ids > 0)
-    v = jnp.where(mask, values, 0.0).astype(jnp.float32)
-    m = mask.astype(jnp.float32)
+    v = _floating(jnp.where(mask, values, 0.0))
+    m = mask.astype(v.dtype)
     if mode == "token_mean":
         return jnp.sum(v), jnp.sum(m)
     if mode != "sample_mean":
@@ -212,7 +227,7 @@ def reduce(values: Array, loss_mask: Array, segment_ids: Array, mode: str
     counts = jax.ops.segment_sum(m2.reshape(-1), ids, num_segments=num)
     has = counts > 0
     means = jnp.where(has, sums / jnp.where(has, counts, 1.0), 0.0)
-    return jnp.sum(means), jnp.sum(has.astype(jnp.float32))
+    return jnp.sum(means), jnp.sum(has.astype(v.dtype))
 
 
 def divide_terms(terms: Terms) -> dict[str, Array]:
@@ -243,8 +258,8 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     Micro-batches: add the pairs (`add_terms`), then `divide_terms` once; the gradient of the
     full-batch loss is Σ grad(loss sum) / Σ loss denominator.
     """
-    mask = (batch.loss_mask > 0) & (batch.segment_ids > 0)
-    old = batch.old_logp
+    mask = (jnp.asarray(batch.loss_mask) > 0) & (jnp.asarray(batch.segment_ids) > 0)
+    old = jnp.asarray(batch.old_logp)
     # Masked positions see logp = old_logp (ratio 1, zero KL) through `where`: exactly zero
     # gradient there and no NaN leaking from whatever values they hold.
     logp_m = jnp.where(mask, logp, old)
@@ -257,7 +272,7 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     terms: Terms = {}
     if config.use_tis:
-        log_w = jnp.where(mask, old - batch.rollout_logp, 0.0)
+        log_w = jnp.where(mask, old - jnp.asarray(batch.rollout_logp), 0.0)
         tis = jax.lax.stop_gradient(jnp.minimum(jnp.exp(jnp.minimum(log_w, 30.0)), config.tis_cap))
         pg = pg * tis
         terms["tis_weight"] = red(tis)
@@ -269,7 +284,7 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     ref = getattr(batch, "ref_logp", None)
     if ref is not None:
-        kl = kl_penalty(logp_m, jnp.where(mask, ref, old), config.kl_kind)
+        kl = kl_penalty(logp_m, jnp.where(mask, jnp.asarray(ref), old), config.kl_kind)
         terms["kl"] = red(kl)
         total = total + config.kl_coef * kl
     elif config.kl_coef > 0:
@@ -285,7 +300,8 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     teacher_topk = getattr(batch, "teacher_topk_logp", None)
     if teacher_topk is not None and student_topk_logp is not None:
-        topk_mask = mask & (batch.teacher_topk_mask > 0)
+        teacher_topk = jnp.asarray(teacher_topk)
+        topk_mask = mask & (jnp.asarray(batch.teacher_topk_mask) > 0)
         safe = jnp.where(topk_mask[..., None], student_topk_logp, teacher_topk)
         tk = jnp.where(topk_mask, topk_reverse_kl(safe, teacher_topk), 0.0)
         terms["topk_kl"] = red(tk)
@@ -297,7 +313,7 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     terms["loss"] = red(total)
     n_tok, _ = reduce(jnp.ones_like(logp_m), mask, batch.segment_ids, "token_mean")
     _, n_samples = reduce(jnp.ones_like(logp_m), mask, batch.segment_ids, "sample_mean")
-    one = jnp.ones((), jnp.float32)
+    one = jnp.ones((), n_tok.dtype)
     terms["num_tokens"] = (n_tok, one)
     terms["num_samples"] = (n_samples, one)
     return terms
@@ -320,7 +336,7 @@ def combined_loss(logp: Array, batch: Any, config: LossConfig, entropy: Array | 
 def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
                           ) -> tuple[Array, Array]:
     """hidden `[..., T, D]`, lm_head `[D, V]`, ids `[..., T, K]` → (log π(ids) `[..., T, K]`,
-    entropy `[..., T]`), float32. Tokens are processed `chunk` at a time in a scan whose body is
+    entropy `[..., T]`), float32 (float64 for float64 inputs). Tokens are processed `chunk` at a time in a scan whose body is
     rematerialised: forward and backward hold one `[chunk, V]` float32 block, never `[T, V]`."""
     if chunk < 1:
         raise ValueError(f"chunk = {chunk!r}, expected a positive int")
@@ -338,11 +354,12 @@ def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
     pad = n_chunks * c - n
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, d)
     i = jnp.pad(i, ((0, pad), (0, 0))).reshape(n_chunks, c, k)
-    w = lm_head.astype(jnp.float32)
+    dtype = jnp.promote_types(jnp.promote_types(hidden.dtype, lm_head.dtype), jnp.float32)
+    w = lm_head.astype(dtype)
 
     @jax.checkpoint
     def block(w, h_c, i_c):
-        logits = jnp.einsum("CD,DV->CV", h_c.astype(jnp.float32), w)
+        logits = jnp.einsum("CD,DV->CV", h_c.astype(dtype), w)
         logsm = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         entropy = -jnp.sum(jnp.exp(logsm) * logsm, axis=-1)
         return jnp.take_along_axis(logsm, i_c, axis=-1), entropy
