@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 import uuid
@@ -76,8 +77,11 @@ def _bucket(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+@functools.lru_cache(maxsize=8)
 def _make_steps(graphdef):
-    """Jitted prefill and decode for one graphdef (architecture). The cache is donated."""
+    """Jitted prefill and decode for one graphdef (architecture), shared by engines serving the
+    same architecture so each (batch, bucket) compiles once per process. The cache is
+    donated."""
 
     def prefill(state, cache, tokens, positions, targets, last_idx, k):
         model = nnx.merge(graphdef, state)
@@ -177,15 +181,22 @@ class Engine:
         """Installs new weights (already loaded by the caller, off the engine thread) as
         `version`; returns once the engine has switched. Raises ValueError when `config`
         differs from the serving model's (the cache and compiled steps depend on it)."""
-        if config != self.config:
-            diff = [f.name for f in dataclasses.fields(config)
-                    if getattr(config, f.name) != getattr(self.config, f.name)]
+        def arch(c):  # the fields that shape the computation (not `extra` / `remat`)
+            return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                    if f.name not in ("extra", "remat")}
+
+        if arch(config) != arch(self.config):
+            diff = sorted(k for k, v in arch(config).items() if arch(self.config)[k] != v)
             raise ValueError(f"model_path config differs from the serving model in {diff}; "
                              "expected the same architecture")
-        graphdef, state = nnx.split(model)
-        if graphdef != self._graphdef:
-            raise ValueError("model_path holds a different module structure than the serving "
-                             "model; expected the same architecture")
+        _, state = nnx.split(model)
+        with self._cv:
+            current = self._params[self._gen][1]
+        shapes = lambda t: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(t)]
+        if (jax.tree.structure(state) != jax.tree.structure(current)
+                or shapes(state) != shapes(current)):
+            raise ValueError("model_path holds parameters of other names/shapes/dtypes than "
+                             "the serving model; expected the same architecture")
         with self._load_lock:
             done = threading.Event()
             with self._cv:
@@ -215,14 +226,14 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and self._swap is None and (
-                        self._paused or not (self._waiting or any(self._slots))):
-                    self._cv.wait(timeout=1.0)
+                while True:
+                    if self._closed:
+                        return
+                    self._install_swap_locked()
                     self._reap_aborted_locked()
-                if self._closed:
-                    return
-                self._install_swap_locked()
-                self._reap_aborted_locked()
+                    if not self._paused and (self._waiting or any(self._slots)):
+                        break
+                    self._cv.wait(timeout=1.0)
                 admitted = self._admit_locked()
                 active = [r for r in self._slots if r is not None and r.finish is None]
             try:

@@ -48,6 +48,9 @@ class ServerContext:
         self.update_lock = asyncio.Lock()
 
 
+CTX: web.AppKey[ServerContext] = web.AppKey("ctx", ServerContext)
+
+
 def error_response(status: int, message: str, param: str | None = None) -> web.Response:
     kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(
         status, "InternalServerError")
@@ -67,7 +70,7 @@ async def read_json(request: web.Request) -> Any:
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     if ctx.api_key and request.path != "/health":
         if request.headers.get("Authorization", "") != f"Bearer {ctx.api_key}":
             return error_response(401, "missing or wrong API key (Authorization: Bearer <key>)")
@@ -127,7 +130,7 @@ def default_max_new_tokens(body: dict, params, prompt_len: int, context_len: int
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body = await read_json(request)
     req = parse_generate(body, ctx.engine.config.vocab_size)
     prompt = req.input_ids if req.input_ids is not None else tokenize_text(ctx, req.text, "text")
@@ -167,7 +170,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body = await read_json(request)
     req = parse_chat(body, ctx.engine.config.vocab_size)
     prompt = chat.encode_messages(ctx.tokenizer, req.messages)
@@ -214,7 +217,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def update_weights_from_disk(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     path, version = parse_update_weights(await read_json(request))
     version = version if version is not None else ctx.engine.weight_version
     loop = asyncio.get_running_loop()
@@ -236,7 +239,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     params = parse_generate({"input_ids": [0], "sampling_params": {"max_new_tokens": 1}},
                             ctx.engine.config.vocab_size).sampling
     _, events = submit(ctx, [0], params, rid=None, stream=False)
@@ -248,7 +251,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def get_model_info(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     return web.json_response({
         "model_path": ctx.model_path, "tokenizer_path": ctx.model_path
         if ctx.tokenizer is not None else None, "is_generation": True,
@@ -260,7 +263,7 @@ async def get_model_info(request: web.Request) -> web.Response:
 
 
 async def get_server_info(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     return web.json_response({"version": "clawjax-embedded", "model_path": ctx.model_path,
                               "context_length": ctx.engine.context_len,
                               "max_running_requests": ctx.engine.max_batch,
@@ -268,7 +271,7 @@ async def get_server_info(request: web.Request) -> web.Response:
 
 
 async def get_weight_version(request: web.Request) -> web.Response:
-    return web.json_response({"weight_version": request.app["ctx"].engine.weight_version})
+    return web.json_response({"weight_version": request.app[CTX].engine.weight_version})
 
 
 async def flush_cache(request: web.Request) -> web.Response:
@@ -277,7 +280,7 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 
 async def pause_generation(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body = await read_json(request)
     mode = body.get("mode", "abort") if isinstance(body, dict) else None
     if mode not in ("abort", "retract", "in_place"):
@@ -289,12 +292,12 @@ async def pause_generation(request: web.Request) -> web.Response:
 
 
 async def continue_generation(request: web.Request) -> web.Response:
-    request.app["ctx"].engine.resume()
+    request.app[CTX].engine.resume()
     return web.json_response({"success": True, "message": "continued"})
 
 
 async def abort_request(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ProtocolError("body", body, "a JSON object")
@@ -306,7 +309,7 @@ async def abort_request(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     return web.json_response({"object": "list", "data": [
         {"id": ctx.served_model_name, "object": "model", "owned_by": "clawjax",
          "root": ctx.model_path, "max_model_len": ctx.engine.context_len}]})
@@ -314,7 +317,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 def build_app(ctx: ServerContext) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
-    app["ctx"] = ctx
+    app[CTX] = ctx
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)

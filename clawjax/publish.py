@@ -1,0 +1,269 @@
+"""`Publisher`: push the policy to the serving fleet every `publish.every_steps` training steps.
+
+    pub = Publisher(fleet_or_urls, "runs/x/publish", every_steps=4, keep=3,
+                    tokenizer_dir="runs/x/model")
+    for step ...:
+        ...optimizer step...
+        pub.maybe_publish(step, (graphdef, params), config, policy_version)   # returns at once
+    pub.close(wait=True)
+
+`maybe_publish` only snapshots the parameters (an on-device copy, so the trainer may donate or
+overwrite its buffers right away; on multi-host runs the all-gather is a collective every
+process joins) and hands the snapshot to a background thread, which on process 0:
+  1. copies it to host and writes an HF directory (safetensors in `dtype`, bfloat16 by default,
+     config.json, and the tokenizer files of `tokenizer_dir` that SGLang loads) into
+     `publish_dir/.staging/`, fsyncs it, and renames it atomically to `publish_dir/v<version>`;
+  2. calls `/update_weights_from_disk {model_path, weight_version=str(version)}` on every
+     server (a `Fleet`): a server that fails is reported, marked down and retried by the
+     fleet's prober (it gets the newest version when it answers again); it never blocks the
+     other servers or training;
+  3. deletes all but the newest `keep` versions.
+A publish due while one is running is coalesced: the newest snapshot waits in a single pending
+slot, an older pending one is dropped and counted (`stats()["coalesced"]`). A crash at any
+point leaves every `publish_dir/v*` complete (staging dirs are removed on the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json")
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+def list_versions(publish_dir: str | os.PathLike) -> list[int]:
+    """Published versions in `publish_dir`, ascending."""
+    root = Path(publish_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if p.is_dir() and (m := _VERSION_DIR.match(p.name)))
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _snapshot_leaf(x):
+    """A copy the trainer cannot donate away: on-device copy when this process holds the
+    whole array, else an all-gather to host (a collective: every process must call it)."""
+    if not isinstance(x, jax.Array):
+        return np.array(x, copy=True)
+    if x.is_fully_addressable:
+        return jnp.array(x, copy=True)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+class Publisher:
+    """Args:
+      fleet_or_urls: a list of server URLs (a private `SyncFleet` is made), a `SyncFleet`, an
+        async `Fleet` already started on another thread's loop, or None (write only).
+      publish_dir: where `v<version>` directories go. every_steps: publish when
+        `step % every_steps == 0` (<= 0: never). keep: newest versions kept on disk (>= 1).
+      dtype: safetensors dtype. tokenizer_dir: directory whose tokenizer files are copied in.
+      fleet_kwargs: passed to the private fleet (timeouts, probe interval).
+    """
+
+    def __init__(self, fleet_or_urls, publish_dir: str | os.PathLike, every_steps: int,
+                 keep: int = 3, dtype=jnp.bfloat16, tokenizer_dir: str | None = None,
+                 fleet_kwargs: dict | None = None):
+        if keep < 1:
+            raise ValueError(f"keep = {keep}, expected >= 1 (the served version must stay)")
+        self.publish_dir = Path(publish_dir)
+        self.every_steps = every_steps
+        self.keep = keep
+        self.dtype = dtype
+        self.tokenizer_dir = tokenizer_dir
+        self.is_writer = jax.process_index() == 0
+        self._fleet, self._owns_fleet = None, False
+        if self.is_writer and fleet_or_urls is not None:
+            if isinstance(fleet_or_urls, (list, tuple)):
+                from clawjax.serving.sync import SyncFleet
+                self._fleet = SyncFleet(fleet_or_urls, **(fleet_kwargs or {}))
+                self._owns_fleet = True
+            else:
+                self._fleet = fleet_or_urls
+        self._staging = self.publish_dir / ".staging"
+        if self.is_writer:
+            self.publish_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash
+            self._staging.mkdir()
+        self._cv = threading.Condition()
+        self._pending: tuple | None = None
+        self._busy = False
+        self._closed = False
+        self._stats: dict[str, Any] = {
+            "published": 0, "coalesced": 0, "failed": 0, "server_update_failures": 0,
+            "last_version": None, "last_step": None, "last_bytes": 0, "last_write_s": 0.0,
+            "last_update_s": 0.0, "last_total_s": 0.0, "last_error": None,
+            "last_update_results": {}}
+        self._thread = threading.Thread(target=self._worker, daemon=True, name="clawjax-publish")
+        if self.is_writer:
+            self._thread.start()
+
+    # --- trainer side ------------------------------------------------------------------------
+    def maybe_publish(self, step: int, model_or_state, config, policy_version: int,
+                      force: bool = False) -> bool:
+        """Schedules a publish of `model_or_state` (an nnx model or `(graphdef, params)`) as
+        `v<policy_version>` when `step` is due (or `force`). Returns whether one was scheduled;
+        never waits for disk or servers."""
+        if not force and (self.every_steps <= 0 or step % self.every_steps != 0):
+            return False
+        if isinstance(model_or_state, tuple):
+            graphdef, params = model_or_state[0], model_or_state[1]
+        else:
+            graphdef, params = nnx.split(model_or_state, nnx.Param)
+        snapshot = jax.tree.map(_snapshot_leaf, params)
+        if not self.is_writer:
+            return True
+        job = (step, graphdef, snapshot, config, int(policy_version))
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("Publisher is closed")
+            if self._pending is not None:
+                self._stats["coalesced"] += 1
+            self._pending = job
+            self._cv.notify_all()
+        return True
+
+    def stats(self) -> dict:
+        with self._cv:
+            out = dict(self._stats)
+            out["in_flight"] = self._busy
+            out["pending"] = self._pending is not None
+        out["versions_on_disk"] = list_versions(self.publish_dir)
+        if self._fleet is not None and hasattr(self._fleet, "stats"):
+            out["fleet"] = self._fleet.stats()
+        return out
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until nothing is running or pending; returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._busy or self._pending is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the publisher; with `wait`, the running and pending publishes finish first."""
+        if wait and self.is_writer:
+            self.wait()
+        with self._cv:
+            self._closed = True
+            if not wait:
+                self._pending = None
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=None if wait else 5)
+        if self._owns_fleet:
+            self._fleet.close()
+
+    # --- background ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._closed:
+                    self._cv.wait()
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                self._busy = True
+            try:
+                self._publish(*job)
+            except Exception as e:  # noqa: BLE001 - reported in stats; training goes on
+                log.exception("publish of version %s failed", job[4])
+                with self._cv:
+                    self._stats["failed"] += 1
+                    self._stats["last_error"] = f"v{job[4]}: {e!r}"
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _publish(self, step, graphdef, snapshot, config, version: int) -> None:
+        t0 = time.perf_counter()
+        host = jax.device_get(snapshot)
+        del snapshot
+        model = nnx.merge(graphdef, host)
+        path = self.write_version(model, config, version)
+        nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        t1 = time.perf_counter()
+        results = self._update_servers(str(path), str(version))
+        t2 = time.perf_counter()
+        self._prune()
+        failures = sum(not r.get("success") for r in results.values())
+        with self._cv:
+            self._stats.update(
+                published=self._stats["published"] + 1, last_version=version, last_step=step,
+                last_bytes=nbytes, last_write_s=t1 - t0, last_update_s=t2 - t1,
+                last_total_s=time.perf_counter() - t0, last_update_results=results,
+                server_update_failures=self._stats["server_update_failures"] + failures)
+
+    def write_version(self, model, config, version: int) -> Path:
+        """Writes `v<version>` atomically (staging dir + rename) and returns its path. An
+        existing `v<version>` is replaced (moved aside first, then removed)."""
+        from clawjax.model import save_pretrained
+
+        staging = self._staging / f"v{version}-{uuid.uuid4().hex[:8]}"
+        save_pretrained(model, config, staging, dtype=self.dtype)
+        if self.tokenizer_dir:
+            for name in TOKENIZER_FILES:
+                src = Path(self.tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, staging / name)
+        _fsync_tree(staging)
+        final = self.publish_dir / f"v{version}"
+        if final.exists():
+            trash = self._staging / f"old-v{version}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(staging, final)
+        _fsync_dir(self.publish_dir)
+        return final
+
+    def _update_servers(self, path: str, version: str) -> dict[str, dict]:
+        if self._fleet is None:
+            return {}
+        from clawjax.serving.fleet import Fleet
+        if isinstance(self._fleet, Fleet):
+            from clawjax.serving.sync import run_on
+            return run_on(self._fleet, self._fleet.update_weights_from_disk(path, version))
+        return self._fleet.update_weights_from_disk(path, version)
+
+    def _prune(self) -> None:
+        versions = list_versions(self.publish_dir)
+        for v in versions[:-self.keep]:
+            shutil.rmtree(self.publish_dir / f"v{v}", ignore_errors=True)

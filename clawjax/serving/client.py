@@ -1,0 +1,233 @@
+"""Async client for one SGLang server (or the embedded JAX server) over SGLang's native API.
+
+    async with SGLangClient("http://127.0.0.1:30000") as c:
+        out = await c.generate(input_ids=[...], sampling_params={"max_new_tokens": 16},
+                               return_logprob=True)
+        out["output_ids"], out["meta_info"]["output_token_logprobs"]   # [(logprob, id, text)]
+        t = await c.teacher_logprobs(prompt_ids, response_ids, top_k=0)   # SPEC.md §7
+
+Errors: `BadRequest` (4xx: the request is wrong; retrying elsewhere will not help) and
+`ServerUnavailable` (connection refused/reset, timeout, 5xx: the server is at fault; a fleet
+retries on another server). Every call has a deadline (`timeout` seconds overall, connect
+within `connect_timeout`), so nothing hangs forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+import httpx
+
+from clawjax.serving import teacher
+
+
+class ServingError(RuntimeError):
+    """A serving call failed; `url` names the server."""
+
+    def __init__(self, url: str, message: str, status: int | None = None,
+                 param: str | None = None):
+        self.url, self.status, self.param = url, status, param
+        super().__init__(f"{url}: {message}")
+
+
+class BadRequest(ServingError):
+    """The server rejected the request (4xx); `param` names the field when it said which."""
+
+
+class ServerUnavailable(ServingError):
+    """The server could not answer (connection error, timeout, 5xx)."""
+
+
+def _message(resp: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"HTTP {resp.status_code}: {resp.text[:300]}", None
+    if isinstance(body, dict):
+        err = body.get("error") if isinstance(body.get("error"), dict) else body
+        msg = err.get("message") or err.get("detail") or body
+        return f"HTTP {resp.status_code}: {msg}", err.get("param")
+    return f"HTTP {resp.status_code}: {body}", None
+
+
+class SGLangClient:
+    """One server. Args: base_url (`http://host:port`), api_key (sent as Bearer), timeout
+    (seconds per call, overall), connect_timeout (seconds to connect)."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 120.0,
+                 connect_timeout: float = 5.0, max_connections: int = 256):
+        self.url = base_url.rstrip("/")
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=32))
+
+    async def __aenter__(self) -> "SGLangClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- transport -------------------------------------------------------------------------
+    async def request(self, method: str, path: str, body: Any = None,
+                      timeout: float | None = None) -> httpx.Response:
+        """One HTTP call with an overall deadline; maps failures onto BadRequest /
+        ServerUnavailable."""
+        deadline = timeout or self.timeout
+        try:
+            resp = await asyncio.wait_for(
+                self._http.request(method, path, json=body), timeout=deadline)
+        except asyncio.TimeoutError:
+            raise ServerUnavailable(self.url, f"{method} {path} timed out after {deadline}s")
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(self.url, f"{method} {path}: {type(e).__name__}: {e}")
+        if resp.status_code >= 500:
+            msg, param = _message(resp)
+            raise ServerUnavailable(self.url, f"{method} {path}: {msg}", resp.status_code, param)
+        if resp.status_code >= 400:
+            msg, param = _message(resp)
+            raise BadRequest(self.url, f"{method} {path}: {msg}", resp.status_code, param)
+        return resp
+
+    async def _json(self, method: str, path: str, body: Any = None,
+                    timeout: float | None = None) -> Any:
+        resp = await self.request(method, path, body, timeout)
+        try:
+            return resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"text": resp.text}
+
+    # --- native API --------------------------------------------------------------------------
+    async def generate_raw(self, body: dict, timeout: float | None = None) -> dict:
+        """POST /generate with a full SGLang body (non-streaming)."""
+        return await self._json("POST", "/generate", body, timeout)
+
+    async def generate(self, input_ids: list[int] | None = None, text: str | None = None,
+                       sampling_params: dict | None = None, *, return_logprob: bool = False,
+                       logprob_start_len: int | None = None,
+                       top_logprobs_num: int | None = None, rid: str | None = None,
+                       timeout: float | None = None, **extra) -> dict:
+        """POST /generate. Returns SGLang's response: `text`, `output_ids`, `meta_info`
+        (`finish_reason`, `prompt_tokens`, `completion_tokens`, `weight_version`, and with
+        `return_logprob` the `input_token_logprobs` / `output_token_logprobs` triples)."""
+        body: dict[str, Any] = {"sampling_params": dict(sampling_params or {}), **extra}
+        if input_ids is not None:
+            body["input_ids"] = [int(t) for t in input_ids]
+        if text is not None:
+            body["text"] = text
+        if return_logprob:
+            body["return_logprob"] = True
+        if logprob_start_len is not None:
+            body["logprob_start_len"] = logprob_start_len
+        if top_logprobs_num:
+            body["top_logprobs_num"] = top_logprobs_num
+        if rid is not None:
+            body["rid"] = rid
+        return await self.generate_raw(body, timeout)
+
+    async def generate_stream(self, body: dict, timeout: float | None = None
+                              ) -> AsyncIterator[dict]:
+        """POST /generate with `stream: true`; yields each SSE event's JSON (text so far,
+        output_ids so far, meta_info; the last one carries `finish_reason`)."""
+        async for event in self._sse("/generate", {**body, "stream": True}, timeout):
+            yield event
+
+    async def chat_completions(self, body: dict, timeout: float | None = None) -> dict:
+        """POST /v1/chat/completions (OpenAI body, non-streaming)."""
+        return await self._json("POST", "/v1/chat/completions", {**body, "stream": False},
+                                timeout)
+
+    async def chat_completions_stream(self, body: dict, timeout: float | None = None
+                                      ) -> AsyncIterator[dict]:
+        async for event in self._sse("/v1/chat/completions", {**body, "stream": True}, timeout):
+            yield event
+
+    async def _sse(self, path: str, body: dict, timeout: float | None) -> AsyncIterator[dict]:
+        deadline = timeout or self.timeout
+        try:
+            async with asyncio.timeout(deadline):
+                async with self._http.stream("POST", path, json=body) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        msg, param = _message(resp)
+                        cls = ServerUnavailable if resp.status_code >= 500 else BadRequest
+                        raise cls(self.url, f"POST {path}: {msg}", resp.status_code, param)
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return
+                        yield json.loads(data)
+        except TimeoutError:
+            raise ServerUnavailable(self.url, f"POST {path} stream timed out after {deadline}s")
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(self.url, f"POST {path}: {type(e).__name__}: {e}")
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                       timeout: float | None = None, **extra) -> dict:
+        """POST /update_weights_from_disk; returns `{"success", "message", ...}`. A server
+        that answers `success: false` raises BadRequest with its message."""
+        body = {"model_path": model_path, **extra}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        out = await self._json("POST", "/update_weights_from_disk", body, timeout)
+        if not out.get("success", False):
+            raise BadRequest(self.url, f"update_weights_from_disk({model_path!r}) failed: "
+                             f"{out.get('message')}")
+        return out
+
+    async def get_model_info(self) -> dict:
+        return await self._json("GET", "/get_model_info")
+
+    async def get_server_info(self) -> dict:
+        return await self._json("GET", "/get_server_info")
+
+    async def get_weight_version(self) -> str | None:
+        """The server's weight_version (from /get_model_info, which SGLang and the embedded
+        server both report)."""
+        return (await self.get_model_info()).get("weight_version")
+
+    async def flush_cache(self) -> None:
+        await self.request("POST", "/flush_cache")
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        """True when GET /health answers 200 within `timeout`."""
+        try:
+            await self.request("GET", "/health", timeout=timeout)
+            return True
+        except ServingError:
+            return False
+
+    async def health_generate(self, timeout: float = 60.0) -> bool:
+        try:
+            await self.request("GET", "/health_generate", timeout=timeout)
+            return True
+        except ServingError:
+            return False
+
+    async def pause_generation(self, mode: str = "abort") -> dict:
+        """POST /pause_generation (`mode`: abort | retract | in_place)."""
+        return await self._json("POST", "/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> dict:
+        return await self._json("POST", "/continue_generation", {})
+
+    async def abort_request(self, rid: str | None = None, abort_all: bool = False) -> dict:
+        return await self._json("POST", "/abort_request", {"rid": rid, "abort_all": abort_all})
+
+    async def teacher_logprobs(self, prompt_ids, response_ids, top_k: int = 0,
+                               timeout: float | None = None) -> teacher.TeacherLogprobs:
+        """Log-probs of `response_ids` after `prompt_ids` (SPEC.md §7); see
+        `clawjax.serving.teacher`. Raises TeacherLogprobError on an incomplete answer."""
+        body = teacher.teacher_request(prompt_ids, response_ids, top_k)
+        return teacher.parse_teacher_response(await self.generate_raw(body, timeout),
+                                              prompt_ids, response_ids, top_k)

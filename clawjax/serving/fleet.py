@@ -1,0 +1,255 @@
+"""`Fleet`: N SGLang (or embedded) servers behind one async client object.
+
+Routing: least-loaded (fewest in-flight requests among servers that are up; ties go to the
+server used least recently). A server-side failure (connection refused/reset, timeout, 5xx)
+marks that server down and the request is retried on another one with exponential backoff
+(`max_attempts` in all); a 4xx is the caller's fault and is raised at once. When no server is
+up, a request waits (backoff) up to its attempts and then raises `FleetUnavailable`.
+
+Health: a background task probes every server every `probe_interval` seconds (`GET /health`,
+`health_timeout` each). A down server that answers again is first brought to the fleet's
+latest weights (the last `update_weights_from_disk` the fleet was asked for) and only then
+marked up, so a returning server never serves stale weights. A server whose update fails is
+marked down and retried the same way.
+
+All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
+synchronous callers see `clawjax.serving.sync.SyncFleet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+from clawjax.serving.client import BadRequest, SGLangClient, ServerUnavailable, ServingError
+
+log = logging.getLogger(__name__)
+
+
+class FleetUnavailable(ServingError):
+    """No server could serve the request within its attempts."""
+
+
+@dataclasses.dataclass(eq=False)
+class Server:
+    """One fleet member and what the fleet knows about it."""
+    url: str
+    client: SGLangClient
+    up: bool = True
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+    last_used: float = 0.0
+    last_error: str | None = None
+    weight_version: str | None = None
+    update_failures: int = 0
+
+    def summary(self) -> dict:
+        return {"url": self.url, "up": self.up, "in_flight": self.in_flight,
+                "requests": self.requests, "failures": self.failures,
+                "weight_version": self.weight_version, "update_failures": self.update_failures,
+                "last_error": self.last_error}
+
+
+class Fleet:
+    """Args: urls; api_key; timeout (seconds per request attempt); max_attempts (per
+    request, across servers); backoff (first retry delay, doubled per attempt, capped at
+    backoff_max); probe_interval / health_timeout (seconds); update_timeout (seconds for one
+    `/update_weights_from_disk`)."""
+
+    def __init__(self, urls: Sequence[str], *, api_key: str | None = None,
+                 timeout: float = 120.0, connect_timeout: float = 5.0, max_attempts: int = 4,
+                 backoff: float = 0.1, backoff_max: float = 5.0, probe_interval: float = 1.0,
+                 health_timeout: float = 5.0, update_timeout: float = 600.0):
+        if not urls:
+            raise ValueError("urls is empty, expected at least one server URL")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts = {max_attempts}, expected >= 1")
+        self.servers = [Server(u.rstrip("/"), SGLangClient(u, api_key=api_key, timeout=timeout,
+                                                           connect_timeout=connect_timeout))
+                        for u in urls]
+        self.max_attempts = max_attempts
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.probe_interval, self.health_timeout = probe_interval, health_timeout
+        self.update_timeout = update_timeout
+        self.target: tuple[str, str | None] | None = None  # latest (model_path, weight_version)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._probe_task: asyncio.Task | None = None
+        self._recovering: set[Server] = set()
+        self._up_event: asyncio.Event | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> "Fleet":
+        self.loop = asyncio.get_running_loop()
+        self._up_event = asyncio.Event()
+        self._up_event.set()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="fleet-probe")
+        return self
+
+    async def aclose(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            try:
+                await self._probe_task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.gather(*(s.client.aclose() for s in self.servers))
+
+    async def __aenter__(self) -> "Fleet":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict:
+        return {"up": sum(s.up for s in self.servers), "servers": len(self.servers),
+                "target_weight_version": self.target[1] if self.target else None,
+                "per_server": [s.summary() for s in self.servers]}
+
+    # --- routing -------------------------------------------------------------------------
+    def _pick(self, tried: set[Server]) -> Server | None:
+        up = [s for s in self.servers if s.up and s not in tried] or \
+             [s for s in self.servers if s.up]
+        if not up:
+            return None
+        return min(up, key=lambda s: (s.in_flight, s.last_used))
+
+    def mark_down(self, server: Server, error: Exception | str) -> None:
+        if server.up:
+            log.warning("fleet: %s marked down: %s", server.url, error)
+        server.up = False
+        server.failures += 1
+        server.last_error = str(error)
+        if self._up_event is not None and not any(s.up for s in self.servers):
+            self._up_event.clear()
+
+    async def call(self, fn: Callable[[SGLangClient], Awaitable[Any]]) -> Any:
+        """Runs `fn(client)` on the least-loaded server, retrying server failures elsewhere."""
+        tried: set[Server] = set()
+        last: Exception | None = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                delay = min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+            server = self._pick(tried)
+            if server is None:
+                try:  # wait (bounded) for the prober to bring one back
+                    await asyncio.wait_for(self._up_event.wait(),
+                                           timeout=min(self.backoff_max, self.probe_interval * 2))
+                except asyncio.TimeoutError:
+                    pass
+                server = self._pick(tried)
+                if server is None:
+                    last = last or FleetUnavailable("fleet", "no server is up")
+                    continue
+            tried.add(server)
+            server.in_flight += 1
+            server.requests += 1
+            server.last_used = time.monotonic()
+            try:
+                return await fn(server.client)
+            except ServerUnavailable as e:
+                self.mark_down(server, e)
+                last = e
+            finally:
+                server.in_flight -= 1
+        raise FleetUnavailable("fleet", f"no server answered after {self.max_attempts} "
+                               f"attempts; last error: {last}")
+
+    # --- API (same names as SGLangClient) -----------------------------------------------
+    async def generate(self, *args, **kwargs) -> dict:
+        return await self.call(lambda c: c.generate(*args, **kwargs))
+
+    async def generate_raw(self, body: dict, timeout: float | None = None) -> dict:
+        return await self.call(lambda c: c.generate_raw(body, timeout))
+
+    async def chat_completions(self, body: dict, timeout: float | None = None) -> dict:
+        return await self.call(lambda c: c.chat_completions(body, timeout))
+
+    async def teacher_logprobs(self, prompt_ids, response_ids, top_k: int = 0,
+                               timeout: float | None = None):
+        """See `SGLangClient.teacher_logprobs` / `clawjax.serving.teacher`."""
+        return await self.call(lambda c: c.teacher_logprobs(prompt_ids, response_ids, top_k,
+                                                            timeout))
+
+    async def update_weights_from_disk(self, model_path: str,
+                                       weight_version: str | None = None) -> dict[str, dict]:
+        """Updates every up server concurrently and records (model_path, weight_version) as
+        the fleet's target, which down servers get when they return. Never raises for a
+        server's failure: returns `{url: {"success": bool, "message": str}}` (a down server:
+        success False, "down: will update when it returns")."""
+        self.target = (model_path, weight_version)
+        results: dict[str, dict] = {}
+
+        async def one(server: Server) -> None:
+            if not server.up:
+                results[server.url] = {"success": False,
+                                       "message": "down: will update when it returns"}
+                return
+            results[server.url] = await self._update(server, model_path, weight_version)
+
+        await asyncio.gather(*(one(s) for s in self.servers))
+        return results
+
+    async def _update(self, server: Server, model_path: str, version: str | None) -> dict:
+        try:
+            out = await server.client.update_weights_from_disk(model_path, version,
+                                                               timeout=self.update_timeout)
+        except ServingError as e:
+            server.update_failures += 1
+            self.mark_down(server, f"update_weights_from_disk failed: {e}")
+            return {"success": False, "message": str(e)}
+        server.weight_version = version
+        return {"success": True, "message": out.get("message", "")}
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await asyncio.gather(*(s.client.pause_generation(mode) for s in self.servers if s.up),
+                             return_exceptions=True)
+
+    async def continue_generation(self) -> None:
+        await asyncio.gather(*(s.client.continue_generation() for s in self.servers if s.up),
+                             return_exceptions=True)
+
+    # --- health --------------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            await asyncio.gather(*(self.probe(s) for s in self.servers), return_exceptions=True)
+
+    async def probe(self, server: Server) -> bool:
+        """Checks one server now; a returning server is updated to the target weights before
+        it is marked up. Returns whether it is up afterwards."""
+        if server in self._recovering:
+            return server.up
+        self._recovering.add(server)
+        try:
+            ok = await server.client.health(timeout=self.health_timeout)
+            if not ok:
+                if server.up:
+                    self.mark_down(server, "health check failed")
+                return False
+            if server.up:
+                return True
+            if self.target is not None and server.weight_version != self.target[1]:
+                try:
+                    current = await server.client.get_weight_version()
+                except ServingError:
+                    current = None
+                if current != self.target[1] or self.target[1] is None:
+                    res = await self._update(server, *self.target)
+                    if not res["success"]:
+                        return False
+                else:
+                    server.weight_version = current
+            server.up = True
+            server.last_error = None
+            self._up_event.set()
+            log.info("fleet: %s is back up (weight_version %s)", server.url,
+                     server.weight_version)
+            return True
+        finally:
+            self._recovering.discard(server)
