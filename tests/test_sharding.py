@@ -95,3 +95,16 @@ def test_batch_sharding_and_shard_model():
     model = sharding.shard_model(cm.init_random(config, seed=1), mesh)
     emb = model.embedding[...]
     assert emb.sharding.spec == P("tensor", "fsdp") and emb.sharding.shard_shape(emb.shape) == (150, 32)
+
+
+def test_abstract_model_carries_shardings():
+    config = cm.ModelConfig.from_hf(hf_tiny.hf_config("qwen3").to_dict())
+    mesh = sharding.make_mesh(2, 2, 2)
+    graphdef, abstract = cm.abstract_model(config, jnp.bfloat16, mesh)
+    leaves = jax.tree.leaves(abstract)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
+    emb = abstract["embedding"].get_value()
+    assert emb.shape == (hf_tiny.VOCAB, 64) and emb.sharding.spec == P("tensor", "fsdp")
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
+    model = cm.init_random(config, seed=0, dtype=jnp.bfloat16, mesh=mesh)
+    assert n_params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -13,10 +13,10 @@ from clawjax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from clawjax.model.errors import (CheckpointError, ConfigError, ModelError, ShardingError,
                                   UnsupportedModelError)
 from clawjax.model.params import from_pretrained, hf_table, load_config, save_pretrained
-from clawjax.model.transformer import Transformer, init_random
+from clawjax.model.transformer import Transformer, abstract_model, init_random
 
 __all__ = [
     "KVCache", "ModelConfig", "SUPPORTED_MODEL_TYPES", "Transformer", "from_pretrained",
-    "save_pretrained", "init_random", "load_config", "hf_table", "ModelError", "ConfigError",
+    "save_pretrained", "init_random", "abstract_model", "load_config", "hf_table", "ModelError", "ConfigError",
     "UnsupportedModelError", "CheckpointError", "ShardingError",
 ]

@@ -25,7 +25,7 @@ from flax import nnx
 from clawjax.model import safetensors_io
 from clawjax.model.config import ModelConfig
 from clawjax.model.errors import CheckpointError
-from clawjax.model.transformer import Transformer
+from clawjax.model.transformer import Transformer, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -157,26 +157,22 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None,
     Parameters are cast to `dtype` and placed one at a time on `mesh` (1×1×1 on the first
     device when None) with `clawjax.sharding.param_shardings`.
     """
-    from clawjax import sharding
-
     path = Path(path)
     config = load_config(path)
     if remat:
         config = config.replace(remat=True)
     found = _scan(path, config)
-    mesh = mesh if mesh is not None else sharding.single_device_mesh()
-    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(sharding.param_shardings(abstract_params, mesh))}
+    graphdef, abstract = abstract_model(config, dtype, mesh)
+    specs = {p: v.get_value() for p, v in nnx.to_flat_state(abstract)}
     target = _np_dtype(dtype)
     values = {}
     for m in hf_table(config):
         file, entry, start = found[m.hf_name]
+        # astype copies: device buffers may alias host memory, never the (rewritable) file map.
         host = m.to_nnx(safetensors_io.read_tensor(file, entry, start)).astype(target)
-        values[m.path] = jax.make_array_from_callback(m.nnx_shape, shardings[m.path], lambda idx, a=host: a[idx])
+        values[m.path] = jax.make_array_from_callback(m.nnx_shape, specs[m.path].sharding, lambda idx, a=host: a[idx])
         del host
-    flat = nnx.to_flat_state(abstract_params)
-    params = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat])
+    params = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in nnx.to_flat_state(abstract)])
     return nnx.merge(graphdef, params), config
 
 

@@ -131,6 +131,20 @@ def _check_inputs(tokens, positions, segment_ids):
     return tokens, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32)
 
 
+def abstract_model(config: ModelConfig, dtype=jnp.float32, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) without allocating: params are `jax.ShapeDtypeStruct`s carrying their
+    NamedSharding on `mesh` (1×1×1 on the first device when None) — e.g. an orbax restore
+    target. `nnx.merge(graphdef, concrete_params)` builds the model."""
+    from clawjax import sharding  # local: sharding imports nothing from the model at import time
+
+    mesh = mesh if mesh is not None else sharding.single_device_mesh()
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    shardings = sharding.param_shardings(params, mesh)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params, shardings)
+    return graphdef, params
+
+
 def init_random(config: ModelConfig, seed: int, dtype=jnp.float32, mesh=None) -> Transformer:
     """A randomly initialised model (matrices N(0, INIT_STD), norm scales 1, biases 0).
 
@@ -139,21 +153,17 @@ def init_random(config: ModelConfig, seed: int, dtype=jnp.float32, mesh=None) ->
     when None) with its sharding: no device ever holds an unsharded copy. Host draws avoid
     compiling a random-init program per config, which dominates for tiny test models.
     """
-    from clawjax import sharding  # local: sharding imports nothing from the model at import time
-
-    mesh = mesh if mesh is not None else sharding.single_device_mesh()
-    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    shardings = sharding.param_shardings(abstract_params, mesh)
+    graphdef, abstract = abstract_model(config, dtype, mesh)
     rng = np.random.default_rng(seed)
     flat = []
-    for (path, var), (_, shard) in zip(nnx.to_flat_state(abstract_params), nnx.to_flat_state(shardings)):
+    for path, var in nnx.to_flat_state(abstract):
+        spec = var.get_value()
         kind = var.get_metadata().get("init", "normal")
         if kind == "normal":
-            host = (INIT_STD * rng.standard_normal(var.shape, dtype=np.float32))
+            host = INIT_STD * rng.standard_normal(spec.shape, dtype=np.float32)
         else:
-            host = np.full(var.shape, 1.0 if kind == "ones" else 0.0, np.float32)
-        host = host.astype(jnp.dtype(dtype))
-        value = jax.make_array_from_callback(var.shape, shard.get_value(), lambda idx, a=host: a[idx])
+            host = np.full(spec.shape, 1.0 if kind == "ones" else 0.0, np.float32)
+        host = host.astype(spec.dtype)
+        value = jax.make_array_from_callback(spec.shape, spec.sharding, lambda idx, a=host: a[idx])
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
