@@ -254,7 +254,9 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     share one denominator): `loss`, `pg_loss`, `clipfrac`, `ppo_kl` (old_logp − logp),
     `advantage_mean`; `tis_weight` with `use_tis`; `kl` when `batch.ref_logp` is present;
     `entropy` when given; `topk_kl` when the batch has top-K teacher data and
-    `student_topk_logp` is given. Counts: `num_tokens` and `num_samples` as (count, 1).
+    `student_topk_logp` is given. Counts: `num_tokens` (masked tokens) and `num_samples`
+    (samples with ≥ 1 masked token) as (count, 0), so they add across micro-batches and
+    `divide_terms` leaves them as counts.
     Micro-batches: add the pairs (`add_terms`), then `divide_terms` once; the gradient of the
     full-batch loss is Σ grad(loss sum) / Σ loss denominator.
     """
@@ -313,9 +315,11 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     terms["loss"] = red(total)
     n_tok, _ = reduce(jnp.ones_like(logp_m), mask, batch.segment_ids, "token_mean")
     _, n_samples = reduce(jnp.ones_like(logp_m), mask, batch.segment_ids, "sample_mean")
-    one = jnp.ones((), n_tok.dtype)
-    terms["num_tokens"] = (n_tok, one)
-    terms["num_samples"] = (n_samples, one)
+    # Counts carry denominator 0: they add up across micro-batches and `divide_terms`
+    # (which divides by max(denominator, 1)) returns them unchanged.
+    zero = jnp.zeros((), n_tok.dtype)
+    terms["num_tokens"] = (n_tok, zero)
+    terms["num_samples"] = (n_samples, zero)
     return terms
 
 

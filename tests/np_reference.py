@@ -167,7 +167,7 @@ def sample_loss(samples, logp, cfg, old_logp=None, ref_logp=None, entropy=None,
 
     logp / old_logp / ref_logp / entropy: dicts sample_id → [response_len] arrays (old_logp
     defaults to the sample's rollout_logp); student_topk: sample_id → [response_len, K].
-    Returns dict metric → (sum, denominator), with num_tokens / num_samples as (count, 1).
+    Returns dict metric → (sum, denominator), with num_tokens / num_samples as (count, 0).
     """
     per_metric: dict[str, list] = {}
     masks = []
@@ -189,8 +189,8 @@ def sample_loss(samples, logp, cfg, old_logp=None, ref_logp=None, entropy=None,
             per_metric.setdefault(k, []).append(v)
         masks.append(s.loss_mask)
     out = {k: reduce_samples(v, masks, cfg["reduction"]) for k, v in per_metric.items()}
-    out["num_tokens"] = (float(sum((np.asarray(m) > 0).sum() for m in masks)), 1.0)
-    out["num_samples"] = (float(sum(bool((np.asarray(m) > 0).any()) for m in masks)), 1.0)
+    out["num_tokens"] = (float(sum((np.asarray(m) > 0).sum() for m in masks)), 0.0)
+    out["num_samples"] = (float(sum(bool((np.asarray(m) > 0).any()) for m in masks)), 0.0)
     return out
 
 

@@ -78,9 +78,9 @@ def reference_terms(batch: TokenBatch, extra: dict, cfg: losses.LossConfig) -> d
     out = {k: ref.reduce_rows(v, batch.loss_mask, batch.segment_ids, c["reduction"])
            for k, v in terms.items()}
     sel = (batch.loss_mask > 0) & (batch.segment_ids > 0)
-    out["num_tokens"] = (float(sel.sum()), 1.0)
+    out["num_tokens"] = (float(sel.sum()), 0.0)
     out["num_samples"] = (ref.reduce_rows(np.ones(sel.shape), batch.loss_mask,
-                                          batch.segment_ids, "sample_mean")[1], 1.0)
+                                          batch.segment_ids, "sample_mean")[1], 0.0)
     return out
 
 
