@@ -110,3 +110,17 @@ def test_config_reads_both_rope_spellings():
     assert q2.qkv_bias and not q2.o_bias and q2.tie_word_embeddings and q2.head_dim == 16
     q3 = cm.ModelConfig.from_hf(hf_tiny.hf_config("qwen3").to_dict())
     assert q3.qk_norm and q3.head_dim == 32 and q3.rope_scaling is None
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
+    ("llama", {"attention_bias": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+], ids=["qwen3-bias-tied", "llama-bias-plainrope"])
+def test_f32_parity_variants(arch, overrides, tmp_path):
+    """q/k/v/o bias (Qwen3, Llama), tied Qwen3 embeddings and plain Llama rope."""
+    hf = hf_tiny.build(arch, seed=9, **overrides)
+    tokens = hf_tiny.random_tokens(2, 20, seed=4)
+    model, config = cm.from_pretrained(hf_tiny.save(hf, tmp_path), dtype=jnp.float32)
+    assert config.o_bias and config.qkv_bias
+    diff = float(np.abs(np.asarray(hf_tiny.jit_logits(model, tokens)) - hf_tiny.torch_logits(hf, tokens)).max())
+    assert diff <= F32_TOL
