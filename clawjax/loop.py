@@ -42,13 +42,11 @@ def build_model(config, mesh):
     """`(model, model_config)` from `model.path` (HF directory) or `model.hf_config` (random)."""
     dtype = DTYPES[config.model.dtype]
     if config.model.path:
-        model, model_config = model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh)
-    else:
-        model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
-        model = model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh)
-    if config.model.remat:
-        model_lib.set_remat(model, True)
-    return model, model_config
+        return model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh,
+                                         remat=config.model.remat)
+    model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
+    model_config = model_config.replace(remat=bool(config.model.remat))
+    return model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh), model_config
 
 
 def make_source(config, vocab_size: int, workdir: str):

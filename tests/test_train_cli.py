@@ -1,0 +1,108 @@
+"""`python -m clawjax.train` as a user runs it: replay training, SIGKILL + exact resume, config
+errors that name the key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from clawjax.metrics import read_metrics
+from clawjax.sources import write_replay
+from sample_factory import make_samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cmd(workdir, replay, steps, *extra):
+    return [sys.executable, "-m", "clawjax.train", "--config=configs/tiny_cpu.py",
+            f"--config.replay={replay}", f"--config.workdir={workdir}",
+            f"--config.trainer.steps={steps}", "--config.trainer.samples_per_step=4",
+            "--config.checkpoint.every_steps=3", "--config.trainer.progress=False", *extra]
+
+
+def env():
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def final_params(workdir) -> dict:
+    ckpt = os.path.join(workdir, "checkpoints")
+    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
+    flat = jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(10, seed=11))
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(train_cmd(straight, replay, 9), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+
+    proc = subprocess.Popen(train_cmd(broken, replay, 9), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = broken / "checkpoints" / "6"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "the run never reached its step-6 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(train_cmd(broken, replay, 9, "--config.trainer.resume=True"), cwd=ROOT,
+                   env=env(), check=True, capture_output=True)
+
+    step_a, a = final_params(straight)
+    step_b, b = final_params(broken)
+    assert step_a == step_b == 9
+    assert a.keys() == b.keys()
+    diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert diff <= 1e-6, diff
+    steps = [r["step"] for r in read_metrics(str(broken))]
+    assert steps[-1] == 9
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(4, seed=12))
+    out = subprocess.run(train_cmd(tmp_path / "none", replay, 2, "--config.trainer.resume=True"),
+                         cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "no checkpoint exists" in out.stderr
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--config.trainer.lrr=1e-3", "lrr"),
+    ("--config.trainer.samples_per_step=0", "trainer.samples_per_step"),
+])
+def test_bad_config_flags_name_the_key(tmp_path, flag, named):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(4, seed=13))
+    out = subprocess.run(train_cmd(tmp_path / "bad", replay, 1, flag), cwd=ROOT, env=env(),
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert named in out.stderr
+
+
+def test_malformed_replay_line_names_line_and_field(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    samples = make_samples(3, seed=14)
+    write_replay(str(replay), samples)
+    lines = replay.read_text().splitlines()
+    lines[1] = lines[1].replace('"response_len":', '"response_len":9999,"x":')
+    replay.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(train_cmd(tmp_path / "bad", replay, 1), cwd=ROOT, env=env(),
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "replay.jsonl:2" in out.stderr and samples[1].sample_id in out.stderr

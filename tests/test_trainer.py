@@ -1,0 +1,156 @@
+"""The trainer: overfitting, sharded = single-device, accumulation = full batch, non-finite skip,
+validation, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clawjax import config as config_lib
+from clawjax.batch import pack
+from clawjax.configs import tiny_cpu
+from clawjax.loop import TrainLoop
+from clawjax.metrics import read_metrics
+from clawjax.sources import QueueSource, write_replay
+from sample_factory import make_samples
+
+
+def tiny_config(workdir, replay="", **overrides):
+    c = tiny_cpu.get_config()
+    c.workdir = str(workdir)
+    c.replay = str(replay)
+    c.trainer.progress = False
+    c.checkpoint.async_save = False
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def params_of(loop) -> dict:
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(jax.device_get(loop.state.params))[0]}
+
+
+def max_param_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def one_step(tmp_path, name, samples, **overrides) -> TrainLoop:
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / name, **overrides), source=source)
+    loop.train_step(loop.take_samples())
+    return loop
+
+
+def test_overfits_a_fixed_replay_batch(tmp_path):
+    samples = make_samples(8, seed=1)
+    replay = tmp_path / "fixed.jsonl"
+    write_replay(str(replay), samples)
+    loop = TrainLoop(tiny_config(tmp_path / "run", replay, **{
+        "trainer.steps": 30, "trainer.samples_per_step": 8, "trainer.lr": 3e-3,
+        "checkpoint.every_steps": 100}))
+    loop.run()
+    loop.close()
+    rows = read_metrics(str(tmp_path / "run"))
+    assert len(rows) == 30
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert last < first - 0.5, (first, last)
+    assert rows[-1]["policy_version"] == 30
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    assert jax.device_count() == 8
+    samples = make_samples(8, seed=2)
+    single = one_step(tmp_path, "single", samples, **{
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "trainer.samples_per_step": 8})
+    sharded = one_step(tmp_path, "sharded", samples, **{
+        "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "trainer.samples_per_step": 8})
+    specs = [p.sharding.spec for p in jax.tree.leaves(sharded.state.params)]
+    assert any(any(axis is not None for axis in spec) for spec in specs), specs
+    assert max_param_diff(params_of(single), params_of(sharded)) <= 1e-5
+
+
+def test_accumulating_micro_batches_equals_one_batch(tmp_path):
+    samples = make_samples(16, seed=3)
+    whole = one_step(tmp_path, "whole", samples, **{
+        "trainer.samples_per_step": 16, "trainer.micro_batches": 1, "trainer.token_budget": 64})
+    micro = one_step(tmp_path, "micro", samples, **{
+        "trainer.samples_per_step": 16, "trainer.micro_batches": 4, "trainer.token_budget": 64})
+    assert micro.pack(samples).tokens.shape[0] == 4
+    assert max_param_diff(params_of(whole), params_of(micro)) <= 1e-6
+
+
+def test_non_finite_gradient_skips_the_update_and_counts_it(tmp_path):
+    loop = TrainLoop(tiny_config(tmp_path / "nan"), source=QueueSource())
+    before = params_of(loop)
+    stack = loop.pack(make_samples(8, seed=4))
+    poisoned = dataclasses.replace(stack, rewards=jnp.full_like(stack.rewards, jnp.nan))
+    loop.state, metrics = loop._step(loop.state, poisoned, loop.ref_params)
+    assert float(metrics["finite"]) == 0.0
+    assert int(loop.state.skipped) == 1 and int(loop.state.step) == 0
+    assert max_param_diff(before, params_of(loop)) == 0.0
+
+
+def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
+    good = make_samples(4, seed=5)
+    nan_logp = make_samples(1, seed=6, prefix="nan")[0]
+    nan_logp.rollout_logp[0] = np.nan
+    huge = make_samples(1, seed=7, prefix="long", min_len=400, max_len=400)[0]
+    source = QueueSource()
+    source.put([nan_logp, huge, *good])
+    loop = TrainLoop(tiny_config(tmp_path / "drop", **{"trainer.samples_per_step": 4}),
+                     source=source)
+    taken = loop.take_samples()
+    assert [s.sample_id for s in taken] == [s.sample_id for s in good]
+    assert loop.dropped == {"invalid": 1, "too_long": 1}
+
+
+def test_stale_samples_are_dropped(tmp_path):
+    samples = make_samples(4, seed=8)
+    old = make_samples(1, seed=9, prefix="old")[0]
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "stale", **{
+        "trainer.samples_per_step": 4, "trainer.max_staleness": 0}), source=source)
+    loop.train_step(loop.take_samples())
+    source.put([old, *make_samples(4, seed=10, prefix="new")])
+    for s in source._queue.queue:
+        if s.sample_id.startswith("new"):
+            s.policy_version = 1
+    taken = loop.take_samples()
+    assert all(s.sample_id.startswith("new") for s in taken)
+    assert loop.dropped["stale"] == 1
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("trainer.lr", -1.0, "trainer.lr"),
+    ("method", "ppo", "method"),
+    ("mesh.tensor", 0, "mesh.tensor"),
+    ("loss.reduction", "sum", "loss"),
+    ("loss.old_logp", "server", "loss.old_logp"),
+])
+def test_bad_config_values_name_the_key(tmp_path, key, value, named):
+    c = tiny_config(tmp_path, **{key: value})
+    with pytest.raises(config_lib.ConfigError, match=named.replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_method_presets_fill_unset_loss_weights(tmp_path):
+    c = tiny_config(tmp_path, method="rl")
+    assert config_lib.resolved_loss_kwargs(c)["kl_coef"] == 0.02
+    assert config_lib.resolved_loss_kwargs(c)["w_opd"] == 0.0
+    c = tiny_config(tmp_path, method="combine", **{"loss.kl_coef": 0.5})
+    kwargs = config_lib.resolved_loss_kwargs(c)
+    assert (kwargs["w_rl"], kwargs["w_opd"], kwargs["kl_coef"]) == (1.0, 1.0, 0.5)
