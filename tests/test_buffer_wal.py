@@ -14,7 +14,8 @@ from clawjax.buffer.wal import (MAGIC, RecordType, WalCorruptError, WriteAheadLo
 
 
 def _records(n, size=40):
-    return [(RecordType.PUSH, encode_push(f"id{i}", i, bytes([i % 251]) * size)) for i in range(n)]
+    return [(RecordType.PUSH, b"".join(encode_push(f"id{i}", i, bytes([i % 251]) * size)))
+            for i in range(n)]
 
 
 def _replay(directory):
@@ -22,6 +23,26 @@ def _replay(directory):
     got = [(t, p) for _, t, p in log.replay()]
     log.close()
     return got
+
+
+def test_short_writev_writes_everything_in_order(tmp_path, monkeypatch):
+    real = os.writev
+    monkeypatch.setattr(wal_mod.os, "writev", lambda fd, bufs: real(fd, [bytes(bufs[0])[:3]]))
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    bufs = [b"hello", memoryview(b"world!"), b"", b"xy" * 700]
+    assert wal_mod._writev_all(fd, bufs) == 5 + 6 + 1400
+    os.close(fd)
+    assert path.read_bytes() == b"helloworld!" + b"xy" * 700
+
+
+def test_multi_part_payloads_round_trip(tmp_path):
+    log = WriteAheadLog(tmp_path)
+    list(log.replay())
+    log.append([(RecordType.PUSH, encode_push("p", 9, memoryview(b"payload-bytes")))])
+    log.close()
+    [(rtype, payload)] = _replay(tmp_path)
+    assert rtype == RecordType.PUSH and decode_push(payload) == ("p", 9, b"payload-bytes")
 
 
 def test_append_replay_round_trip(tmp_path):

@@ -155,12 +155,13 @@ class BufferClient:
             call = self._stub.Stream(pb.StreamRequest(max_in_flight=max_in_flight),
                                      metadata=self._metadata)
             try:
-                for msg in call:
+                for batch in call:
                     attempt, give_up = 0, time.monotonic() + self.retry_budget_s
-                    delivered += 1
-                    yield codec.from_proto(msg)
-                    if max_samples is not None and delivered >= max_samples:
-                        return
+                    for msg in batch.samples:
+                        delivered += 1
+                        yield codec.from_proto(msg)
+                        if max_samples is not None and delivered >= max_samples:
+                            return
             except grpc.RpcError as err:
                 wait = self._retry_wait(err, attempt, "stream")
                 if time.monotonic() + wait > give_up:

@@ -47,7 +47,7 @@ class RolloutBufferStub:
         self.Stream = channel.unary_stream(
                 '/clawjax.buffer.RolloutBuffer/Stream',
                 request_serializer=clawjax_dot_buffer_dot_rollout__pb2.StreamRequest.SerializeToString,
-                response_deserializer=clawjax_dot_buffer_dot_rollout__pb2.Sample.FromString,
+                response_deserializer=clawjax_dot_buffer_dot_rollout__pb2.LeaseResponse.FromString,
                 _registered_method=True)
         self.Ack = channel.unary_unary(
                 '/clawjax.buffer.RolloutBuffer/Ack',
@@ -143,7 +143,7 @@ def add_RolloutBufferServicer_to_server(servicer, server):
             'Stream': grpc.unary_stream_rpc_method_handler(
                     servicer.Stream,
                     request_deserializer=clawjax_dot_buffer_dot_rollout__pb2.StreamRequest.FromString,
-                    response_serializer=clawjax_dot_buffer_dot_rollout__pb2.Sample.SerializeToString,
+                    response_serializer=clawjax_dot_buffer_dot_rollout__pb2.LeaseResponse.SerializeToString,
             ),
             'Ack': grpc.unary_unary_rpc_method_handler(
                     servicer.Ack,
@@ -251,7 +251,7 @@ class RolloutBuffer:
             target,
             '/clawjax.buffer.RolloutBuffer/Stream',
             clawjax_dot_buffer_dot_rollout__pb2.StreamRequest.SerializeToString,
-            clawjax_dot_buffer_dot_rollout__pb2.Sample.FromString,
+            clawjax_dot_buffer_dot_rollout__pb2.LeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -252,15 +252,22 @@ class BufferServer:
         return wire.join_repeated([data for _, data in got])
 
     def _stream(self, request: pb.StreamRequest, context):
+        """Batches of leased samples, at most `max_in_flight` unacked at a time. Samples already
+        sent stay leased when the client disconnects (it may still ack them); samples leased
+        after it left are nacked at once."""
         self._check_count(context, "max_in_flight", request.max_in_flight, 1, MAX_LEASE_SAMPLES)
         owner, limit = uuid.uuid4().hex, request.max_in_flight
         while context.is_active() and not self._stopping.is_set():
             if not self.store.wait_for_slot(owner, limit, 0.25):
                 continue
             free = limit - self.store.in_flight(owner)
-            for _, data in self.store.lease(free, 0.25, owner=owner,
-                                            max_out_bytes=self.max_message_bytes // 2):
-                yield data
+            got = self.store.lease(free, 0.25, owner=owner,
+                                   max_out_bytes=self.max_message_bytes // 2)
+            if got and not context.is_active():   # the client left while we waited
+                self.store.nack([sid for sid, _ in got])
+                return
+            if got:
+                yield wire.join_repeated([data for _, data in got])
 
     def _ack(self, request: pb.SampleIds, context) -> pb.AckResponse:
         acked, unknown = self.store.ack(list(request.sample_ids))

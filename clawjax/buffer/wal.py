@@ -53,22 +53,32 @@ class WalClosedError(RuntimeError):
     """The log was closed, or a write failed and the log refuses further appends."""
 
 
-def encode_record(rtype: int, payload: bytes) -> bytes:
-    """One record's bytes: header (length, crc32 over type + payload, type) then payload."""
-    if len(payload) > MAX_RECORD:
-        raise ValueError(f"WAL record payload of {len(payload)} bytes, expected ≤ {MAX_RECORD}")
-    crc = zlib.crc32(payload, zlib.crc32(bytes((rtype,))))
-    return HEADER.pack(len(payload), crc, rtype) + payload
+def record_parts(rtype: int, payload) -> list:
+    """One record as buffers to write in order: header (length, crc32 over type + payload,
+    type), then the payload, which may be given as a list of parts (never copied)."""
+    parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+    length, crc = 0, zlib.crc32(bytes((rtype,)))
+    for part in parts:
+        length += len(part)
+        crc = zlib.crc32(part, crc)
+    if length > MAX_RECORD:
+        raise ValueError(f"WAL record payload of {length} bytes, expected ≤ {MAX_RECORD}")
+    return [HEADER.pack(length, crc, rtype), *parts]
+
+
+def encode_record(rtype: int, payload) -> bytes:
+    """One record's bytes (see `record_parts`)."""
+    return b"".join(record_parts(rtype, payload))
 
 
 _PUSH_HEAD = struct.Struct("<QH")
 
 
-def encode_push(sample_id: str, policy_version: int, sample_bytes: bytes) -> bytes:
-    """PUSH payload: u64 policy_version | u16 id length | utf-8 id | serialized Sample (id and
-    version are readable without parsing the sample)."""
+def encode_push(sample_id: str, policy_version: int, sample_bytes) -> tuple:
+    """PUSH payload as two parts: u64 policy_version | u16 id length | utf-8 id, then the
+    serialized Sample (id and version are readable without parsing the sample)."""
     sid = sample_id.encode()
-    return _PUSH_HEAD.pack(policy_version, len(sid)) + sid + sample_bytes
+    return _PUSH_HEAD.pack(policy_version, len(sid)) + sid, sample_bytes
 
 
 def decode_push(payload: bytes) -> tuple[str, int, bytes]:
@@ -114,10 +124,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+_IOV_MAX = 1024
+
+
+def _writev_all(fd: int, buffers: list) -> int:
+    """Writes every buffer in order (handles short writes); returns the byte count."""
+    total, i, pending = 0, 0, [memoryview(b).cast("B") for b in buffers if len(b)]
+    while i < len(pending):
+        n = os.writev(fd, pending[i:i + _IOV_MAX])
+        total += n
+        while i < len(pending) and n >= len(pending[i]):
+            n -= len(pending[i])
+            i += 1
+        if n:
+            pending[i] = pending[i][n:]
+    return total
+
+
 class _Waiter:
     __slots__ = ("data", "event", "segment", "error")
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: list):
         self.data, self.event, self.segment, self.error = data, threading.Event(), 0, None
 
 
@@ -213,7 +240,7 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ appends
     def append(self, records: Iterable[tuple[int, bytes]]) -> int:
         """Appends records contiguously; returns the segment they landed in once durable."""
-        waiter = _Waiter(b"".join(encode_record(t, p) for t, p in records))
+        waiter = _Waiter([buf for t, p in records for buf in record_parts(t, p)])
         with self._cv:
             if self._closed or self._failed is not None:
                 raise WalClosedError(f"write-ahead log {self.dir} is closed"
@@ -236,12 +263,11 @@ class WriteAheadLog:
             try:
                 if self._active_size >= self.segment_bytes:
                     self._rotate()
-                data = b"".join(w.data for w in batch)
-                _write_all(self._fd, data)
+                written = _writev_all(self._fd, [buf for w in batch for buf in w.data])
                 if self.fsync:
                     os.fdatasync(self._fd)
                 self.fsyncs_total += 1
-                self._active_size += len(data)
+                self._active_size += written
                 for w in batch:
                     w.segment = self._active
             except BaseException as e:  # disk full, I/O error: fail loudly, accept nothing more

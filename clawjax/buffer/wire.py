@@ -82,9 +82,9 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def split_repeated(data: bytes, field: int = 1) -> list[bytes]:
-    """The payloads of `field` (length-delimited) in a serialized message, in order; raises
-    ValueError on malformed input or on any other field."""
+def split_repeated(data: bytes, field: int = 1) -> list[memoryview]:
+    """The payloads of `field` (length-delimited) in a serialized message, in order, as
+    zero-copy views into `data`; raises ValueError on malformed input or on any other field."""
     out, pos, want = [], 0, field << 3 | 2
     view = memoryview(data)
     while pos < len(data):
@@ -94,6 +94,6 @@ def split_repeated(data: bytes, field: int = 1) -> list[bytes]:
         n, pos = _read_varint(data, pos)
         if pos + n > len(data):
             raise ValueError(f"truncated field at offset {pos}: {n} bytes announced")
-        out.append(bytes(view[pos:pos + n]))
+        out.append(view[pos:pos + n])
         pos += n
     return out
