@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.buffer.address = ""
     c.buffer.token_file = ""
     c.buffer.tls_ca = ""
+    c.buffer.keepalive_s = 5.0  # lease keep-alive period for samples awaiting a checkpoint
 
     c.publish = ml_collections.ConfigDict()
     c.publish.every_steps = 0  # 0: never publish

@@ -59,7 +59,8 @@ def make_source(config, vocab_size: int, workdir: str):
                 token = f.read().strip()
         return sources.BufferSource(
             config.buffer.address, token=token, tls_ca=config.buffer.tls_ca or None,
-            rejected_path=os.path.join(workdir, "rejected.jsonl"))
+            rejected_path=os.path.join(workdir, "rejected.jsonl"),
+            keepalive_s=config.buffer.keepalive_s)
     return sources.QueueSource()
 
 

@@ -132,17 +132,17 @@ class QueueSource:
 class BufferSource:
     """Leases from the gRPC rollout buffer; acknowledges only on `commit` (after a checkpoint).
 
-    Leases of taken samples are extended by `keepalive()` until they are committed, so a slow
-    checkpoint never lets the buffer hand them to someone else. After a crash the buffer makes
-    every unacknowledged sample deliverable again.
+    A `LeaseKeeper` thread extends the leases of taken, uncommitted samples every
+    `keepalive_s`, so a slow step or checkpoint never lets the buffer redeliver them. After a
+    crash the buffer makes every unacknowledged sample deliverable again.
     """
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
-                 rejected_path: str | None = None):
-        from clawjax.buffer import BufferClient
+                 rejected_path: str | None = None, keepalive_s: float = 5.0):
+        from clawjax.buffer import BufferClient, LeaseKeeper
 
         self.client = BufferClient(address, token=token, tls_ca=tls_ca)
-        self._held: set[str] = set()
+        self._keeper = LeaseKeeper(self.client, interval_s=keepalive_s)
         self._rejected_path = rejected_path
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
@@ -152,18 +152,16 @@ class BufferSource:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            got = self.client.lease(n - len(out), timeout_s=min(remaining, 5.0))
+            got = self.client.lease(n - len(out), timeout_s=min(remaining, 1.0))
+            self._keeper.add(s.sample_id for s in got)
             out.extend(got)
-            self._held.update(s.sample_id for s in got)
-            if self._held:
-                self.keepalive()
         return out
 
     def commit(self, sample_ids) -> None:
-        ids = [i for i in sample_ids]
+        ids = list(sample_ids)
         if ids:
             self.client.ack(ids)
-        self._held.difference_update(ids)
+        self._keeper.remove(ids)
 
     def reject(self, sample: Sample, reason: str) -> None:
         if self._rejected_path:
@@ -172,8 +170,7 @@ class BufferSource:
         self.commit([sample.sample_id])
 
     def keepalive(self) -> None:
-        if self._held:
-            self.client.extend_lease(sorted(self._held))
+        pass  # the LeaseKeeper thread does it
 
     def state(self) -> dict:
         return {}
@@ -185,4 +182,5 @@ class BufferSource:
         self.client.set_policy_version(version)
 
     def close(self) -> None:
+        self._keeper.close()
         self.client.close()
