@@ -3,6 +3,7 @@ tokenizer, HF torch reference log-probs, and embedded servers on loopback. No te
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from aiohttp import web
 
 import hf_tiny
+from clawjax.serving.launch import free_port
 from clawjax.tokenizer import build_tokenizer, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +81,16 @@ def tokenizer(model_a):
     return AutoTokenizer.from_pretrained(str(model_a))
 
 
-def start_subprocess_server(model_dir, port: int, *extra: str, timeout: float = 120.0):
-    """`python -m clawjax.serve` in a subprocess; returns the Popen once it prints READY."""
+def start_subprocess_server(model_dir, port: int, *extra: str, timeout: float = 120.0,
+                            compile_cache: str | None = None):
+    """`python -m clawjax.serve` in a subprocess; returns the Popen once it prints READY.
+    `compile_cache`: a JAX persistent compilation cache directory shared by the servers (the
+    first one compiles, the others load)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    if compile_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "clawjax.serve", "--model", str(model_dir), "--port", str(port),
          "--max-batch", "4", "--context-length", "256", *extra],
@@ -111,3 +121,53 @@ def wait_healthy(url: str, timeout: float = 60.0) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} not healthy after {timeout}s")
+
+
+class Scripted:
+    """A minimal SGLang-shaped server: /health, /generate (after `delay` seconds, or
+    `status`), /update_weights_from_disk and /get_model_info (records the version)."""
+
+    def __init__(self, name: str, port: int | None = None, delay: float = 0.0):
+        self.name, self.delay, self.status = name, delay, 200
+        self.update_delay = 0.0
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.generated = 0
+        self.version = "default"
+        self.updates: list[tuple[str, str]] = []
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> "Scripted":
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/generate", self._generate)
+        app.router.add_post("/update_weights_from_disk", self._update)
+        app.router.add_get("/get_model_info", self._info)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def _health(self, request):
+        return web.Response(text="")
+
+    async def _generate(self, request):
+        await asyncio.sleep(self.delay)
+        self.generated += 1
+        if self.status != 200:
+            return web.json_response({"message": "scripted failure"}, status=self.status)
+        return web.json_response({"text": self.name, "output_ids": [1],
+                                  "meta_info": {"weight_version": self.version}})
+
+    async def _update(self, request):
+        await asyncio.sleep(self.update_delay)
+        body = await request.json()
+        self.updates.append((body["model_path"], body.get("weight_version")))
+        self.version = body.get("weight_version")
+        return web.json_response({"success": True, "message": "ok"})
+
+    async def _info(self, request):
+        return web.json_response({"weight_version": self.version})

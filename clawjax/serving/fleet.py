@@ -25,7 +25,7 @@ import random
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from clawjax.serving.client import BadRequest, SGLangClient, ServerUnavailable, ServingError
+from clawjax.serving.client import SGLangClient, ServerUnavailable, ServingError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_tokenizer(model_dir: str):
-    """The directory's tokenizer, or None when it holds no tokenizer files."""
+    """The directory's tokenizer, or None when it holds no tokenizer files. A `tokenizer.json`
+    loads as `PreTrainedTokenizerFast` directly (no torch import: a faster start); other
+    layouts go through `AutoTokenizer`."""
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return None
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir)
 
@@ -70,10 +75,8 @@ def make_context(model_dir: str, *, max_batch: int = 8, context_len: int | None 
     tokenizer = load_tokenizer(model_dir)
     if context_len is None:
         context_len = min(int(getattr(config, "max_position_embeddings", 1024) or 1024), 1024)
-    detok = None
-    if tokenizer is not None:
-        def detok(ids, skip_special):
-            return tokenizer.decode(ids, skip_special_tokens=skip_special)
+    detok = None if tokenizer is None else (
+        lambda ids, skip_special: tokenizer.decode(ids, skip_special_tokens=skip_special))
     engine = Engine(model, config, max_batch=max_batch, context_len=context_len,
                     weight_version=weight_version, eos_ids=tuple(stop_token_ids(model_dir,
                                                                                tokenizer)),

@@ -1,0 +1,163 @@
+"""Publisher: HF export on a cadence pushed to embedded servers over HTTP, coalescing, keep-K,
+and crash safety (SIGKILL mid-publish leaves only complete versions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clawjax import model as cm
+from clawjax.publish import Publisher, list_versions
+from clawjax.serving.launch import ServerThread, make_context
+from clawjax.serving.sync import SyncFleet
+from test_serving_helpers import (REPO, Scripted, free_port, hf_model, model_a,  # noqa: F401
+                                  model_b, token_logps, tokenizer)
+
+TOL = 1e-4
+
+
+def score(url: str, ids: list[int]) -> tuple[str, np.ndarray]:
+    out = httpx.post(url + "/generate", timeout=60, json={
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+        "logprob_start_len": 0}).json()
+    return (out["meta_info"]["weight_version"],
+            np.array([e[0] for e in out["meta_info"]["input_token_logprobs"][1:]]))
+
+
+def test_publish_every_n_steps_updates_every_server(tmp_path, model_a, model_b, tokenizer):
+    servers = [ServerThread(make_context(str(model_a), max_batch=2, context_len=128)).start()
+               for _ in range(2)]
+    model, config = cm.from_pretrained(model_b, dtype=jnp.float32)
+    graphdef, params = nnx.split(model, nnx.Param)
+    pub = Publisher([s.url for s in servers], tmp_path / "publish", every_steps=2, keep=2,
+                    tokenizer_dir=str(model_a), fleet_kwargs={"probe_interval": 0.2})
+    ids = tokenizer.encode("Publish me, please.")
+    try:
+        for step in range(1, 7):
+            # the "optimizer step": a new parameter value every step
+            params = jax.tree.map(lambda x: x * 1.01, params)
+            scheduled = pub.maybe_publish(step, (graphdef, params), config, policy_version=step)
+            assert scheduled == (step % 2 == 0)
+            if step in (2, 4):
+                assert pub.wait(120)
+                # donating / overwriting the trainer's buffers must not affect the snapshot
+        assert pub.wait(120)
+        stats = pub.stats()
+        assert stats["published"] + stats["coalesced"] == 3 and stats["failed"] == 0
+        assert stats["last_version"] == 6 and stats["server_update_failures"] == 0
+        assert list_versions(tmp_path / "publish") == [4, 6]  # keep = 2
+        v6 = tmp_path / "publish" / "v6"
+        files = set(os.listdir(v6))
+        assert {"config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json"} <= files
+        assert json.load(open(v6 / "config.json")).get("torch_dtype", "bfloat16") == "bfloat16" \
+            or json.load(open(v6 / "config.json")).get("dtype") == "bfloat16"
+        reference = hf_model(v6)  # transformers loads the published directory as is
+        expected = token_logps(reference, ids, 1)
+        for s in servers:
+            version, lp = score(s.url, ids)
+            assert version == "6"
+            np.testing.assert_allclose(lp, expected, atol=TOL)
+            assert httpx.get(s.url + "/get_model_info").json()["model_path"] == str(v6)
+    finally:
+        pub.close()
+        for s in servers:
+            s.stop()
+    assert os.listdir(tmp_path / "publish" / ".staging") == []
+
+
+def test_busy_publishes_are_coalesced_and_counted(tmp_path, model_a):
+    model, config = cm.from_pretrained(model_a, dtype=jnp.float32)
+    state = nnx.split(model, nnx.Param)
+    port = free_port()
+    fleet = SyncFleet([f"http://127.0.0.1:{port}"], probe_interval=0.2)
+    slow = Scripted("slow", port=port)
+    slow.update_delay = 1.0  # each publish waits a second on the server
+    fleet.run(slow.start())
+    pub = Publisher(fleet, tmp_path / "pub", every_steps=1, keep=5)
+    try:
+        assert pub.maybe_publish(1, state, config, policy_version=1)
+        deadline = time.monotonic() + 60
+        while not pub.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for v in (2, 3, 4, 5):  # due while v1 is still being pushed
+            assert pub.maybe_publish(v, state, config, policy_version=v)
+        assert pub.wait(60)
+        stats = pub.stats()
+        assert stats["coalesced"] == 3 and stats["published"] == 2
+        assert list_versions(tmp_path / "pub") == [1, 5]
+        assert [v for _, v in slow.updates] == ["1", "5"]
+        assert stats["last_update_results"] == {slow.url: {"success": True, "message": "ok"}}
+    finally:
+        pub.close()
+        fleet.run(slow.stop())
+        fleet.close()
+
+
+_CRASH_SCRIPT = textwrap.dedent("""
+    import sys, jax.numpy as jnp
+    from clawjax import model as cm
+    from clawjax.publish import Publisher
+    config = cm.ModelConfig.from_hf(dict(
+        model_type="qwen3", vocab_size=512, hidden_size=256, intermediate_size=768,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=256, tie_word_embeddings=False))
+    model = cm.init_random(config, seed=0)
+    pub = Publisher(None, sys.argv[1], every_steps=1, keep=3)
+    for v in range(1, 100000):
+        pub.maybe_publish(v, model, config, policy_version=v)
+        pub.wait()
+        print(v, flush=True)
+""")
+
+
+def _is_complete(path) -> bool:
+    try:
+        m, config = cm.from_pretrained(path, dtype=jnp.float32)
+    except Exception:  # noqa: BLE001 - any failure means incomplete
+        return False
+    return config.hidden_size == 256
+
+
+def test_sigkill_mid_publish_leaves_only_complete_versions(tmp_path):
+    out = tmp_path / "pub"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        seen = 0
+        while seen < 3:  # several publishes done, the next is being written right now
+            line = proc.stdout.readline()
+            assert line, "publisher subprocess died"
+            seen = int(line)
+        time.sleep(0.013)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    versions = list_versions(out)
+    assert versions and len(versions) <= 4
+    names = [n for n in os.listdir(out) if not n.startswith(".")]
+    assert sorted(names) == sorted(f"v{v}" for v in versions)  # nothing half-named
+    for v in versions:
+        assert _is_complete(out / f"v{v}"), f"v{v} is incomplete"
+    # a new publisher on the same directory clears the staging leftovers, keeps the versions
+    Publisher(None, out, every_steps=1).close()
+    assert os.listdir(out / ".staging") == [] and list_versions(out) == versions
+
+
+def test_publisher_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="keep"):
+        Publisher(None, tmp_path, every_steps=1, keep=0)

@@ -1,0 +1,200 @@
+"""The async client and teacher_logprobs against the embedded server, and the Fleet's routing,
+retries and health probing against small scripted HTTP servers (real aiohttp on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from clawjax.serving.client import BadRequest, SGLangClient, ServerUnavailable
+from clawjax.serving.fleet import Fleet, FleetUnavailable
+from clawjax.serving.launch import ServerThread, free_port, make_context
+from clawjax.serving.teacher import (TeacherLogprobError, parse_teacher_response,
+                                     teacher_request)
+from test_serving_helpers import Scripted, hf_a, hf_logp, model_a, tokenizer  # noqa: F401
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def server(model_a):
+    srv = ServerThread(make_context(str(model_a), max_batch=4, context_len=256)).start()
+    yield srv
+    srv.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_client_endpoints(server, tokenizer):
+    async def main():
+        async with SGLangClient(server.url, timeout=60) as c:
+            assert await c.health() and await c.health_generate()
+            out = await c.generate(input_ids=tokenizer.encode("hi"), return_logprob=True,
+                                   sampling_params={"max_new_tokens": 3, "temperature": 0,
+                                                    "ignore_eos": True})
+            assert len(out["output_ids"]) == 3 and len(out["meta_info"]["output_token_logprobs"]) == 3
+            out = await c.generate(text="hello", sampling_params={"max_new_tokens": 2})
+            assert out["meta_info"]["prompt_tokens"] == len(tokenizer.encode("hello"))
+            chat = await c.chat_completions({"messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 2})
+            assert chat["object"] == "chat.completion"
+            events = [e async for e in c.generate_stream(
+                {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}})]
+            assert len(events) == 3 and events[-1]["meta_info"]["finish_reason"]
+            assert (await c.get_model_info())["weight_version"] == "default"
+            assert await c.get_weight_version() == "default"
+            await c.flush_cache()
+            await c.pause_generation("in_place")
+            await c.continue_generation()
+            with pytest.raises(BadRequest) as e:
+                await c.generate(input_ids=[1], sampling_params={"max_new_tokens": -3})
+            assert e.value.param == "sampling_params.max_new_tokens" and e.value.status == 400
+            with pytest.raises(BadRequest):
+                await c.update_weights_from_disk("/nonexistent/dir", "9")
+    run(main())
+
+
+def test_teacher_logprobs_match_hf(server, hf_a, tokenizer):
+    prompt = tokenizer.encode("<|im_start|>user\nadd 2+2<|im_end|>\n<|im_start|>assistant\n")
+    response = tokenizer.encode("four")
+
+    async def main():
+        async with SGLangClient(server.url) as c:
+            return await c.teacher_logprobs(prompt, response, top_k=4)
+    t = run(main())
+    ids = prompt + response
+    lp = hf_logp(hf_a, ids)
+    p = len(prompt)
+    ref = [lp[p + i - 1, tok] for i, tok in enumerate(response)]
+    assert t.logp.shape == (len(response),) and t.logp.dtype == np.float32
+    np.testing.assert_allclose(t.logp, ref, atol=TOL)
+    assert t.topk_logp.shape == (len(response), 4) and t.topk_ids.shape == (len(response), 4)
+    for i in range(len(response)):
+        row = lp[p + i - 1]
+        np.testing.assert_allclose(t.topk_logp[i], np.sort(row)[::-1][:4], atol=TOL)
+        np.testing.assert_allclose(row[t.topk_ids[i]], t.topk_logp[i], atol=TOL)
+    assert t.weight_version == "default"
+
+
+def test_teacher_rejects_incomplete_or_misaligned_answers(server, tokenizer):
+    prompt, response = tokenizer.encode("abc"), tokenizer.encode("def")
+
+    async def main():
+        async with SGLangClient(server.url) as c:
+            return await c.generate_raw(teacher_request(prompt, response, top_k=2))
+    good = run(main())
+    parse_teacher_response(good, prompt, response, top_k=2)  # the real answer is accepted
+    meta = good["meta_info"]
+
+    def bad(**changes):
+        return {**good, "meta_info": {**meta, **changes}}
+
+    cases = {
+        "short": bad(input_token_logprobs=meta["input_token_logprobs"][:-1]),
+        "start at P (first response token lost)": bad(
+            input_token_logprobs=meta["input_token_logprobs"][1:]),
+        "misaligned": bad(input_token_logprobs=[meta["input_token_logprobs"][0]] + [
+            [e[0], e[1] + 1, None] for e in meta["input_token_logprobs"][1:]]),
+        "missing value": bad(input_token_logprobs=meta["input_token_logprobs"][:2] + [
+            [None, response[-1], None]]),
+        "nan": bad(input_token_logprobs=meta["input_token_logprobs"][:2] + [
+            [float("nan"), response[-1], None]]),
+        "top-k narrow": bad(input_top_logprobs=[None] + [
+            t[:1] for t in meta["input_top_logprobs"][1:]]),
+        "no logprobs": {"text": "", "output_ids": [], "meta_info": {"id": "x"}},
+    }
+    for name, answer in cases.items():
+        with pytest.raises(TeacherLogprobError):
+            parse_teacher_response(answer, prompt, response, top_k=2)
+            pytest.fail(name)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        teacher_request([], response)
+    with pytest.raises(ValueError, match="response_ids"):
+        teacher_request(prompt, [])
+
+
+# --- the fleet against scripted servers -------------------------------------------------------
+
+def test_fleet_routes_to_the_least_loaded_server():
+    async def main():
+        a, b = await Scripted("a", delay=0.3).start(), await Scripted("b", delay=0.3).start()
+        async with Fleet([a.url, b.url], probe_interval=10) as fleet:
+            outs = await asyncio.gather(*(fleet.generate(input_ids=[1]) for _ in range(6)))
+            assert a.generated == 3 and b.generated == 3  # in-flight counts balance
+            b.delay = 0.0  # b now finishes at once, a stays busy: b takes the new work
+            busy = [asyncio.create_task(fleet.generate(input_ids=[1])) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            for _ in range(4):
+                assert (await fleet.generate(input_ids=[1]))["text"] == "b"
+            await asyncio.gather(*busy)
+        await a.stop(), await b.stop()
+        return outs
+    assert len(run(main())) == 6
+
+
+def test_fleet_retries_elsewhere_marks_down_and_brings_back():
+    async def main():
+        a, b = await Scripted("a").start(), await Scripted("b").start()
+        dead_port = free_port()
+        fleet = await Fleet([a.url, b.url, f"http://127.0.0.1:{dead_port}"], backoff=0.01,
+                            probe_interval=0.1, timeout=5).start()
+        try:
+            for _ in range(6):
+                assert (await fleet.generate(input_ids=[1]))["text"] in ("a", "b")
+            dead = fleet.servers[2]
+            assert not dead.up and dead.failures >= 1
+            # a 5xx marks the server down and the request goes to another one
+            a.status = 503
+            outs = [await fleet.generate(input_ids=[1]) for _ in range(3)]
+            assert all(o["text"] == "b" for o in outs) and not fleet.servers[0].up
+            a.status = 200
+            # a 4xx is the caller's fault: raised at once, nobody is marked down
+            b.status = 400
+            with pytest.raises(BadRequest):
+                await fleet.generate(input_ids=[1])
+            assert fleet.servers[1].up
+            b.status = 200
+            # the weights move on while the dead server is away
+            res = await fleet.update_weights_from_disk("/ckpt/v3", "3")
+            assert res[b.url]["success"] and not res[dead.url]["success"]
+            # it comes back on the same port: the prober updates it first, then marks it up
+            back = await Scripted("c", port=dead_port).start()
+            deadline = time.monotonic() + 10
+            while not (dead.up and fleet.servers[0].up) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert dead.up and back.updates == [("/ckpt/v3", "3")]
+            assert fleet.servers[0].up and a.updates == [("/ckpt/v3", "3")]
+            stats = fleet.stats()
+            assert stats["up"] == 3 and stats["target_weight_version"] == "3"
+            await back.stop()
+        finally:
+            await fleet.aclose()
+            await a.stop(), await b.stop()
+    run(main())
+
+
+def test_fleet_with_nothing_up_fails_in_bounded_time():
+    async def main():
+        fleet = await Fleet([f"http://127.0.0.1:{free_port()}"], max_attempts=3, backoff=0.01,
+                            backoff_max=0.05, probe_interval=0.05, timeout=2).start()
+        t0 = time.monotonic()
+        with pytest.raises(FleetUnavailable):
+            await fleet.generate(input_ids=[1])
+        await fleet.aclose()
+        return time.monotonic() - t0
+    assert run(main()) < 30  # bounded, never hangs (generous: not a timing assertion)
+
+
+def test_client_timeout_raises_server_unavailable():
+    async def main():
+        slow = await Scripted("slow", delay=1.0).start()
+        async with SGLangClient(slow.url, timeout=0.3) as c:
+            with pytest.raises(ServerUnavailable, match="timed out"):
+                await c.generate(input_ids=[1])
+        await slow.stop()
+    run(main())
