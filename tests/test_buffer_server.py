@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from clawjax.buffer import BufferClient, BufferFullError, codec
+from clawjax.buffer import BufferClient, BufferFullError, LeaseKeeper, codec
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.testing import ServerProcess
 from clawjax.buffer.wal import read_stale
@@ -93,7 +93,7 @@ def test_leases_do_not_survive_a_restart(client, server):
 
 
 def test_lease_expiry_redelivers_and_extend_keeps_it(tmp_path):
-    with ServerProcess(str(tmp_path), "--lease-timeout-s", "0.3") as proc, \
+    with ServerProcess(str(tmp_path), "--lease-timeout-s", "1.5") as proc, \
             BufferClient(proc.address) as c:
         c.push([make("e1"), make("e2")])
         got = c.lease(2, timeout_s=5)
@@ -105,6 +105,26 @@ def test_lease_expiry_redelivers_and_extend_keeps_it(tmp_path):
         assert c.ack(["e1"]) == 1
         assert c.lease(5, timeout_s=1.0) == []            # e2 is held for 60 s, e1 is done
         assert c.stats()["leased"] == 1
+
+
+def test_lease_keeper_keeps_leases_alive_until_released(tmp_path):
+    with ServerProcess(str(tmp_path), "--lease-timeout-s", "2") as proc, \
+            BufferClient(proc.address) as c:
+        c.push([make("k1"), make("k2")])
+        held = [s.sample_id for s in c.lease(2, timeout_s=5)]
+        keeper = LeaseKeeper(c, interval_s=0.05, lease_timeout_s=60)
+        keeper.add(held)
+        try:
+            # without the keeper both leases would expire after 2 s and come back here
+            assert c.lease(5, timeout_s=3) == []
+            assert keeper.lost == set()
+            keeper.remove(["k2"])
+            assert c.ack(["k1"]) == 1
+        finally:
+            keeper.close()
+        assert c.stats()["leased"] == 1
+        c.nack(["k2"])
+        assert [s.sample_id for s in c.lease(5, timeout_s=5)] == ["k2"]
 
 
 def test_stream_flow_control(client):

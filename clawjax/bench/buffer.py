@@ -89,6 +89,23 @@ def bench_echo(batches: list[bytes], pushers: int) -> float:
         proc.wait(10)
 
 
+def bench_disk(directory: str, batches: list[bytes], pushers: int) -> float:
+    """Seconds to append the pushes' bytes to a file with one write + fdatasync per group of
+    `pushers` batches: the fsync bandwidth that bounds any durable buffer on this disk."""
+    import os
+    path = os.path.join(directory, "disk-bound.bin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, len(batches), pushers):
+            os.writev(fd, batches[i:i + pushers])
+            os.fdatasync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> float:
     """Seconds from the first push to the last ack of every sample (push → stream → ack)."""
     total = sum(len(b) for b in batches)
@@ -195,12 +212,17 @@ def main(argv: list[str]) -> int:
     print(f"bench buffer: {args.samples} samples x {args.tokens} tokens "
           f"({nbytes / args.samples / 1024:.1f} KiB each, {nbytes / 1e6:.1f} MB) per round, "
           f"batches of {args.batch}, {args.pushers} pushers, fsync on, {args.rounds} rounds")
-    echo_s, buffer_s = [], []
+    echo_s, buffer_s, disk_s = [], [], []
+    warm = make_samples(4 * args.batch, args.tokens, prefix="warm-")
     with tempfile.TemporaryDirectory() as tmp:
         with ServerProcess(tmp, "--lease-timeout-s", "60", "--max-bytes", str(8 << 30)) as proc:
+            bench_echo(echo_batches[:8], args.pushers)
+            bench_buffer(proc.address, [warm[i:i + args.batch] for i in range(0, len(warm),
+                                                                           args.batch)], 2)
             for batches in rounds:
                 echo_s.append(bench_echo(echo_batches, args.pushers))
                 buffer_s.append(bench_buffer(proc.address, batches, args.pushers))
+                disk_s.append(bench_disk(tmp, echo_batches, args.pushers))
             with BufferClient(proc.address) as c:
                 stats = c.stats()
             lat = bench_latency(proc.address, args.rate, args.seconds, args.latency_tokens)
@@ -213,6 +235,9 @@ def main(argv: list[str]) -> int:
           f"{buffer_med:7.1f} MB/s  rounds {', '.join(f'{x:.1f}' for x in buffer_mbs)}"
           f"  ({args.samples / float(np.median(buffer_s)):.0f} samples/s; "
           f"{stats['fsyncs_total']} fsyncs for {args.rounds * len(rounds[0])} pushes + acks)")
+    disk_mbs = [nbytes / t / 1e6 for t in disk_s]
+    print("bound       disk write + fdatasync, same bytes:     median "
+          f"{float(np.median(disk_mbs)):7.1f} MB/s  rounds {', '.join(f'{x:.1f}' for x in disk_mbs)}")
     ratio = buffer_med / echo_med
     print(f"ratio buffer / echo: {ratio:.2f}x (target >= 0.5x): {'ok' if ratio >= 0.5 else 'MISSED'}")
     print(f"latency at {args.rate:.0f} samples/s of {args.latency_tokens} tokens for "

@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     print(f"clawjax buffer listening on {server.address}", flush=True)
-    done.wait()
+    while not done.wait(0.5):  # a timed wait keeps signal delivery prompt
+        pass
+    logging.getLogger("clawjax.buffer").info("signal received: stopping")
     server.stop(grace=2.0)
+    logging.getLogger("clawjax.buffer").info("stopped")
     return 0
 
 
