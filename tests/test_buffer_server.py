@@ -2,7 +2,6 @@
 control, backpressure, staleness, torn write, compaction."""
 
 import os
-import pathlib
 import threading
 import time
 

@@ -28,12 +28,12 @@ import threading
 import time
 
 from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer.compaction import DONE_CHUNK, carry_over, ids_payload
 from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
 
 QUEUED, LEASED, FINISHING = 0, 1, 2
-_DONE_CHUNK = 50_000
 
 
 class BufferFull(Exception):
@@ -59,10 +59,6 @@ class _Entry:
 
 
 _NONE = _Entry(b"", 0, 0)
-
-
-def _ids_payload(ids) -> bytes:
-    return pb.SampleIds(sample_ids=list(ids)).SerializeToString()
 
 
 class Store:
@@ -226,7 +222,8 @@ class Store:
                     self._wait_locked(until)
                 deadline, size = time.monotonic() + self.lease_timeout_s, 0
                 while self._ready and len(out) < max_samples:
-                    if out and size + len(self._entries.get(self._ready[0], _NONE).data) > max_out_bytes:
+                    head = self._entries.get(self._ready[0], _NONE)
+                    if out and size + len(head.data) > max_out_bytes:
                         break
                     sid = self._ready.popleft()
                     e = self._entries.get(sid)
@@ -322,8 +319,8 @@ class Store:
     def _finish(self, fin: list[str], counter: str) -> None:
         """Makes DONE for `fin` (all FINISHING) durable, then forgets their payloads."""
         try:
-            self.wal.append([(RecordType.DONE, _ids_payload(fin[i:i + _DONE_CHUNK]))
-                             for i in range(0, len(fin), _DONE_CHUNK)])
+            self.wal.append([(RecordType.DONE, ids_payload(fin[i:i + DONE_CHUNK]))
+                             for i in range(0, len(fin), DONE_CHUNK)])
         except BaseException:
             with self._cv:  # not durable: they stay deliverable
                 for sid in fin:
@@ -376,26 +373,6 @@ class Store:
         return self._sweep_stale()
 
     # ------------------------------------------------------------------ compaction
-    def _keep(self, records: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        policy, done_ids, pushes = None, {}, []
-        with self._cv:
-            for rtype, payload in records:
-                if rtype == RecordType.PUSH:
-                    sid = decode_push(payload)[0]
-                    if sid in self._done:
-                        done_ids[sid] = None
-                    else:
-                        pushes.append((rtype, payload))
-                elif rtype == RecordType.DONE:
-                    done_ids.update(dict.fromkeys(pb.SampleIds.FromString(payload).sample_ids))
-                elif rtype == RecordType.POLICY:
-                    policy = payload
-        ids = list(done_ids)
-        out = [] if policy is None else [(RecordType.POLICY, policy)]
-        out += [(RecordType.DONE, _ids_payload(ids[i:i + _DONE_CHUNK]))
-                for i in range(0, len(ids), _DONE_CHUNK)]
-        return out + pushes
-
     def maybe_compact(self, force: bool = False) -> int:
         """Compacts when segments were sealed since the last compaction and at most half of
         their bytes are still live (or `force`); returns the bytes reclaimed."""
@@ -408,7 +385,9 @@ class Store:
                 live = sum(e.wal_bytes for e in self._entries.values() if e.seg <= sealed[-1])
             if live > size // 2:
                 return 0
-        reclaimed = self.wal.compact(self._keep)
+        with self._cv:  # the done set is only read here; ids join it after their DONE is durable
+            done = frozenset(self._done)
+        reclaimed = self.wal.compact(lambda records: carry_over(records, done))
         self._compacted_upto = sealed[-1]
         log.info("WAL compaction reclaimed %d bytes", reclaimed)
         return reclaimed
