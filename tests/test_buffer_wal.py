@@ -185,3 +185,42 @@ def test_crash_between_compaction_rename_and_delete_replays_the_same(tmp_path, m
                                                              + ["tail"])
     assert not (tmp_path / "wal" / "junk.tmp").exists()
     store.close()
+
+
+def test_concurrent_ack_of_the_same_id_returns_only_once_durable(tmp_path, monkeypatch):
+    """A retried ack that finds the id mid-finish must wait for that DONE to be durable."""
+    store = Store(tmp_path, compact_interval_s=3600)
+    store.push([("a", 0, b"x")])
+    store.lease(1)
+    gate, inside = threading.Event(), threading.Event()
+    real_append = store.wal.append
+
+    def slow_append(records):
+        inside.set()
+        gate.wait(30)
+        return real_append(records)
+
+    monkeypatch.setattr(store.wal, "append", slow_append)
+    first = threading.Thread(target=store.ack, args=(["a"],))
+    first.start()
+    assert inside.wait(30)
+    second_done = threading.Event()
+    result = []
+    second = threading.Thread(target=lambda: (result.append(store.ack(["a"])), second_done.set()))
+    second.start()
+    assert not second_done.wait(0.3)   # it is waiting for the first ack's fsync
+    gate.set()
+    first.join()
+    second.join()
+    assert result == [(0, 1)] and "a" in store._done
+    store.close()
+
+
+def test_stale_samples_met_by_lease_are_moved_aside(tmp_path):
+    store = Store(tmp_path, max_staleness=1, compact_interval_s=3600)
+    store.push([("old", 0, b"o"), ("new", 5, b"n")])
+    store.policy_version = 5   # as if announced without a sweep
+    assert [sid for sid, _ in store.lease(10)] == ["new"]
+    assert store.stats()["stale_total"] == 1
+    store.close()
+    assert [sid for sid, _, _ in wal_mod.read_stale(tmp_path)] == ["old"]

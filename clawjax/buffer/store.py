@@ -81,7 +81,8 @@ class Store:
         self._entries: dict[str, _Entry] = {}
         self._ready: collections.deque[str] = collections.deque()
         self._done: set[str] = set()
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[str, threading.Event] = {}    # pushes being made durable
+        self._finishing: dict[str, threading.Event] = {}   # DONE records being made durable
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._owners: collections.Counter[str] = collections.Counter()
@@ -215,7 +216,7 @@ class Store:
         Sample)]. Stale samples met on the way are moved aside."""
         until = time.monotonic() + max(timeout_s, 0.0)
         while True:
-            out, stale = [], []
+            out, stale, stale_event = [], [], threading.Event()
             with self._cv:
                 self._expire_locked(time.monotonic())
                 while self.queued == 0 and time.monotonic() < until:
@@ -232,6 +233,7 @@ class Store:
                     self.queued -= 1
                     if self._is_stale_version(e.version):
                         e.state = FINISHING
+                        self._finishing[sid] = stale_event
                         stale.append(sid)
                         continue
                     e.state, e.deadline, e.owner = LEASED, deadline, owner
@@ -301,49 +303,64 @@ class Store:
         return requeued, unknown
 
     # ------------------------------------------------------------------ finishing
-    def _begin_finish_locked(self, ids) -> tuple[list[str], int]:
-        fin, unknown = [], 0
+    def _begin_finish_locked(self, ids) -> tuple[list[str], int, list[threading.Event]]:
+        """Marks held ids FINISHING; returns (them, count of ids not held, events of ids that
+        another call is finishing right now: wait on them before reporting durability)."""
+        fin, unknown, waits = [], 0, []
+        event = threading.Event()
         for sid in dict.fromkeys(ids):
             e = self._entries.get(sid)
             if e is None or e.state == FINISHING:
                 unknown += 1
+                if e is not None:
+                    waits.append(self._finishing[sid])
                 continue
             if e.state == LEASED:
                 self._unlease_locked(e)
             else:
                 self.queued -= 1
             e.state = FINISHING
+            self._finishing[sid] = event
             fin.append(sid)
-        return fin, unknown
+        return fin, unknown, waits
 
     def _finish(self, fin: list[str], counter: str) -> None:
         """Makes DONE for `fin` (all FINISHING) durable, then forgets their payloads."""
+        event = self._finishing[fin[0]]
         try:
             self.wal.append([(RecordType.DONE, ids_payload(fin[i:i + DONE_CHUNK]))
                              for i in range(0, len(fin), DONE_CHUNK)])
         except BaseException:
             with self._cv:  # not durable: they stay deliverable
                 for sid in fin:
+                    del self._finishing[sid]
                     self._entries[sid].state = QUEUED
                     self._ready.appendleft(sid)
                 self.queued += len(fin)
                 self._cv.notify_all()
+            event.set()
             raise
         with self._cv:
             for sid in fin:
+                del self._finishing[sid]
                 self.bytes -= len(self._entries.pop(sid).data)
                 self._done.add(sid)
             self.counters[counter] += len(fin)
             self._cv.notify_all()
+        event.set()
 
     def ack(self, ids: list[str]) -> tuple[int, int]:
-        """Finishes ids for good (leased or queued); returns (acked, unknown). Durable on return."""
+        """Finishes ids for good (leased or queued); returns (acked, unknown). Every id this
+        call names that the buffer held is durably finished on return, including ids a
+        concurrent call (a retried ack, a staleness sweep) was finishing."""
         with self._cv:
             self._expire_locked(time.monotonic())
-            fin, unknown = self._begin_finish_locked(ids)
+            fin, unknown, waits = self._begin_finish_locked(ids)
             self.counters["unknown_acks_total"] += unknown
         if fin:
             self._finish(fin, "acked_total")
+        for other in waits:
+            other.wait()
         return len(fin), unknown
 
     def _move_aside(self, fin: list[str]) -> None:
@@ -359,7 +376,7 @@ class Store:
         with self._cv:
             ids = [sid for sid, e in self._entries.items()
                    if e.state == QUEUED and self._is_stale_version(e.version)]
-            fin, _ = self._begin_finish_locked(ids)
+            fin, _, _ = self._begin_finish_locked(ids)
         if fin:
             self._move_aside(fin)
         return len(fin)
