@@ -129,9 +129,15 @@ class Engine:
         self._params: dict[int, tuple[str, Any]] = {0: (weight_version, state)}
         self._gen = 0
         self.weight_version = weight_version
-        self._cache = model.init_cache(max_batch, context_len, jnp.float32)
-        self._cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        self._cache)
+        # The cache lives replicated on the params' mesh: the sharding the jitted steps return
+        # it with, so the first and later calls hit the same compiled executable.
+        leaf = jax.tree.leaves(state)[0]
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        self._cache_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                                if isinstance(mesh, jax.sharding.Mesh) else None)
+        self._cache_spec = jax.eval_shape(
+            lambda: model.init_cache(max_batch, context_len, jnp.float32))
+        self._cache = self._new_cache()
         self._slots: list[Request | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -143,6 +149,11 @@ class Engine:
         self.counters = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="clawjax-engine", daemon=True)
         self._thread.start()
+
+    def _new_cache(self):
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._cache_spec)
+        return zeros if self._cache_sharding is None else jax.device_put(zeros,
+                                                                         self._cache_sharding)
 
     # --- public, thread-safe ---------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -248,8 +259,7 @@ class Engine:
                         r.finish = {"type": "abort", "message": f"engine error: {e!r}"}
                         self._finish(r, r.finish)
                 self.counters["engine_errors"] += 1
-                self._cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                           self._cache_spec)
+                self._cache = self._new_cache()
             with self._cv:
                 self._drop_unused_versions_locked()
 
