@@ -1,1 +1,16 @@
-"""TODO"""
+"""The rollout side (SPEC.md §7–§8): agents talk to an OpenAI-compatible proxy instead of the
+model; every main-line turn is judged from its next state (PRM votes → reward, hint →
+teacher log-probs) and emitted as `Sample`s to the gRPC buffer.
+
+Modules:
+  proxy       the HTTP app, its wiring (`ProxyConfig`, `start`, `ProxyThread`)
+  chatapi     OpenAI request parsing / response bodies, calls to the policy fleet
+  sessions    session state machine (pure)
+  prompts     every judge prompt and the parser of their layout
+  judge       vote parsing, majority, hint selection, teacher context, async voting
+  emit        samples by method, drop counters, the judge loop, the buffer pusher
+  rule_judge  a deterministic keyword judge behind the same OpenAI API
+  envs, tasks, runner   agent environments and the driver that runs them through the proxy
+
+CLI: `python -m clawjax.rollout serve ...` (see `__main__.py`).
+"""

@@ -1,0 +1,349 @@
+"""From a judged turn to `Sample`s by method, the drop counters, and the buffer pusher.
+
+`build_samples(turn, judgement, method, teacher_logp)` is pure. Per method (SPEC.md §7):
+  rl       reward ±1 → one `kind=rl` sample; reward 0 → dropped (`zero_reward`).
+  opd      a hint and teacher log-probs → one `kind=opd` sample with reward 0; no hint →
+           `no_valid_hint`; a hint whose teacher answer was missing/misaligned →
+           `teacher_failure` (never zero-filled).
+  combine  both signals → ONE `kind=both` sample (reward ±1 and teacher_logp); one signal →
+           that kind alone; the missing part is counted under its reason.
+Each reason counts a turn at most once: in `combine` a turn emitted as `rl` whose OPD part had
+no hint also counts one `no_valid_hint` (the counters say why a signal is missing, not only why
+a whole turn was lost).
+
+A turn that never got a next state but was its session's only main turn (`LoneTurn`) is still
+emitted, by `lone_sample`: `kind=rl`, reward 0, loss_mask all ones (no advantage, but it keeps
+the session represented and its tokens count for the KL/entropy terms), metadata
+`next_state_role = "none"`. Every other turn without a next state is not emitted at all and
+counts under `no_next_state` (a sample whose loss_mask is all 0 would change nothing).
+
+Samples carry `policy_version = policy_version_of(weight_version)`: the integer the server's
+label ends with ("12" → 12, "step_12" → 12), 0 for labels without digits ("default").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Sequence
+
+import numpy as np
+
+from clawjax.rollout.judge import Judgement
+from clawjax.rollout.sessions import NextState, Turn
+from clawjax.sample import Sample, SampleError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("combine", "rl", "opd")
+DROP_REASONS = ("no_next_state", "zero_reward", "no_valid_hint", "teacher_failure", "invalid")
+HINT_META_CHARS = 2000
+_TRAILING_INT = re.compile(r"(\d+)$")
+
+
+def policy_version_of(weight_version: object) -> int:
+    """The integer a weight_version label ends with; 0 when it has none."""
+    match = _TRAILING_INT.search(str(weight_version or ""))
+    return int(match.group(1)) if match else 0
+
+
+def _votes_str(votes: Sequence[int | None]) -> str:
+    return ",".join("x" if v is None else str(v) for v in votes)
+
+
+def _sample(turn: Turn, kind: str, reward: float, teacher_logp, metadata: dict) -> Sample:
+    r = len(turn.response_ids)
+    return Sample(
+        sample_id=f"{turn.session_id}:{turn.turn_index}:{kind}:{uuid.uuid4().hex[:12]}",
+        tokens=np.asarray(list(turn.prompt_ids) + list(turn.response_ids), np.int32),
+        response_len=r, loss_mask=np.ones((r,), np.float32),
+        rollout_logp=np.asarray(turn.rollout_logp, np.float32), reward=float(reward), kind=kind,
+        session_id=turn.session_id, turn_index=turn.turn_index,
+        policy_version=policy_version_of(turn.weight_version),
+        created_unix_ms=turn.created_unix_ms or int(time.time() * 1000),
+        teacher_logp=None if teacher_logp is None else np.asarray(teacher_logp, np.float32),
+        metadata=metadata)
+
+
+def _metadata(turn: Turn, method: str, next_state: NextState | None,
+              judgement: Judgement | None) -> dict[str, str]:
+    meta = {"method": method, "weight_version": str(turn.weight_version),
+            "next_state_role": next_state.role if next_state else "none"}
+    if judgement is not None:
+        meta["votes"] = _votes_str(judgement.votes)
+        meta["reward"] = str(judgement.reward)
+        meta["hint_votes"] = _votes_str(judgement.hint_votes)
+        meta["hint"] = (judgement.hint or "")[:HINT_META_CHARS]
+        meta["judge_answers"] = json.dumps(judgement.answers)
+        meta["hint_answers"] = json.dumps(judgement.hint_answers)
+    return meta
+
+
+def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, method: str,
+                  teacher_logp=None) -> tuple[list[Sample], list[str]]:
+    """(samples, drop reasons) for one judged turn; see the module docstring. `teacher_logp
+    [R]` is None when no hint was found or when the teacher failed. Samples are validated; one
+    that breaks the contract is dropped as `invalid` (logged)."""
+    if method not in METHODS:
+        raise ValueError(f"method = {method!r}, expected one of {METHODS}")
+    drops: list[str] = []
+    rl_ok = method in ("rl", "combine") and judgement.reward != 0
+    if method in ("rl", "combine") and not rl_ok:
+        drops.append("zero_reward")
+    opd_ok = False
+    if method in ("opd", "combine"):
+        if judgement.hint is None:
+            drops.append("no_valid_hint")
+        elif teacher_logp is None:
+            drops.append("teacher_failure")
+        else:
+            opd_ok = True
+    kind = "both" if rl_ok and opd_ok else "rl" if rl_ok else "opd" if opd_ok else None
+    if kind is None:
+        return [], drops
+    sample = _sample(turn, kind, judgement.reward if rl_ok else 0.0,
+                     teacher_logp if opd_ok else None,
+                     _metadata(turn, method, next_state, judgement))
+    try:
+        return [sample.validate()], drops
+    except SampleError as e:
+        log.warning("emit: dropping an invalid sample: %s", e)
+        return [], drops + ["invalid"]
+
+
+def lone_sample(turn: Turn, method: str) -> tuple[list[Sample], list[str]]:
+    """The at-least-one sample of a session whose only main turn got no next state."""
+    sample = _sample(turn, "rl", 0.0, None, _metadata(turn, method, None, None))
+    sample.metadata["lone_turn"] = "1"
+    try:
+        return [sample.validate()], []
+    except SampleError as e:
+        log.warning("emit: dropping an invalid sample: %s", e)
+        return [], ["invalid"]
+
+
+class Stats:
+    """Counters shown at `GET /stats` (names are stable: dashboards read them)."""
+
+    def __init__(self):
+        self.drops = {r: 0 for r in DROP_REASONS}
+        self.emitted = {"rl": 0, "opd": 0, "both": 0}
+        self.votes = {"1": 0, "0": 0, "-1": 0, "invalid": 0}
+        self.rewards = {"1": 0, "0": 0, "-1": 0}
+        self.judged_turns = 0
+        self.hinted_turns = 0
+        self.lone_turns = 0
+        self.served = collections.Counter()
+        self.push = {"pushed": 0, "duplicates": 0, "batches": 0, "failures": 0, "queued": 0}
+
+    def count_judgement(self, judgement: Judgement, has_prm: bool) -> None:
+        self.judged_turns += 1
+        self.hinted_turns += judgement.hint is not None
+        for v in judgement.votes:
+            self.votes["invalid" if v is None else str(v)] += 1
+        if has_prm:
+            self.rewards[str(judgement.reward)] += 1
+
+    def count(self, samples: Sequence[Sample], drops: Sequence[str]) -> None:
+        for s in samples:
+            self.emitted[s.kind] += 1
+        for d in drops:
+            self.drops[d] += 1
+
+    def snapshot(self) -> dict:
+        return {"drops": dict(self.drops), "emitted": dict(self.emitted),
+                "votes": dict(self.votes), "rewards": dict(self.rewards),
+                "judged_turns": self.judged_turns, "hinted_turns": self.hinted_turns,
+                "hint_share": self.hinted_turns / self.judged_turns if self.judged_turns else 0.0,
+                "lone_turns": self.lone_turns, "served": dict(self.served),
+                "push": dict(self.push)}
+
+
+class Pusher:
+    """Pushes samples to the buffer in batches from a bounded queue (`maxsize` samples:
+    `put` waits when it is full). A failed push is logged and retried with backoff, never
+    dropped; a batch the buffer refuses as invalid is retried one sample at a time and only the
+    refused samples are dropped (counted as `invalid`). `client.push` is the synchronous
+    `BufferClient.push`, run in a worker thread."""
+
+    def __init__(self, client, stats: Stats, *, batch: int = 64, maxsize: int = 4096,
+                 linger_s: float = 0.01, backoff_s: float = 0.2, backoff_max_s: float = 5.0):
+        self.client, self.stats = client, stats
+        self.batch, self.linger_s = batch, linger_s
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.queue: asyncio.Queue[Sample] = asyncio.Queue(maxsize)
+        self._task: asyncio.Task | None = None
+        self._busy = 0
+
+    def start(self) -> "Pusher":
+        self._task = asyncio.create_task(self._run(), name="buffer-pusher")
+        return self
+
+    async def put(self, sample: Sample) -> None:
+        await self.queue.put(sample)
+        self.stats.push["queued"] = self.queue.qsize()
+
+    async def drain(self, timeout: float = 30.0) -> bool:
+        """Waits until every queued sample is pushed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.queue.qsize() or self._busy:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            self._busy = 1
+            batch = [first]
+            deadline = time.monotonic() + self.linger_s
+            while len(batch) < self.batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    await asyncio.sleep(min(left, 0.002))
+            self.stats.push["queued"] = self.queue.qsize()
+            await self._push(batch)
+            self._busy = 0
+
+    async def _push(self, batch: list[Sample]) -> None:
+        from clawjax.buffer.errors import InvalidSampleError
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                res = await loop.run_in_executor(None, self.client.push, batch)
+                self.stats.push["pushed"] += res.accepted
+                self.stats.push["duplicates"] += res.duplicates
+                self.stats.push["batches"] += 1
+                return
+            except InvalidSampleError as e:
+                if len(batch) == 1:
+                    log.error("buffer refused sample %s: %s", batch[0].sample_id, e)
+                    self.stats.drops["invalid"] += 1
+                    self.stats.emitted[batch[0].kind] -= 1
+                    return
+                for sample in batch:
+                    await self._push([sample])
+                return
+            except Exception as e:  # noqa: BLE001 - never drop: log, back off, retry
+                self.stats.push["failures"] += 1
+                delay = min(self.backoff_s * 2 ** attempt, self.backoff_max_s)
+                log.warning("buffer push of %d samples failed (retry in %.1fs): %s",
+                            len(batch), delay, e)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+
+class JudgeLoop:
+    """The asynchronous judge → teacher → emission pipeline behind the proxy. `handle(events)`
+    (events of `clawjax.rollout.sessions`) only schedules tasks, so serving never waits; at most
+    `concurrency` turns are judged at a time.
+
+    Args: judge (an `SGLangClient` or anything with `chat_completions(body, timeout=)`),
+    teacher (anything with `teacher_logprobs(prompt_ids, response_ids)`, e.g. a `Fleet`),
+    encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats, method, m
+    (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls).
+    """
+
+    def __init__(self, *, judge, teacher, encode, pusher: Pusher, stats: Stats, method: str,
+                 m: int, concurrency: int = 16, vote_kwargs: dict | None = None):
+        if method not in METHODS:
+            raise ValueError(f"method = {method!r}, expected one of {METHODS}")
+        if m < 1:
+            raise ValueError(f"m = {m}, expected >= 1 vote")
+        self.judge, self.teacher, self.encode = judge, teacher, encode
+        self.pusher, self.stats, self.method, self.m = pusher, stats, method, m
+        self.vote_kwargs = dict(vote_kwargs or {})
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task] = set()
+
+    def handle(self, events: Sequence) -> None:
+        from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn
+        for event in events:
+            if isinstance(event, JudgeJob):
+                self._spawn(self._judged(event.turn, event.next_state))
+            elif isinstance(event, LoneTurn):
+                self.stats.lone_turns += 1
+                self._spawn(self._emit(*lone_sample(event.turn, self.method)))
+            elif isinstance(event, Dropped):
+                self.stats.count([], [event.reason])
+
+    @property
+    def busy(self) -> int:
+        return len(self._tasks)
+
+    async def idle(self, timeout: float = 30.0) -> bool:
+        """Waits until no turn is being judged and the pusher queue is empty."""
+        deadline = time.monotonic() + timeout
+        while self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(deadline - time.monotonic(), 0))
+            if time.monotonic() > deadline:
+                return False
+        return await self.pusher.drain(max(deadline - time.monotonic(), 0.0))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("judge loop task failed", exc_info=task.exception())
+
+    async def _emit(self, samples: list[Sample], drops: list[str]) -> None:
+        self.stats.count(samples, drops)
+        for sample in samples:
+            await self.pusher.put(sample)
+
+    async def _judged(self, turn: Turn, next_state: NextState) -> None:
+        from clawjax.rollout import judge as judge_mod
+        from clawjax.rollout.prompts import TurnView
+        view = TurnView(judge_mod.last_user_text(turn.messages), turn.response_text,
+                        next_state.role, next_state.text)
+        async with self._slots:
+            verdict = await judge_mod.judge_turn(
+                self.judge, view, m=self.m, prm=self.method != "opd",
+                hint=self.method != "rl", **self.vote_kwargs)
+            self.stats.count_judgement(verdict, has_prm=self.method != "opd")
+            teacher_logp = None
+            if verdict.hint is not None:
+                teacher_logp = await self._teacher(turn, verdict.hint)
+        await self._emit(*build_samples(turn, next_state, verdict, self.method, teacher_logp))
+
+    async def _teacher(self, turn: Turn, hint: str):
+        """Teacher log-probs of the turn's response under the hinted prompt, or None (logged;
+        counted by `build_samples` as teacher_failure)."""
+        from clawjax.rollout.judge import teacher_messages
+        from clawjax.serving.client import ServingError
+        from clawjax.serving.teacher import TeacherLogprobError
+        try:
+            prompt_ids = self.encode(teacher_messages(turn.messages, hint), turn.tools)
+            out = await self.teacher.teacher_logprobs(prompt_ids, turn.response_ids)
+            logp = np.asarray(out.logp, np.float32)
+            if logp.shape != (len(turn.response_ids),) or not np.all(np.isfinite(logp)):
+                raise TeacherLogprobError(f"teacher log-probs of shape {logp.shape}, expected "
+                                          f"({len(turn.response_ids)},) finite values")
+            return logp
+        except (TeacherLogprobError, ServingError, ValueError) as e:
+            log.warning("teacher log-probs for %s turn %d failed, OPD part dropped: %s",
+                        turn.session_id, turn.turn_index, e)
+            return None

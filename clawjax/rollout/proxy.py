@@ -1,0 +1,393 @@
+"""The rollout proxy: an OpenAI-compatible chat server that agents call instead of the model.
+
+Endpoints: POST `/v1/chat/completions` (optionally streamed as SSE chat chunks), GET
+`/v1/models`, GET `/health`, GET `/stats` (the counters of `clawjax.rollout.emit.Stats`;
+`?idle_timeout=S` first waits up to S seconds for the judge loop and the buffer queue to go
+idle). With an API key every endpoint but `/health` wants `Authorization: Bearer <key>`.
+
+A chat request is served by applying the model directory's chat template here
+(`apply_chat_template(messages, add_generation_prompt=True, tokenize=True)`) and sending the
+token ids to the policy fleet's `/generate` with `return_logprob` (`logprob_start_len = -1`).
+The turn keeps prompt ids, response ids (`output_ids`), rollout log-probs
+(`meta_info.output_token_logprobs`) and `meta_info.weight_version`.
+
+Session fields (SPEC.md §8) come from the body (`session_id`, `turn_type`, `session_done`) or
+the headers `X-Session-Id`, `X-Turn-Type`, `X-Session-Done`; the body wins when both are given.
+A request without a session id is served and never trained. A body with `session_done: true`
+and no `messages` only closes the session (answer `{"object": "session.done", ...}`).
+
+Bad input gets a 400 `{"error": {"message", "type", "param", "code"}}` naming the field; the
+policy fleet being down gives a 503 of the same shape. The proxy keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any, Mapping
+
+from aiohttp import web
+
+from clawjax.rollout import chatapi
+from clawjax.rollout.chatapi import RequestError
+from clawjax.rollout.emit import JudgeLoop, Pusher, Stats
+from clawjax.rollout.sessions import SessionTable, Turn
+
+log = logging.getLogger(__name__)
+MAX_BODY = 64 << 20
+POSITIVE_LOGP_SLACK = 1e-3  # server log-probs in (0, slack] are rounding: clamped to 0
+
+
+class Proxy:
+    """What the handlers share: tokenizer, policy fleet, session table, judge loop, stats.
+    `policy` is a started `Fleet` (or anything with `call(fn)` / `generate_raw(body)`)."""
+
+    def __init__(self, *, tokenizer, policy, loop: JudgeLoop, stats: Stats,
+                 table: SessionTable, api_key: str | None = None, model_name: str = "policy"):
+        self.tokenizer, self.policy, self.loop = tokenizer, policy, loop
+        self.stats, self.table = stats, table
+        self.api_key, self.model_name = api_key, model_name
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, messages: list[dict], tools=None) -> list[int]:
+        """Prompt ids of `messages` under the chat template, generation prompt appended."""
+        kwargs = {"tools": tools} if tools else {}
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, **kwargs)
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        return [int(t) for t in ids]
+
+    # --- session hooks ----------------------------------------------------------------------
+    def begin(self, call: chatapi.ChatCall) -> int:
+        if call.session_id is None:
+            self.stats.served["no_session"] += 1
+            return 0
+        index, events = self.table.begin(call.session_id, call.turn_type, call.messages,
+                                         time.monotonic())
+        self.loop.handle(events)
+        return index
+
+    def record(self, call: chatapi.ChatCall, index: int, prompt_ids: list[int],
+               result: dict) -> None:
+        """Keeps a served main-line turn (when it is trainable) as its session's pending turn."""
+        self.stats.served[call.turn_type] += 1
+        if call.session_id is None or call.turn_type != "main":
+            return
+        turn = self._turn(call, index, prompt_ids, result)
+        if turn is None:
+            self.stats.drops["invalid"] += 1
+            return
+        self.loop.handle(self.table.finish(turn, time.monotonic()))
+
+    def end(self, call: chatapi.ChatCall) -> None:
+        if call.session_id is not None and call.session_done:
+            self.loop.handle(self.table.close(call.session_id))
+
+    def _turn(self, call, index: int, prompt_ids: list[int], result: dict) -> Turn | None:
+        ids = [int(t) for t in result.get("output_ids") or []]
+        meta = result.get("meta_info") or {}
+        entries = meta.get("output_token_logprobs") or []
+        if not ids or len(entries) != len(ids):
+            log.warning("turn %s/%d not trainable: %d output ids, %d log-probs", call.session_id,
+                        index, len(ids), len(entries))
+            return None
+        logp = []
+        for tok, entry in zip(ids, entries):
+            lp = entry[0] if isinstance(entry, (list, tuple)) and len(entry) >= 2 else None
+            if not isinstance(lp, (int, float)) or not math.isfinite(lp) or \
+                    lp > POSITIVE_LOGP_SLACK or int(entry[1]) != tok:
+                log.warning("turn %s/%d not trainable: log-prob entry %r for token %d",
+                            call.session_id, index, entry, tok)
+                return None
+            logp.append(min(float(lp), 0.0))
+        return Turn(session_id=call.session_id, turn_index=index, messages=call.messages,
+                    prompt_ids=prompt_ids, response_ids=ids, rollout_logp=logp,
+                    weight_version=str(meta.get("weight_version", "")),
+                    response_text=result.get("text") or "",
+                    created_unix_ms=int(time.time() * 1000), tools=call.tools)
+
+
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   kind: str | None = None) -> web.Response:
+    kind = kind or {400: "invalid_request_error", 401: "authentication_error",
+                    404: "not_found_error", 503: "service_unavailable"}.get(status, "server_error")
+    return web.json_response({"error": {"message": message, "type": kind, "param": param,
+                                        "code": status}}, status=status)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    proxy: Proxy = request.app[PROXY]
+    if proxy.api_key and request.path != "/health":
+        if request.headers.get("Authorization", "") != f"Bearer {proxy.api_key}":
+            return error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                  "Authorization")
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return error_response(e.status, str(e), e.field)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(e.status, f"{request.method} {request.path}: {e.reason}")
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the proxy stays up; the client gets a 500
+        log.exception("handler failed: %s %s", request.method, request.path)
+        return error_response(500, f"internal error: {e!r}")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    raw = await request.read()
+    call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
+    if call.messages is None:  # session_done only
+        proxy.end(call)
+        return web.json_response({"object": "session.done", "session_id": call.session_id})
+    try:
+        prompt_ids = proxy.encode(call.messages, call.tools)
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+        raise RequestError("messages", f"<{len(call.messages)} messages>",
+                           f"messages the model's chat template accepts ({e})")
+    body = chatapi.generate_body(call, prompt_ids)
+    index = proxy.begin(call)
+    try:
+        if call.stream:
+            return await _stream(request, proxy, call, body, index, prompt_ids)
+        result = await chatapi.generate(proxy.policy, body)
+        proxy.record(call, index, prompt_ids, result)
+        return web.json_response(chatapi.completion(
+            result, call, proxy.model_name, index, proxy.tokenizer))
+    finally:
+        proxy.end(call)
+
+
+async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, body: dict,
+                  index: int, prompt_ids: list[int]) -> web.StreamResponse:
+    events: asyncio.Queue = asyncio.Queue()
+    task = asyncio.create_task(chatapi.generate_stream(proxy.policy, body, events))
+    resp: web.StreamResponse | None = None
+    ident, created, sent, first = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), "", True
+    try:
+        while True:
+            kind, item = await events.get()
+            if kind == "error":
+                if resp is None:
+                    raise item
+                await resp.write(chatapi.sse({"error": chatapi.error_of(item)}))
+                break
+            if resp is None:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+                await resp.prepare(request)
+            if kind == "event":
+                chunk, sent = chatapi.delta_chunk(item, sent, ident, created,
+                                                  call.model or proxy.model_name, first)
+                if chunk is not None:
+                    first = False
+                    await resp.write(chatapi.sse(chunk))
+                continue
+            result = item  # kind == "end": the whole result, output ids and log-probs joined
+            proxy.record(call, index, prompt_ids, result)
+            for chunk in chatapi.final_chunks(result, call, ident, created, proxy.model_name,
+                                              sent, first, index):
+                await resp.write(chatapi.sse(chunk))
+            break
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+    finally:
+        task.cancel()
+
+
+async def list_models(request: web.Request) -> web.Response:
+    name = request.app[PROXY].model_name
+    return web.json_response({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "clawjax"}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    proxy: Proxy = request.app[PROXY]
+    wait = request.query.get("idle_timeout")
+    idle = None
+    if wait is not None:
+        try:
+            seconds = float(wait)
+        except ValueError:
+            raise RequestError("idle_timeout", wait, "a number of seconds")
+        idle = await proxy.loop.idle(min(max(seconds, 0.0), 600.0))
+    out = proxy.stats.snapshot()
+    out.update(sessions_open=len(proxy.table), judging=proxy.loop.busy,
+               idle=idle if idle is not None else not proxy.loop.busy)
+    return web.json_response(out)
+
+
+def build_app(proxy: Proxy) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
+    app[PROXY] = proxy
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def expire_loop(proxy: Proxy, interval_s: float) -> None:
+    """Closes idle sessions every `interval_s` seconds (their pending turns as on
+    session_done)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        proxy.loop.handle(proxy.table.expire(time.monotonic()))
+
+
+@dataclasses.dataclass
+class ProxyConfig:
+    """Everything `python -m clawjax.rollout serve` configures (see `__main__.py` for the flags).
+    `teacher_urls` empty = the policy fleet is the teacher (self-distillation)."""
+    model_dir: str
+    policy_urls: list[str]
+    judge_url: str
+    buffer: str
+    judge_model: str | None = None
+    teacher_urls: list[str] = dataclasses.field(default_factory=list)
+    buffer_token: str | None = None
+    method: str = "combine"
+    prm_m: int = 1
+    api_key: str | None = None
+    policy_api_key: str | None = None
+    judge_api_key: str | None = None
+    judge_temperature: float = 0.7
+    judge_max_tokens: int | None = None
+    judge_timeout_s: float = 120.0
+    judge_concurrency: int = 16
+    session_expiry_s: float = 600.0
+    push_batch: int = 64
+    queue_size: int = 4096
+    model_name: str | None = None
+
+
+class Running:
+    """A started proxy: `proxy`, the aiohttp `runner`, and `aclose()` to stop everything."""
+
+    def __init__(self, proxy: Proxy, runner, closers: list):
+        self.proxy, self.runner, self._closers = proxy, runner, closers
+
+    async def aclose(self, drain_timeout_s: float = 30.0) -> None:
+        """Stops serving, closes every open session (as on expiry), waits up to
+        `drain_timeout_s` for judging and pushes to finish, then closes the clients."""
+        await self.runner.cleanup()
+        self.proxy.loop.handle(self.proxy.table.expire(math.inf))
+        if not await self.proxy.loop.idle(drain_timeout_s):
+            log.warning("proxy shutdown: judge loop / buffer queue not idle after %.0fs",
+                        drain_timeout_s)
+        for close in reversed(self._closers):
+            await close()
+
+
+async def start(config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> Running:
+    """Builds and starts the proxy on `host:port` (port 0 = any free port; `runner.addresses`
+    has the bound one) in the running event loop."""
+    from transformers import AutoTokenizer
+
+    from clawjax.buffer import BufferClient
+    from clawjax.serving.client import SGLangClient
+    from clawjax.serving.fleet import Fleet
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model_dir = {config.model_dir!r}: its tokenizer has no chat "
+                         "template, expected one (the proxy applies it itself)")
+    closers: list = []
+    policy = await Fleet(config.policy_urls, api_key=config.policy_api_key).start()
+    closers.append(policy.aclose)
+    teacher = policy
+    if config.teacher_urls:
+        teacher = await Fleet(config.teacher_urls, api_key=config.policy_api_key).start()
+        closers.append(teacher.aclose)
+    judge_url = config.judge_url.rstrip("/").removesuffix("/v1")
+    judge = SGLangClient(judge_url, api_key=config.judge_api_key,
+                         timeout=config.judge_timeout_s)
+    closers.append(judge.aclose)
+    buffer = BufferClient(config.buffer, token=config.buffer_token)
+    stats = Stats()
+    pusher = Pusher(buffer, stats, batch=config.push_batch, maxsize=config.queue_size).start()
+    closers.append(pusher.aclose)
+    proxy_ref: list[Proxy] = []
+    loop = JudgeLoop(judge=judge, teacher=teacher,
+                     encode=lambda messages, tools: proxy_ref[0].encode(messages, tools),
+                     pusher=pusher, stats=stats, method=config.method, m=config.prm_m,
+                     concurrency=config.judge_concurrency,
+                     vote_kwargs={"model": config.judge_model,
+                                  "temperature": config.judge_temperature,
+                                  "max_tokens": config.judge_max_tokens,
+                                  "timeout": config.judge_timeout_s})
+    proxy = Proxy(tokenizer=tokenizer, policy=policy, loop=loop, stats=stats,
+                  table=SessionTable(config.session_expiry_s), api_key=config.api_key,
+                  model_name=config.model_name or config.model_dir.rstrip("/").split("/")[-1])
+    proxy_ref.append(proxy)
+    expiry = asyncio.create_task(expire_loop(proxy, min(config.session_expiry_s / 4, 1.0)))
+
+    async def stop_expiry():
+        expiry.cancel()
+
+    async def close_buffer():
+        buffer.close()
+
+    closers[1:1] = [close_buffer]
+    closers.append(stop_expiry)
+    runner = web.AppRunner(build_app(proxy), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return Running(proxy, runner, closers)
+
+
+class ProxyThread:
+    """The proxy on its own event loop in a daemon thread (tests, benchmarks): `url` once
+    started; `run(coro)` runs a coroutine on the proxy's loop; `stop()` ends it."""
+
+    def __init__(self, config: ProxyConfig, host: str = "127.0.0.1", port: int = 0):
+        from clawjax.serving.launch import free_port
+        self.config, self.host = config, host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.running: Running | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="clawjax-proxy")
+
+    def start(self, timeout: float = 60.0) -> "ProxyThread":
+        self._thread.start()
+        self.running = self.run(start(self.config, self.host, self.port), timeout)
+        return self
+
+    def run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.running.proxy
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.run(self.running.aclose())
+            self.running = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "ProxyThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,172 @@
+"""Session bookkeeping (SPEC.md §8): a pure state machine, no I/O, no clock of its own.
+
+The proxy tells the table what happens, with the time `now` (seconds, any monotonic clock):
+
+    index, events = table.begin(session_id, turn_type, messages, now)   # a request arrives
+    events = table.finish(turn, now)        # its main-line response was generated (trainable)
+    events = table.close(session_id)        # session_done (after the request's own turn)
+    events = table.expire(now)              # idle sessions, handled like session_done
+
+and acts on the events returned:
+  - `JudgeJob(turn, next_state)`: `turn` got its next state; judge it and emit samples.
+  - `LoneTurn(turn)`: the session ended and `turn`, its ONLY main-line turn, never got a next
+    state; it is still emitted (at-least-one guarantee) — see `clawjax.rollout.emit`.
+  - `Dropped(turn, "no_next_state")`: the session ended and its last main-line turn, not its only
+    one, never got a next state: not trained.
+
+Rules:
+  - Only `main` turns are trainable; `side` turns (title, memory calls) are served, get a
+    turn index, and are otherwise ignored: they are neither judged nor a next state.
+  - A main request whose messages END in user/tool messages (after its last assistant message)
+    carries the next state of the session's pending main turn (the last finished main turn not
+    yet judged): those trailing messages, role = the role of the last one, texts joined by
+    newlines. Each turn is judged at most once.
+  - Turn indices count every request of a session in arrival order, from 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+TURN_TYPES = ("main", "side")
+NEXT_ROLES = ("user", "tool")
+
+
+@dataclasses.dataclass
+class Turn:
+    """One served main-line turn: the prompt `messages` (as the agent sent them), `prompt_ids`
+    (chat template applied), `response_ids [R]`, `rollout_logp [R]` (from the policy server),
+    the server's `weight_version` label, and the response text."""
+    session_id: str
+    turn_index: int
+    messages: list[dict]
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logp: list[float]
+    weight_version: str
+    response_text: str
+    created_unix_ms: int = 0
+    tools: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NextState:
+    role: str  # "user" | "tool"
+    text: str
+
+
+@dataclasses.dataclass
+class JudgeJob:
+    turn: Turn
+    next_state: NextState
+
+
+@dataclasses.dataclass
+class LoneTurn:
+    turn: Turn
+
+
+@dataclasses.dataclass
+class Dropped:
+    turn: Turn
+    reason: str
+
+
+@dataclasses.dataclass
+class _Session:
+    next_index: int = 0
+    main_turns: int = 0
+    pending: Turn | None = None
+    last_seen: float = 0.0
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def next_state_of(messages: Sequence[dict]) -> NextState | None:
+    """The trailing user/tool messages after the last assistant message, or None when the
+    messages end otherwise (or hold no assistant message before them)."""
+    tail: list[dict] = []
+    for message in reversed(messages):
+        role = message.get("role")
+        if role in NEXT_ROLES:
+            tail.append(message)
+            continue
+        if role == "assistant" and tail:
+            tail.reverse()
+            return NextState(tail[-1]["role"], "\n".join(_text(m.get("content")) for m in tail))
+        return None
+    return None
+
+
+class SessionTable:
+    """Open sessions by id. `idle_expiry_s`: a session not seen for this long is closed by
+    `expire(now)`."""
+
+    def __init__(self, idle_expiry_s: float = 600.0):
+        if not idle_expiry_s > 0:
+            raise ValueError(f"idle_expiry_s = {idle_expiry_s}, expected > 0")
+        self.idle_expiry_s = float(idle_expiry_s)
+        self._sessions: dict[str, _Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def begin(self, session_id: str, turn_type: str, messages: Sequence[dict],
+              now: float) -> tuple[int, list]:
+        """A request of `session_id` arrives: returns its turn index and the events (a
+        `JudgeJob` when it carries the pending turn's next state)."""
+        if turn_type not in TURN_TYPES:
+            raise ValueError(f"turn_type = {turn_type!r}, expected one of {TURN_TYPES}")
+        session = self._sessions.setdefault(session_id, _Session())
+        session.last_seen = now
+        index = session.next_index
+        session.next_index += 1
+        events: list = []
+        if turn_type == "main" and session.pending is not None:
+            state = next_state_of(messages)
+            if state is not None:
+                events.append(JudgeJob(session.pending, state))
+                session.pending = None
+        return index, events
+
+    def finish(self, turn: Turn, now: float) -> list:
+        """A main-line turn of an open session was generated: it becomes the session's pending
+        turn. A still-pending older turn (its successor carried no next state) is dropped."""
+        session = self._sessions.get(turn.session_id)
+        if session is None:  # closed (expired) while generating: a session of its own
+            session = self._sessions.setdefault(turn.session_id, _Session())
+        session.last_seen = now
+        session.main_turns += 1
+        events: list = []
+        if session.pending is not None:
+            events.append(Dropped(session.pending, "no_next_state"))
+        session.pending = turn
+        return events
+
+    def close(self, session_id: str) -> list:
+        """session_done: the pending turn gets no next state."""
+        session = self._sessions.pop(session_id, None)
+        if session is None or session.pending is None:
+            return []
+        if session.main_turns == 1:
+            return [LoneTurn(session.pending)]
+        return [Dropped(session.pending, "no_next_state")]
+
+    def expire(self, now: float) -> list:
+        """Closes every session idle for more than `idle_expiry_s`."""
+        idle = [sid for sid, s in self._sessions.items()
+                if now - s.last_seen > self.idle_expiry_s]
+        events: list = []
+        for sid in idle:
+            events.extend(self.close(sid))
+        return events
