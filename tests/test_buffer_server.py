@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from clawjax.buffer import BufferClient, BufferFullError, LeaseKeeper, codec
+from clawjax.buffer import (BufferClient, BufferFullError, InvalidSampleError, LeaseKeeper,
+                            MessageTooLargeError, codec)
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.testing import ServerProcess
 from clawjax.buffer.wal import read_stale
@@ -229,3 +230,15 @@ def test_acked_samples_are_compacted_out_of_the_log(tmp_path):
         proc.restart()
         assert c.lease(10, timeout_s=0.2) == []
         assert c.push([make("c0-0")]) == (0, 1)
+
+
+def test_message_and_sample_size_limits_are_enforced(tmp_path):
+    with ServerProcess(str(tmp_path), "--max-message-bytes", "200000",
+                       "--max-sample-bytes", "50000") as proc, \
+            BufferClient(proc.address, retry_budget_s=30) as c:
+        with pytest.raises(MessageTooLargeError):       # over the gRPC message limit
+            c.push([make(f"m{i}", payload=40_000) for i in range(6)])
+        with pytest.raises(InvalidSampleError, match="max_sample_bytes"):
+            c.push([make("big", payload=60_000)])        # one sample over the sample limit
+        assert c.push([make("fits", payload=40_000)]) == (1, 0)
+        assert [s.sample_id for s in c.lease(10, timeout_s=5)] == ["fits"]

@@ -11,11 +11,12 @@ CLI: `python -m clawjax.buffer serve --port P --dir DIR ...` (see `__main__.py`)
 
 from clawjax.buffer.client import BufferClient, LeaseKeeper, PushResult
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
-                                   InsecureBindError, InvalidSampleError, RolloutBufferError)
+                                   InsecureBindError, InvalidSampleError, MessageTooLargeError,
+                                   RolloutBufferError)
 from clawjax.buffer.server import BufferServer
 
 __all__ = [
     "BufferServer", "BufferClient", "LeaseKeeper", "PushResult", "RolloutBufferError",
     "InvalidSampleError", "AuthenticationError", "BufferUnavailableError", "BufferFullError",
-    "InsecureBindError",
+    "InsecureBindError", "MessageTooLargeError",
 ]

@@ -28,7 +28,7 @@ from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import rollout_pb2_grpc as pb_grpc
 from clawjax.buffer import wire
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
-                                   InvalidSampleError, RolloutBufferError)
+                                   InvalidSampleError, MessageTooLargeError, RolloutBufferError)
 from clawjax.sample import Sample
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -56,8 +56,8 @@ def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
         return InvalidSampleError(msg, code.name, details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthenticationError(msg, code.name, details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return BufferFullError(msg, code.name, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no retry hint: not the buffer being full
+        return MessageTooLargeError(msg, code.name, details)
     return RolloutBufferError(msg, code.name, details)
 
 

@@ -28,8 +28,13 @@ class BufferUnavailableError(RolloutBufferError, ConnectionError):
 
 
 class BufferFullError(RolloutBufferError):
-    """RESOURCE_EXHAUSTED (buffer full) for longer than the client's retry budget, or a message
-    larger than the transport's limit (no retry hint: permanent)."""
+    """RESOURCE_EXHAUSTED with the server's retry hint (buffer full) for longer than the
+    client's retry budget."""
+
+
+class MessageTooLargeError(RolloutBufferError, ValueError):
+    """RESOURCE_EXHAUSTED without a retry hint: a message over the gRPC size limit (split the
+    push). Permanent."""
 
 
 class InsecureBindError(ValueError):
