@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -351,3 +352,17 @@ def test_directory_without_tokenizer_and_api_key(tmp_path, hf_a):
             assert r.status_code == 400 and r.json()["param"] == "messages"
     finally:
         srv.stop()
+
+
+def test_client_that_goes_away_frees_its_slot(server, tokenizer):
+    before = server.ctx.engine.stats().get("finished_abort", 0)
+    body = {"input_ids": tokenizer.encode("bye"),
+            "sampling_params": {"max_new_tokens": 240, "ignore_eos": True}}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/generate", json=body, timeout=0.2)
+    deadline = time.monotonic() + 30
+    while server.ctx.engine.stats().get("finished_abort", 0) == before and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = server.ctx.engine.stats()
+    assert stats.get("finished_abort", 0) == before + 1 and stats["running"] == 0

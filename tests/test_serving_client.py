@@ -198,3 +198,24 @@ def test_client_timeout_raises_server_unavailable():
                 await c.generate(input_ids=[1])
         await slow.stop()
     run(main())
+
+
+def test_fleet_server_refusing_an_update_stays_up_and_is_retried():
+    async def main():
+        a, b = await Scripted("a").start(), await Scripted("b").start()
+        b.update_status = 400  # b cannot load the checkpoint (yet)
+        async with Fleet([a.url, b.url], probe_interval=0.05, update_retry_interval=0.1) as fleet:
+            res = await fleet.update_weights_from_disk("/ckpt/v2", "2")
+            assert res[a.url]["success"] and not res[b.url]["success"]
+            per = fleet.stats()["per_server"]
+            assert per[1]["up"] and per[1]["stale"] and not per[0]["stale"]
+            outs = {(await fleet.generate(input_ids=[1]))["text"] for _ in range(4)}
+            assert outs == {"a", "b"}  # b keeps serving (its answers carry its old version)
+            b.update_status = 200
+            deadline = time.monotonic() + 10
+            while fleet.stats()["per_server"][1]["stale"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert b.updates == [("/ckpt/v2", "2")] and b.version == "2"
+            assert fleet.stats()["per_server"][1]["up"]
+        await a.stop(), await b.stop()
+    run(main())

@@ -130,6 +130,7 @@ class Scripted:
     def __init__(self, name: str, port: int | None = None, delay: float = 0.0):
         self.name, self.delay, self.status = name, delay, 200
         self.update_delay = 0.0
+        self.update_status = 200
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.generated = 0
@@ -165,6 +166,9 @@ class Scripted:
     async def _update(self, request):
         await asyncio.sleep(self.update_delay)
         body = await request.json()
+        if self.update_status != 200:
+            return web.json_response({"success": False, "message": "cannot load"},
+                                     status=self.update_status)
         self.updates.append((body["model_path"], body.get("weight_version")))
         self.version = body.get("weight_version")
         return web.json_response({"success": True, "message": "ok"})

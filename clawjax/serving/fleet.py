@@ -9,8 +9,10 @@ up, a request waits (backoff) up to its attempts and then raises `FleetUnavailab
 Health: a background task probes every server every `probe_interval` seconds (`GET /health`,
 `health_timeout` each). A down server that answers again is first brought to the fleet's
 latest weights (the last `update_weights_from_disk` the fleet was asked for) and only then
-marked up, so a returning server never serves stale weights. A server whose update fails is
-marked down and retried the same way.
+marked up. Updates: a server that cannot be reached is marked down and updated when it
+returns; a server that refuses an update (4xx: it could not load that checkpoint) stays up on
+its current weights (its responses keep reporting their `weight_version`, so the trainer can
+bound staleness) and the update is retried every `update_retry_interval` seconds.
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -47,6 +49,7 @@ class Server:
     last_error: str | None = None
     weight_version: str | None = None
     update_failures: int = 0
+    last_update_try: float = 0.0
 
     def summary(self) -> dict:
         return {"url": self.url, "up": self.up, "in_flight": self.in_flight,
@@ -59,12 +62,14 @@ class Fleet:
     """Args: urls; api_key; timeout (seconds per request attempt); max_attempts (per
     request, across servers); backoff (first retry delay, doubled per attempt, capped at
     backoff_max); probe_interval / health_timeout (seconds); update_timeout (seconds for one
-    `/update_weights_from_disk`)."""
+    `/update_weights_from_disk`); update_retry_interval (seconds between retries of a refused
+    update)."""
 
     def __init__(self, urls: Sequence[str], *, api_key: str | None = None,
                  timeout: float = 120.0, connect_timeout: float = 5.0, max_attempts: int = 4,
                  backoff: float = 0.1, backoff_max: float = 5.0, probe_interval: float = 1.0,
-                 health_timeout: float = 5.0, update_timeout: float = 600.0):
+                 health_timeout: float = 5.0, update_timeout: float = 600.0,
+                 update_retry_interval: float = 5.0):
         if not urls:
             raise ValueError("urls is empty, expected at least one server URL")
         if max_attempts < 1:
@@ -76,6 +81,7 @@ class Fleet:
         self.backoff, self.backoff_max = backoff, backoff_max
         self.probe_interval, self.health_timeout = probe_interval, health_timeout
         self.update_timeout = update_timeout
+        self.update_retry_interval = update_retry_interval
         self.target: tuple[str, str | None] | None = None  # latest (model_path, weight_version)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._probe_task: asyncio.Task | None = None
@@ -108,7 +114,8 @@ class Fleet:
     def stats(self) -> dict:
         return {"up": sum(s.up for s in self.servers), "servers": len(self.servers),
                 "target_weight_version": self.target[1] if self.target else None,
-                "per_server": [s.summary() for s in self.servers]}
+                "per_server": [dict(s.summary(), stale=self.is_stale(s))
+                               for s in self.servers]}
 
     # --- routing -------------------------------------------------------------------------
     def _pick(self, tried: set[Server]) -> Server | None:
@@ -196,15 +203,29 @@ class Fleet:
         return results
 
     async def _update(self, server: Server, model_path: str, version: str | None) -> dict:
+        """One update. Unreachable → marked down (the prober retries when it is back). A
+        refusal (4xx: it could not load the weights) leaves it up, serving and reporting its
+        current version, and the prober retries every `update_retry_interval` seconds."""
+        server.last_update_try = time.monotonic()
         try:
             out = await server.client.update_weights_from_disk(model_path, version,
                                                                timeout=self.update_timeout)
-        except ServingError as e:
+        except ServerUnavailable as e:
             server.update_failures += 1
             self.mark_down(server, f"update_weights_from_disk failed: {e}")
             return {"success": False, "message": str(e)}
+        except ServingError as e:
+            server.update_failures += 1
+            server.last_error = f"update_weights_from_disk refused: {e}"
+            log.warning("fleet: %s", server.last_error)
+            return {"success": False, "message": str(e)}
         server.weight_version = version
         return {"success": True, "message": out.get("message", "")}
+
+    def is_stale(self, server: Server) -> bool:
+        """Whether `server` is known not to hold the fleet's target weights."""
+        return self.target is not None and (server.weight_version != self.target[1]
+                                            or self.target[1] is None)
 
     async def pause_generation(self, mode: str = "abort") -> None:
         await asyncio.gather(*(s.client.pause_generation(mode) for s in self.servers if s.up),
@@ -221,8 +242,9 @@ class Fleet:
             await asyncio.gather(*(self.probe(s) for s in self.servers), return_exceptions=True)
 
     async def probe(self, server: Server) -> bool:
-        """Checks one server now; a returning server is updated to the target weights before
-        it is marked up. Returns whether it is up afterwards."""
+        """Checks one server now. A returning server is brought to the target weights before
+        it is marked up; an up server that is stale gets its update retried (at most every
+        `update_retry_interval` s). Returns whether it is up afterwards."""
         if server in self._recovering:
             return server.up
         self._recovering.add(server)
@@ -233,20 +255,22 @@ class Fleet:
                     self.mark_down(server, "health check failed")
                 return False
             if server.up:
-                return True
-            if self.target is not None and server.weight_version != self.target[1]:
+                if self.is_stale(server) and (time.monotonic() - server.last_update_try
+                                              >= self.update_retry_interval):
+                    await self._update(server, *self.target)
+                return server.up
+            if self.is_stale(server):
                 try:
-                    current = await server.client.get_weight_version()
+                    server.weight_version = await server.client.get_weight_version()
                 except ServingError:
-                    current = None
-                if current != self.target[1] or self.target[1] is None:
+                    pass
+                if self.is_stale(server):
                     res = await self._update(server, *self.target)
-                    if not res["success"]:
+                    if not res["success"] and not await server.client.health(
+                            timeout=self.health_timeout):
                         return False
-                else:
-                    server.weight_version = current
             server.up = True
-            server.last_error = None
+            server.last_error = None if not self.is_stale(server) else server.last_error
             self._up_event.set()
             log.info("fleet: %s is back up (weight_version %s)", server.url,
                      server.weight_version)

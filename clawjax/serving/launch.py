@@ -112,7 +112,8 @@ class ServerThread:
     def _main(self) -> None:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
-        runner = web.AppRunner(build_app(self.ctx), access_log=None)
+        runner = web.AppRunner(build_app(self.ctx), access_log=None,
+                               handler_cancellation=True)
         try:
             self._loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port)

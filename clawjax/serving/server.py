@@ -104,7 +104,12 @@ def submit(ctx: ServerContext, prompt: list[int], params, *, rid: str | None, st
     events: asyncio.Queue = asyncio.Queue()
 
     def push(kind):
-        return lambda res: loop.call_soon_threadsafe(events.put_nowait, (kind, res))
+        def deliver(res):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, res))
+            except RuntimeError:  # the loop is gone (server shutting down): nobody waits
+                pass
+        return deliver
 
     req = Request(prompt=prompt, params=params, on_done=push("done"),
                   on_token=push("token") if stream else None, rid=rid or uuid.uuid4().hex,
@@ -218,8 +223,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def update_weights_from_disk(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
-    path, version = parse_update_weights(await read_json(request))
+    body = await read_json(request)
+    path, version = parse_update_weights(body)
     version = version if version is not None else ctx.engine.weight_version
+    if body.get("abort_all_requests") is True:
+        ctx.engine.abort(None, "aborted for a weight update (abort_all_requests)")
     loop = asyncio.get_running_loop()
     async with ctx.update_lock:
         try:
