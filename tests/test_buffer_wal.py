@@ -105,7 +105,8 @@ def test_damage_inside_a_sealed_segment_is_an_error_not_a_truncation(tmp_path):
 
 
 def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
-    """While the writer is inside an fsync, every append that arrives joins the next one."""
+    """While the syncer is inside an fsync, every append that arrives is written and joins the
+    next fsync (none returns before it)."""
     gate, inside = threading.Event(), threading.Event()
     real = os.fdatasync
     calls = []
@@ -127,13 +128,14 @@ def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     threads = [threading.Thread(target=log.append, args=([r],)) for r in recs[1:]]
     for t in threads:
         t.start()
-    for _ in range(30_000):  # wait until all 16 are queued behind the first fsync
-        with log._cv:
-            if len(log._pending) == 16:
+    for _ in range(30_000):  # wait until all 16 are written and queued behind the first fsync
+        with log._sync_cv:
+            if len(log._unsynced) == 16:
                 break
         time.sleep(0.001)
     else:
         pytest.fail("appends did not queue up")
+    assert not any(w.event.is_set() for w in log._unsynced)
     gate.set()
     for t in [first, *threads]:
         t.join()
@@ -224,3 +226,21 @@ def test_stale_samples_met_by_lease_are_moved_aside(tmp_path):
     assert store.stats()["stale_total"] == 1
     store.close()
     assert [sid for sid, _, _ in wal_mod.read_stale(tmp_path)] == ["old"]
+
+
+def test_after_a_write_error_the_log_refuses_everything(tmp_path, monkeypatch):
+    log = WriteAheadLog(tmp_path)
+    list(log.replay())
+    log.append(_records(1))
+
+    def broken(fd, bufs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wal_mod, "_writev_all", broken)
+    with pytest.raises(wal_mod.WalClosedError, match="No space left"):
+        log.append(_records(2)[1:])
+    monkeypatch.undo()
+    with pytest.raises(wal_mod.WalClosedError, match="write failure"):
+        log.append(_records(3)[2:])
+    log.close()
+    assert _replay(tmp_path) == _records(1)

@@ -10,8 +10,11 @@ little-endian. Only the highest-numbered segment (the active one) is ever append
 are sealed (fully written and fsynced before the next one was created).
 
 Invariants:
-- `append` returns only after its records are written and fsynced (when `fsync=True`); appends
-  that arrive while a write is in progress share the next fsync (group commit).
+- `append` returns only after its records are written and fsynced (when `fsync=True`). Two
+  threads pipeline the work: the writer writes each group of pending appends with one writev
+  while the syncer's fdatasync of the previous groups runs; one fdatasync then releases every
+  group written before it started (group commit). After any I/O error the log refuses all
+  further appends.
 - On open, a torn or corrupt tail of the active segment (short header, short payload, checksum or
   type mismatch) is truncated at the first bad record; everything before it is kept. Corruption
   inside a sealed segment is not a torn write and raises `WalCorruptError`.
@@ -175,6 +178,11 @@ class WriteAheadLog:
         self._active = 0
         self._active_size = 0
         self._writer: threading.Thread | None = None
+        self._syncer: threading.Thread | None = None
+        self._sync_cv = threading.Condition()   # writer → syncer hand-off
+        self._unsynced: list[_Waiter] = []      # written, waiting for the next fdatasync
+        self._syncing = False
+        self._writer_done = False
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
 
@@ -230,9 +238,15 @@ class WriteAheadLog:
         self._active_size = os.fstat(self._fd).st_size
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="wal-writer", daemon=True)
+            self._syncer = threading.Thread(target=self._sync_loop, name="wal-syncer", daemon=True)
             self._writer.start()
+            self._syncer.start()
 
     def _rotate(self) -> None:
+        """Seals the active segment and opens the next (writer thread, syncer idle)."""
+        with self._sync_cv:
+            while self._unsynced or self._syncing:
+                self._sync_cv.wait()
         os.fsync(self._fd)
         os.close(self._fd)
         self._open_active(self._active + 1, create=True)
@@ -252,40 +266,81 @@ class WriteAheadLog:
             raise WalClosedError(f"write-ahead log {self.dir}: write failed: {waiter.error}")
         return waiter.segment
 
+    def _fail(self, batch: list[_Waiter], error: BaseException) -> None:
+        """After any I/O error nothing more is written (a torn record mid-segment would hide
+        later records from replay); every waiter of `batch` gets the error."""
+        if self._failed is None:
+            log.error("WAL write failed: %s", error)
+        with self._cv:
+            self._failed = self._failed or error
+        for w in batch:
+            w.error = self._failed
+            w.event.set()
+
     def _write_loop(self) -> None:
+        """Stage 1: write each group of pending appends (one writev) and hand it to the syncer;
+        the next group is written while the previous one is being fsynced."""
         while True:
             with self._cv:
                 while not self._pending and not self._closed:
                     self._cv.wait()
                 if not self._pending:
-                    return
+                    break
                 batch, self._pending = self._pending, []
+            if self._failed is not None:
+                self._fail(batch, self._failed)
+                continue
             try:
                 if self._active_size >= self.segment_bytes:
                     self._rotate()
-                written = _writev_all(self._fd, [buf for w in batch for buf in w.data])
-                if self.fsync:
-                    os.fdatasync(self._fd)
-                self.fsyncs_total += 1
-                self._active_size += written
+                self._active_size += _writev_all(self._fd, [b for w in batch for b in w.data])
                 for w in batch:
                     w.segment = self._active
             except BaseException as e:  # disk full, I/O error: fail loudly, accept nothing more
-                log.error("WAL write failed: %s", e)
-                with self._cv:
-                    self._failed = e
-                for w in batch:
-                    w.error = e
+                self._fail(batch, e)
+                continue
+            with self._sync_cv:
+                self._unsynced.extend(batch)
+                self._sync_cv.notify_all()
+        with self._sync_cv:
+            self._writer_done = True
+            self._sync_cv.notify_all()
+
+    def _sync_loop(self) -> None:
+        """Stage 2: one fdatasync covers every group written before it started (group commit);
+        then their appends return."""
+        while True:
+            with self._sync_cv:
+                while not self._unsynced and not self._writer_done:
+                    self._sync_cv.wait()
+                if not self._unsynced:
+                    return
+                batch, self._unsynced = self._unsynced, []
+                self._syncing = True
+            try:
+                if self._failed is not None:
+                    raise self._failed
+                if self.fsync:
+                    os.fdatasync(self._fd)
+                self.fsyncs_total += 1
+            except BaseException as e:
+                self._fail(batch, e)
+                batch = []
+            finally:
+                with self._sync_cv:
+                    self._syncing = False
+                    self._sync_cv.notify_all()
             for w in batch:
                 w.event.set()
 
     def close(self) -> None:
-        """Flushes pending appends, stops the writer, closes the active segment."""
+        """Flushes pending appends, stops writer and syncer, closes the active segment."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._writer is not None:
-            self._writer.join()
+        for thread in (self._writer, self._syncer):
+            if thread is not None:
+                thread.join()
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
