@@ -1,0 +1,223 @@
+"""Drives N environments concurrently through an OpenAI-compatible `/v1/chat/completions`
+(the rollout proxy, or any server speaking the API), with asyncio and httpx.
+
+One episode = one session:
+
+    messages = [system?] + [env.reset(task)]                    (role "user")
+    loop:  POST {model, messages, session_id, turn_type: "main", ...sampling}
+               headers X-Session-Id, X-Turn-Type: main
+           reply → messages; env.step(reply) → observation, done, outcome
+           observation → messages (role "user" or "tool")        the reply's next state
+           until done or max_turns replies
+    close: POST the whole transcript (ending in the last observation, the next state of the
+           last turn) with session_done: true, X-Session-Done: true, outcome_reward (body) /
+           X-Outcome-Reward (header) and max_tokens 1; its reply is discarded.
+
+So the proxy sees every main-line turn's next state, including the last one's, and learns the
+episode's outcome when the session closes. Rewards (SPEC §2, general agents): the step total is
+r_outcome + r_process(step); `step_reward_totals` is that sum, for the proxy to call.
+
+Errors never stop other episodes: an HTTP error, a malformed response or an environment error
+ends that episode with `EpisodeResult.error` set (and the session is still closed, best effort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import uuid
+from typing import Any, Mapping, Sequence
+
+import httpx
+
+from clawjax.rollout.envs.base import Environment, Observation
+
+
+def step_reward_totals(step_rewards: Sequence[float], outcome_reward: float) -> list[float]:
+    """Per-step totals of one episode, SPEC §2: total[i] = outcome_reward + step_rewards[i].
+
+    `step_rewards` [S]: the judge's process reward of each main-line step, in order;
+    `outcome_reward`: the episode's verified outcome. Returns [S] floats. Non-finite or
+    non-numeric values raise ValueError naming the field and index."""
+    if isinstance(outcome_reward, bool) or not isinstance(outcome_reward, (int, float)) \
+            or not math.isfinite(outcome_reward):
+        raise ValueError(f"outcome_reward = {outcome_reward!r}, expected a finite number")
+    totals = []
+    for i, r in enumerate(step_rewards):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise ValueError(f"step_rewards[{i}] = {r!r}, expected a finite number")
+        totals.append(float(outcome_reward) + float(r))
+    return totals
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One main-line turn: the assistant's reply and the environment's answer to it."""
+
+    turn_index: int
+    action: str
+    observation: Observation
+    done: bool
+    outcome_reward: float
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    """One episode. `messages` is the transcript as the server saw it: [system?], the first
+    observation, then assistant reply / observation pairs (the last observation included).
+    `done` is False when max_turns ran out or an error ended the episode."""
+
+    session_id: str
+    task_id: str
+    env: str
+    messages: list[dict[str, str]]
+    steps: list[StepRecord]
+    outcome_reward: float = 0.0
+    done: bool = False
+    error: str | None = None
+
+    @property
+    def turns(self) -> int:
+        return len(self.steps)
+
+
+def chat_completions_url(base_url: str) -> str:
+    """`http://h:p` or `http://h:p/v1` → `http://h:p/v1/chat/completions`."""
+    base = base_url.rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base
+    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+async def _chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                headers: dict[str, str]) -> str:
+    """One chat completion; returns the assistant's text ("" when content is null)."""
+    try:
+        response = await client.post(url, json=body, headers=headers)
+    except httpx.HTTPError as e:
+        raise ChatError(f"POST {url} failed: {type(e).__name__}: {e}") from e
+    if response.status_code != 200:
+        raise ChatError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
+    try:
+        message = response.json()["choices"][0]["message"]
+        content = message.get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ChatError(f"POST {url}: not a chat completion ({type(e).__name__}: {e}): "
+                        f"{response.text[:300]}") from e
+    if content is not None and not isinstance(content, str):
+        raise ChatError(f"POST {url}: choices[0].message.content = {content!r}, expected a str")
+    return content or ""
+
+
+async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, task: Mapping[str, Any],
+                      session_id: str, *, model: str, max_turns: int, sampling: Mapping[str, Any],
+                      headers: Mapping[str, str], system_prompt: str | None = None,
+                      tool_role: str = "tool", close_session: bool = True,
+                      close_env: bool = True) -> EpisodeResult:
+    """One episode through the server; see the module docstring for the protocol."""
+    task_id = str(task.get("task_id", "")) if isinstance(task, Mapping) else ""
+    result = EpisodeResult(session_id, task_id, getattr(env, "name", type(env).__name__), [], [])
+    session_headers = {**headers, "X-Session-Id": session_id, "X-Turn-Type": "main"}
+    session_body = {"model": model, "session_id": session_id, "turn_type": "main"}
+
+    def add(observation: Observation) -> None:
+        role = observation.role if observation.role == "user" else tool_role
+        result.messages.append({"role": role, "content": observation.text})
+
+    try:
+        if system_prompt:
+            result.messages.append({"role": "system", "content": system_prompt})
+        add(await asyncio.to_thread(env.reset, task))
+        while result.turns < max_turns and not result.done:
+            body = {**sampling, **session_body, "messages": list(result.messages)}
+            reply = await _chat(client, url, body, session_headers)
+            result.messages.append({"role": "assistant", "content": reply})
+            observation, done, outcome = await asyncio.to_thread(env.step, reply)
+            result.steps.append(StepRecord(result.turns, reply, observation, bool(done), float(outcome)))
+            add(observation)
+            result.done = bool(done)
+            if done:
+                result.outcome_reward = float(outcome)
+    except ChatError as e:
+        result.error = str(e)
+    except Exception as e:  # an environment bug or bad task ends this episode only
+        result.error = f"environment {result.env}: {type(e).__name__}: {e}"
+    finally:
+        if close_env:
+            await asyncio.to_thread(env.close)
+    if close_session and result.turns > 0:
+        body = {**sampling, **session_body, "messages": list(result.messages), "max_tokens": 1,
+                "session_done": True, "outcome_reward": result.outcome_reward}
+        done_headers = {**session_headers, "X-Session-Done": "true",
+                        "X-Outcome-Reward": repr(result.outcome_reward)}
+        try:
+            await _chat(client, url, body, done_headers)
+        except ChatError as e:
+            closing = f"session_done call failed: {e}"
+            result.error = f"{result.error}; {closing}" if result.error else closing
+    return result
+
+
+async def run_episodes_async(base_url: str, envs_and_tasks: Sequence[tuple[Environment, Mapping[str, Any]]],
+                             *, concurrency: int = 8, model: str = "default", api_key: str | None = None,
+                             max_turns: int = 8, sampling: Mapping[str, Any] | None = None,
+                             system_prompt: str | None = None, session_prefix: str | None = None,
+                             headers: Mapping[str, str] | None = None, tool_role: str = "tool",
+                             timeout_s: float = 120.0, close_session: bool = True,
+                             close_envs: bool = True) -> list[EpisodeResult]:
+    """Runs every (environment, task) pair as its own session, at most `concurrency` at once;
+    returns the results in input order. Session ids are f"{session_prefix}-{i}" (prefix
+    default: "ep-" + a random hex run id). `sampling` adds fields to every request body
+    (temperature, max_tokens, ...); `api_key` is sent as a Bearer token; `tool_role` "user"
+    sends tool outputs as user messages for servers without tool messages. Each environment
+    must be a distinct object (they hold episode state)."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency!r}, expected an int >= 1")
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+        raise ValueError(f"max_turns = {max_turns!r}, expected an int >= 1")
+    if tool_role not in ("tool", "user"):
+        raise ValueError(f"tool_role = {tool_role!r}, expected 'tool' or 'user'")
+    pairs = list(envs_and_tasks)
+    if len({id(env) for env, _ in pairs}) != len(pairs):
+        raise ValueError("envs_and_tasks: an environment object appears twice, expected one per episode")
+    prefix = session_prefix or f"ep-{uuid.uuid4().hex[:8]}"
+    url = chat_completions_url(base_url)
+    base_headers = dict(headers or {})
+    if api_key:
+        base_headers["Authorization"] = f"Bearer {api_key}"
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def one(i: int, env: Environment, task: Mapping[str, Any]) -> EpisodeResult:
+            async with gate:
+                return await run_episode(client, url, env, task, f"{prefix}-{i}", model=model,
+                                         max_turns=max_turns, sampling=dict(sampling or {}),
+                                         headers=base_headers, system_prompt=system_prompt,
+                                         tool_role=tool_role, close_session=close_session,
+                                         close_env=close_envs)
+
+        return list(await asyncio.gather(*(one(i, env, task) for i, (env, task) in enumerate(pairs))))
+
+
+def run_episodes(base_url: str, envs_and_tasks: Sequence[tuple[Environment, Mapping[str, Any]]],
+                 **options: Any) -> list[EpisodeResult]:
+    """`run_episodes_async` from synchronous code (not from inside a running event loop)."""
+    return asyncio.run(run_episodes_async(base_url, envs_and_tasks, **options))
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, float]:
+    """Counts and means for a progress line: episodes, done, errors, mean outcome, mean turns."""
+    n = len(results)
+    return {
+        "episodes": float(n),
+        "done": float(sum(r.done for r in results)),
+        "errors": float(sum(r.error is not None for r in results)),
+        "mean_outcome": sum(r.outcome_reward for r in results) / n if n else 0.0,
+        "mean_turns": sum(r.turns for r in results) / n if n else 0.0,
+    }

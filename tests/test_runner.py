@@ -1,0 +1,264 @@
+"""The env runner against a scripted OpenAI-compatible chat server on 127.0.0.1: concurrent
+episodes keep per-session transcripts, session fields and rewards straight; errors stay local."""
+
+import json
+import threading
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from clawjax.rollout import runner
+from clawjax.rollout.envs import HomeworkEnv, TerminalEnv, ToolCallEnv, homework
+
+
+class ScriptedChat:
+    """A chat-completions server answering each session from a fixed list of replies.
+
+    `script[session_id]` is the list of replies to that session's main-line calls in order
+    (None → HTTP 500). A call with session_done gets an empty reply. Every request is recorded
+    with its headers; `first_barrier` (optional) holds each session's first call until that many
+    sessions are waiting at once, which only a concurrent client can satisfy."""
+
+    def __init__(self, script, first_barrier=None, raw=None):
+        self.script = script
+        self.raw = raw or {}
+        self.barrier = threading.Barrier(first_barrier, timeout=20) if first_barrier else None
+        self.requests = []
+        self.calls = defaultdict(int)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        chat = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with chat.lock:
+                    chat.in_flight += 1
+                    chat.max_in_flight = max(chat.max_in_flight, chat.in_flight)
+                try:
+                    status, payload = chat.answer(self.path, dict(self.headers), body)
+                finally:
+                    with chat.lock:
+                        chat.in_flight -= 1
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def answer(self, path, headers, body):
+        session = headers.get("X-Session-Id")
+        with self.lock:
+            self.requests.append({"path": path, "headers": headers, "body": body})
+            index = self.calls[session]
+            if not body.get("session_done"):
+                self.calls[session] += 1
+        if path != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {path}"}}
+        if body.get("session_done"):
+            return 200, completion("")
+        if session in self.raw:
+            return 200, self.raw[session]
+        if self.barrier is not None and index == 0:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                return 503, {"error": {"message": "sessions did not arrive concurrently"}}
+        reply = self.script[session][index]
+        if reply is None:
+            return 500, {"error": {"message": "scripted failure", "type": "server_error"}}
+        return 200, completion(reply)
+
+    def of(self, session):
+        return [r for r in self.requests if r["headers"].get("X-Session-Id") == session]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def completion(text):
+    return {"id": "cmpl-1", "object": "chat.completion", "model": "scripted",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]}
+
+
+@pytest.fixture
+def servers():
+    made = []
+    yield lambda *a, **k: made.append(ScriptedChat(*a, **k)) or made[-1]
+    for s in made:
+        s.close()
+
+
+def test_step_reward_totals_against_a_reference():
+    process = [1.0, -1.0, 0.0, 1, -1]
+    assert runner.step_reward_totals(process, 1.0) == [2.0, 0.0, 1.0, 2.0, 0.0]
+    assert runner.step_reward_totals(process, 0) == [1.0, -1.0, 0.0, 1.0, -1.0]
+    assert runner.step_reward_totals([], 1.0) == []
+    assert runner.step_reward_totals([0.5], -0.25) == [0.25]
+    with pytest.raises(ValueError, match=r"step_rewards\[1\] = nan"):
+        runner.step_reward_totals([1.0, float("nan")], 0.0)
+    with pytest.raises(ValueError, match=r"step_rewards\[0\] = '1'"):
+        runner.step_reward_totals(["1"], 0.0)
+    with pytest.raises(ValueError, match="outcome_reward = inf"):
+        runner.step_reward_totals([1.0], float("inf"))
+    with pytest.raises(ValueError, match="outcome_reward = True"):
+        runner.step_reward_totals([1.0], True)
+
+
+def homework_case(i):
+    """Session i's task, scripted replies and expected (outcome, turns)."""
+    seed = 40 + i
+    answer = homework.make_problem(seed).answer
+    variant = i % 3
+    if variant == 0:
+        return {"task_id": f"hw-{i}", "seed": seed}, [f"It is {answer}."], (1.0, 1)
+    if variant == 1:
+        return ({"task_id": f"hw-{i}", "seed": seed, "preference": "final_only"},
+                [f"The answer is {answer}.", str(answer)], (1.0, 2))
+    return ({"task_id": f"hw-{i}", "seed": seed, "max_attempts": 2},
+            [f"{answer + 1}", "I am not sure."], (0.0, 2))
+
+
+def expected_transcript(task, replies):
+    """The conversation an episode should have, built by stepping a separate environment."""
+    env = HomeworkEnv()
+    messages = [env.reset(task).as_message()]
+    for reply in replies:
+        obs, done, _ = env.step(reply)
+        messages += [{"role": "assistant", "content": reply}, obs.as_message()]
+        if done:
+            break
+    return messages
+
+
+def test_concurrent_sessions_keep_transcripts_fields_and_rewards_apart(servers):
+    n = 15
+    cases = [homework_case(i) for i in range(n)]
+    chat = servers({f"run-{i}": replies for i, (_, replies, _) in enumerate(cases)})
+    results = runner.run_episodes(
+        chat.url, [(HomeworkEnv(), task) for task, _, _ in cases], concurrency=4, model="policy",
+        api_key="k3y", session_prefix="run", sampling={"temperature": 1.0, "max_tokens": 64})
+    assert chat.max_in_flight <= 4
+    assert [r.session_id for r in results] == [f"run-{i}" for i in range(n)]
+    for i, (result, (task, replies, (outcome, turns))) in enumerate(zip(results, cases)):
+        sid = f"run-{i}"
+        assert result.error is None, result.error
+        assert (result.task_id, result.env, result.done) == (task["task_id"], "homework", True)
+        assert (result.outcome_reward, result.turns) == (outcome, turns)
+        transcript = expected_transcript(task, replies)
+        assert result.messages == transcript
+        assert [s.action for s in result.steps] == replies[:turns]
+        assert [s.outcome_reward for s in result.steps][-1] == outcome
+        # What the server saw for this session: each main call carries the transcript so far.
+        seen = chat.of(sid)
+        assert len(seen) == turns + 1
+        for k, request in enumerate(seen):
+            body, headers = request["body"], request["headers"]
+            assert body["session_id"] == headers["X-Session-Id"] == sid
+            assert body["turn_type"] == headers["X-Turn-Type"] == "main"
+            assert body["model"] == "policy" and body["temperature"] == 1.0
+            assert headers["Authorization"] == "Bearer k3y"
+            if k < turns:
+                assert body["messages"] == transcript[:2 * k + 1]
+                assert "session_done" not in body and "X-Session-Done" not in headers
+                assert body["max_tokens"] == 64
+        close = seen[-1]
+        assert close["body"]["session_done"] is True and close["headers"]["X-Session-Done"] == "true"
+        assert close["body"]["messages"] == transcript  # ends with the last turn's next state
+        assert close["body"]["outcome_reward"] == outcome
+        assert float(close["headers"]["X-Outcome-Reward"]) == outcome
+        assert close["body"]["max_tokens"] == 1
+    assert runner.summarize(results) == {"episodes": 15.0, "done": 15.0, "errors": 0.0,
+                                         "mean_outcome": 10 / 15, "mean_turns": 25 / 15}
+
+
+def test_episodes_really_run_concurrently(servers):
+    n = 6
+    cases = [homework_case(3 * i) for i in range(n)]  # one-turn successes
+    chat = servers({f"c-{i}": replies for i, (_, replies, _) in enumerate(cases)}, first_barrier=n)
+    results = runner.run_episodes(chat.url, [(HomeworkEnv(), t) for t, _, _ in cases],
+                                  concurrency=n, session_prefix="c")
+    assert [r.error for r in results] == [None] * n
+    assert [r.outcome_reward for r in results] == [1.0] * n
+
+
+def test_tool_and_terminal_environments_send_tool_messages(servers, tmp_path):
+    tool_task = {"env": "toolcall", "task_id": "tc", "question": "How many hours are in 2 days?",
+                 "answer": 48}
+    term_task = {"env": "terminal", "task_id": "tm", "instruction": "Write hi into a.txt.",
+                 "check": {"path": "a.txt", "content": "hi"}}
+    script = {"m-0": ["CALL lookup: hours in a day", "CALL calculator: 24 * 2", "ANSWER: 48"],
+              "m-1": ["$ echo hi > a.txt", "$ cat a.txt", "DONE"],
+              "u-0": ["CALL calculator: 1 +", "ANSWER: 47"]}
+    chat = servers(script)
+    term = TerminalEnv(root=str(tmp_path))
+    results = runner.run_episodes(chat.url, [(ToolCallEnv(), tool_task), (term, term_task)],
+                                  concurrency=2, session_prefix="m", system_prompt="Be brief.")
+    tool, terminal = results
+    assert [m["role"] for m in tool.messages] == ["system", "user", "assistant", "tool", "assistant",
+                                                  "tool", "assistant", "user"]
+    assert [m["content"] for m in tool.messages if m["role"] == "tool"] == ["OK 24", "OK 48"]
+    assert (tool.outcome_reward, tool.done) == (1.0, True)
+    assert [m["content"] for m in terminal.messages if m["role"] == "tool"] == ["OK", "OK\nhi\n"]
+    assert (terminal.outcome_reward, terminal.done) == (1.0, True)
+    assert term.workdir is None and list(tmp_path.iterdir()) == []  # the runner closed the env
+    assert chat.of("m-0")[0]["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+    as_user = runner.run_episodes(chat.url, [(ToolCallEnv(), tool_task)], session_prefix="u",
+                                  tool_role="user")[0]
+    assert [m["role"] for m in as_user.messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert as_user.messages[2]["content"].startswith("ERROR calculator")
+    assert (as_user.outcome_reward, as_user.done) == (0.0, True)
+
+
+def test_errors_end_only_their_own_episode(servers):
+    ok_task, ok_replies, _ = homework_case(0)
+    chat = servers({"e-0": ok_replies, "e-1": [None], "e-3": ["7"] * 10},
+                   raw={"e-4": {"choices": []}})
+    episodes = [(HomeworkEnv(), ok_task),
+                (HomeworkEnv(), {"task_id": "x", "seed": 1}),
+                (HomeworkEnv(), {"task_id": "bad", "seed": "one"}),  # the env rejects the task
+                (HomeworkEnv(), {"task_id": "long", "question": "What is 1 + 1?", "answer": 2,
+                                 "max_attempts": 10}),
+                (HomeworkEnv(), {"task_id": "y", "seed": 2})]
+    results = runner.run_episodes(chat.url, episodes, concurrency=3, session_prefix="e", max_turns=3)
+    ok, failed, bad, long, malformed = results
+    assert ok.error is None and ok.outcome_reward == 1.0
+    assert "HTTP 500" in failed.error and "scripted failure" in failed.error and failed.turns == 0
+    assert "task['seed'] = 'one'" in bad.error and chat.of("e-2") == []
+    assert long.error is None and (long.done, long.turns, long.outcome_reward) == (False, 3, 0.0)
+    assert chat.of("e-3")[-1]["body"]["session_done"] is True  # closed although not done
+    assert "not a chat completion" in malformed.error
+    assert runner.summarize(results)["errors"] == 3.0
+
+
+def test_bad_arguments_and_urls(servers):
+    env = HomeworkEnv()
+    with pytest.raises(ValueError, match="concurrency = 0"):
+        runner.run_episodes("http://127.0.0.1:1", [(env, {})], concurrency=0)
+    with pytest.raises(ValueError, match="max_turns = 0"):
+        runner.run_episodes("http://127.0.0.1:1", [(env, {})], max_turns=0)
+    with pytest.raises(ValueError, match="appears twice"):
+        runner.run_episodes("http://127.0.0.1:1", [(env, {}), (env, {})])
+    with pytest.raises(ValueError, match="tool_role = 'system'"):
+        runner.run_episodes("http://127.0.0.1:1", [(env, {})], tool_role="system")
+    assert runner.chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert runner.chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert runner.chat_completions_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+    # Nothing listening: the episode records the connection error.
+    task, _, _ = homework_case(0)
+    result = runner.run_episodes("http://127.0.0.1:9", [(HomeworkEnv(), task)], timeout_s=5)[0]
+    assert result.error.startswith("POST http://127.0.0.1:9/v1/chat/completions failed")
