@@ -215,3 +215,133 @@ def test_missing_teacher_logprobs_are_rejected_and_counted(servers):
     after = stats(proxy, key)
     assert after["drops"]["teacher_failure"] == before + 1
     assert after["emitted"]["both"] == 0 and after["emitted"]["opd"] == 0
+
+
+def test_session_fields_from_headers_side_turns_and_single_turn_sessions(servers):
+    url = servers["main"].url
+    first = [{"role": "user", "content": "Plan my day."}]
+    r = post(url, {"messages": first, "max_tokens": 4}, headers={"X-Session-Id": "hdr"})
+    assert r.status_code == 200 and r.json()["metadata"]["session_id"] == "hdr"
+    # A side turn (a title call) that even ends in praise is neither trained nor a next state.
+    side = first + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "Great!"}]
+    r = post(url, {"messages": side, "max_tokens": 4, "session_id": "hdr"},
+             headers={"X-Turn-Type": "side"})
+    assert r.json()["metadata"] == {"weight_version": "default", "session_id": "hdr",
+                                    "turn_index": 1, "turn_type": "side"}
+    # The body wins over the headers: this request is main-line, belongs to "hdr" and does
+    # not close it.
+    nxt = first + [{"role": "assistant", "content": "y"},
+                   {"role": "user", "content": "That's not right, try again."}]
+    r = post(url, {"messages": nxt, "max_tokens": 4, "session_id": "hdr", "turn_type": "main",
+                   "session_done": False},
+             headers={"X-Session-Id": "elsewhere", "X-Turn-Type": "side",
+                      "X-Session-Done": "true"})
+    assert r.json()["metadata"]["turn_index"] == 2
+    assert stats(servers["main"])["sessions_open"] >= 1
+    no_next = stats(servers["main"])["drops"]["no_next_state"]
+    # Close with the header on a close-only call (no messages): turn 2 gets no next state.
+    r = post(url, {"max_tokens": 4}, headers={"X-Session-Id": "hdr", "X-Session-Done": "1"})
+    assert r.json() == {"object": "session.done", "session_id": "hdr"}
+    assert stats(servers["main"])["drops"]["no_next_state"] == no_next + 1
+    got = samples(servers, servers["main"], "hdr")
+    assert [(s.turn_index, s.kind, s.reward) for s in got] == [(0, "rl", -1.0)]
+    assert samples(servers, servers["main"], "elsewhere") == []
+    # A session of a single main turn is still trained (at-least-one guarantee).
+    chat(url, [{"role": "user", "content": "Hello there."}], session="lone", done=True)
+    got = samples(servers, servers["main"], "lone")
+    assert [(s.turn_index, s.kind, s.reward, s.metadata["lone_turn"]) for s in got] == \
+        [(0, "rl", 0.0, "1")]
+    assert got[0].loss_mask.tolist() == [1.0] * got[0].response_len
+    # Requests without a session are served, never trained.
+    assert chat(url, [{"role": "user", "content": "hi"}])["metadata"] == \
+        {"weight_version": "default"}
+
+
+def test_idle_sessions_expire_like_session_done(servers):
+    proxy, key = servers["other"], "sekret"
+    chat(proxy.url, [{"role": "user", "content": "Expire me."}], session="idle", key=key)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not samples(servers, proxy, "idle", key):
+        time.sleep(0.2)
+    got = samples(servers, proxy, "idle", key)
+    assert [(s.kind, s.reward, s.metadata["lone_turn"]) for s in got] == [("rl", 0.0, "1")]
+    assert stats(proxy, key)["sessions_open"] == 0
+
+
+def test_fifty_concurrent_sessions_keep_their_turns_apart(servers, tok):
+    url, n = servers["main"].url, 50
+
+    async def session(client, i):
+        sid = f"many-{i}"
+        first = [{"role": "user", "content": f"Task {i}: add {i} and 1."}]
+        body = {"messages": first, "max_tokens": 4, "session_id": sid}
+        a = (await client.post("/v1/chat/completions", json=body)).json()
+        verdict = "Thanks, great." if i % 2 else "No, that is wrong."
+        body = {"messages": first + [{"role": "assistant", "content": reply(a)},
+                                     {"role": "user", "content": f"{verdict} ({i})"}],
+                "max_tokens": 4, "session_id": sid, "session_done": True}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return reply(a)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            return await asyncio.gather(*(session(client, i) for i in range(n)))
+    replies = asyncio.run(main())
+    for i in range(n):
+        got = samples(servers, servers["main"], f"many-{i}")
+        assert len(got) == 1, i
+        s = got[0].validate(vocab_size=len(tok))
+        assert s.session_id == f"many-{i}" and s.turn_index == 0
+        assert s.reward == (1.0 if i % 2 else -1.0)
+        assert f"Task {i}: add {i} and 1." in tok.decode(s.tokens[:s.prompt_len].tolist())
+        assert tok.decode(s.tokens[s.prompt_len:].tolist(), skip_special_tokens=True) \
+            == replies[i]
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(servers):
+    url, ok = servers["main"].url, [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": []}, {}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, {}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, {}, "messages[0].content"),
+        ({"messages": ok, "max_tokens": -1}, {}, "max_tokens"),
+        ({"messages": ok, "temperature": "hot"}, {}, "temperature"),
+        ({"messages": ok, "n": 2}, {}, "n"),
+        ({"messages": ok, "turn_type": "aside", "session_id": "b"}, {}, "turn_type"),
+        ({"messages": ok, "session_id": ""}, {}, "session_id"),
+        ({"messages": ok, "session_done": "yes", "session_id": "b"}, {}, "session_done"),
+        ({"messages": ok}, {"X-Session-Done": "maybe", "X-Session-Id": "b"}, "X-Session-Done"),
+        ({"messages": ok}, {"X-Turn-Type": "x"}, "X-Turn-Type"),
+        ({"messages": ok, "max_tokens": 100000}, {}, "max_tokens"),  # refused by the server
+        ([1, 2], {}, "body"),
+    ]
+    for body, headers, field in cases:
+        r = post(url, body, headers)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == field and field in err["message"] and err["code"] == 400, err
+        assert set(err) == {"message", "type", "param", "code"}
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    other = servers["other"].url
+    r = post(other, {"messages": ok})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(other + "/health").status_code == 200
+    assert httpx.get(other + "/v1/models").status_code == 401
+    models = httpx.get(other + "/v1/models", headers={"Authorization": "Bearer sekret"}).json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert chat(url, ok)["choices"][0]["message"]["role"] == "assistant"  # still serving
+
+
+def test_greedy_stream_and_plain_completion_agree(servers):
+    url, msgs = servers["main"].url, [{"role": "user", "content": "Count to three."}]
+    plain = chat(url, msgs, temperature=0.0, max_tokens=8, logprobs=True)
+    lps = plain["choices"][0]["logprobs"]["content"]
+    assert len(lps) == plain["usage"]["completion_tokens"] and all(e["logprob"] <= 0 for e in lps)
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+            "messages": msgs, "max_tokens": 8, "temperature": 0.0, "stream": True}) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines()
+                  if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reply(plain)
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]

@@ -1,0 +1,147 @@
+"""The session state machine (pure) and sample emission by method (pure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clawjax.rollout import emit, sessions
+from clawjax.rollout.judge import Judgement
+from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn, NextState, SessionTable, Turn
+
+
+def turn(sid="s", index=0, r=3, version="7") -> Turn:
+    return Turn(session_id=sid, turn_index=index, messages=[{"role": "user", "content": "q"}],
+                prompt_ids=[1, 2, 3, 4], response_ids=list(range(10, 10 + r)),
+                rollout_logp=[-0.5] * r, weight_version=version, response_text="a",
+                created_unix_ms=5)
+
+
+def msgs(*roles_texts):
+    return [{"role": r, "content": t} for r, t in roles_texts]
+
+
+def test_next_state_is_the_trailing_user_or_tool_messages():
+    assert sessions.next_state_of(msgs(("user", "q"))) is None            # nothing before it
+    assert sessions.next_state_of(msgs(("user", "q"), ("assistant", "a"))) is None
+    assert sessions.next_state_of(msgs(("user", "q"), ("assistant", "a"), ("user", "thx"))) == \
+        NextState("user", "thx")
+    assert sessions.next_state_of(msgs(("user", "q"), ("assistant", "call"), ("tool", "OK 1"),
+                                       ("tool", "OK 2"))) == NextState("tool", "OK 1\nOK 2")
+    parts = [{"role": "assistant", "content": "a"},
+             {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text",
+                                                                             "text": "there"}]}]
+    assert sessions.next_state_of(parts) == NextState("user", "hi there")
+
+
+def test_a_session_walks_through_its_turns():
+    table = SessionTable(idle_expiry_s=10)
+    i, ev = table.begin("s", "main", msgs(("user", "q")), now=0)
+    assert (i, ev) == (0, [])
+    t0 = turn(index=0)
+    assert table.finish(t0, now=1) == []
+    # A side turn is served, indexed, and never a next state.
+    i, ev = table.begin("s", "side", msgs(("user", "q"), ("assistant", "a"), ("user", "ok")), 2)
+    assert (i, ev) == (1, [])
+    i, ev = table.begin("s", "main", msgs(("user", "q"), ("assistant", "a"), ("user", "no")), 3)
+    assert i == 2 and ev == [JudgeJob(t0, NextState("user", "no"))]
+    t2 = turn(index=2)
+    table.finish(t2, now=4)
+    # A main request ending in an assistant message carries no next state; t2 stays pending
+    # until t3 replaces it (then t2 can never get one).
+    i, ev = table.begin("s", "main", msgs(("user", "q"), ("assistant", "a")), 5)
+    assert (i, ev) == (3, [])
+    t3 = turn(index=3)
+    assert table.finish(t3, now=6) == [Dropped(t2, "no_next_state")]
+    assert table.close("s") == [Dropped(t3, "no_next_state")]      # last turn: not trained
+    assert "s" not in table and table.close("s") == []
+
+
+def test_single_turn_sessions_are_emitted_and_idle_sessions_expire():
+    table = SessionTable(idle_expiry_s=10)
+    table.begin("a", "main", msgs(("user", "q")), 0)
+    ta = turn("a")
+    table.finish(ta, 1)
+    table.begin("b", "side", msgs(("user", "q")), 0)            # only a side turn: nothing
+    table.begin("c", "main", msgs(("user", "q")), 0)
+    table.finish(turn("c"), 8)
+    assert table.expire(now=11.5) == [LoneTurn(ta)] and "b" not in table and "c" in table
+    assert len(table.expire(now=18.5)) == 1 and len(table) == 0
+    with pytest.raises(ValueError, match="turn_type"):
+        table.begin("x", "tool", [], 0)
+    with pytest.raises(ValueError, match="idle_expiry_s"):
+        SessionTable(0)
+
+
+def test_sessions_do_not_mix():
+    table = SessionTable()
+    for sid in ("x", "y"):
+        table.begin(sid, "main", msgs(("user", sid)), 0)
+        table.finish(turn(sid), 0)
+    _, ev = table.begin("y", "main", msgs(("user", "y"), ("assistant", "a"), ("user", "t")), 1)
+    assert [e.turn.session_id for e in ev] == ["y"]
+    _, ev = table.begin("y", "main", msgs(("user", "y"), ("assistant", "a"), ("user", "t")), 1)
+    assert ev == []                                             # each turn is judged once
+
+
+def verdict(reward, hint=None, votes=None):
+    return Judgement(votes=votes or [reward], reward=reward, hint_votes=[1 if hint else -1],
+                     hint=hint, answers=["\\boxed{%d}" % reward], hint_answers=[""])
+
+
+TEACHER = np.array([-0.1, -0.2, -0.3], np.float32)
+HINT = "Always give the unit."
+
+
+@pytest.mark.parametrize("method,reward,hint,teacher,kinds,drops", [
+    ("rl", 1, None, None, [("rl", 1.0)], []),
+    ("rl", -1, HINT, TEACHER, [("rl", -1.0)], []),
+    ("rl", 0, HINT, TEACHER, [], ["zero_reward"]),
+    ("opd", 0, HINT, TEACHER, [("opd", 0.0)], []),
+    ("opd", 1, None, None, [], ["no_valid_hint"]),
+    ("opd", 1, HINT, None, [], ["teacher_failure"]),
+    ("combine", -1, HINT, TEACHER, [("both", -1.0)], []),
+    ("combine", 1, None, None, [("rl", 1.0)], ["no_valid_hint"]),
+    ("combine", 1, HINT, None, [("rl", 1.0)], ["teacher_failure"]),
+    ("combine", 0, HINT, TEACHER, [("opd", 0.0)], ["zero_reward"]),
+    ("combine", 0, None, None, [], ["zero_reward", "no_valid_hint"]),
+])
+def test_emission_by_method(method, reward, hint, teacher, kinds, drops):
+    out, why = emit.build_samples(turn(), NextState("user", "x"), verdict(reward, hint), method,
+                                  teacher)
+    assert [(s.kind, s.reward) for s in out] == kinds and why == drops
+    for s in out:
+        s.validate()
+        assert s.tokens.tolist() == [1, 2, 3, 4, 10, 11, 12] and s.response_len == 3
+        assert s.policy_version == 7 and s.session_id == "s" and s.loss_mask.tolist() == [1] * 3
+        assert s.metadata["next_state_role"] == "user" and s.metadata["method"] == method
+        if s.kind in ("opd", "both"):
+            np.testing.assert_array_equal(s.teacher_logp, TEACHER)
+            assert s.metadata["hint"] == HINT
+        else:
+            assert s.teacher_logp is None
+
+
+def test_emission_rejects_invalid_samples_and_unknown_methods():
+    bad = turn()
+    bad.rollout_logp = [0.5, -1, -1]                            # a positive log-prob
+    out, why = emit.build_samples(bad, NextState("user", "x"), verdict(1), "rl")
+    assert out == [] and why == ["invalid"]
+    with pytest.raises(ValueError, match="method"):
+        emit.build_samples(turn(), NextState("user", "x"), verdict(1), "ppo")
+    out, why = emit.lone_sample(turn(), "combine")
+    assert [(s.kind, s.reward, s.metadata["lone_turn"]) for s in out] == [("rl", 0.0, "1")]
+    stats = emit.Stats()
+    stats.count(out, ["zero_reward", "no_valid_hint"])
+    stats.count_judgement(verdict(1, HINT, votes=[1, None, 1]), has_prm=True)
+    snap = stats.snapshot()
+    assert snap["emitted"] == {"rl": 1, "opd": 0, "both": 0}
+    assert snap["drops"]["zero_reward"] == 1 and snap["drops"]["no_valid_hint"] == 1
+    assert snap["votes"] == {"1": 2, "0": 0, "-1": 0, "invalid": 1}
+    assert snap["hint_share"] == 1.0 and snap["rewards"]["1"] == 1
+
+
+@pytest.mark.parametrize("label,want", [("default", 0), ("12", 12), ("step_40", 40), ("", 0),
+                                        (None, 0), ("v3-final", 0)])
+def test_policy_version_of_weight_version_labels(label, want):
+    assert emit.policy_version_of(label) == want
