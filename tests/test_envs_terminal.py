@@ -70,6 +70,12 @@ def test_done_without_the_work_fails_with_a_correction(sandbox):
     assert "not right" in obs.text and "hello.txt" in obs.text and "Please" in obs.text
 
 
+@pytest.mark.parametrize("reply", ["DONE", "done.", "I wrote the file.\nDONE!"])
+def test_done_spellings(sandbox, reply):
+    sandbox.reset(dict(word_task(), files={"hello.txt": "hello\n"}))
+    assert sandbox.step(reply) == (Observation("user", terminal.PERFECT), True, 1.0)
+
+
 def test_max_steps_ends_with_the_verified_outcome(sandbox):
     task = dict(word_task(), max_steps=2)
     sandbox.reset(task)
@@ -124,6 +130,8 @@ def test_disallowed_commands_and_shell_operators(sandbox):
         assert obs.text.startswith("ERROR shell operator"), (command, obs.text)
     assert sandbox.step("Let me think about it.\nFirst this, then that.")[0].text.startswith("ERROR no command")
     assert sandbox.step("$ cat missing.txt")[0].text.startswith("ERROR exit 1")
+    assert sandbox.step("$ cat 'a\x00b'")[0].text.startswith("ERROR")
+    assert sandbox.step("$ echo 'unclosed")[0].text.startswith("ERROR cannot parse")
 
 
 def _alive_with(marker: str) -> list[int]:

@@ -169,7 +169,7 @@ def test_concurrent_sessions_keep_transcripts_fields_and_rewards_apart(servers):
             body, headers = request["body"], request["headers"]
             assert body["session_id"] == headers["X-Session-Id"] == sid
             assert body["turn_type"] == headers["X-Turn-Type"] == "main"
-            assert body["model"] == "policy" and body["temperature"] == 1.0
+            assert body["model"] == "policy" and body["temperature"] == 1.0 and body["stream"] is False
             assert headers["Authorization"] == "Bearer k3y"
             if k < turns:
                 assert body["messages"] == transcript[:2 * k + 1]

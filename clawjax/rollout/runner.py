@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import math
 import uuid
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import httpx
@@ -118,12 +119,14 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
                       session_id: str, *, model: str, max_turns: int, sampling: Mapping[str, Any],
                       headers: Mapping[str, str], system_prompt: str | None = None,
                       tool_role: str = "tool", close_session: bool = True,
-                      close_env: bool = True) -> EpisodeResult:
-    """One episode through the server; see the module docstring for the protocol."""
+                      close_env: bool = True, executor: Executor | None = None) -> EpisodeResult:
+    """One episode through the server; see the module docstring for the protocol. Environment
+    calls (which may block: the terminal runs commands) run on `executor` (None: asyncio's)."""
+    loop = asyncio.get_running_loop()
     task_id = str(task.get("task_id", "")) if isinstance(task, Mapping) else ""
     result = EpisodeResult(session_id, task_id, getattr(env, "name", type(env).__name__), [], [])
     session_headers = {**headers, "X-Session-Id": session_id, "X-Turn-Type": "main"}
-    session_body = {"model": model, "session_id": session_id, "turn_type": "main"}
+    session_body = {"model": model, "session_id": session_id, "turn_type": "main", "stream": False}
 
     def add(observation: Observation) -> None:
         role = observation.role if observation.role == "user" else tool_role
@@ -132,12 +135,12 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
     try:
         if system_prompt:
             result.messages.append({"role": "system", "content": system_prompt})
-        add(await asyncio.to_thread(env.reset, task))
+        add(await loop.run_in_executor(executor, env.reset, task))
         while result.turns < max_turns and not result.done:
             body = {**sampling, **session_body, "messages": list(result.messages)}
             reply = await _chat(client, url, body, session_headers)
             result.messages.append({"role": "assistant", "content": reply})
-            observation, done, outcome = await asyncio.to_thread(env.step, reply)
+            observation, done, outcome = await loop.run_in_executor(executor, env.step, reply)
             result.steps.append(StepRecord(result.turns, reply, observation, bool(done), float(outcome)))
             add(observation)
             result.done = bool(done)
@@ -149,7 +152,7 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
         result.error = f"environment {result.env}: {type(e).__name__}: {e}"
     finally:
         if close_env:
-            await asyncio.to_thread(env.close)
+            await loop.run_in_executor(executor, env.close)
     if close_session and result.turns > 0:
         body = {**sampling, **session_body, "messages": list(result.messages), "max_tokens": 1,
                 "session_done": True, "outcome_reward": result.outcome_reward}
@@ -193,16 +196,19 @@ async def run_episodes_async(base_url: str, envs_and_tasks: Sequence[tuple[Envir
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def one(i: int, env: Environment, task: Mapping[str, Any]) -> EpisodeResult:
-            async with gate:
-                return await run_episode(client, url, env, task, f"{prefix}-{i}", model=model,
-                                         max_turns=max_turns, sampling=dict(sampling or {}),
-                                         headers=base_headers, system_prompt=system_prompt,
-                                         tool_role=tool_role, close_session=close_session,
-                                         close_env=close_envs)
+    # Environment calls get their own threads (one per concurrent episode), so a terminal
+    # command that runs to its time limit never waits behind asyncio's small default pool.
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="env") as executor:
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+            async def one(i: int, env: Environment, task: Mapping[str, Any]) -> EpisodeResult:
+                async with gate:
+                    return await run_episode(
+                        client, url, env, task, f"{prefix}-{i}", model=model, max_turns=max_turns,
+                        sampling=dict(sampling or {}), headers=base_headers,
+                        system_prompt=system_prompt, tool_role=tool_role,
+                        close_session=close_session, close_env=close_envs, executor=executor)
 
-        return list(await asyncio.gather(*(one(i, env, task) for i, (env, task) in enumerate(pairs))))
+            return list(await asyncio.gather(*(one(i, env, task) for i, (env, task) in enumerate(pairs))))
 
 
 def run_episodes(base_url: str, envs_and_tasks: Sequence[tuple[Environment, Mapping[str, Any]]],

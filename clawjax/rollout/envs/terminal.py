@@ -14,7 +14,8 @@ Safety, in layers (each is enough for the allow-listed commands; together they h
   - output is truncated to `max_output_chars`.
 
 Reply syntax (the first message states it): a line `$ <command>`, or a fenced code block whose
-first line is the command, or a one-line reply; `DONE` ends the episode.
+first line is the command, or a one-line reply; a line `DONE` (without a command) ends the
+episode.
 Observations: the command's output as a "tool" message starting "OK" (exit 0) or "ERROR"
 (non-zero exit, time-out, rejected command). On DONE, or once max_steps replies have passed,
 the task's check decides the outcome: PERFECT (+1, outcome 1.0) or a correction (-1, 0.0).
@@ -35,6 +36,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import weakref
 from typing import Any, Mapping
 
 from clawjax.rollout.envs.base import (EnvError, Environment, EpisodeState, Observation,
@@ -100,6 +102,11 @@ def extract_command(reply: str) -> str | None:
     return stripped[0] if len(stripped) == 1 else None
 
 
+def is_done(line: str | None) -> bool:
+    """Whether a line says the agent is finished: "DONE", any case, trailing "." or "!" allowed."""
+    return line is not None and line.strip().rstrip(".!").strip().upper() == "DONE"
+
+
 def truncate(text: str, max_chars: int, total_bytes: int | None = None) -> str:
     """The first `max_chars` characters, with a note of how much output there was in all."""
     total = len(text.encode()) if total_bytes is None else total_bytes
@@ -150,6 +157,8 @@ class TerminalEnv(Environment):
         self.max_steps = task_int(self.name, task, "max_steps", 8, lo=1, hi=100)
         self.close()
         self.workdir = os.path.realpath(tempfile.mkdtemp(prefix="clawjax-terminal-", dir=self.root))
+        # Removed on close(), or when the environment is garbage-collected without one.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.workdir, True)
         for path, content in files.items():
             full = os.path.join(self.workdir, path)
             os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -162,7 +171,7 @@ class TerminalEnv(Environment):
     def step(self, action: str) -> tuple[Observation, bool, float]:
         self._state.begin_step(action)
         command = extract_command(action)
-        if command is not None and command.strip().upper() == "DONE":
+        if is_done(command) or (command is None and any(is_done(ln) for ln in action.splitlines())):
             return self._finish(None)
         if command is None:
             observation = Observation("tool", "ERROR no command found; reply with one line: $ <command>, or DONE")
@@ -183,7 +192,7 @@ class TerminalEnv(Environment):
 
     def close(self) -> None:
         if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._cleanup()
             self.workdir = None
 
     # -- one command --------------------------------------------------------------------------
@@ -216,8 +225,8 @@ class TerminalEnv(Environment):
             output, returncode = self._execute([self.commands[program], *args], redirect, mode)
         except subprocess.TimeoutExpired:
             return f"ERROR timed out after {self.time_limit_s:g} s"
-        except OSError as e:
-            return f"ERROR {e.strerror or e}"
+        except (OSError, ValueError) as e:  # e.g. a missing file, a NUL byte in an argument
+            return f"ERROR {getattr(e, 'strerror', None) or e}"
         finally:
             self._remove_escaping_links()
         status = "OK" if returncode == 0 else f"ERROR exit {returncode}"
