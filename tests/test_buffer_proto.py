@@ -87,6 +87,8 @@ def test_tokens_and_logps_are_packed_on_the_wire():
 ], ids=lambda s: s.sample_id)
 def test_fast_encoder_parses_to_the_same_message(sample):
     assert pb.Sample.FromString(wire.encode_sample(sample)) == codec.to_proto(sample)
+    request = pb.PushRequest.FromString(wire.encode_push_request([sample, full_sample("2nd")]))
+    assert list(request.samples) == [codec.to_proto(sample), codec.to_proto(full_sample("2nd"))]
 
 
 def test_join_and_split_repeated_round_trip_and_refuse_garbage():

@@ -133,7 +133,7 @@ class BufferClient:
     def push(self, samples: Iterable[Sample]) -> PushResult:
         """Pushes samples in one atomic RPC; returns once they are durable. Raises
         `InvalidSampleError` (nothing stored) naming the bad sample's id, field and value."""
-        request = wire.join_repeated([wire.encode_sample(s) for s in samples])
+        request = wire.encode_push_request(samples)
         reply = self._call(self._push_raw, request, "push")
         return PushResult(reply.accepted, reply.duplicates)
 

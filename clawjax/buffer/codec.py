@@ -15,12 +15,13 @@ from clawjax.sample import Sample, SampleError
 
 
 def _floats(container) -> np.ndarray:
-    """Copy of a repeated float field (upb containers expose `__array__`: no per-item loop)."""
-    return np.array(container, dtype=np.float32)
+    """A repeated float field as a new float32 array (upb containers expose `__array__`, which
+    returns an owned copy of the right dtype: one memcpy, no per-item loop)."""
+    return np.asarray(container, dtype=np.float32)
 
 
 def _ints(container) -> np.ndarray:
-    return np.array(container, dtype=np.int32)
+    return np.asarray(container, dtype=np.int32)
 
 
 def scalars_to_proto(sample: Sample, msg: pb.Sample) -> pb.Sample:

@@ -26,45 +26,73 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _ld(field: int, payload: bytes) -> bytes:
-    """A length-delimited record (wire type 2) of `field`."""
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
+def _ld(field: int, payload_len: int) -> bytes:
+    """Header of a length-delimited record (wire type 2) of `field`: tag, then length."""
+    return varint(field << 3 | 2) + varint(payload_len)
 
 
-def packed_int32(values: np.ndarray) -> bytes:
-    """Payload of a packed `sfixed32` field (token ids): little-endian int32."""
-    return np.asarray(values, dtype="<i4").reshape(-1).tobytes()
+def _le(values, dtype: str) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
 
 
-def packed_floats(values: np.ndarray) -> bytes:
-    return np.asarray(values, dtype="<f4").reshape(-1).tobytes()
+def sample_parts(sample: Sample) -> list:
+    """Serialized `rollout.Sample` for `sample` as a list of buffers to concatenate (array data
+    is referenced, not copied). Parses to the same message as `codec.to_proto(sample)`."""
+    parts = [codec.scalars_to_proto(sample, pb.Sample()).SerializeToString()]
+
+    def packed(field: int, arr: np.ndarray) -> None:
+        parts.extend((_ld(field, arr.nbytes), memoryview(arr).cast("B")))
+
+    for field, arr, dtype in ((6, sample.tokens, "<i4"), (8, sample.loss_mask, "<f4"),
+                              (9, sample.rollout_logp, "<f4")):
+        if arr is not None and np.size(arr):
+            packed(field, _le(arr, dtype))
+    for field, arr in ((11, sample.step_rewards), (12, sample.teacher_logp)):
+        if arr is None:
+            continue
+        arr = _le(arr, "<f4")
+        if arr.size:  # FloatArray{values = 1}
+            inner = _ld(1, arr.nbytes)
+            parts.append(_ld(field, len(inner) + arr.nbytes))
+            packed(1, arr)
+        else:
+            parts.append(_ld(field, 0))
+    if sample.teacher_topk_logp is not None:
+        logp, ids = codec.checked_topk(sample)
+        k = varint(1 << 3) + varint(int(logp.shape[1]))
+        if logp.size:  # TopK{k = 1, logp = 2, ids = 3}
+            logp, ids = _le(logp, "<f4"), _le(ids, "<i4")
+            h2, h3 = _ld(2, logp.nbytes), _ld(3, ids.nbytes)
+            size = len(k) + len(h2) + logp.nbytes + len(h3) + ids.nbytes
+            parts.extend((_ld(13, size), k, h2, memoryview(logp).cast("B"), h3,
+                          memoryview(ids).cast("B")))
+        else:
+            parts.extend((_ld(13, len(k)), k))
+    return parts
 
 
 def encode_sample(sample: Sample) -> bytes:
     """Serialized `rollout.Sample` for `sample` (same message as `codec.to_proto`, faster)."""
-    head = codec.scalars_to_proto(sample, pb.Sample()).SerializeToString()
-    parts = [head]
-    for field, arr, ints in ((6, sample.tokens, True), (8, sample.loss_mask, False),
-                             (9, sample.rollout_logp, False)):
-        if arr is not None and np.size(arr):
-            parts.append(_ld(field, packed_int32(arr) if ints else packed_floats(arr)))
-    for field, arr in ((11, sample.step_rewards), (12, sample.teacher_logp)):
-        if arr is not None:
-            parts.append(_ld(field, _ld(1, packed_floats(arr)) if np.size(arr) else b""))
-    if sample.teacher_topk_logp is not None:
-        logp, ids = codec.checked_topk(sample)
-        inner = varint(1 << 3) + varint(int(logp.shape[1]))
-        if logp.size:
-            inner += _ld(2, packed_floats(logp)) + _ld(3, packed_int32(ids))
-        parts.append(_ld(13, inner))
+    return b"".join(sample_parts(sample))
+
+
+def encode_push_request(samples) -> bytes:
+    """Serialized `PushRequest` (one copy of the array data)."""
+    parts = []
+    for sample in samples:
+        sp = sample_parts(sample)
+        parts += [b"\x0a", varint(sum(len(p) for p in sp))]  # PushRequest.samples = 1
+        parts += sp
     return b"".join(parts)
 
 
 def join_repeated(items: list[bytes], field: int = 1) -> bytes:
     """A message whose `field` is `repeated bytes/message` holding `items` (e.g. a
     PushRequest or LeaseResponse from serialized samples)."""
-    tag = varint(field << 3 | 2)
-    return b"".join(tag + varint(len(x)) + x for x in items)
+    tag, parts = varint(field << 3 | 2), []
+    for x in items:
+        parts += (tag, varint(len(x)), x)
+    return b"".join(parts)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
