@@ -36,7 +36,7 @@ from clawjax.sample import Sample, SampleError
 
 __all__ = ["Sample", "SampleError", "TokenBatch", "pack", "DEFAULT_ROW_BUCKETS", "row_bucket"]
 
-DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclasses.dataclass(frozen=True)

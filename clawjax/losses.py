@@ -275,7 +275,8 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     terms: Terms = {}
     if config.use_tis:
         log_w = jnp.where(mask, old - jnp.asarray(batch.rollout_logp), 0.0)
-        tis = jax.lax.stop_gradient(jnp.minimum(jnp.exp(jnp.minimum(log_w, 30.0)), config.tis_cap))
+        tis = jnp.minimum(jnp.exp(jnp.minimum(log_w, 30.0)), config.tis_cap)
+        tis = jax.lax.stop_gradient(tis)
         pg = pg * tis
         terms["tis_weight"] = red(tis)
     total = pg
