@@ -267,3 +267,20 @@ class Publisher:
         versions = list_versions(self.publish_dir)
         for v in versions[:-self.keep]:
             shutil.rmtree(self.publish_dir / f"v{v}", ignore_errors=True)
+
+
+def publisher_from_config(publish, workdir: str | os.PathLike,
+                          tokenizer_dir: str | None = None, fleet=None) -> Publisher | None:
+    """A Publisher from the `publish` ConfigDict (`every_steps`, `dir`, `urls`, `keep`,
+    `dtype`), or None when `every_steps` is 0. `dir = ""` means `workdir/publish`; `urls` is
+    comma-separated (empty: write only) unless a started `fleet` is given."""
+    if int(publish.every_steps) <= 0:
+        return None
+    dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+    if publish.dtype not in dtypes:
+        raise ValueError(f"publish.dtype = {publish.dtype!r}, expected one of {sorted(dtypes)}")
+    urls = [u.strip() for u in str(publish.urls or "").split(",") if u.strip()]
+    return Publisher(fleet if fleet is not None else (urls or None),
+                     publish.dir or Path(workdir) / "publish", int(publish.every_steps),
+                     keep=int(publish.keep), dtype=dtypes[publish.dtype],
+                     tokenizer_dir=tokenizer_dir)

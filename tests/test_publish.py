@@ -161,3 +161,30 @@ def test_sigkill_mid_publish_leaves_only_complete_versions(tmp_path):
 def test_publisher_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         Publisher(None, tmp_path, every_steps=1, keep=0)
+
+
+def test_publisher_from_config(tmp_path):
+    import ml_collections
+
+    from clawjax.publish import publisher_from_config
+    cfg = ml_collections.ConfigDict({"every_steps": 0, "dir": "", "urls": "", "keep": 2,
+                                     "dtype": "bfloat16"})
+    assert publisher_from_config(cfg, tmp_path) is None
+    cfg.every_steps = 3
+    pub = publisher_from_config(cfg, tmp_path)
+    try:
+        assert pub.publish_dir == tmp_path / "publish" and pub.every_steps == 3
+        assert pub.keep == 2 and pub.dtype == jnp.bfloat16 and pub._fleet is None
+    finally:
+        pub.close()
+    cfg.dtype = "int8"
+    with pytest.raises(ValueError, match="publish.dtype"):
+        publisher_from_config(cfg, tmp_path)
+
+
+def test_bench_publish_runs_small(capsys):
+    from clawjax.bench import publish as bench
+    assert bench.main(["--hidden", "64", "--layers", "1", "--vocab", "256", "--repeats", "1",
+                       "--clients", "2", "--updates", "1", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio export / raw" in out and "longest wait during updates" in out

@@ -9,8 +9,6 @@ produced it.
 
 from __future__ import annotations
 
-import uuid
-
 from clawjax.serving.protocol import ProtocolError
 
 
@@ -88,6 +86,3 @@ def usage_chunk(result: dict, model: str, created: int) -> dict:
     return {"id": "chatcmpl-" + result["meta_info"]["id"], "object": "chat.completion.chunk",
             "created": created, "model": model, "choices": [], "usage": _usage(result)}
 
-
-def new_id() -> str:
-    return uuid.uuid4().hex

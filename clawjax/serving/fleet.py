@@ -136,6 +136,9 @@ class Fleet:
 
     async def call(self, fn: Callable[[SGLangClient], Awaitable[Any]]) -> Any:
         """Runs `fn(client)` on the least-loaded server, retrying server failures elsewhere."""
+        if self._up_event is None:
+            raise RuntimeError("Fleet is not started: use `async with Fleet(urls) as fleet:` "
+                               "or `await fleet.start()` first")
         tried: set[Server] = set()
         last: Exception | None = None
         for attempt in range(self.max_attempts):
