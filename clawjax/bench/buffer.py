@@ -4,8 +4,9 @@ Both servers run as subprocesses on loopback; this process is the client side.
 1. Throughput: `--samples` samples (`--tokens` tokens each, half response, teacher log-probs)
    go push → stream → ack through the buffer (fsync on, `--pushers` pushing threads, batches of
    `--batch`) and, as the baseline, the same serialized batches go up and back down through a
-   bare gRPC echo service (bytes in, same bytes out). Echo and buffer rounds alternate and the
-   medians are compared (shared hosts are noisy). Figure: MB/s of sample bytes, and the ratio
+   bare gRPC echo service (bytes in, same bytes out). After one uncounted warm-up round each,
+   echo and buffer rounds alternate and the medians are compared (shared hosts are noisy). A
+   third line shows the disk's own bound: the same bytes appended with one fdatasync per group. Figure: MB/s of sample bytes, and the ratio
    buffer / echo (target ≥ 0.5). The buffer's cost per sample is mostly fixed (validation,
    numpy conversion), so the ratio grows with sample size: try `--tokens 2048` as well.
 2. Latency at a steady `--rate` samples/s for `--seconds`: a paced pusher (10 samples per push)
@@ -213,12 +214,12 @@ def main(argv: list[str]) -> int:
           f"({nbytes / args.samples / 1024:.1f} KiB each, {nbytes / 1e6:.1f} MB) per round, "
           f"batches of {args.batch}, {args.pushers} pushers, fsync on, {args.rounds} rounds")
     echo_s, buffer_s, disk_s = [], [], []
-    warm = make_samples(4 * args.batch, args.tokens, prefix="warm-")
+    warm = make_samples(args.samples, args.tokens, seed=99, prefix="warm-")
     with tempfile.TemporaryDirectory() as tmp:
         with ServerProcess(tmp, "--lease-timeout-s", "60", "--max-bytes", str(8 << 30)) as proc:
-            bench_echo(echo_batches[:8], args.pushers)
-            bench_buffer(proc.address, [warm[i:i + args.batch] for i in range(0, len(warm),
-                                                                           args.batch)], 2)
+            bench_echo(echo_batches, args.pushers)   # one full, uncounted warm-up round each
+            bench_buffer(proc.address, [warm[i:i + args.batch]
+                                        for i in range(0, len(warm), args.batch)], args.pushers)
             for batches in rounds:
                 echo_s.append(bench_echo(echo_batches, args.pushers))
                 buffer_s.append(bench_buffer(proc.address, batches, args.pushers))
