@@ -46,6 +46,9 @@ sys.stdin.read()
 """
 
 
+ACK_EVERY = 64  # the buffer round's consumer acks in groups of this many
+
+
 def make_samples(n: int, tokens: int, seed: int = 0, prefix: str = "b") -> list[Sample]:
     rng = np.random.default_rng(seed)
     r = tokens // 2
@@ -127,7 +130,7 @@ def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> flo
     stream = consumer.stream(max_in_flight=512)
     for sample in stream:
         pending.append(sample.sample_id)
-        if len(pending) >= 64 or acked + len(pending) == total:
+        if len(pending) >= ACK_EVERY or acked + len(pending) == total:
             consumer.ack(pending)
             acked += len(pending)
             pending = []
@@ -220,6 +223,8 @@ def main(argv: list[str]) -> int:
             bench_echo(echo_batches, args.pushers)   # one full, uncounted warm-up round each
             bench_buffer(proc.address, [warm[i:i + args.batch]
                                         for i in range(0, len(warm), args.batch)], args.pushers)
+            with BufferClient(proc.address) as c:
+                fsyncs_before = c.stats()["fsyncs_total"]
             for batches in rounds:
                 echo_s.append(bench_echo(echo_batches, args.pushers))
                 buffer_s.append(bench_buffer(proc.address, batches, args.pushers))
@@ -235,7 +240,8 @@ def main(argv: list[str]) -> int:
     print("throughput  buffer push -> stream -> ack (fsync):     median "
           f"{buffer_med:7.1f} MB/s  rounds {', '.join(f'{x:.1f}' for x in buffer_mbs)}"
           f"  ({args.samples / float(np.median(buffer_s)):.0f} samples/s; "
-          f"{stats['fsyncs_total']} fsyncs for {args.rounds * len(rounds[0])} pushes + acks)")
+          f"{stats['fsyncs_total'] - fsyncs_before} fsyncs for {args.rounds * len(rounds[0])} "
+          f"pushes + {args.rounds * -(-args.samples // ACK_EVERY)} acks)")
     disk_mbs = [nbytes / t / 1e6 for t in disk_s]
     print("bound       disk write + fdatasync, same bytes:     median "
           f"{float(np.median(disk_mbs)):7.1f} MB/s  rounds {', '.join(f'{x:.1f}' for x in disk_mbs)}")
