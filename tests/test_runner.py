@@ -224,25 +224,41 @@ def test_tool_and_terminal_environments_send_tool_messages(servers, tmp_path):
     assert (as_user.outcome_reward, as_user.done) == (0.0, True)
 
 
+class BrokenEnv(HomeworkEnv):
+    """Steps fail after the first; closing fails too."""
+
+    def step(self, action):
+        if self._state.steps >= 1:
+            raise RuntimeError("simulator crashed")
+        return super().step(action)
+
+    def close(self):
+        raise OSError("cannot clean up")
+
+
 def test_errors_end_only_their_own_episode(servers):
     ok_task, ok_replies, _ = homework_case(0)
-    chat = servers({"e-0": ok_replies, "e-1": [None], "e-3": ["7"] * 10},
+    chat = servers({"e-0": ok_replies, "e-1": [None], "e-3": ["7"] * 10, "e-5": ["1", "2"]},
                    raw={"e-4": {"choices": []}})
     episodes = [(HomeworkEnv(), ok_task),
                 (HomeworkEnv(), {"task_id": "x", "seed": 1}),
                 (HomeworkEnv(), {"task_id": "bad", "seed": "one"}),  # the env rejects the task
                 (HomeworkEnv(), {"task_id": "long", "question": "What is 1 + 1?", "answer": 2,
                                  "max_attempts": 10}),
-                (HomeworkEnv(), {"task_id": "y", "seed": 2})]
+                (HomeworkEnv(), {"task_id": "y", "seed": 2}),
+                (BrokenEnv(), {"task_id": "z", "question": "What is 1 + 1?", "answer": 2})]
     results = runner.run_episodes(chat.url, episodes, concurrency=3, session_prefix="e", max_turns=3)
-    ok, failed, bad, long, malformed = results
+    ok, failed, bad, long, malformed, broken = results
     assert ok.error is None and ok.outcome_reward == 1.0
     assert "HTTP 500" in failed.error and "scripted failure" in failed.error and failed.turns == 0
     assert "task['seed'] = 'one'" in bad.error and chat.of("e-2") == []
     assert long.error is None and (long.done, long.turns, long.outcome_reward) == (False, 3, 0.0)
     assert chat.of("e-3")[-1]["body"]["session_done"] is True  # closed although not done
     assert "not a chat completion" in malformed.error
-    assert runner.summarize(results)["errors"] == 3.0
+    assert broken.error == ("environment homework: RuntimeError: simulator crashed; "
+                            "environment homework: close failed: OSError: cannot clean up")
+    assert broken.turns == 1 and [m["role"] for m in broken.messages][-1] == "assistant"
+    assert runner.summarize(results)["errors"] == 4.0
 
 
 def test_bad_arguments_and_urls(servers):

@@ -150,9 +150,12 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
         result.error = str(e)
     except Exception as e:  # an environment bug or bad task ends this episode only
         result.error = f"environment {result.env}: {type(e).__name__}: {e}"
-    finally:
-        if close_env:
+    if close_env:
+        try:
             await loop.run_in_executor(executor, env.close)
+        except Exception as e:  # noqa: BLE001 - one environment's cleanup never stops the run
+            closing = f"environment {result.env}: close failed: {type(e).__name__}: {e}"
+            result.error = f"{result.error}; {closing}" if result.error else closing
     if close_session and result.turns > 0:
         body = {**sampling, **session_body, "messages": list(result.messages), "max_tokens": 1,
                 "session_done": True, "outcome_reward": result.outcome_reward}
