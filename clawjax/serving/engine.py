@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import threading
 import time
 import uuid
@@ -37,9 +36,7 @@ from flax import nnx
 
 from clawjax.serving.protocol import SamplingParams
 from clawjax.serving.sampling import sample_token, top_logprobs
-
-MIN_BUCKET = 16
-
+from clawjax.serving.steps import bucket, make_steps
 
 @dataclasses.dataclass(eq=False)
 class Request:
@@ -70,40 +67,6 @@ class Request:
     t_start: float = dataclasses.field(default_factory=time.monotonic)
 
 
-def _bucket(n: int, cap: int) -> int:
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    return min(b, cap)
-
-
-@functools.lru_cache(maxsize=8)
-def _make_steps(graphdef):
-    """Jitted prefill and decode for one graphdef (architecture), shared by engines serving the
-    same architecture so each (batch, bucket) compiles once per process. The cache is
-    donated."""
-
-    def prefill(state, cache, tokens, positions, targets, last_idx, k):
-        model = nnx.merge(graphdef, state)
-        logits, cache = model.forward_cached(tokens, positions, cache)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,T,V]
-        tok_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B,T]
-        last = jnp.take_along_axis(logp, last_idx[:, None, None], axis=1)[:, 0]  # [B,V]
-        if k:
-            top_v, top_i = jax.lax.top_k(logp, k)  # [B,T,k]
-        else:
-            top_v = top_i = jnp.zeros((0,), jnp.float32)
-        return cache, last, tok_logp, top_v, top_i
-
-    def decode(state, cache, tokens, positions):
-        model = nnx.merge(graphdef, state)
-        logits, cache = model.forward_cached(tokens, positions, cache)
-        return cache, jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [B,V]
-
-    return (jax.jit(prefill, static_argnames=("k",), donate_argnums=(1,)),
-            jax.jit(decode, donate_argnums=(1,)))
-
-
 class Engine:
     """Continuous-batching generator over a `clawjax.model` Transformer.
 
@@ -124,7 +87,7 @@ class Engine:
         self.detokenize = detokenize
         graphdef, state = nnx.split(model)
         self._graphdef = graphdef
-        self._prefill, self._decode = _make_steps(graphdef)
+        self._prefill, self._decode = make_steps(graphdef)
         # generation id -> (weight_version label, params); labels may repeat, ids never do.
         self._params: dict[int, tuple[str, Any]] = {0: (weight_version, state)}
         self._gen = 0
@@ -304,7 +267,7 @@ class Engine:
 
     def _run_prefill(self, reqs: list[Request]) -> None:
         b = self.max_batch
-        t = _bucket(max(len(r.prompt) for r in reqs), self.context_len)
+        t = bucket(max(len(r.prompt) for r in reqs), self.context_len)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         targets = np.zeros((b, t), np.int32)
