@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_batch < 1:
         p.error(f"--max-batch = {args.max_batch}, expected >= 1")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model = {args.model!r}, expected a model directory with config.json")
     if not 0 < args.port < 65536:
         p.error(f"--port = {args.port}, expected 1..65535")
     return args
