@@ -125,6 +125,11 @@ def stats(proxy: ProxyThread, key=None) -> dict:
 def samples(servers, proxy, session: str, key=None) -> list:
     """Every sample the buffer holds for `session` (after the proxy went idle)."""
     stats(proxy, key)
+    return collect(servers, session)
+
+
+def collect(servers, session: str) -> list:
+    """Leases and acks everything in the buffer (kept by session); returns `session`'s."""
     client = BufferClient(servers["address"])
     try:
         while True:
@@ -345,3 +350,57 @@ def test_greedy_stream_and_plain_completion_agree(servers):
                   if line.startswith("data:") and line[5:].strip() != "[DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reply(plain)
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+
+
+def _start(cmd: list[str], timeout: float = 120.0):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, lines = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if line.startswith("READY"):
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc
+    proc.kill()
+    raise RuntimeError("".join(lines[-30:]))
+
+
+def test_command_lines_serve_a_session(servers, model_dir, tmp_path):
+    import signal
+    judge_port, proxy_port = free_port(), free_port()
+    judge = _start(["clawjax.rollout.rule_judge", "--port", str(judge_port)])
+    (tmp_path / "token").write_text("")  # an empty token file means no token
+    proxy = None
+    try:
+        proxy = _start(["clawjax.rollout", "serve", "--port", str(proxy_port),
+                        "--model-dir", str(model_dir), "--policy-url", servers["policy"].url,
+                        "--judge-url", f"http://127.0.0.1:{judge_port}", "--buffer",
+                        servers["address"], "--buffer-token-file", str(tmp_path / "token"),
+                        "--method", "rl", "--prm-m", "1", "--log-level", "warning"])
+        url = f"http://127.0.0.1:{proxy_port}"
+        first = [{"role": "user", "content": "Spell cat."}]
+        a = chat(url, first, session="cli")
+        chat(url, first + [{"role": "assistant", "content": reply(a)},
+                           {"role": "user", "content": "Correct! Thank you."}],
+             session="cli", done=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            s = httpx.get(url + "/stats", params={"idle_timeout": 30}, timeout=60).json()
+            if s["emitted"]["rl"] == 1 and s["idle"]:
+                break
+        assert s["emitted"] == {"rl": 1, "opd": 0, "both": 0}, s
+        assert s["rewards"]["1"] == 1 and s["drops"]["no_next_state"] == 1
+    finally:
+        for proc in (proxy, judge):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0
+    got = collect(servers, "cli")
+    assert [(x.kind, x.reward, x.metadata["method"]) for x in got] == [("rl", 1.0, "rl")]
