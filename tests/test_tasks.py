@@ -131,9 +131,19 @@ def test_bad_files_and_options_are_named(tmp_path, jsonl):
 # -- TFDS ------------------------------------------------------------------------------------
 
 def build_tiny_tfds(data_dir, records):
-    """A GeneratorBasedBuilder prepared as array_record files under data_dir (no download)."""
+    """A GeneratorBasedBuilder prepared as array_record files under data_dir (no download).
+    The class is not registered with TFDS: readers find the dataset from its files alone, as a
+    rollout worker without this code would."""
     import tensorflow_datasets as tfds
 
+    with tfds.core.registered.skip_registration():
+        builder_class = _tiny_builder_class(tfds, records)
+    builder = builder_class(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def _tiny_builder_class(tfds, records):
     class ClawjaxTinyTasks(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
 
@@ -150,9 +160,7 @@ def build_tiny_tfds(data_dir, records):
             for row in rows:
                 yield row["task_id"], row
 
-    builder = ClawjaxTinyTasks(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return ClawjaxTinyTasks
 
 
 def test_tfds_source_decodes_shards_and_resumes(tmp_path):
