@@ -2,13 +2,14 @@
 episodes keep per-session transcripts, session fields and rewards straight; errors stay local."""
 
 import json
+import re
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from clawjax.rollout import runner
+from clawjax.rollout import runner, tasks
 from clawjax.rollout.envs import HomeworkEnv, TerminalEnv, ToolCallEnv, homework
 
 
@@ -20,8 +21,9 @@ class ScriptedChat:
     with its headers; `first_barrier` (optional) holds each session's first call until that many
     sessions are waiting at once, which only a concurrent client can satisfy."""
 
-    def __init__(self, script, first_barrier=None, raw=None):
+    def __init__(self, script, first_barrier=None, raw=None, solver=None):
         self.script = script
+        self.solver = solver
         self.raw = raw or {}
         self.barrier = threading.Barrier(first_barrier, timeout=20) if first_barrier else None
         self.requests = []
@@ -75,7 +77,7 @@ class ScriptedChat:
                 self.barrier.wait()
             except threading.BrokenBarrierError:
                 return 503, {"error": {"message": "sessions did not arrive concurrently"}}
-        reply = self.script[session][index]
+        reply = self.solver(body) if self.solver else self.script[session][index]
         if reply is None:
             return 500, {"error": {"message": "scripted failure", "type": "server_error"}}
         return 200, completion(reply)
@@ -278,3 +280,29 @@ def test_bad_arguments_and_urls(servers):
     task, _, _ = homework_case(0)
     result = runner.run_episodes("http://127.0.0.1:9", [(HomeworkEnv(), task)], timeout_s=5)[0]
     assert result.error.startswith("POST http://127.0.0.1:9/v1/chat/completions failed")
+
+
+def test_command_line_runs_a_shard_and_resumes_the_task_stream(servers, tmp_path, capsys):
+    def solver(body):  # answers "What is a + b?" from the first user message
+        a, b = re.search(r"What is (\d+) \+ (\d+)\?", body["messages"][0]["content"]).groups()
+        return f"{a} + {b} = {int(a) + int(b)}"
+
+    chat = servers({}, solver=solver)
+    path = str(tmp_path / "tasks.jsonl")
+    tasks.write_jsonl_tasks(path, [{"env": "homework", "task_id": f"q-{i}",
+                                    "question": f"What is {i} + {3 * i}?", "answer": 4 * i}
+                                   for i in range(10)])
+    out, state = str(tmp_path / "results.jsonl"), str(tmp_path / "tasks.state")
+    argv = ["--url", chat.url, "--tasks", path, "--episodes", "4", "--concurrency", "2",
+            "--seed", "9", "--out", out, "--state", state, "--max-tokens", "16"]
+    assert runner.main(argv + ["--session-prefix", "a"]) == 0
+    assert "episodes=4 done=4 errors=0 mean_outcome=1" in capsys.readouterr().out
+    assert runner.main(argv + ["--session-prefix", "b"]) == 0
+    lines = [json.loads(line) for line in open(out)]
+    expected = [t["task_id"] for t in tasks.TaskStream(tasks.JsonlTaskSource(path), seed=9).take(8)]
+    assert [line["task_id"] for line in lines] == expected
+    assert [line["session_id"] for line in lines] == [f"a-{i}" for i in range(4)] + [f"b-{i}" for i in range(4)]
+    assert all(line["outcome_reward"] == 1.0 and line["done"] and line["error"] is None for line in lines)
+    assert lines[0]["steps"][0]["observation"] == {"role": "user", "text": homework.THANKS}
+    assert lines[0]["messages"][-1] == {"role": "user", "content": homework.THANKS}
+    assert all(r["body"]["max_tokens"] == 16 for r in chat.requests if not r["body"].get("session_done"))

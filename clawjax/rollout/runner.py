@@ -17,15 +17,23 @@ So the proxy sees every main-line turn's next state, including the last one's, a
 episode's outcome when the session closes. Rewards (SPEC §2, general agents): the step total is
 r_outcome + r_process(step); `step_reward_totals` is that sum, for the proxy to call.
 
+From the command line (tasks from `clawjax.rollout.tasks`, results appended as JSONL):
+    python -m clawjax.rollout.runner --url http://127.0.0.1:8000 --tasks tasks.jsonl \
+        --episodes 64 --concurrency 16 --out episodes.jsonl --state tasks.state
+
 Errors never stop other episodes: an HTTP error, a malformed response or an environment error
 ends that episode with `EpisodeResult.error` set (and the session is still closed, best effort).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import json
 import math
+import os
+import sys
 import uuid
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -81,6 +89,15 @@ class EpisodeResult:
     @property
     def turns(self) -> int:
         return len(self.steps)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """One JSONL line of a results file: the transcript, rewards and per-step records."""
+        return {"session_id": self.session_id, "task_id": self.task_id, "env": self.env,
+                "done": self.done, "outcome_reward": self.outcome_reward, "turns": self.turns,
+                "error": self.error, "messages": self.messages,
+                "steps": [{"turn_index": s.turn_index, "action": s.action,
+                           "observation": dataclasses.asdict(s.observation), "done": s.done,
+                           "outcome_reward": s.outcome_reward} for s in self.steps]}
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -230,3 +247,62 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, float]:
         "mean_outcome": sum(r.outcome_reward for r in results) / n if n else 0.0,
         "mean_turns": sum(r.turns for r in results) / n if n else 0.0,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m clawjax.rollout.runner --url URL --tasks SPEC --episodes N [...]`: runs N
+    tasks of this worker's shard through the endpoint, appends one JSON line per episode to
+    --out, and keeps the task stream's position in --state (resumed when the file exists)."""
+    from clawjax.rollout import tasks as task_pipeline
+    from clawjax.rollout.envs import env_for_task
+
+    parser = argparse.ArgumentParser(prog="python -m clawjax.rollout.runner", description=main.__doc__)
+    parser.add_argument("--url", required=True, help="base URL of the OpenAI-compatible server")
+    parser.add_argument("--tasks", required=True, help="PATH.jsonl or tfds:NAME[/SPLIT]")
+    parser.add_argument("--tfds-data-dir", default=None)
+    parser.add_argument("--episodes", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--max-turns", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-index", type=int, default=0)
+    parser.add_argument("--shard-count", type=int, default=1)
+    parser.add_argument("--session-prefix", default=None)
+    parser.add_argument("--time-limit-s", type=float, default=5.0, help="terminal commands")
+    parser.add_argument("--out", required=True, help="JSONL file the episode results are appended to")
+    parser.add_argument("--state", default=None, help="file holding the task stream position")
+    args = parser.parse_args(argv)
+
+    source = task_pipeline.task_source(args.tasks, data_dir=args.tfds_data_dir)
+    stream = task_pipeline.TaskStream(source, seed=args.seed, shard_index=args.shard_index,
+                                      shard_count=args.shard_count)
+    if args.state and os.path.exists(args.state):
+        with open(args.state, "rb") as f:
+            stream.set_state(f.read())
+    chosen = stream.take(args.episodes)
+    pairs = []
+    for task in chosen:
+        kwargs = {"time_limit_s": args.time_limit_s} if task.get("env") == "terminal" else {}
+        pairs.append((env_for_task(task, **kwargs), task))
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
+                if v is not None}
+    results = run_episodes(args.url, pairs, concurrency=args.concurrency, model=args.model,
+                           api_key=args.api_key, max_turns=args.max_turns, sampling=sampling,
+                           session_prefix=args.session_prefix)
+    with open(args.out, "a") as f:
+        for result in results:
+            f.write(json.dumps(result.to_json_dict()) + "\n")
+    if args.state:
+        with open(args.state + ".tmp", "wb") as f:
+            f.write(stream.get_state())
+        os.replace(args.state + ".tmp", args.state)
+    summary = summarize(results)
+    print(" ".join(f"{k}={v:g}" for k, v in summary.items()), flush=True)
+    return 0 if summary["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
