@@ -7,7 +7,7 @@ import pytest
 
 from clawjax.rollout.envs import (EnvError, HomeworkEnv, Observation, ToolCallEnv, env_for_task,
                                   make_env)
-from clawjax.rollout.envs import homework, toolcall
+from clawjax.rollout.envs import homework, terminal, toolcall
 from clawjax.rollout.envs.base import last_integer
 
 # The rule judge's keyword contract (clawjax.rollout.rule_judge), restated independently.
@@ -238,3 +238,33 @@ def test_registry():
         make_env("gui")
     with pytest.raises(ValueError, match="role"):
         Observation("assistant", "x")
+
+
+def test_phrases_match_the_rule_judge():
+    """The environments' replies score as intended under the real rule judge."""
+    from clawjax.rollout import rule_judge
+
+    cases = [  # (role, text, score, hint)
+        ("user", homework.THANKS, 1, None),
+        ("user", homework.WRONG.format(expression="7 + 5", given=13, operation="addition"), -1,
+         "Please double-check the addition."),
+        ("user", homework.WRONG_WORD.format(given=3), -1, "Please work through it step by step."),
+        ("user", homework.NO_NUMBER, -1, "Please end your answer with the final number."),
+        ("user", homework.PREFERENCE_MISS.format(hint=homework.HINT_FINAL_ONLY), -1,
+         homework.HINT_FINAL_ONLY),
+        ("user", homework.PREFERENCE_MISS.format(hint=homework.HINT_EXPLAIN), -1,
+         homework.HINT_EXPLAIN),
+        ("user", toolcall.CORRECT, 1, None),
+        ("user", toolcall.WRONG_ANSWER.format(given="5"), -1,
+         "Please look up the facts you need before you calculate."),
+        ("user", toolcall.NO_DIRECTIVE, -1, "Please reply with a CALL line or an ANSWER line."),
+        ("tool", "OK 24", 1, None),
+        ("tool", "ERROR calculator: division by zero", -1, None),
+        ("user", terminal.PERFECT, 1, None),
+        ("user", terminal.NOT_DONE.format(reason="there is no file a.txt"), -1,
+         "Please check the result before you reply DONE."),
+    ]
+    for role, text, score, hint in cases:
+        assert rule_judge.prm_score(role, text) == score, text
+        assert rule_judge.hint_of(text) == hint, text
+        assert judged(Observation(role, text)) == score
