@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.seed = 0
     c.trainer.max_staleness = -1  # -1: no bound; else drop samples this many versions behind
     c.trainer.take_timeout_s = 60.0
+    c.trainer.max_consecutive_skips = 20  # then stop: the run has diverged
     c.trainer.log_every = 1
     c.trainer.progress = True
 

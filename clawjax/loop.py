@@ -106,6 +106,7 @@ class TrainLoop:
         self.unacked: list[str] = []  # trained since the last checkpoint save started
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
+        self._saved_step = -1  # the step of the newest checkpoint started by this process
         self._trained_log = os.path.join(self.workdir, "trained.jsonl")
         if config.trainer.resume:
             self.restore()
@@ -130,6 +131,7 @@ class TrainLoop:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.state, self.state_shardings)
         self.state, meta, step = self.checkpointer.restore(abstract)
+        self._saved_step = step
         self.source.restore(meta.get("source", {}))
         self.skip_ids = set(meta.get("unacked_ids", []))
         if self.skip_ids:
@@ -148,6 +150,9 @@ class TrainLoop:
             f.writelines(kept)
 
     def save_checkpoint(self) -> None:
+        if self._saved_step == self.step:
+            return
+        self._saved_step = self.step
         ids, self.unacked = self.unacked, []
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
                 "unacked_ids": ids, "dropped": dict(self.dropped)}
@@ -229,12 +234,21 @@ class TrainLoop:
 
     def run(self) -> None:
         cfg = self.config
+        skips_in_a_row = 0
         while self.step < cfg.trainer.steps and not self._stop.is_set():
             samples = self.take_samples()
             if not samples:
                 continue
             metrics = self.train_step(samples)
             self.metrics.write(self.step, metrics)
+            skips_in_a_row = 0 if metrics["finite"] else skips_in_a_row + 1
+            if skips_in_a_row:
+                log.warning("non-finite loss or gradient: update skipped (%d in a row)",
+                            skips_in_a_row)
+            if skips_in_a_row > cfg.trainer.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{skips_in_a_row} consecutive updates had a non-finite loss or gradient "
+                    f"(trainer.max_consecutive_skips = {cfg.trainer.max_consecutive_skips})")
             if hasattr(self.source, "set_policy_version"):
                 self.source.set_policy_version(self.policy_version)
             if self.step % cfg.checkpoint.every_steps == 0:
@@ -243,8 +257,7 @@ class TrainLoop:
                 self.publisher.maybe_publish(self.step, self.model(), self.model_config,
                                              self.policy_version)
             self.checkpointer.poll()
-        if self.unacked or self.checkpointer.latest_step() != self.step:
-            self.save_checkpoint()
+        self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
 
     def install_signal_handlers(self) -> None:
