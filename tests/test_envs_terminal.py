@@ -233,6 +233,9 @@ def test_bad_tasks_and_settings(sandbox):
         sandbox.reset({"task_id": "t", "instruction": "x", "check": {"path": "../a", "exists": True}})
     with pytest.raises(EnvError, match=r"task\['files'\] path = '/etc/x'"):
         sandbox.reset(dict(word_task(), files={"/etc/x": "y"}))
+    for path in ("sub/", ".", "./", ""):
+        with pytest.raises(EnvError, match="a relative file path"):
+            sandbox.reset(dict(word_task(), files={path: "y"}))
     with pytest.raises(EnvError, match=r"task\['check'\]\['exists'\] = 'yes'"):
         sandbox.reset({"task_id": "t", "instruction": "x", "check": {"path": "a", "exists": "yes"}})
     with pytest.raises(EnvError, match="allowed_commands = 'no-such-program'"):

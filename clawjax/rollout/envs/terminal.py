@@ -152,8 +152,7 @@ class TerminalEnv(Environment):
                 isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise EnvError(self.name, "task['files']", files, "a dict of relative path → content")
         for path in files:
-            if not path or escapes_directory(path):
-                raise EnvError(self.name, "task['files'] path", path, "a relative path inside the directory")
+            _check_relative_file("task['files'] path", path)
         self.max_steps = task_int(self.name, task, "max_steps", 8, lo=1, hi=100)
         self.close()
         self.workdir = os.path.realpath(tempfile.mkdtemp(prefix="clawjax-terminal-", dir=self.root))
@@ -284,13 +283,18 @@ def _parse_check(check: Any) -> dict[str, Any]:
             or sum(k in check for k in kinds) != 1):
         raise EnvError("terminal", "task['check']", check,
                        "{'path': relpath} plus exactly one of 'content', 'contains', 'exists'")
-    if not check["path"] or escapes_directory(check["path"]):
-        raise EnvError("terminal", "task['check']['path']", check["path"], "a relative path inside the directory")
+    _check_relative_file("task['check']['path']", check["path"])
     kind = next(k for k in kinds if k in check)
     expected_type = bool if kind == "exists" else str
     if not isinstance(check[kind], expected_type):
         raise EnvError("terminal", f"task['check'][{kind!r}]", check[kind], f"a {expected_type.__name__}")
     return dict(check)
+
+
+def _check_relative_file(field: str, path: str) -> None:
+    if (not path or escapes_directory(path) or path.endswith("/")
+            or os.path.normpath(path) == "."):
+        raise EnvError("terminal", field, path, "a relative file path inside the directory")
 
 
 def verify(workdir: str, check: Mapping[str, Any]) -> tuple[bool, str]:
