@@ -124,6 +124,8 @@ def test_homework_preference_forms():
     assert homework.satisfies_preference("7 + 5 = 12", "explain")
     assert not homework.satisfies_preference("The answer is 12", "explain")
     assert homework.satisfies_preference("anything 12", None)
+    assert not homework.satisfies_preference("no number =", "explain")
+    assert homework.satisfies_preference("5 - 7 = -2", "explain")
 
 
 def test_homework_task_generator_and_bad_tasks():

@@ -131,8 +131,8 @@ def satisfies_preference(reply: str, preference: str | None) -> bool:
     if preference == "final_only":
         return _FINAL_ONLY.fullmatch(reply) is not None
     # "explain": an equation sign before the final number.
-    last = list(re.finditer(r"-?\d+", reply))[-1]
-    return "=" in reply[:last.start()]
+    numbers = list(re.finditer(r"\d+", reply))
+    return bool(numbers) and "=" in reply[:numbers[-1].start()]
 
 
 def problem_of(task: Mapping[str, Any]) -> Problem:
