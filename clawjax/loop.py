@@ -133,9 +133,11 @@ class TrainLoop:
         self.state, meta, step = self.checkpointer.restore(abstract)
         self._saved_step = step
         self.source.restore(meta.get("source", {}))
-        self.skip_ids = set(meta.get("unacked_ids", []))
-        if self.skip_ids:
-            self.source.commit(sorted(self.skip_ids))
+        checkpointed = sorted(meta.get("unacked_ids", []))
+        if checkpointed:
+            self.source.commit(checkpointed)
+        if self.source.redelivers:
+            self.skip_ids = set(checkpointed)
         self.dropped.update(meta.get("dropped", {}))
         self._truncate_trained_log(step)
         log.info("resumed from checkpoint step %d (%d samples acknowledged on resume)",

@@ -7,6 +7,8 @@ Every source follows one protocol, so the trainer's exactly-once bookkeeping is 
   keepalive()                          keep the leases of taken, uncommitted samples alive
   state() / restore(state)             the position to checkpoint (replay only)
   close()
+and says whether samples taken but never committed come back after a crash (`redelivers`):
+only then must the trainer skip the ones a restored checkpoint already holds.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def write_replay(path: str, samples: Iterable[Sample]) -> None:
 class ReplaySource:
     """Samples of a JSONL file in order, looping when it runs out; the position is checkpointed."""
 
+    redelivers = False
+
     def __init__(self, path: str, vocab_size: int | None = None):
         self.samples = read_replay(path, vocab_size)
         self.position = 0
@@ -88,6 +92,8 @@ class ReplaySource:
 
 class QueueSource:
     """An in-process queue that a rollout loop in the same process feeds with `put`."""
+
+    redelivers = False
 
     def __init__(self, maxsize: int = 0):
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize)
@@ -136,6 +142,8 @@ class BufferSource:
     `keepalive_s`, so a slow step or checkpoint never lets the buffer redeliver them. After a
     crash the buffer makes every unacknowledged sample deliverable again.
     """
+
+    redelivers = True
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
                  rejected_path: str | None = None, keepalive_s: float = 5.0):
