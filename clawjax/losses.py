@@ -377,7 +377,7 @@ def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
     return logp, entropy.reshape(-1)[:n].reshape(lead)
 
 
-def token_logp_and_entropy(hidden: Array, lm_head: Array, targets: Array, chunk: int = 1024
+def token_logp_and_entropy(hidden: Array, lm_head: Array, targets: Array, chunk: int = 512
                            ) -> tuple[Array, Array]:
     """(log π(targets), full-vocabulary entropy), each `[..., T]` float32, from hidden
     `[..., T, D]` and lm_head `[D, V]` (logits = hidden @ lm_head, computed in float32 even for
@@ -401,7 +401,7 @@ def _unshift(values: Array, valid: Array) -> Array:
 
 
 def sequence_logp_and_entropy(hidden: Array, lm_head: Array, tokens: Array, segment_ids: Array,
-                              chunk: int = 1024) -> tuple[Array, Array]:
+                              chunk: int = 512) -> tuple[Array, Array]:
     """Packed-row log-probs: hidden `[R, L, D]`, lm_head `[D, V]`, tokens / segment_ids
     `[R, L]` → (logp `[R, L]`, entropy `[R, L]`), float32, aligned like `TokenBatch`: the value
     at t is about tokens[t], computed from hidden[t−1] of the same segment; positions that start
@@ -413,7 +413,7 @@ def sequence_logp_and_entropy(hidden: Array, lm_head: Array, tokens: Array, segm
 
 
 def sequence_logp_entropy_topk(hidden: Array, lm_head: Array, tokens: Array, segment_ids: Array,
-                               topk_ids: Array, chunk: int = 1024
+                               topk_ids: Array, chunk: int = 512
                                ) -> tuple[Array, Array, Array]:
     """`sequence_logp_and_entropy` plus the student's log-probs at the teacher's top-K ids
     (`topk_ids [R, L, K]`, aligned like tokens: row t holds the ids for the prediction of
