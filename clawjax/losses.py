@@ -260,6 +260,15 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     Micro-batches: add the pairs (`add_terms`), then `divide_terms` once; the gradient of the
     full-batch loss is Σ grad(loss sum) / Σ loss denominator.
     """
+    shape = tuple(batch.loss_mask.shape)
+    for name, value, want in (("logp", logp, shape), ("entropy", entropy, shape),
+                              ("student_topk_logp", student_topk_logp, None)):
+        if value is None:
+            continue
+        want = want or shape + tuple(jnp.shape(batch.teacher_topk_logp)[-1:])
+        if tuple(jnp.shape(value)) != want:
+            raise ValueError(f"combined_loss: {name} has shape {tuple(jnp.shape(value))}, "
+                             f"expected {want} (the batch's [R, L]{', K' if want != shape else ''})")
     mask = (jnp.asarray(batch.loss_mask) > 0) & (jnp.asarray(batch.segment_ids) > 0)
     old = jnp.asarray(batch.old_logp)
     # Masked positions see logp = old_logp (ratio 1, zero KL) through `where`: exactly zero

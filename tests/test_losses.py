@@ -268,6 +268,12 @@ def test_combined_loss_demands_what_its_coefficients_need():
         losses.combined_loss(extra["logp"], batch, losses.LossConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="student_topk_logp"):
         losses.combined_loss(extra["logp"], batch, losses.LossConfig(topk_coef=1.0))
+    with pytest.raises(ValueError, match=r"logp has shape \(2, 7\), expected \(2, 8\)"):
+        losses.combined_loss(extra["logp"][:, :7], batch, losses.LossConfig())
+    with pytest.raises(ValueError, match=r"student_topk_logp has shape \(2, 8, 3\), expected "
+                                         r"\(2, 8, 2\)"):
+        losses.combined_loss(extra["logp"], batch, losses.LossConfig(), None,
+                             np.zeros((2, 8, 3), np.float32))
 
 
 def test_terms_share_one_denominator_and_divide_to_combined_loss():
