@@ -4,6 +4,9 @@ Endpoints: POST `/v1/chat/completions` (optionally streamed as SSE chat chunks),
 `/v1/models`, GET `/health`, GET `/stats` (the counters of `clawjax.rollout.emit.Stats`;
 `?idle_timeout=S` first waits up to S seconds for the judge loop and the buffer queue to go
 idle). With an API key every endpoint but `/health` wants `Authorization: Bearer <key>`.
+Non-streamed completions carry `Server-Timing: upstream;dur=MS, proxy;dur=MS`: the time spent
+waiting on the policy fleet and the proxy's own time around it (parsing, chat template,
+bookkeeping, response body), for latency accounting.
 
 A chat request is served by applying the model directory's chat template here
 (`apply_chat_template(messages, add_generation_prompt=True, tokenize=True)`) and sending the
@@ -147,6 +150,7 @@ async def errors_and_auth(request: web.Request, handler):
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     proxy: Proxy = request.app[PROXY]
+    t0 = time.perf_counter()
     raw = await request.read()
     call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
     if call.messages is None:  # session_done only
@@ -162,10 +166,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if call.stream:
             return await _stream(request, proxy, call, body, index, prompt_ids)
+        t1 = time.perf_counter()
         result = await chatapi.generate(proxy.policy, body)
+        t2 = time.perf_counter()
         proxy.record(call, index, prompt_ids, result)
-        return web.json_response(chatapi.completion(
+        resp = web.json_response(chatapi.completion(
             result, call, proxy.model_name, index, proxy.tokenizer))
+        own = (t1 - t0) + (time.perf_counter() - t2)
+        resp.headers["Server-Timing"] = \
+            f"upstream;dur={(t2 - t1) * 1e3:.3f}, proxy;dur={own * 1e3:.3f}"
+        return resp
     finally:
         proxy.end(call)
 
