@@ -350,40 +350,47 @@ def combined_loss(logp: Array, batch: Any, config: LossConfig, entropy: Array | 
 def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
                           ) -> tuple[Array, Array]:
     """hidden `[..., T, D]`, lm_head `[D, V]`, ids `[..., T, K]` → (log π(ids) `[..., T, K]`,
-    entropy `[..., T]`), float32 (float64 for float64 inputs). Tokens are processed `chunk` at a time in a scan whose body is
-    rematerialised: forward and backward hold one `[chunk, V]` float32 block, never `[T, V]`."""
+    entropy `[..., T]`), float32 (float64 for float64 inputs).
+
+    The leading dims are flattened to B rows that stay a batch dimension (so a data-parallel
+    sharding of rows is kept); a scan walks the T axis `max(1, chunk // B)` positions at a time
+    (about `chunk` tokens per step) and its body is rematerialised: forward and backward hold
+    one `[B, chunk // B, V]` block, never `[B, T, V]`."""
     if chunk < 1:
         raise ValueError(f"chunk = {chunk!r}, expected a positive int")
     lead, d = hidden.shape[:-1], hidden.shape[-1]
     k = ids.shape[-1]
-    if ids.shape[:-1] != lead:
+    if not lead or ids.shape[:-1] != lead:
         raise ValueError(f"ids shape {ids.shape} does not match hidden {hidden.shape} (…, T)")
     if lm_head.ndim != 2 or lm_head.shape[0] != d:
         raise ValueError(f"lm_head shape {lm_head.shape}, expected (D={d}, V)")
-    h = hidden.reshape(-1, d)
-    i = ids.reshape(-1, k).astype(jnp.int32)
-    n = h.shape[0]
-    c = max(1, min(chunk, n))
-    n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, d)
-    i = jnp.pad(i, ((0, pad), (0, 0))).reshape(n_chunks, c, k)
+    t = lead[-1]
+    h = hidden.reshape(-1, t, d)                                   # [B, T, D]
+    i = ids.reshape(-1, t, k).astype(jnp.int32)                    # [B, T, K]
+    rows = h.shape[0]
+    c = max(1, min(chunk // max(rows, 1), t))
+    n_chunks = -(-t // c)
+    pad = ((0, 0), (0, n_chunks * c - t), (0, 0))
+    h = jnp.pad(h, pad).reshape(rows, n_chunks, c, d).swapaxes(0, 1)    # [N, B, C, D]
+    i = jnp.pad(i, pad).reshape(rows, n_chunks, c, k).swapaxes(0, 1)    # [N, B, C, K]
     dtype = jnp.promote_types(jnp.promote_types(hidden.dtype, lm_head.dtype), jnp.float32)
     w = lm_head.astype(dtype)
 
     @jax.checkpoint
-    def block(w, h_c, i_c):
-        logits = jnp.einsum("CD,DV->CV", h_c.astype(dtype), w)
+    def block(w, h_c, i_c):                     # [B, C, D], [B, C, K] → [B, C, K], [B, C]
+        logits = jnp.einsum("ND,DV->NV", h_c.reshape(rows * c, d).astype(dtype), w)
         logsm = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         entropy = -jnp.sum(jnp.exp(logsm) * logsm, axis=-1)
-        return jnp.take_along_axis(logsm, i_c, axis=-1), entropy
+        logp = jnp.take_along_axis(logsm, i_c.reshape(rows * c, k), axis=-1)
+        return logp.reshape(rows, c, k), entropy.reshape(rows, c)
 
     def step(carry, xs):
         return carry, block(w, *xs)
 
-    _, (logp, entropy) = jax.lax.scan(step, None, (h, i))
-    logp = logp.reshape(-1, k)[:n].reshape(*lead, k)
-    return logp, entropy.reshape(-1)[:n].reshape(lead)
+    _, (logp, entropy) = jax.lax.scan(step, None, (h, i))         # [N, B, C, K], [N, B, C]
+    logp = logp.swapaxes(0, 1).reshape(rows, n_chunks * c, k)[:, :t]
+    entropy = entropy.swapaxes(0, 1).reshape(rows, n_chunks * c)[:, :t]
+    return logp.reshape(*lead, k), entropy.reshape(lead)
 
 
 def token_logp_and_entropy(hidden: Array, lm_head: Array, targets: Array, chunk: int = 512
