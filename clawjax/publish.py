@@ -7,9 +7,9 @@
         pub.maybe_publish(step, (graphdef, params), config, policy_version)   # returns at once
     pub.close(wait=True)
 
-`maybe_publish` only snapshots the parameters (an on-device copy, so the trainer may donate or
-overwrite its buffers right away; on multi-host runs the all-gather is a collective every
-process joins) and hands the snapshot to a background thread, which on process 0:
+`maybe_publish` only snapshots the parameters (an on-device copy cast to `dtype`, so the
+trainer may donate or overwrite its buffers right away; on multi-host runs the all-gather is a
+collective every process joins) and hands the snapshot to a background thread, which on process 0:
   1. copies it to host and writes an HF directory (safetensors in `dtype`, bfloat16 by default,
      config.json, and the tokenizer files of `tokenizer_dir` that SGLang loads) into
      `publish_dir/.staging/`, fsyncs it, and renames it atomically to `publish_dir/v<version>`;
@@ -25,6 +25,7 @@ point leaves every `publish_dir/v*` complete (staging dirs are removed on the ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -73,15 +74,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _snapshot_leaf(x):
-    """A copy the trainer cannot donate away: on-device copy when this process holds the
-    whole array, else an all-gather to host (a collective: every process must call it)."""
+def _snapshot_leaf(x, dtype):
+    """A copy in the publish dtype the trainer cannot donate away: cast (or copied) on device
+    when this process holds the whole array (the cast halves the bytes to move for bfloat16),
+    else all-gathered to host (a collective: every process must call it). Non-float leaves
+    keep their dtype."""
+    target = jnp.dtype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else None
     if not isinstance(x, jax.Array):
-        return np.array(x, copy=True)
+        return np.array(x, dtype=target, copy=True)
     if x.is_fully_addressable:
-        return jnp.array(x, copy=True)
+        if target is None or x.dtype == target:
+            return jnp.array(x, copy=True)
+        return x.astype(target)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
+    host = multihost_utils.process_allgather(x, tiled=True)
+    return host if target is None else host.astype(target)
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_layout_fn(config, dtype):
+    """(hf_table, jitted fn): parameters in table order → the HF tensors (layout and dtype of
+    the checkpoint), computed on device so the host only copies contiguous bytes."""
+    from clawjax.model import hf_table
+
+    table = hf_table(config)
+    return table, jax.jit(lambda values: [m.to_hf(v).astype(dtype)
+                                          for m, v in zip(table, values)])
+
+
+def _snapshot(params, config, dtype) -> tuple:
+    """What a publish needs, detached from the trainer's buffers:
+    ("hf", abstract params, [HF tensors on device]) on a single host (one jitted dispatch:
+    cast + HF layout), else ("tree", None, params snapshot via `_snapshot_leaf`)."""
+    from clawjax.model import hf_table
+
+    flat = {p: v.get_value() for p, v in nnx.to_flat_state(params)}
+    table = hf_table(config)
+    if set(flat) == {m.path for m in table} and all(
+            isinstance(x, jax.Array) and x.is_fully_addressable for x in flat.values()):
+        table, fn = _hf_layout_fn(config, jnp.dtype(dtype))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        return "hf", abstract, fn([flat[m.path] for m in table])
+    return "tree", None, jax.tree.map(lambda x: _snapshot_leaf(x, dtype), params)
+
+
+def _host_model(graphdef, config, snapshot):
+    """The nnx model `save_pretrained` writes, with host (numpy) parameters. For an "hf"
+    snapshot the parameters are views of the HF-layout arrays, so writing them back to HF
+    layout copies contiguous memory only."""
+    kind, abstract, arrays = snapshot
+    host = jax.device_get(arrays)
+    if kind == "tree":
+        return nnx.merge(graphdef, host)
+    table, _ = _hf_layout_fn(config, jnp.dtype(host[0].dtype))
+    values = {m.path: m.to_nnx(h) for m, h in zip(table, host)}
+    state = nnx.from_flat_state([(p, v.replace(values[p]))
+                                 for p, v in nnx.to_flat_state(abstract)])
+    return nnx.merge(graphdef, state)
 
 
 class Publisher:
@@ -143,7 +192,7 @@ class Publisher:
             graphdef, params = model_or_state[0], model_or_state[1]
         else:
             graphdef, params = nnx.split(model_or_state, nnx.Param)
-        snapshot = jax.tree.map(_snapshot_leaf, params)
+        snapshot = _snapshot(params, config, self.dtype)
         if not self.is_writer:
             return True
         job = (step, graphdef, snapshot, config, int(policy_version))
@@ -215,9 +264,8 @@ class Publisher:
 
     def _publish(self, step, graphdef, snapshot, config, version: int) -> None:
         t0 = time.perf_counter()
-        host = jax.device_get(snapshot)
+        model = _host_model(graphdef, config, snapshot)
         del snapshot
-        model = nnx.merge(graphdef, host)
         path = self.write_version(model, config, version)
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         t1 = time.perf_counter()

@@ -64,6 +64,12 @@ def test_publish_every_n_steps_updates_every_server(tmp_path, model_a, model_b, 
                 "tokenizer_config.json"} <= files
         assert json.load(open(v6 / "config.json")).get("torch_dtype", "bfloat16") == "bfloat16" \
             or json.load(open(v6 / "config.json")).get("dtype") == "bfloat16"
+        # the published weights are the trainer's step-6 parameters rounded to bfloat16
+        loaded, _ = cm.from_pretrained(v6, dtype=jnp.float32)
+        got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+        for path, var in nnx.to_flat_state(params):
+            want = np.asarray(var.get_value().astype(jnp.bfloat16).astype(jnp.float32))
+            np.testing.assert_array_equal(np.asarray(got[path].get_value()), want)
         reference = hf_model(v6)  # transformers loads the published directory as is
         expected = token_logps(reference, ids, 1)
         for s in servers:

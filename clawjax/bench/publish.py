@@ -1,7 +1,7 @@
 """`python -m clawjax.bench publish`: what publishing costs.
 
-1. Export throughput: `Publisher.write_version` (device→host gather, cast to bfloat16, HF
-   safetensors + config.json, fsync, atomic rename) in MB/s of safetensors written, against a
+1. Export throughput: one whole publish (`maybe_publish` + `wait`: on-device snapshot cast to
+   bfloat16, device→host, HF safetensors + config.json, fsync, atomic rename) in MB/s of safetensors written, against a
    raw write of the same bytes in the same run: `numpy.save` of the same bfloat16 arrays, one
    file each, fsynced. Target: ratio >= 0.7.
 2. Weight-update stall: the embedded server serves streamed requests from several clients
@@ -63,18 +63,19 @@ def bench_export(config, repeats: int, root: Path) -> list[list]:
     export_s, raw_s, nbytes = [], [], 0
     for r in range(repeats + 1):  # round 0 warms up
         t0 = time.perf_counter()
-        snap = jax.device_get(params)
-        path = pub.write_version(nnx.merge(graphdef, snap), config, r)
+        pub.maybe_publish(r, (graphdef, params), config, policy_version=r)
+        pub.wait()
         t1 = time.perf_counter()
         raw = raw_write(host, root / f"raw{r}")
         t2 = time.perf_counter()
+        path = root / "publish" / f"v{r}"
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         if r:
             export_s.append(t1 - t0)
             raw_s.append(t2 - t1)
         shutil.rmtree(root / f"raw{r}")
-        pub._prune()
         assert abs(raw - nbytes) < 1 << 20, (raw, nbytes)
+    assert pub.stats()["failed"] == 0, pub.stats()["last_error"]
     pub.close()
     mb = nbytes / 1e6
     e, w = statistics.median(export_s), statistics.median(raw_s)
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--updates", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="no-update phase length")
