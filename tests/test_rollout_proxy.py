@@ -315,6 +315,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(servers):
         ({"messages": ok, "n": 2}, {}, "n"),
         ({"messages": ok, "turn_type": "aside", "session_id": "b"}, {}, "turn_type"),
         ({"messages": ok, "session_id": ""}, {}, "session_id"),
+        ({"messages": ok, "session_id": "é" * 200}, {}, "session_id"),
         ({"messages": ok, "session_done": "yes", "session_id": "b"}, {}, "session_done"),
         ({"messages": ok}, {"X-Session-Done": "maybe", "X-Session-Id": "b"}, "X-Session-Done"),
         ({"messages": ok}, {"X-Turn-Type": "x"}, "X-Turn-Type"),

@@ -34,6 +34,7 @@ _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_t
 _PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
 MAX_ABORT_RETRIES = 3
+MAX_SESSION_ID_BYTES = 256  # sample ids embed it; the buffer allows 1024-byte ids
 
 
 class RequestError(ValueError):
@@ -117,8 +118,10 @@ def _session(body: Mapping, headers: Mapping) -> tuple[str | None, str, bool]:
         field = "X-Session-Id"
     else:
         field = "session_id"
-    if sid is not None and (not isinstance(sid, str) or not sid.strip() or len(sid) > 256):
-        raise RequestError(field, sid, "a non-empty string of at most 256 characters")
+    if sid is not None and (not isinstance(sid, str) or not sid.strip() or
+                            len(sid.encode("utf-8", "replace")) > MAX_SESSION_ID_BYTES):
+        raise RequestError(field, sid, f"a non-empty string of at most {MAX_SESSION_ID_BYTES} "
+                           "bytes (UTF-8)")
     turn_type = body.get("turn_type")
     field = "turn_type"
     if turn_type is None:

@@ -261,6 +261,7 @@ class JudgeLoop:
     teacher (anything with `teacher_logprobs(prompt_ids, response_ids)`, e.g. a `Fleet`),
     encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats, method, m
     (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls).
+    Only the judges a method uses are asked: `rl` skips the hint judge, `opd` the PRM.
     """
 
     def __init__(self, *, judge, teacher, encode, pusher: Pusher, stats: Stats, method: str,
