@@ -320,6 +320,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(servers):
         ({"messages": ok}, {"X-Session-Done": "maybe", "X-Session-Id": "b"}, "X-Session-Done"),
         ({"messages": ok}, {"X-Turn-Type": "x"}, "X-Turn-Type"),
         ({"messages": ok, "max_tokens": 100000}, {}, "max_tokens"),  # refused by the server
+        ({"messages": ok, "max_tokens": 100000, "stream": True}, {}, "max_tokens"),
         ([1, 2], {}, "body"),
     ]
     for body, headers, field in cases:
@@ -405,3 +406,19 @@ def test_command_lines_serve_a_session(servers, model_dir, tmp_path):
                 assert proc.wait(30) == 0
     got = collect(servers, "cli")
     assert [(x.kind, x.reward, x.metadata["method"]) for x in got] == [("rl", 1.0, "rl")]
+
+
+def test_a_policy_fleet_that_is_down_gives_503_and_the_proxy_stays_up(model_dir):
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = ProxyThread(ProxyConfig(model_dir=str(model_dir), policy_urls=[dead],
+                                    judge_url=dead, buffer=f"127.0.0.1:{free_port()}")).start()
+    try:
+        r = post(proxy.url, {"messages": [{"role": "user", "content": "x"}],
+                             "session_id": "down"})
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert "policy" in r.json()["error"]["message"]
+        assert httpx.get(proxy.url + "/health").status_code == 200
+        assert httpx.get(proxy.url + "/stats").json()["drops"]["invalid"] == 0
+    finally:
+        proxy.stop()
