@@ -344,14 +344,15 @@ def final_chunks(result: dict, call: ChatCall, ident: str, created: int, model: 
                  sent: str, first: bool, index: int) -> list[dict]:
     """The closing chunks: any text not yet sent, finish_reason (+ metadata), usage."""
     chunks = []
+    model = call.model or model
     rest, _ = delta_chunk(result, sent, ident, created, model, first=first)
     if rest is not None:
         chunks.append(rest)
-    last = _chunk(ident, created, call.model or model, {}, _finish(result))
+    last = _chunk(ident, created, model, {}, _finish(result))
     last["metadata"] = _metadata(result, call, index)
     chunks.append(last)
     if call.include_usage:
-        usage = _chunk(ident, created, call.model or model, {})
+        usage = _chunk(ident, created, model, {})
         usage["choices"], usage["usage"] = [], _usage(result)
         chunks.append(usage)
     return chunks

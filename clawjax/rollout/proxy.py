@@ -1,4 +1,6 @@
 """The rollout proxy: an OpenAI-compatible chat server that agents call instead of the model.
+(Request parsing and response bodies: `clawjax.rollout.chatapi`; the judge loop and the buffer
+pusher: `clawjax.rollout.emit`; session rules: `clawjax.rollout.sessions`.)
 
 Endpoints: POST `/v1/chat/completions` (optionally streamed as SSE chat chunks), GET
 `/v1/models`, GET `/health`, GET `/stats` (the counters of `clawjax.rollout.emit.Stats`;
@@ -32,7 +34,7 @@ import math
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Mapping
 
 from aiohttp import web
 
