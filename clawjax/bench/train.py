@@ -53,6 +53,7 @@ class BenchSize:
     token_budget: int  # L, tokens per packed row
     min_len: int
     max_len: int
+    repeat_factor: int = 1  # timed steps = --repeats × this (cheap sizes: more, for stabler medians)
 
 
 def _qwen3(**overrides) -> dict:
@@ -62,9 +63,11 @@ def _qwen3(**overrides) -> dict:
 def bench_sizes(quick: bool) -> list[BenchSize]:
     """tiny = `clawjax.config.TINY_QWEN3`; small = hidden 256, 4 layers, vocab 32768
     (`--quick`: hidden 128, 2 layers, vocab 4096 and fewer tokens, for a smoke run)."""
-    tiny = BenchSize("tiny", _qwen3(), samples=16, token_budget=256, min_len=32, max_len=128)
+    tiny = BenchSize("tiny", _qwen3(), samples=16, token_budget=256, min_len=32, max_len=128,
+                     repeat_factor=4)
     if quick:
-        tiny = dataclasses.replace(tiny, samples=6, token_budget=128, min_len=16, max_len=64)
+        tiny = dataclasses.replace(tiny, samples=6, token_budget=128, min_len=16, max_len=64,
+                                   repeat_factor=1)
         small = BenchSize("small", _qwen3(vocab_size=4096, hidden_size=128, intermediate_size=384,
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=32),
@@ -253,7 +256,7 @@ def bench_one(size: BenchSize, warmup: int, repeats: int) -> dict:
                 jax_step()
                 torch_step()
             times = {"clawjax": Timing(), "torch": Timing()}
-            for _ in range(repeats):
+            for _ in range(repeats * size.repeat_factor):
                 times["clawjax"].add(jax_step)
                 times["torch"].add(torch_step)
             tokens = sum(len(s.tokens) for s in samples)
@@ -276,7 +279,8 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps per side, the first (compile, loss check) included")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per side (×4 for the tiny size)")
     parser.add_argument("--quick", action="store_true",
                         help="smallest sizes and 2 timed steps, for a smoke run")
     parser.add_argument("--only", choices=("tiny", "small"), help="run one size")
@@ -292,7 +296,7 @@ def main(argv: list[str]) -> int:
     print(f"bench train: float32 on {jax.devices()[0].platform} ({len(os.sched_getaffinity(0))} "
           f"schedulable cores), method=combine, AdamW lr={LR} β=({B1}, {B2}) "
           f"wd={WEIGHT_DECAY} clip={GRAD_CLIP}; {args.warmup} warm-up + {args.repeats} timed "
-          "steps per side, alternating, medians")
+          "steps per side (tiny: ×4 unless --quick), alternating, medians")
     print(f"torch {torch.__version__}: eager, attn_implementation=sdpa with a 4-D block-diagonal "
           f"causal mask, torch.set_num_threads left at its default = {torch.get_num_threads()}; "
           f"jax {jax.__version__}: XLA CPU default intra-op pool (one thread per schedulable core)")
