@@ -107,6 +107,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.publish.urls = ""  # comma-separated server URLs
     c.publish.keep = 2
     c.publish.dtype = "bfloat16"
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.local = False  # True: run buffer, server, judge, proxy and agents here (default task)
+    c.rollout.agents = 8  # concurrent simulated users
+    c.rollout.prm_m = 1  # judge votes per turn
+    c.rollout.temperature = 1.0
+    c.rollout.max_tokens = 16
+    c.rollout.max_batch = 16  # decode slots of the embedded server
+    c.rollout.lease_timeout_s = 30.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 4  # evaluate every this many published versions
+    c.eval.samples_per_task = 4
+
+    c.warmstart = ml_collections.ConfigDict()
+    c.warmstart.hidden_size = 128
+    c.warmstart.intermediate_size = 384
+    c.warmstart.num_layers = 2
+    c.warmstart.num_heads = 4
+    c.warmstart.num_kv_heads = 2
+    c.warmstart.steps = 500
+    c.warmstart.batch_size = 24
+    c.warmstart.rows = 8  # packed rows per warm-start step (fixed: one compile)
+    c.warmstart.token_budget = 512
+    c.warmstart.lr = 3e-3
+    c.warmstart.seed = 0
+    c.warmstart.examples = 20000
+    c.warmstart.explain_share = 0.25  # plain prompts answered in the preferred form
+    c.warmstart.hinted_share = 0.4  # prompts carrying a hint as the teacher context does
+    c.warmstart.heldout_share = 0.1
+
+    c.gate = ml_collections.ConfigDict()
+    c.gate.enabled = False  # score each candidate on a probe set before publishing it
+    c.gate.probe = ""  # JSONL of probe samples (replay format)
+    c.gate.margin = 0.5  # refuse a candidate whose probe mean log-prob drops by more
     return c
 
 
@@ -167,6 +202,7 @@ def validate(config) -> None:
            "an integer ≥ 0 (0 = never)")
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
+    _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")
     _check(not (c.replay and c.buffer.address), "replay", c.replay,
            "empty when buffer.address is set (one sample source at a time)")
     from clawjax import losses

@@ -64,10 +64,33 @@ def make_source(config, vocab_size: int, workdir: str):
     return sources.QueueSource()
 
 
+def make_publisher(config, workdir: str):
+    """The config's publisher (None when `publish.every_steps` is 0)."""
+    from clawjax.publish import publisher_from_config
+
+    tokenizer_dir = config.model.path or None
+    return publisher_from_config(config.publish, workdir, tokenizer_dir=tokenizer_dir)
+
+
+def make_gate(config, graphdef, vocab_size: int):
+    """The regression gate over `gate.probe` (a replay-format JSONL of probe samples)."""
+    from clawjax.gate import RegressionGate
+
+    if not config.gate.probe:
+        raise config_lib.ConfigError("gate.probe", config.gate.probe,
+                                     "a JSONL file of probe samples when gate.enabled")
+    probe = sources.read_replay(config.gate.probe, vocab_size=vocab_size)
+    return RegressionGate(graphdef, probe, config.gate.margin, config.trainer.token_budget,
+                          chunk=config.loss.logp_chunk)
+
+
 class TrainLoop:
     """Owns the train state and drives `trainer.steps` updates from a sample source."""
 
-    def __init__(self, config, source=None, publisher=None):
+    def __init__(self, config, source=None, publisher=None, gate=None, extra_metrics=None):
+        """`source`, `publisher` (a `clawjax.publish.Publisher`) and `gate` (a
+        `clawjax.gate.RegressionGate`) default to what the config describes; `extra_metrics`
+        is called once per step and its dict is merged into the step's metrics."""
         config_lib.validate(config)
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
@@ -98,7 +121,13 @@ class TrainLoop:
             donate_argnums=(0,))
         self.source = source if source is not None else make_source(
             config, self.model_config.vocab_size, self.workdir)
-        self.publisher = publisher
+        self.publisher = publisher if publisher is not None else make_publisher(
+            config, self.workdir)
+        self.gate = gate
+        if self.gate is None and config.gate.enabled:
+            self.gate = make_gate(config, self.graphdef, self.model_config.vocab_size)
+        self.extra_metrics = extra_metrics
+        self.gate_refusals = 0
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
@@ -107,9 +136,14 @@ class TrainLoop:
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
         self._saved_step = -1  # the step of the newest checkpoint started by this process
+        self._good_step = 0  # the newest checkpoint the regression gate accepted
         self._trained_log = os.path.join(self.workdir, "trained.jsonl")
         if config.trainer.resume:
             self.restore()
+        if self.gate is not None:  # the serving policy is the one we start from
+            self.gate.accept(self.state.params)
+            self.save_checkpoint()  # no-op when resuming: that step is already saved
+            self._good_step = self.step
         self.metrics = MetricsWriter(self.workdir, total_steps=config.trainer.steps,
                                      progress=config.trainer.progress)
 
@@ -126,11 +160,12 @@ class TrainLoop:
         """The current policy as an `nnx.Module` (shares the train state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)
 
-    def restore(self) -> None:
+    def restore(self, step: int | None = None) -> None:
+        """Restores checkpoint `step` (default: the latest) with every array on its devices."""
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.state, self.state_shardings)
-        self.state, meta, step = self.checkpointer.restore(abstract)
+        self.state, meta, step = self.checkpointer.restore(abstract, step)
         self._saved_step = step
         self.source.restore(meta.get("source", {}))
         checkpointed = sorted(meta.get("unacked_ids", []))
@@ -225,9 +260,11 @@ class TrainLoop:
             reward_mean=float(np.mean([s.reward for s in samples])),
             opd_share=float(np.mean([s.has_teacher for s in samples])),
             staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),
-            skipped_total=float(self.state.skipped),
+            skipped_total=float(self.state.skipped), gate_refusals=float(self.gate_refusals),
             **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},
         )
+        if self.extra_metrics is not None:
+            metrics.update(self.extra_metrics())
         ids = [s.sample_id for s in samples]
         self.unacked.extend(ids)
         with open(self._trained_log, "a") as f:
@@ -255,12 +292,31 @@ class TrainLoop:
                 self.source.set_policy_version(self.policy_version)
             if self.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
-            if self.publisher is not None:
-                self.publisher.maybe_publish(self.step, self.model(), self.model_config,
-                                             self.policy_version)
+            self.maybe_publish()
             self.checkpointer.poll()
         self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
+
+    def maybe_publish(self) -> None:
+        """Publishes every `publish.every_steps` steps, behind the regression gate: a candidate
+        scoring worse than the serving policy by more than `gate.margin` is not published and
+        the trainer rolls back to the last published (good) checkpoint."""
+        if self.publisher is None or self.step % self.config.publish.every_steps:
+            return
+        if self.gate is not None:
+            decision = self.gate.check(self.state.params)
+            if not decision.passed:
+                self.gate_refusals += 1
+                log.warning("%s: rolling back to checkpoint %d", decision.describe(),
+                            self._good_step)
+                self.checkpointer.wait()
+                self.restore(self._good_step)
+                return
+            self.gate.accept(self.state.params)
+            self.save_checkpoint()  # the rollback target for a later refusal
+            self._good_step = self.step
+        self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
+                                     self.model_config, self.policy_version, force=True)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly."""

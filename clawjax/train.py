@@ -38,11 +38,30 @@ def with_default_config(argv: list[str]) -> list[str]:
     return [argv[0], f"--config={default_config_path()}", *argv[1:]]
 
 
+def quiet_logging() -> None:
+    """clawjax's own messages at INFO; libraries (orbax, httpx, absl) only warnings."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("httpx", "httpcore", "orbax", "jax", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("clawjax").setLevel(logging.INFO)
+
+
 def main(argv) -> int:
     del argv
+    quiet_logging()
+    config = _CONFIG.value
+    if config.rollout.local:  # the whole loop on this machine (configs/default.py)
+        from clawjax.default_run import run_default
+
+        run_default(config)
+        return 0
     from clawjax.loop import TrainLoop  # heavy imports after flag parsing
 
-    loop = TrainLoop(_CONFIG.value)
+    loop = TrainLoop(config)
     loop.install_signal_handlers()
     try:
         loop.run()

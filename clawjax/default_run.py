@@ -1,0 +1,183 @@
+"""The whole OpenClaw-RL loop on one machine — what `python -m clawjax.train` runs by default.
+
+    warm start (cached) → LocalStack: buffer, policy server, rule judge, proxy (processes)
+                        → AgentPool: N simulated users talking to the proxy (thread)
+                        → Evaluator: held-out score of each new serving version (thread)
+                        → TrainLoop: buffer → jitted step → checkpoint → gate → publish (main)
+
+Serving is never paused: the publisher swaps weights on the server between decode steps. At
+the end the run prints a summary table and writes `workdir/curve.png`; `metrics.jsonl` holds
+every per-step metric, the held-out score among them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+import time
+
+import httpx
+
+from clawjax import default_task, report, warmstart
+from clawjax.evaluate import Evaluator
+from clawjax.local_stack import LocalStack
+from clawjax.loop import TrainLoop
+from clawjax.rollout.envs import env_for_task
+from clawjax.rollout.runner import run_episodes_async
+from clawjax.sample import Sample
+
+log = logging.getLogger("clawjax.default_run")
+
+
+class AgentPool:
+    """Simulated users with the default task's hidden preference, `concurrency` sessions at a
+    time through the proxy, cycling over the training tasks in a seeded shuffled order."""
+
+    def __init__(self, proxy_url: str, tasks: list[dict], *, concurrency: int, seed: int,
+                 temperature: float, max_tokens: int):
+        self.proxy_url, self.tasks = proxy_url, list(tasks)
+        self.concurrency, self.seed = concurrency, seed
+        self.sampling = {"temperature": temperature, "max_tokens": max_tokens}
+        self.episodes = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+
+    def _run(self) -> None:
+        rng = random.Random(self.seed)
+        round_index = 0
+        while not self._stop.is_set():
+            batch = rng.sample(self.tasks, min(len(self.tasks), self.concurrency * 2))
+            pairs = [(env_for_task(t), t) for t in batch]
+            try:
+                results = asyncio.run(run_episodes_async(
+                    self.proxy_url, pairs, concurrency=self.concurrency, max_turns=1,
+                    sampling=self.sampling, session_prefix=f"agents-{self.seed}-{round_index}",
+                    timeout_s=60.0))
+            except (httpx.HTTPError, OSError) as e:
+                log.warning("agent round failed: %s", e)
+                self.errors += 1
+                self._stop.wait(1.0)
+                continue
+            self.episodes += len(results)
+            self.errors += sum(r.error is not None for r in results)
+            round_index += 1
+
+    def rate(self) -> float:
+        return self.episodes / max(time.monotonic() - self._started, 1e-9)
+
+    def start(self) -> "AgentPool":
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="agents", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+
+
+def probe_file(path: str, tokenizer, tasks: list[dict]) -> str:
+    """A gate probe set: training prompts with answers in the preferred form (JSONL)."""
+    with open(path, "w") as f:
+        for i, t in enumerate(tasks):
+            messages = [{"role": "user", "content": default_task.first_message(t)}]
+            prompt, response = warmstart.encode(tokenizer, messages,
+                                                default_task.answer(t, default_task.PREFERENCE))
+            s = Sample(sample_id=f"probe-{i}", tokens=prompt + response,
+                       response_len=len(response))
+            f.write(s.to_json() + "\n")
+    return path
+
+
+def proxy_stats(url: str) -> dict:
+    try:
+        return httpx.get(f"{url}/stats", timeout=2.0).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def step_metrics(stack: LocalStack, agents: AgentPool, evaluator: Evaluator) -> dict:
+    """What the user sees per step besides the trainer's own numbers (DESIGN.md: no silent
+    drops): loop rates, judge votes, hint share, emitted kinds, drops by reason, restarts."""
+    out: dict = {"agent_episodes_per_s": agents.rate(), "agent_episodes": agents.episodes}
+    stats = proxy_stats(stack.proxy_url)
+    for group in ("drops", "emitted", "votes"):
+        for key, value in stats.get(group, {}).items():
+            out[f"{group}_{key}"] = value
+    if stats:
+        out["hint_share"] = stats.get("hint_share", 0.0)
+    latest = evaluator.latest
+    if latest is not None:
+        out["heldout_score"] = latest.score
+        out["heldout_version"] = float(latest.version) if latest.version.isdigit() else 0.0
+    for name, count in stack.restarts().items():
+        out[f"restarts_{name}"] = count
+    return out
+
+
+def run_default(config) -> dict:
+    """Runs the whole loop from `config` (configs/default.py); returns the summary dict."""
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    model_dir = warmstart.warm_start(os.path.join(workdir, "warmstart"), config.warmstart,
+                                     progress=config.trainer.progress)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_tasks, heldout = default_task.split_tasks(config.warmstart.heldout_share,
+                                                    config.warmstart.seed)
+    stack = LocalStack(workdir, model_dir, method=config.method, prm_m=config.rollout.prm_m,
+                       max_batch=config.rollout.max_batch,
+                       lease_timeout_s=config.rollout.lease_timeout_s).start()
+    evaluator = Evaluator(stack.policy_url, stack.judge_url, tokenizer, heldout, workdir,
+                          every_versions=config.eval.every_steps,
+                          samples_per_task=config.eval.samples_per_task,
+                          temperature=config.rollout.temperature,
+                          max_tokens=config.rollout.max_tokens)
+    agents = AgentPool(stack.proxy_url, train_tasks, concurrency=config.rollout.agents,
+                       seed=config.trainer.seed, temperature=config.rollout.temperature,
+                       max_tokens=config.rollout.max_tokens)
+    with config.unlocked():
+        config.model.path = model_dir
+        config.buffer.address = stack.buffer_address
+        config.publish.urls = stack.policy_url
+        if config.gate.enabled and not config.gate.probe:
+            config.gate.probe = probe_file(os.path.join(workdir, "gate_probe.jsonl"),
+                                           tokenizer, train_tasks[:32])
+    loop = None
+    try:
+        if not evaluator.history:
+            baseline = evaluator.evaluate_now()
+            print(f"warm-started policy: held-out score {baseline.score:.3f}", flush=True)
+        loop = TrainLoop(config, extra_metrics=lambda: step_metrics(stack, agents, evaluator))
+        loop.install_signal_handlers()
+        agents.start()
+        evaluator.start()
+        loop.run()
+        agents.stop()
+        evaluator.stop()
+        if loop.publisher is not None:
+            loop.publisher.maybe_publish(loop.step, (loop.graphdef, loop.state.params),
+                                         loop.model_config, loop.policy_version, force=True)
+            loop.publisher.wait(timeout=120)
+        evaluator.evaluate_now()  # the final policy, after its last publish landed
+        summary = report.summarize(workdir, evaluator.history, proxy_stats(stack.proxy_url),
+                                   loop.dropped, stack.restarts())
+        report.write_curve(workdir)
+        print(report.table(summary), flush=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+    finally:
+        agents.stop()
+        evaluator.stop()
+        if loop is not None:
+            loop.close()
+        stack.stop()

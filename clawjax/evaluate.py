@@ -1,0 +1,146 @@
+"""Held-out evaluation: the serving policy answers held-out tasks, the simulated user replies,
+and the judge scores each reply exactly as in training (the same judge prompt and endpoint).
+
+The score of one evaluation is the share of (task, sample) answers the judge rates +1, with
+`samples_per_task` answers per task at the rollout temperature. Held-out tasks are never trained
+on (DESIGN.md); the evaluator only talks to the policy server and the judge, never the proxy, so
+an evaluation produces no training samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+
+from clawjax.rollout import judge as judge_lib
+from clawjax.rollout import prompts
+from clawjax.rollout.envs import env_for_task
+from clawjax.serving.client import SGLangClient, ServingError
+
+log = logging.getLogger("clawjax.evaluate")
+
+
+@dataclasses.dataclass
+class EvalResult:
+    version: str
+    score: float  # share of answers judged +1
+    n: int
+    seconds: float
+    examples: list[dict]
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "score": self.score, "n": self.n,
+                "seconds": self.seconds}
+
+
+async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict, *,
+               temperature: float, max_tokens: int) -> tuple[int, str, str]:
+    env = env_for_task(task)
+    first = env.reset(task)
+    messages = [{"role": "user", "content": first.text}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    out = await policy.generate(input_ids=ids, sampling_params={
+        "temperature": temperature, "max_new_tokens": max_tokens})
+    answer = tokenizer.decode(out["output_ids"], skip_special_tokens=True).strip()
+    reply, _, _ = env.step(answer)
+    env.close()
+    view = prompts.TurnView(request=first.text, response=answer, next_role=reply.role,
+                            next_text=reply.text)
+    verdict = await judge_lib.judge_turn(judge, view, m=1, hint=False, temperature=0.0)
+    return verdict.reward, answer, reply.text
+
+
+async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list[dict], *,
+                         samples_per_task: int = 4, temperature: float = 1.0,
+                         max_tokens: int = 16, concurrency: int = 16) -> EvalResult:
+    """Scores the policy served at `policy_url` on `tasks` (see the module docstring)."""
+    start = time.perf_counter()
+    gate = asyncio.Semaphore(concurrency)
+    async with SGLangClient(policy_url) as policy, SGLangClient(judge_url) as judge:
+        version = await policy.get_weight_version() or ""
+
+        async def bounded(task):
+            async with gate:
+                return await _one(policy, judge, tokenizer, task, temperature=temperature,
+                                  max_tokens=max_tokens)
+
+        jobs = [t for t in tasks for _ in range(samples_per_task)]
+        results = await asyncio.gather(*(bounded(t) for t in jobs))
+    rewards = [r for r, _, _ in results]
+    examples = [{"task_id": t["task_id"], "answer": a, "reply": rep}
+                for t, (_, a, rep) in zip(jobs[::samples_per_task], results[::samples_per_task])]
+    return EvalResult(version=str(version), score=sum(r == 1 for r in rewards) / len(rewards),
+                      n=len(rewards), seconds=time.perf_counter() - start, examples=examples)
+
+
+class Evaluator:
+    """Evaluates each new serving version that is at least `every_versions` past the last one
+    evaluated, in a background thread; results go to `eval.jsonl` and `latest`."""
+
+    def __init__(self, policy_url: str, judge_url: str, tokenizer, tasks: list[dict], workdir: str,
+                 *, every_versions: int = 4, samples_per_task: int = 4, temperature: float = 1.0,
+                 max_tokens: int = 16):
+        self.policy_url, self.judge_url = policy_url, judge_url
+        self.tokenizer, self.tasks = tokenizer, tasks
+        self.every = every_versions
+        self.kwargs = dict(samples_per_task=samples_per_task, temperature=temperature,
+                           max_tokens=max_tokens)
+        self.path = os.path.join(workdir, "eval.jsonl")
+        self.history: list[EvalResult] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def latest(self) -> EvalResult | None:
+        with self._lock:
+            return self.history[-1] if self.history else None
+
+    def evaluate_now(self) -> EvalResult:
+        result = asyncio.run(evaluate_async(self.policy_url, self.judge_url, self.tokenizer,
+                                            self.tasks, **self.kwargs))
+        with self._lock:
+            self.history.append(result)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(result.to_json()) + "\n")
+        log.info("held-out score %.3f at version %s (%d answers, %.1fs)", result.score,
+                 result.version, result.n, result.seconds)
+        return result
+
+    def _due(self, version: str) -> bool:
+        last = self.latest
+        if last is None:
+            return True
+        try:
+            return int(version) - int(last.version or 0) >= self.every
+        except ValueError:
+            return version != last.version
+
+    def _run(self) -> None:
+        async def current() -> str:
+            async with SGLangClient(self.policy_url) as policy:
+                return await policy.get_weight_version() or ""
+
+        while not self._stop.wait(0.5):
+            try:
+                version = asyncio.run(current())
+                if self._due(version):
+                    self.evaluate_now()
+            except (ServingError, OSError) as e:
+                log.warning("evaluation skipped: %s", e)
+
+    def start(self) -> "Evaluator":
+        self._thread = threading.Thread(target=self._run, name="evaluator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

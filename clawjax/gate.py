@@ -1,0 +1,77 @@
+"""The regression gate: a candidate policy is published only if it does not score worse than the
+serving policy on a held-out probe set by more than a margin.
+
+The probe score is the mean log-probability of the probe samples' response tokens (loss-masked,
+token mean), computed in-process with the trainer's own forward: cheap, deterministic, and it
+collapses for a corrupted candidate (NaN or wildly moved parameters). A NaN score always fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clawjax import batch as batch_lib
+from clawjax import losses
+from clawjax.sample import Sample
+
+
+@dataclasses.dataclass
+class GateDecision:
+    passed: bool
+    candidate: float
+    serving: float
+    margin: float
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "REFUSED"
+        return (f"regression gate {verdict}: probe score {self.candidate:.4f} vs serving "
+                f"{self.serving:.4f} (margin {self.margin})")
+
+
+class RegressionGate:
+    """Scores parameters on fixed probe samples; `check` compares a candidate with the serving
+    policy's score (remembered from the last `accept`)."""
+
+    def __init__(self, graphdef, probe: list[Sample], margin: float, token_budget: int,
+                 chunk: int = 1024):
+        if not probe:
+            raise ValueError("gate probe set is empty: expected at least one probe sample")
+        if margin < 0:
+            raise ValueError(f"gate.margin = {margin}, expected a value ≥ 0")
+        self.margin = margin
+        self.batches = batch_lib.pack(probe, token_budget)
+        self.serving_score: float | None = None
+
+        @jax.jit
+        def terms(params, batch):
+            model = nnx.merge(graphdef, params)
+            hidden = model.hidden(batch.tokens, batch.positions, batch.segment_ids)
+            logp, _ = losses.sequence_logp_and_entropy(
+                hidden, model.lm_head(), batch.tokens, batch.segment_ids, chunk=chunk)
+            return losses.reduce(logp, batch.loss_mask, batch.segment_ids, "token_mean")
+
+        self._terms = terms
+
+    def score(self, params) -> float:
+        """Mean log-prob of the probe responses under `params` (higher is better)."""
+        total, count = 0.0, 0.0
+        for b in self.batches:
+            s, c = self._terms(params, b)
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    def accept(self, params) -> float:
+        """Records `params` as the serving policy; returns its score."""
+        self.serving_score = self.score(params)
+        return self.serving_score
+
+    def check(self, params) -> GateDecision:
+        candidate = self.score(params)
+        serving = self.serving_score if self.serving_score is not None else candidate
+        passed = math.isfinite(candidate) and candidate >= serving - self.margin
+        return GateDecision(passed, candidate, serving, self.margin)

@@ -1,0 +1,168 @@
+"""The serving and rollout loops on one machine, each its own process, supervised.
+
+`LocalStack` starts, in order: the gRPC rollout buffer (`python -m clawjax.buffer serve`), the
+embedded policy server (`python -m clawjax.serve`), the rule judge
+(`python -m clawjax.rollout.rule_judge`) and the rollout proxy (`python -m clawjax.rollout
+serve`). A supervisor thread restarts any child that dies, on the same port (the buffer on the
+same directory, so nothing acknowledged is lost), and counts the restarts. Children get SIGTERM
+when this process dies (Linux `PR_SET_PDEATHSIG`), so a killed trainer leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("clawjax.local_stack")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: children are stopped by `stop()` only
+        pass
+
+
+@dataclasses.dataclass
+class Child:
+    """One supervised process: `args` after `python -m`, a regex whose group 1 is its address."""
+
+    name: str
+    args: list[str]
+    ready: str
+    log_path: str
+    proc: subprocess.Popen | None = None
+    address: str = ""
+    restarts: int = 0
+
+    def start(self, timeout_s: float = 180.0) -> str:
+        log_file = open(self.log_path, "a")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
+                                     stderr=log_file, text=True, env=env,
+                                     preexec_fn=_die_with_parent)
+        log_file.close()
+        pattern = re.compile(self.ready)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                line = self.proc.stdout.readline()
+                match = pattern.search(line)
+                if match:
+                    self.address = match.group(1)
+                    threading.Thread(target=self._drain, daemon=True).start()
+                    return self.address
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        with open(self.log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{self.name} did not start (exit code {self.proc.returncode}); "
+                           f"log {self.log_path}:\n{tail}")
+
+    def _drain(self) -> None:
+        proc = self.proc
+        for _ in proc.stdout:
+            pass
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LocalStack:
+    """Buffer, policy server, rule judge and proxy as supervised child processes.
+
+    Attributes once started: `buffer_address` (host:port), `policy_url`, `judge_url`,
+    `proxy_url` (http://host:port).
+    """
+
+    def __init__(self, workdir: str, model_dir: str, method: str = "combine", prm_m: int = 1,
+                 max_batch: int = 16, lease_timeout_s: float = 30.0):
+        self.workdir = workdir
+        self.logs = os.path.join(workdir, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.model_dir, self.method, self.prm_m = model_dir, method, prm_m
+        self.max_batch, self.lease_timeout_s = max_batch, lease_timeout_s
+        self.children: dict[str, Child] = {}
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def _child(self, name: str, args: list[str], ready: str) -> str:
+        child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"))
+        self.children[name] = child
+        return child.start()
+
+    def start(self) -> "LocalStack":
+        ready_url = r"READY (http://\S+)"
+        self.buffer_address = self._child("buffer", [
+            "clawjax.buffer", "serve", "--port", str(free_port()),
+            "--dir", os.path.join(self.workdir, "buffer"),
+            "--lease-timeout-s", str(self.lease_timeout_s)],
+            r"clawjax buffer listening on (\S+)")
+        self.policy_url = self._child("server", [
+            "clawjax.serve", "--model", self.model_dir, "--port", str(free_port()),
+            "--max-batch", str(self.max_batch)], ready_url)
+        self.judge_url = self._child("judge", [
+            "clawjax.rollout.rule_judge", "--port", str(free_port())], ready_url)
+        self.proxy_url = self._child("proxy", [
+            "clawjax.rollout", "serve", "--port", str(free_port()), "--model-dir",
+            self.model_dir, "--policy-url", self.policy_url, "--judge-url", self.judge_url,
+            "--buffer", self.buffer_address, "--method", self.method,
+            "--prm-m", str(self.prm_m), "--session-expiry-s", "120"], ready_url)
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            for child in self.children.values():
+                if child.alive() or self._stop.is_set():
+                    continue
+                log.warning("%s exited (code %s): restarting on %s", child.name,
+                            child.proc.returncode, child.address)
+                try:
+                    child.start()
+                    child.restarts += 1
+                except RuntimeError as e:
+                    log.error("%s", e)
+
+    def restarts(self) -> dict[str, int]:
+        return {name: c.restarts for name, c in self.children.items()}
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+        for name in ("proxy", "judge", "server", "buffer"):  # upstream first: nothing in flight
+            if name in self.children:
+                self.children[name].stop()
