@@ -142,6 +142,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.gate.enabled = False  # score each candidate on a probe set before publishing it
     c.gate.probe = ""  # JSONL of probe samples (replay format)
     c.gate.margin = 0.5  # refuse a candidate whose probe mean log-prob drops by more
+
+    c.distributed = ml_collections.ConfigDict()  # multi-host (clawjax/distributed.py)
+    c.distributed.enabled = config_dict.placeholder(bool)  # None: auto (SLURM / TPU pod env)
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detected by JAX
+    c.distributed.num_processes = -1  # with coordinator_address; -1 = detected
+    c.distributed.process_id = -1  # with coordinator_address; -1 = detected
+    c.distributed.initialization_timeout_s = 300  # fail start-up if a process never joins
+    c.distributed.heartbeat_timeout_s = 100  # stop every process this long after one dies
+    c.distributed.cpu_collectives = "gloo"  # CPU backend collectives across processes
     return c
 
 
@@ -203,6 +212,20 @@ def validate(config) -> None:
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")
+    d = c.distributed
+    if d.coordinator_address:
+        _check(":" in d.coordinator_address, "distributed.coordinator_address",
+               d.coordinator_address, "'host:port' of process 0")
+        _check(d.num_processes >= 1, "distributed.num_processes", d.num_processes,
+               "the number of processes (≥ 1) when distributed.coordinator_address is set")
+        _check(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
+               f"this process's index in [0, {d.num_processes}) when coordinator_address is set")
+    _check(d.initialization_timeout_s >= 1, "distributed.initialization_timeout_s",
+           d.initialization_timeout_s, "an integer ≥ 1 (seconds)")
+    _check(d.heartbeat_timeout_s >= 1, "distributed.heartbeat_timeout_s",
+           d.heartbeat_timeout_s, "an integer ≥ 1 (seconds)")
+    _check(d.cpu_collectives in ("gloo", "mpi"), "distributed.cpu_collectives",
+           d.cpu_collectives, "'gloo' or 'mpi'")
     _check(not (c.replay and c.buffer.address), "replay", c.replay,
            "empty when buffer.address is set (one sample source at a time)")
     from clawjax import losses

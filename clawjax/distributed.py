@@ -1,0 +1,189 @@
+"""Multi-host training with plain `jax.distributed`: start-up, each process's share of the
+samples, and the global batch built from process-local rows.
+
+One process runs per host (TPU VM worker, SLURM task); together they form one JAX runtime whose
+mesh spans every process's devices (`sharding.make_mesh` over `jax.devices()`), so the jitted
+step is the same program as on one host. What differs is only the data path:
+
+- each process takes `local_share(samples_per_step)` samples of its own: from the gRPC buffer it
+  leases them itself; from a replay file process i keeps every n-th sample of the step
+  (`ProcessShardReplay`), so n processes together train exactly the samples one process would;
+- each process packs its samples into rows, the row counts are agreed across processes
+  (`pad_rows_to_common`: the largest wins, the others add padding rows), and
+  `global_batch` stitches the local `[M, R_local, L]` stacks into the global `[M, n·R_local, L]`
+  array with `jax.make_array_from_process_local_data` — process p's rows sit on its own devices.
+
+Checkpoints are collective (orbax writes each process's shards and process 0 the metadata); only
+process 0 publishes. A process that dies stops the others: the coordination service misses its
+heartbeats for `distributed.heartbeat_timeout_s` and terminates every remaining process with
+"the JAX distributed service detected fatal errors … another task died" instead of hanging in a
+collective; a process that never joins fails start-up after `initialization_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+log = logging.getLogger("clawjax.distributed")
+
+__all__ = ["DistributedError", "detect_cluster", "maybe_initialize", "is_multiprocess",
+           "local_share", "process_config", "ProcessShardReplay", "shard_source",
+           "pad_rows_to_common", "global_batch"]
+
+
+class DistributedError(RuntimeError):
+    """Multi-host start-up or data placement failed; the message says which setting to fix."""
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
+    """"slurm" or "tpu" when the environment describes a job of more than one process, else None.
+
+    SLURM: `SLURM_JOB_ID` with `SLURM_NTASKS` > 1 (one task per node or per GPU, `srun`).
+    TPU pod: `TPU_WORKER_HOSTNAMES` (or `TPU_PROCESS_ADDRESSES`) listing more than one worker,
+    or `MEGASCALE_COORDINATOR_ADDRESS` (multislice). On a TPU VM pod whose workers do not carry
+    these variables, set `distributed.enabled=True` (`launch/tpu_pod.sh` does): JAX then reads
+    the TPU metadata itself.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return "slurm"
+    for key in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        hosts = [h for h in env.get(key, "").split(",") if h.strip()]
+        if len(hosts) > 1:
+            return "tpu"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    return None
+
+
+def maybe_initialize(config, environ: Mapping[str, str] | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when `config.distributed` asks for it; True if this
+    process is (now) part of a multi-process runtime. Must run before any JAX computation.
+
+    `distributed.enabled`: True → initialise; False → never; None (default) → initialise when
+    `coordinator_address` is set or `detect_cluster` finds a SLURM / TPU pod job. With
+    `coordinator_address` set, `num_processes` and `process_id` are passed explicitly (local
+    tests, hand-made clusters); otherwise JAX detects all three (TPU metadata, SLURM variables).
+    """
+    d = config.distributed
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    cluster = detect_cluster(environ)
+    enabled = d.enabled if d.enabled is not None else bool(d.coordinator_address or cluster)
+    if not enabled:
+        return False
+    kwargs = dict(initialization_timeout=int(d.initialization_timeout_s),
+                  heartbeat_timeout_seconds=int(d.heartbeat_timeout_s))
+    if d.coordinator_address:
+        kwargs.update(coordinator_address=d.coordinator_address,
+                      num_processes=int(d.num_processes), process_id=int(d.process_id))
+    # Cross-process collectives of the CPU backend (tests, CPU clusters); TPU/GPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    where = d.coordinator_address or f"detected ({cluster or 'JAX cluster detection'})"
+    log.info("jax.distributed.initialize: coordinator %s, %s", where,
+             {k: v for k, v in kwargs.items() if k != "coordinator_address"})
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # jax raises RuntimeError / ValueError / XlaRuntimeError here
+        raise DistributedError(
+            f"jax.distributed.initialize failed (coordinator {where}, "
+            f"distributed.initialization_timeout_s = {d.initialization_timeout_s}): "
+            f"{type(e).__name__}: {e}. Check that every process was started with the same "
+            f"distributed.coordinator_address / num_processes and a distinct process_id, and "
+            f"that process 0 is reachable.") from e
+    log.info("process %d of %d: %d local of %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def local_share(global_count: int, process_count: int | None = None) -> int:
+    """This process's part of a per-step sample count (it must split evenly)."""
+    n = jax.process_count() if process_count is None else process_count
+    if global_count % n:
+        raise DistributedError(
+            f"trainer.samples_per_step = {global_count} does not split evenly over {n} "
+            f"processes: expected a multiple of {n}")
+    return global_count // n
+
+
+def process_config(config):
+    """`config` for this process: a copy whose `trainer.samples_per_step` is the local share
+    (the caller's config is left unchanged). The same object when there is one process."""
+    if jax.process_count() == 1:
+        return config
+    local = copy.deepcopy(config)
+    local.trainer.samples_per_step = local_share(config.trainer.samples_per_step)
+    return local
+
+
+class ProcessShardReplay:
+    """Process i's view of a replay source shared by n processes: every `take(k)` advances the
+    shared position by k·n samples and returns the i-th, (i+n)-th, … of them. All processes read
+    the same file and keep the same position, so the checkpointed position is the global one
+    and n processes together train exactly the samples one process would (same order)."""
+
+    redelivers = False
+
+    def __init__(self, source, process_index: int, process_count: int):
+        self.inner = source
+        self.index, self.count = process_index, process_count
+
+    def take(self, n: int, timeout_s: float = 0.0):
+        return self.inner.take(n * self.count, timeout_s)[self.index::self.count]
+
+    def __getattr__(self, name):  # commit, reject, keepalive, state, restore, close
+        return getattr(self.inner, name)
+
+
+def shard_source(source):
+    """Wraps a replay source so this process takes its share; other sources (the gRPC buffer,
+    an in-process queue) already give every process samples of its own and are returned as is."""
+    from clawjax.sources import ReplaySource
+
+    if jax.process_count() > 1 and isinstance(source, ReplaySource):
+        return ProcessShardReplay(source, jax.process_index(), jax.process_count())
+    return source
+
+
+def pad_rows_to_common(batch):
+    """`batch` `[R, L]` with padding rows appended up to the largest R of any process (a
+    collective: every process must call it once per step). Padding rows are all zeros
+    (segment 0), so they carry no loss."""
+    from jax.experimental import multihost_utils
+
+    rows = batch.tokens.shape[0]
+    common = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+    if common == rows:
+        return batch
+
+    def pad(x):
+        return np.concatenate([x, np.zeros((common - rows, *x.shape[1:]), x.dtype)])
+
+    ids = tuple(batch.sample_ids or ()) + ((),) * (common - rows)
+    return dataclasses.replace(jax.tree.map(pad, batch), sample_ids=ids)
+
+
+def global_batch(stack, sharding):
+    """The global array of each process's local `[M, R_local, L(, K)]` stack: rows (axis 1)
+    concatenated in process order, placed with `sharding` without any host copy of the whole.
+    One process: a plain `jax.device_put`."""
+    if jax.process_count() == 1:
+        return jax.device_put(stack, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        shape = (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(one, stack)
