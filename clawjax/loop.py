@@ -91,7 +91,10 @@ class TrainLoop:
         """`source`, `publisher` (a `clawjax.publish.Publisher`) and `gate` (a
         `clawjax.gate.RegressionGate`) default to what the config describes; `extra_metrics`
         is called once per step and its dict is merged into the step's metrics."""
+        from clawjax import distributed as dist_lib
+
         config_lib.validate(config)
+        config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -110,6 +113,7 @@ class TrainLoop:
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.ref_params = params if self.step_config.use_ref else None
         self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.local_data_parallel = dist_lib.local_data_parallel(self.mesh)  # this process's
         # Micro-batch stacks are [M, R, L(, K)]: rows split over the data-parallel axes.
         self.stack_sharding = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
@@ -119,8 +123,8 @@ class TrainLoop:
                           self.param_shardings if self.ref_params is not None else None),
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,))
-        self.source = source if source is not None else make_source(
-            config, self.model_config.vocab_size, self.workdir)
+        self.source = dist_lib.shard_source(source if source is not None else make_source(
+            config, self.model_config.vocab_size, self.workdir))
         self.publisher = publisher if publisher is not None else make_publisher(
             config, self.workdir)
         self.gate = gate
@@ -133,6 +137,7 @@ class TrainLoop:
             async_save=config.checkpoint.async_save)
         self.dropped = collections.Counter()
         self.unacked: list[str] = []  # trained since the last checkpoint save started
+        self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
         self._saved_step = -1  # the step of the newest checkpoint started by this process
@@ -193,8 +198,11 @@ class TrainLoop:
         ids, self.unacked = self.unacked, []
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
                 "unacked_ids": ids, "dropped": dict(self.dropped)}
-        self.checkpointer.save(self.step, self.state, meta,
-                               on_commit=lambda: self.source.commit(ids))
+        def committed():
+            self.source.commit(ids)
+            self._in_hand.difference_update(ids)
+
+        self.checkpointer.save(self.step, self.state, meta, on_commit=committed)
 
     # ------------------------------------------------------------------ samples
     def admit(self, sample: Sample) -> str | None:
@@ -220,8 +228,12 @@ class TrainLoop:
         while len(out) < want and not self._stop.is_set():
             got = self.source.take(want - len(out), self.config.trainer.take_timeout_s)
             for s in got:
-                if s.sample_id in self.skip_ids:
+                if s.sample_id in self.skip_ids:  # in a restored checkpoint already
                     self.source.commit([s.sample_id])
+                    continue
+                if s.sample_id in self._in_hand:  # redelivered (e.g. the buffer restarted)
+                    continue  # its update is in hand; the next checkpoint acknowledges it
+                if any(s.sample_id == o.sample_id for o in out):
                     continue
                 reason = self.admit(s)
                 if reason is None:
@@ -234,13 +246,16 @@ class TrainLoop:
         return out
 
     def pack(self, samples: list[Sample]):
-        """Packs samples into a `[M, R, L]` stack of micro-batches placed on the mesh."""
+        """Packs samples into a `[M, R, L]` stack of micro-batches placed on the mesh. With
+        several processes each packs its own samples and the global stack joins their rows."""
+        from clawjax import distributed as dist_lib
+
         micro = self.config.trainer.micro_batches
-        packed = batch_lib.pack(samples, self.config.trainer.token_budget,
-                                row_buckets=ROW_BUCKETS, row_multiple=micro * self.data_parallel)
+        packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
+                                row_multiple=micro * self.local_data_parallel)
         assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
-        stack = trainer.split_rows(packed[0], micro)
-        return jax.device_put(stack, self.stack_sharding)
+        rows = dist_lib.pad_rows_to_common(packed[0]) if jax.process_count() > 1 else packed[0]
+        return dist_lib.global_batch(trainer.split_rows(rows, micro), self.stack_sharding)
 
     # ------------------------------------------------------------------ loop
     def train_step(self, samples: list[Sample]) -> dict:
@@ -267,6 +282,7 @@ class TrainLoop:
             metrics.update(self.extra_metrics())
         ids = [s.sample_id for s in samples]
         self.unacked.extend(ids)
+        self._in_hand.update(ids)
         with open(self._trained_log, "a") as f:
             f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
         return metrics
