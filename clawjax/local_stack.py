@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -119,7 +120,17 @@ class LocalStack:
     def _child(self, name: str, args: list[str], ready: str) -> str:
         child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"))
         self.children[name] = child
-        return child.start()
+        address = child.start()
+        self._write_pids()
+        return address
+
+    def _write_pids(self) -> None:
+        """`workdir/pids.json`: the current process id of every child (for operators, tests)."""
+        pids = {name: c.proc.pid for name, c in self.children.items() if c.proc is not None}
+        tmp = os.path.join(self.workdir, "pids.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(pids, f)
+        os.replace(tmp, os.path.join(self.workdir, "pids.json"))
 
     def start(self) -> "LocalStack":
         ready_url = r"READY (http://\S+)"
@@ -153,6 +164,7 @@ class LocalStack:
                 try:
                     child.start()
                     child.restarts += 1
+                    self._write_pids()
                 except RuntimeError as e:
                     log.error("%s", e)
 
