@@ -120,7 +120,15 @@ class LocalStack:
     def _child(self, name: str, args: list[str], ready: str) -> str:
         child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"))
         self.children[name] = child
-        address = child.start()
+        for attempt in range(3):  # a previous run's child may still be releasing its files
+            try:
+                address = child.start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                log.warning("%s failed to start, retrying", name)
+                time.sleep(3.0)
         self._write_pids()
         return address
 
