@@ -34,7 +34,7 @@ import numpy as np
 log = logging.getLogger("clawjax.distributed")
 
 __all__ = ["DistributedError", "detect_cluster", "maybe_initialize", "is_multiprocess",
-           "local_share", "process_config", "ProcessShardReplay", "shard_source",
+           "local_share", "process_config", "local_data_parallel", "ProcessShardReplay", "shard_source",
            "pad_rows_to_common", "global_batch"]
 
 
@@ -154,6 +154,18 @@ def shard_source(source):
     if jax.process_count() > 1 and isinstance(source, ReplaySource):
         return ProcessShardReplay(source, jax.process_index(), jax.process_count())
     return source
+
+
+def local_data_parallel(mesh) -> int:
+    """How many row shards (data × fsdp devices) this process feeds. Each process must feed
+    whole shards of its own, so data × fsdp must be a multiple of the process count (a tensor
+    axis wider than one host would need every process to hold the same rows)."""
+    dp, n = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if dp % n:
+        raise DistributedError(
+            f"mesh data × fsdp = {dp} devices is not a multiple of the process count {n}: "
+            f"expected mesh.tensor ≤ the devices of one host so every process feeds its own rows")
+    return dp // n
 
 
 def pad_rows_to_common(batch):
