@@ -1,0 +1,209 @@
+"""Multi-host training on one machine: 2 processes × 4 CPU devices (jax.distributed with a local
+coordinator, gloo collectives) against 1 process × 8 devices.
+
+- one `TrainLoop` step from a replay file gives the same parameters (≤ 1e-5) whether one process
+  packs all 8 samples or each of two packs its own 4 (process i takes every 2nd sample);
+- the checkpoint the 2-process run wrote collectively restores in a 1-process run, bit for bit,
+  with the replay position of the whole step;
+- a process that dies stops the other with the coordination service's message (no hang).
+
+Each run is a fresh Python process (`python tests/test_multihost.py MODE ...`): the device count
+and jax.distributed are fixed at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------------------- worker side
+def _config(workdir: str, replay: str, steps: int = 1):
+    sys.path.insert(0, ROOT)
+    from configs.tiny_cpu import get_config
+
+    c = get_config()
+    c.workdir, c.replay = workdir, replay
+    c.trainer.steps, c.trainer.samples_per_step = steps, 8
+    c.trainer.progress = False
+    c.checkpoint.async_save = False
+    c.distributed.initialization_timeout_s = 60
+    c.distributed.heartbeat_timeout_s = 5
+    return c
+
+
+def _host_params(params) -> dict[str, np.ndarray]:
+    """Every parameter as a full host array (gathered across processes), keyed by path."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = {}
+    for path, x in flat:
+        if jax.process_count() > 1:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        out[jax.tree_util.keystr(path)] = np.asarray(x, np.float64)
+    return out
+
+
+def _train(workdir, replay, out, coordinator="", num_processes=-1, process_id=-1, die=False):
+    from clawjax import distributed
+
+    config = _config(workdir, replay)
+    config.distributed.coordinator_address = coordinator
+    config.distributed.num_processes, config.distributed.process_id = num_processes, process_id
+    distributed.maybe_initialize(config)
+    import jax
+    from clawjax.loop import TrainLoop
+
+    loop = TrainLoop(config)
+    if die and jax.process_index() == 1:
+        os._exit(3)  # dies without a word, in the middle of the job
+    before = _host_params(loop.state.params)
+    loop.run()
+    loop.close()
+    after = _host_params(loop.state.params)
+    if jax.process_index() == 0:
+        np.savez(out, **{f"before{k}": v for k, v in before.items()},
+                 **{f"after{k}": v for k, v in after.items()})
+    print(json.dumps({"process": jax.process_index(), "of": jax.process_count(),
+                      "devices": jax.device_count(), "local": jax.local_device_count()}))
+
+
+def _restore(workdir, replay, out):
+    config = _config(workdir, replay)
+    config.trainer.resume = True
+    from clawjax.loop import TrainLoop
+
+    loop = TrainLoop(config)
+    np.savez(out, **_host_params(loop.state.params))
+    print(json.dumps({"step": loop.step, "position": loop.source.state()["position"]}))
+    loop.close()
+
+
+def _worker(argv):
+    mode = argv[0]
+    if mode == "train":
+        _train(*argv[1:4])
+    elif mode in ("train_mp", "die"):
+        workdir, replay, out, coordinator, process_id = argv[1:6]
+        _train(workdir, replay, out, coordinator, 2, int(process_id), die=mode == "die")
+    elif mode == "restore":
+        _restore(*argv[1:4])
+
+
+# ---------------------------------------------------------------------------- test side
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args, devices):
+    return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs, timeout=300):
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a multi-host worker hung past the test's limit")
+        results.append((p.returncode, out, err))
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs the 2-process step, then (one process) the 8-device reference step and the restore."""
+    from sample_factory import make_samples
+
+    from clawjax.sources import write_replay
+
+    tmp = tmp_path_factory.mktemp("multihost")
+    replay = str(tmp / "replay.jsonl")
+    write_replay(replay, make_samples(16, seed=7, max_len=40))
+    coordinator = f"127.0.0.1:{_free_port()}"
+    mp = _finish([_spawn(["train_mp", str(tmp / "mp"), replay, str(tmp / "mp.npz"), coordinator,
+                          str(i)], devices=4) for i in range(2)])
+    for rc, out, err in mp:
+        assert rc == 0, err[-3000:]
+    single = _finish([_spawn(["train", str(tmp / "one"), replay, str(tmp / "one.npz")], 8)])
+    assert single[0][0] == 0, single[0][2][-3000:]
+    restored = _finish([_spawn(["restore", str(tmp / "mp"), replay, str(tmp / "restored.npz")],
+                               8)])
+    assert restored[0][0] == 0, restored[0][2][-3000:]
+    return dict(mp=mp, mp_params=dict(np.load(tmp / "mp.npz")),
+                one_params=dict(np.load(tmp / "one.npz")), restored=restored[0],
+                restored_params=dict(np.load(tmp / "restored.npz")))
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_two_processes_form_one_runtime(runs):
+    infos = sorted((_last_json(out) for _, out, _ in runs["mp"]), key=lambda d: d["process"])
+    assert infos == [{"process": i, "of": 2, "devices": 8, "local": 4} for i in range(2)]
+
+
+def test_one_step_matches_single_process(runs):
+    mp, one = runs["mp_params"], runs["one_params"]
+    assert set(mp) == set(one)
+    names = [k[len("after"):] for k in mp if k.startswith("after")]
+    assert names
+    worst, moved = 0.0, 0.0
+    for name in names:
+        np.testing.assert_array_equal(mp["before" + name], one["before" + name])
+        worst = max(worst, float(np.max(np.abs(mp["after" + name] - one["after" + name]))))
+        moved = max(moved, float(np.max(np.abs(one["after" + name] - one["before" + name]))))
+    print(f"max |params(2 processes) - params(1 process)| after one step = {worst:.3e}")
+    assert moved > 1e-4, "the step must change the parameters for the comparison to mean anything"
+    assert worst <= TOL
+
+
+def test_two_process_checkpoint_restores_in_one_process(runs):
+    info = _last_json(runs["restored"][1])
+    assert info == {"step": 1, "position": 8}  # the whole step's 8 samples, both processes'
+    mp = runs["mp_params"]
+    for name, value in runs["restored_params"].items():
+        np.testing.assert_array_equal(value, mp["after" + name], err_msg=name)
+
+
+def test_dead_process_stops_the_job_with_a_message(tmp_path):
+    from sample_factory import make_samples
+
+    from clawjax.sources import write_replay
+
+    replay = str(tmp_path / "replay.jsonl")
+    write_replay(replay, make_samples(16, seed=7, max_len=40))
+    coordinator = f"127.0.0.1:{_free_port()}"
+    (rc0, _, err0), (rc1, _, _) = _finish(
+        [_spawn(["die", str(tmp_path / "w"), replay, str(tmp_path / "x.npz"), coordinator,
+                 str(i)], devices=4) for i in range(2)], timeout=240)
+    assert rc1 == 3
+    assert rc0 != 0, "the surviving process must stop, not finish or hang"
+    assert "another task died" in err0 or "stopped sending heartbeats" in err0, err0[-3000:]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
