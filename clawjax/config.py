@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = -1  # with coordinator_address; -1 = detected
     c.distributed.initialization_timeout_s = 300  # fail start-up if a process never joins
     c.distributed.heartbeat_timeout_s = 100  # stop every process this long after one dies
+    c.distributed.local_device_ids = ""  # "0,1,…": this process's GPUs; "" = JAX's choice
     c.distributed.cpu_collectives = "gloo"  # CPU backend collectives across processes
     return c
 
@@ -224,6 +225,9 @@ def validate(config) -> None:
            d.initialization_timeout_s, "an integer ≥ 1 (seconds)")
     _check(d.heartbeat_timeout_s >= 1, "distributed.heartbeat_timeout_s",
            d.heartbeat_timeout_s, "an integer ≥ 1 (seconds)")
+    _check(all(x.strip().isdigit() for x in d.local_device_ids.split(",")) if d.local_device_ids
+           else True, "distributed.local_device_ids", d.local_device_ids,
+           "comma-separated device ids such as '0,1,2,3', or '' for JAX's default")
     _check(d.cpu_collectives in ("gloo", "mpi"), "distributed.cpu_collectives",
            d.cpu_collectives, "'gloo' or 'mpi'")
     _check(not (c.replay and c.buffer.address), "replay", c.replay,

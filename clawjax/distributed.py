@@ -71,6 +71,8 @@ def maybe_initialize(config, environ: Mapping[str, str] | None = None) -> bool:
     `coordinator_address` is set or `detect_cluster` finds a SLURM / TPU pod job. With
     `coordinator_address` set, `num_processes` and `process_id` are passed explicitly (local
     tests, hand-made clusters); otherwise JAX detects all three (TPU metadata, SLURM variables).
+    Under SLURM, JAX gives each task the one GPU of its local rank unless
+    `local_device_ids` lists the GPUs (one task per node driving all of them).
     """
     d = config.distributed
     if jax.distributed.is_initialized():
@@ -84,6 +86,8 @@ def maybe_initialize(config, environ: Mapping[str, str] | None = None) -> bool:
     if d.coordinator_address:
         kwargs.update(coordinator_address=d.coordinator_address,
                       num_processes=int(d.num_processes), process_id=int(d.process_id))
+    if d.local_device_ids:  # e.g. one SLURM task per node driving all of its GPUs
+        kwargs["local_device_ids"] = [int(x) for x in d.local_device_ids.split(",")]
     # Cross-process collectives of the CPU backend (tests, CPU clusters); TPU/GPU ignore it.
     jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
     where = d.coordinator_address or f"detected ({cluster or 'JAX cluster detection'})"
