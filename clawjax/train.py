@@ -54,6 +54,7 @@ def main(argv) -> int:
     del argv
     quiet_logging()
     config = _CONFIG.value
+    __import__("clawjax.distributed").distributed.maybe_initialize(config)  # before any JAX op
     if config.rollout.local:  # the whole loop on this machine (configs/default.py)
         from clawjax.default_run import run_default
 
