@@ -1,0 +1,76 @@
+"""Helpers shared by `bench methods` and `bench async`: whole-loop runs as subprocesses (each
+with clean JAX state), one warm start shared by every run of a bench, steady-state rates from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+# `--quick`: a tiny warm start and a short loop (smoke tests, not results).
+QUICK_OVERRIDES = (
+    "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
+    "--config.warmstart.intermediate_size=128", "--config.trainer.samples_per_step=8",
+    "--config.eval.samples_per_task=1", "--config.eval.every_steps=2",
+    "--config.publish.every_steps=2", "--config.checkpoint.every_steps=2",
+    "--config.rollout.agents=4",
+)
+
+
+def share_warmstart(root: str, workdir: str) -> None:
+    """Copies `root/warmstart` (if present) into `workdir/warmstart`: the run finds it cached
+    when its fingerprint matches the run's settings, and trains its own otherwise."""
+    src, dst = os.path.join(root, "warmstart"), os.path.join(workdir, "warmstart")
+    if os.path.exists(os.path.join(src, "warmstart.json")) and not os.path.exists(dst):
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copytree(src, dst)
+
+
+def keep_warmstart(root: str, workdir: str) -> None:
+    """After a run: its warm start becomes the shared one if there is none yet."""
+    src, dst = os.path.join(workdir, "warmstart"), os.path.join(root, "warmstart")
+    if os.path.exists(os.path.join(src, "warmstart.json")) and not os.path.exists(dst):
+        shutil.copytree(src, dst)
+
+
+def run_module(module: str, root: str, workdir: str, overrides: list[str],
+               timeout_s: float | None = None) -> float:
+    """Runs `python -m module --config.workdir=workdir *overrides` with the shared warm start;
+    output goes to `workdir/run.log`. Returns wall seconds; raises on a non-zero exit."""
+    share_warmstart(root, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", module, f"--config.workdir={workdir}",
+           "--config.trainer.progress=False", *overrides]
+    log_path = os.path.join(workdir, "run.log")
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=timeout_s)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; {log_path}:\n{tail}")
+    keep_warmstart(root, workdir)
+    return time.monotonic() - start
+
+
+def trained_rate(workdir: str) -> dict:
+    """Steady-state samples trained per minute from `metrics.jsonl`: the first quarter of the
+    steps (at least one) is left out of both samples and time — start-up, compilation, and the
+    backlog the concurrent agents build up meanwhile (it would make the next steps look fast).
+    Rate = samples of rows k+1.. / (time of the last row - time of row k), k = skipped steps.
+    Returns {"samples", "seconds", "per_min", "steps" (timed), "skipped"}."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) < 2:
+        raise ValueError(f"{workdir}/metrics.jsonl has {len(rows)} rows, expected >= 2")
+    skip = max(1, len(rows) // 4)
+    samples = sum(r["samples"] for r in rows[skip:])
+    seconds = rows[-1]["time"] - rows[skip - 1]["time"]
+    return {"samples": int(samples), "seconds": seconds, "per_min": 60.0 * samples / seconds,
+            "steps": len(rows) - skip, "skipped": skip}

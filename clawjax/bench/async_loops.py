@@ -1,0 +1,70 @@
+"""`python -m clawjax.bench async`: samples trained per minute with the four loops concurrent
+(the default run, `python -m clawjax.train`) vs the same components in strict sequence
+(`python -m clawjax.sequential_run`: serve → judge → train → publish, nothing overlapping).
+
+Both runs: the same config and overrides, the same step budget, one shared warm start, on this
+machine one after the other. The rate is read the same way from each run's `metrics.jsonl`
+(`_runs.trained_rate`: the first quarter of the steps — start-up, compilation and the backlog
+built meanwhile — is left out). Periodic held-out evaluation is pushed out of both runs
+(`eval.every_steps` huge; it is not one of the four loops), except that the default run's
+evaluator still scores the first published version once (the warm start's version is not a
+number, so any new version is due): that evaluation counts against the concurrent rate.
+
+    python -m clawjax.bench async [--steps 20] [--workdir bench/async] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from clawjax.bench import _runs
+from clawjax.bench.common import print_table
+
+NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
+
+
+def measure(root: str, steps: int, quick: bool) -> dict:
+    """Runs both modes under `root`; returns {mode: trained_rate dict + "wall_s"} and the ratio."""
+    overrides = [*(_runs.QUICK_OVERRIDES if quick else ()), NO_PERIODIC_EVAL,
+                 f"--config.trainer.steps={steps}"]
+    out: dict = {}
+    for mode, module in (("concurrent", "clawjax.train"), ("sequential", "clawjax.sequential_run")):
+        workdir = os.path.join(root, mode)
+        if os.path.exists(workdir):
+            raise FileExistsError(f"--workdir: {workdir} exists, expected a fresh bench root "
+                                  "(a resumed run would mix two runs' metrics)")
+        wall = _runs.run_module(module, root, workdir, overrides)
+        out[mode] = dict(_runs.trained_rate(workdir), wall_s=wall)
+    out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clawjax.bench async", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default 20; --quick: 4)")
+    parser.add_argument("--workdir", default="bench/async",
+                        help="bench root; a shared `warmstart/` in it is reused")
+    parser.add_argument("--quick", action="store_true", help="tiny warm start and loop")
+    args = parser.parse_args(argv)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 20)
+    if steps < 2:
+        parser.error(f"--steps {steps}: expected >= 2 (the first step is never timed)")
+    root = os.path.abspath(args.workdir)
+    result = measure(root, steps, args.quick)
+    print(f"\nbench async: {steps} steps per run, same config, same machine")
+    print(f"(rates over the last {result['concurrent']['steps']} steps of each run: the first "
+          f"{result['concurrent']['skipped']} are start-up)")
+    rows = [[mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
+             f"{r['wall_s']:.1f}"] for mode, r in result.items() if mode != "ratio"]
+    print_table(["loops", "timed steps", "samples", "seconds", "samples/min", "wall s (all)"],
+                rows)
+    ratio = result["ratio"]
+    print(f"concurrent / sequential: {ratio:.2f}x (target >= 2x: "
+          f"{'met' if ratio >= 2.0 else 'not met'})")
+    with open(os.path.join(root, "bench_async.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return 0

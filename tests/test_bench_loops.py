@@ -1,0 +1,102 @@
+"""Smoke tests of `python -m clawjax.bench methods` and `python -m clawjax.bench async` at
+`--quick` size: each runs end to end as a user would, prints its table with finite numbers and
+writes its result files. (No timing assertions: the rates are only checked to be finite > 0.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from clawjax.bench import _runs, methods
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(*args: str, timeout_s: float = 600) -> str:
+    proc = subprocess.run([sys.executable, "-m", "clawjax.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def table_rows(out: str, header_start: str) -> list[list[str]]:
+    """The rows after the header line starting with `header_start` and its dashes line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}, lines[start + 1]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip() or not re.match(r"^\S", line) or line.startswith(("combine >=",
+                                                                              "concurrent /")):
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_per_method_stats_against_hand_computed():
+    results = [{"method": "rl", "seed": 0, "before": 0.1, "after": 0.3},
+               {"method": "rl", "seed": 1, "before": 0.1, "after": 0.5},
+               {"method": "combine", "seed": 0, "before": 0.2, "after": 0.6}]
+    stats = methods.per_method(results)
+    assert set(stats) == {"rl", "combine"}
+    assert stats["rl"]["mean"] == pytest.approx(0.4, abs=1e-12)
+    assert stats["rl"]["std"] == pytest.approx(math.sqrt(0.02), abs=1e-12)  # sample std
+    assert stats["rl"]["delta_mean"] == pytest.approx(0.3, abs=1e-12)
+    assert stats["combine"]["std"] == 0.0
+    assert "undecided" in methods.report(results, stats)
+    results.append({"method": "opd", "seed": 0, "before": 0.2, "after": 0.7})
+    verdict = methods.report(results, methods.per_method(results))
+    assert verdict.startswith("combine >= max(rl, opd): no")
+
+
+def test_trained_rate_leaves_out_the_first_step(tmp_path):
+    rows = [{"step": 1, "time": 100.0, "samples": 16}, {"step": 2, "time": 130.0, "samples": 8},
+            {"step": 3, "time": 160.0, "samples": 16}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rate = _runs.trained_rate(str(tmp_path))
+    assert rate["samples"] == 24 and rate["steps"] == 2
+    assert rate["per_min"] == pytest.approx(60.0 * 24 / 60.0)
+
+
+@pytest.mark.slow
+def test_bench_methods_quick(tmp_path):
+    out = bench("methods", "--quick", "--workdir", str(tmp_path))
+    rows = table_rows(out, "method")
+    runs = [r for r in rows if r[1] != "mean ± std"]
+    assert sorted(r[0] for r in runs) == ["combine", "opd", "rl"]
+    for method, seed, before, after, delta in runs:
+        assert seed == "0"
+        values = [float(before), float(after), float(delta)]
+        assert all(math.isfinite(v) for v in values)
+        assert 0.0 <= values[0] <= 1.0 and 0.0 <= values[1] <= 1.0
+        assert values[2] == pytest.approx(values[1] - values[0], abs=2e-3)
+    assert sum(r[1] == "mean ± std" for r in rows) == 3
+    assert re.search(r"^combine >= max\(rl, opd\): (yes|no) ", out, re.M)
+    assert (tmp_path / "bench_methods.png").stat().st_size > 0
+    # One warm start for all: the first run's was copied into the others, not retrained.
+    fingerprints = {json.loads((tmp_path / f"{m}-s0" / "warmstart" / "warmstart.json")
+                               .read_text())["fingerprint"] for m in ("rl", "opd", "combine")}
+    assert len(fingerprints) == 1
+
+
+@pytest.mark.slow
+def test_bench_async_quick(tmp_path):
+    out = bench("async", "--quick", "--steps", "3", "--workdir", str(tmp_path))
+    rows = table_rows(out, "loops")
+    assert [r[0] for r in rows] == ["concurrent", "sequential"]
+    for _, steps, samples, seconds, per_min, wall in rows:
+        assert int(steps) == 2 and int(samples) > 0
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in (seconds, per_min, wall))
+    ratio = re.search(r"^concurrent / sequential: ([0-9.]+)x", out, re.M)
+    assert ratio and float(ratio.group(1)) > 0
+    result = json.loads((tmp_path / "bench_async.json").read_text())
+    expected = result["concurrent"]["per_min"] / result["sequential"]["per_min"]
+    assert result["ratio"] == pytest.approx(expected)
+    seq = json.loads((tmp_path / "sequential" / "sequential_summary.json").read_text())
+    assert seq["steps"] == 3
