@@ -29,6 +29,7 @@ from clawjax.loop import TrainLoop
 from clawjax.rollout.envs import env_for_task
 from clawjax.rollout.runner import run_episodes_async
 from clawjax.sample import Sample
+from clawjax.serving.client import ServingError
 
 log = logging.getLogger("clawjax.default_run")
 
@@ -167,7 +168,10 @@ def run_default(config) -> dict:
             loop.publisher.maybe_publish(loop.step, (loop.graphdef, loop.state.params),
                                          loop.model_config, loop.policy_version, force=True)
             loop.publisher.wait(timeout=120)
-        evaluator.evaluate_now()  # the final policy, after its last publish landed
+        try:
+            evaluator.evaluate_now()  # the final policy, after its last publish landed
+        except ServingError as e:
+            log.warning("final evaluation failed: %s", e)
         summary = report.summarize(workdir, evaluator.history, proxy_stats(stack.proxy_url),
                                    loop.dropped, stack.restarts())
         report.write_curve(workdir)

@@ -6,6 +6,8 @@ embedded policy server (`python -m clawjax.serve`), the rule judge
 serve`). A supervisor thread restarts any child that dies, on the same port (the buffer on the
 same directory, so nothing acknowledged is lost), and counts the restarts. Children get SIGTERM
 when this process dies (Linux `PR_SET_PDEATHSIG`), so a killed trainer leaves no orphans.
+(`os.fork()` + exec with a `preexec_fn` is safe here even though JAX is multithreaded: the child
+only calls prctl and then execs.)
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 log = logging.getLogger("clawjax.local_stack")
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -60,7 +64,10 @@ class Child:
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
         self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
                                      stderr=log_file, text=True, env=env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent,
+                                     # Own session: a terminal's Ctrl-C reaches the trainer
+                                     # only, which then stops the children in order.
+                                     start_new_session=True)
         log_file.close()
         pattern = re.compile(self.ready)
         deadline = time.monotonic() + timeout_s
