@@ -18,6 +18,12 @@ from clawjax.bench import _runs, methods
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory):
+    """One root for both benches: the async bench reuses the methods bench's warm start."""
+    return tmp_path_factory.mktemp("bench")
+
+
 def bench(*args: str, timeout_s: float = 600) -> str:
     proc = subprocess.run([sys.executable, "-m", "clawjax.bench", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout_s)
@@ -65,7 +71,8 @@ def test_trained_rate_leaves_out_the_first_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_methods_quick(tmp_path):
+def test_bench_methods_quick(bench_root):
+    tmp_path = bench_root
     out = bench("methods", "--quick", "--workdir", str(tmp_path))
     rows = table_rows(out, "method")
     runs = [r for r in rows if r[1] != "mean ± std"]
@@ -86,7 +93,8 @@ def test_bench_methods_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_async_quick(tmp_path):
+def test_bench_async_quick(bench_root):
+    tmp_path = bench_root
     out = bench("async", "--quick", "--steps", "3", "--workdir", str(tmp_path))
     rows = table_rows(out, "loops")
     assert [r[0] for r in rows] == ["concurrent", "sequential"]

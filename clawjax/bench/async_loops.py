@@ -27,8 +27,9 @@ NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
 
 def measure(root: str, steps: int, quick: bool) -> dict:
     """Runs both modes under `root`; returns {mode: trained_rate dict + "wall_s"} and the ratio."""
-    overrides = [*(_runs.QUICK_OVERRIDES if quick else ()), NO_PERIODIC_EVAL,
-                 f"--config.trainer.steps={steps}"]
+    quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
+                       if not o.startswith("--config.eval.every_steps=")]
+    overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
     out: dict = {}
     for mode, module in (("concurrent", "clawjax.train"), ("sequential", "clawjax.sequential_run")):
         workdir = os.path.join(root, mode)
