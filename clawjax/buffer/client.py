@@ -22,14 +22,15 @@ import time
 from typing import Iterable, Iterator, NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from clawjax.buffer import codec
+from clawjax.buffer import decode
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import rollout_pb2_grpc as pb_grpc
 from clawjax.buffer import wire
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
                                    InvalidSampleError, MessageTooLargeError, RolloutBufferError)
-from clawjax.sample import Sample
+from clawjax.sample import Sample, SampleError
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -59,6 +60,18 @@ def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no retry hint: not the buffer being full
         return MessageTooLargeError(msg, code.name, details)
     return RolloutBufferError(msg, code.name, details)
+
+
+def _samples(reply: bytes) -> list[Sample]:
+    """The samples of a serialized LeaseResponse (`repeated Sample samples = 1`), with owned
+    arrays. A malformed reply raises `RolloutBufferError`."""
+    try:
+        parts = wire.split_repeated(reply)
+        return [decode.decode_sample(data, copy=True) for data in parts]
+    except (ValueError, DecodeError) as e:
+        if isinstance(e, SampleError):  # a top-K payload that does not reshape: as codec does
+            raise
+        raise RolloutBufferError(f"malformed reply from the buffer: {e}", "INTERNAL", str(e)) from e
 
 
 class BufferClient:
@@ -94,6 +107,13 @@ class BufferClient:
         self._push_raw = self._channel.unary_unary(
             "/clawjax.buffer.RolloutBuffer/Push", request_serializer=None,
             response_deserializer=pb.PushResponse.FromString)
+        # Lease and Stream replies stay bytes: `decode` turns each sample into numpy directly.
+        self._lease_raw = self._channel.unary_unary(
+            "/clawjax.buffer.RolloutBuffer/Lease",
+            request_serializer=pb.LeaseRequest.SerializeToString, response_deserializer=None)
+        self._stream_raw = self._channel.unary_stream(
+            "/clawjax.buffer.RolloutBuffer/Stream",
+            request_serializer=pb.StreamRequest.SerializeToString, response_deserializer=None)
 
     # ------------------------------------------------------------------ plumbing
     def _backoff(self, attempt: int) -> float:
@@ -139,10 +159,10 @@ class BufferClient:
 
     def lease(self, max_samples: int, timeout_s: float = 0.0) -> list[Sample]:
         """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one."""
-        reply = self._call(self._stub.Lease, pb.LeaseRequest(max_samples=max_samples,
-                                                             timeout_s=timeout_s),
+        reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
+                                                            timeout_s=timeout_s),
                            "lease", timeout_s=timeout_s + self.rpc_timeout_s)
-        return [codec.from_proto(m) for m in reply.samples]
+        return _samples(reply)
 
     def stream(self, max_in_flight: int = 64, max_samples: int | None = None
                ) -> Iterator[Sample]:
@@ -152,14 +172,14 @@ class BufferClient:
         delivered, attempt = 0, 0
         give_up = time.monotonic() + self.retry_budget_s
         while max_samples is None or delivered < max_samples:
-            call = self._stub.Stream(pb.StreamRequest(max_in_flight=max_in_flight),
-                                     metadata=self._metadata)
+            call = self._stream_raw(pb.StreamRequest(max_in_flight=max_in_flight),
+                                    metadata=self._metadata)
             try:
                 for batch in call:
                     attempt, give_up = 0, time.monotonic() + self.retry_budget_s
-                    for msg in batch.samples:
+                    for sample in _samples(batch):
                         delivered += 1
-                        yield codec.from_proto(msg)
+                        yield sample
                         if max_samples is not None and delivered >= max_samples:
                             return
             except grpc.RpcError as err:

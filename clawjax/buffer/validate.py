@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from clawjax.buffer import codec
+from clawjax.buffer import codec, decode
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.sample import MAX_TOKENS, Sample, SampleError
 
@@ -27,16 +27,28 @@ class Limits:
 def check(msg: pb.Sample, limits: Limits = Limits(), size: int | None = None) -> Sample:
     """Returns the host `Sample` for a valid wire sample; raises `SampleError` otherwise.
     `size` is the serialized size when the caller has it (else computed)."""
-    sid = msg.sample_id
     size = msg.ByteSize() if size is None else size
+    _check_limits(msg.sample_id, size, len(msg.tokens), limits)
+    sample = codec.from_proto(msg)
+    return sample.validate(max_tokens=limits.max_tokens)
+
+
+def check_bytes(data, limits: Limits = Limits()) -> Sample:
+    """`check` on a serialized Sample, decoded without a protobuf parse of its arrays: the
+    returned sample's arrays are read-only views of `data`. Raises `DecodeError` for bytes
+    that are not a Sample message, then the same `SampleError`s as `check`, in the same order."""
+    parsed = decode.parse(data, copy=False)
+    _check_limits(parsed.msg.sample_id, len(data), parsed.num_tokens, limits)
+    return decode.to_sample(parsed).validate(max_tokens=limits.max_tokens)
+
+
+def _check_limits(sid: str, size: int, num_tokens: int, limits: Limits) -> None:
     if size > limits.max_sample_bytes:
         raise SampleError(sid, "sample (serialized size)", f"{size} bytes",
                           f"at most max_sample_bytes = {limits.max_sample_bytes}")
     if len(sid.encode()) > limits.max_id_bytes:
         raise SampleError(sid[:64], "sample_id", f"{len(sid.encode())} bytes",
                           f"at most {limits.max_id_bytes} bytes")
-    if len(msg.tokens) > limits.max_tokens:  # before decoding a huge array
-        raise SampleError(sid, "tokens", f"length {len(msg.tokens)}",
+    if num_tokens > limits.max_tokens:  # before decoding a huge array
+        raise SampleError(sid, "tokens", f"length {num_tokens}",
                           f"at most {limits.max_tokens} tokens")
-    sample = codec.from_proto(msg)
-    return sample.validate(max_tokens=limits.max_tokens)

@@ -1,0 +1,114 @@
+"""`decode`: serialized Sample → numpy without a protobuf parse of the arrays. The reference is
+always the protobuf parse (`pb.Sample.FromString` + `codec.from_proto`), on the encoding this
+package writes, on unusual but valid encodings, and on damaged bytes."""
+
+import numpy as np
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings, strategies as st
+
+from clawjax.buffer import codec, decode, wire
+from clawjax.buffer import rollout_pb2 as pb
+from clawjax.sample import Sample, SampleError
+
+from tests.sample_factory import make_samples
+from tests.test_buffer_proto import full_sample
+
+
+def reference(data: bytes):
+    """What the protobuf parse gives: a Sample, or the exception type it raises."""
+    try:
+        return codec.from_proto(pb.Sample.FromString(bytes(data)))
+    except (DecodeError, SampleError) as e:
+        return type(e)
+
+
+def fast(data: bytes, copy: bool):
+    try:
+        return decode.decode_sample(data, copy=copy)
+    except (DecodeError, SampleError) as e:
+        return type(e)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, Sample) and isinstance(b, Sample):
+        return a.equals(b) and all(
+            (x is None) == (y is None) and (x is None or x.dtype == y.dtype)
+            for x, y in ((a.tokens, b.tokens), (a.loss_mask, b.loss_mask),
+                         (a.rollout_logp, b.rollout_logp), (a.step_rewards, b.step_rewards),
+                         (a.teacher_logp, b.teacher_logp), (a.teacher_topk_ids, b.teacher_topk_ids),
+                         (a.teacher_topk_logp, b.teacher_topk_logp)))
+    return a == b
+
+
+def _no_fallback(monkeypatch):
+    def refuse(data):
+        raise AssertionError("the fast walk fell back to the protobuf parse")
+    monkeypatch.setattr(decode, "_slow", refuse)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_fast_path_matches_protobuf_on_this_package_encoding(monkeypatch, copy):
+    samples = [full_sample(), *make_samples(6, seed=3),
+               Sample("empties", [1, 2], 1, step_rewards=[], teacher_logp=[-0.5], kind="opd",
+                      teacher_topk_logp=np.zeros((1, 2)), teacher_topk_ids=np.zeros((1, 2)))]
+    encoded = [wire.encode_sample(s) for s in samples]
+    _no_fallback(monkeypatch)
+    for s, data in zip(samples, encoded):
+        got = decode.decode_sample(data, copy=copy)
+        assert same(got, reference(data)) and got.equals(s)
+        assert got.tokens.flags.writeable == copy
+    absent = decode.decode_sample(wire.encode_sample(Sample("a", [1, 2, 3], 2)))
+    assert absent.step_rewards is None and absent.teacher_logp is None
+    assert absent.teacher_topk_logp is None and absent.metadata == {}
+
+
+def test_copies_own_their_memory_and_views_share_it():
+    data = bytearray(wire.encode_sample(full_sample()))
+    view, owned = decode.decode_sample(data, copy=False), decode.decode_sample(data, copy=True)
+    before = owned.tokens.copy()
+    data[:] = bytes(len(data))  # the views see the change, the copies do not
+    assert np.array_equal(owned.tokens, before) and not np.array_equal(view.tokens, before)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    return wire.varint(field << 3 | 2) + wire.varint(len(payload)) + payload
+
+
+@pytest.mark.parametrize("extra", [
+    _ld(6, np.arange(3, dtype="<i4").tobytes()),                # packed field twice: concatenated
+    b"".join(wire.varint(6 << 3 | 5) + np.int32(v).tobytes() for v in (7, 8)),  # unpacked
+    _ld(12, _ld(1, np.float32([-1.0]).tobytes())),              # sub-message twice: merged
+    _ld(13, wire.varint(1 << 3) + wire.varint(2)),              # TopK.k again: last wins
+    wire.varint(99 << 3) + wire.varint(5),                      # unknown field
+    _ld(9, b"\x00\x00"),                                        # packed length not a multiple of 4
+    _ld(11, _ld(2, b"x")),                                      # unknown field inside FloatArray
+    b"\x0b\x0c",                                                # a group (wire type 3)
+    _ld(1, b"\xff\xfe"),                                        # sample_id not UTF-8
+])
+def test_unusual_or_bad_encodings_match_protobuf(extra):
+    data = wire.encode_sample(full_sample()) + extra
+    for copy in (False, True):
+        assert same(fast(data, copy), reference(data))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_damaged_bytes_match_protobuf(data):
+    good = wire.encode_sample(full_sample())
+    kind = data.draw(st.sampled_from(["truncate", "flip", "insert"]))
+    pos = data.draw(st.integers(0, len(good) - 1))
+    if kind == "truncate":
+        bad = good[:pos]
+    elif kind == "flip":
+        bad = good[:pos] + bytes([good[pos] ^ data.draw(st.integers(1, 255))]) + good[pos + 1:]
+    else:
+        bad = good[:pos] + data.draw(st.binary(min_size=1, max_size=6)) + good[pos:]
+    assert same(fast(bad, False), reference(bad))
+
+
+def test_topk_that_does_not_reshape_names_the_field():
+    msg = codec.to_proto(full_sample())
+    msg.teacher_topk.ids.append(1)
+    with pytest.raises(SampleError, match="teacher_topk"):
+        decode.decode_sample(msg.SerializeToString())
