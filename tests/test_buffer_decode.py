@@ -11,8 +11,8 @@ from clawjax.buffer import codec, decode, wire
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.sample import Sample, SampleError
 
-from tests.sample_factory import make_samples
-from tests.test_buffer_proto import full_sample
+from sample_factory import make_samples
+from test_buffer_proto import full_sample
 
 
 def reference(data: bytes):
