@@ -112,3 +112,36 @@ def test_topk_that_does_not_reshape_names_the_field():
     msg.teacher_topk.ids.append(1)
     with pytest.raises(SampleError, match="teacher_topk"):
         decode.decode_sample(msg.SerializeToString())
+
+
+def test_push_id_reads_the_id_like_decode_push():
+    from clawjax.buffer.wal import decode_push, encode_push, push_id
+    for sid in ("a", "sess-é/7", "x" * 300):
+        head, body = encode_push(sid, 2**40, b"\x01\x02payload")
+        payload = head + body
+        assert push_id(payload) == decode_push(payload)[0] == sid
+        assert push_id(memoryview(payload)) == sid
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: None,
+    lambda m: m.rollout_logp.__setitem__(0, 0.5),
+    lambda m: setattr(m, "kind", "nope"),
+    lambda m: setattr(m, "sample_id", "y" * 2000),
+    lambda m: m.tokens.extend([1] * 40),
+    lambda m: m.teacher_topk.ids.append(1),
+])
+def test_check_bytes_agrees_with_check(mutate):
+    from clawjax.buffer.validate import Limits, check, check_bytes
+    limits = Limits(max_tokens=32)
+    msg = codec.to_proto(full_sample())
+    mutate(msg)
+    data = msg.SerializeToString()
+
+    def outcome(f):
+        try:
+            return f().equals(full_sample())
+        except SampleError as e:
+            return str(e)
+    assert outcome(lambda: check_bytes(data, limits)) == \
+        outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))

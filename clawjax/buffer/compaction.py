@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Container
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer.wal import RecordType, decode_push
+from clawjax.buffer.wal import RecordType, push_id
 
 DONE_CHUNK = 50_000  # ids per DONE record
 
@@ -28,7 +28,7 @@ def carry_over(records: list[tuple[int, bytes]], done: Container[str]
     policy, done_ids, pushes = None, {}, []
     for rtype, payload in records:
         if rtype == RecordType.PUSH:
-            sid = decode_push(payload)[0]
+            sid = push_id(payload)
             if sid in done:
                 done_ids[sid] = None
             else:

@@ -91,6 +91,12 @@ def decode_push(payload: bytes) -> tuple[str, int, bytes]:
     return payload[start:start + n].decode(), version, payload[start + n:]
 
 
+def push_id(payload) -> str:
+    """The sample id of a PUSH payload, without copying the sample bytes (`decode_push`[0])."""
+    _, n = _PUSH_HEAD.unpack_from(payload)
+    return bytes(payload[_PUSH_HEAD.size:_PUSH_HEAD.size + n]).decode()
+
+
 def read_records(path: pathlib.Path) -> tuple[list[tuple[int, bytes]], int, str | None]:
     """Reads one segment: (records [(type, payload)], offset of the end of the last good record,
     why reading stopped early or None). Never raises on bad content."""
