@@ -1,8 +1,9 @@
 """Multi-host training on one machine: 2 processes × 4 CPU devices (jax.distributed with a local
 coordinator, gloo collectives) against 1 process × 8 devices.
 
-- one `TrainLoop` step from a replay file gives the same parameters (≤ 1e-5) whether one process
-  packs all 8 samples or each of two packs its own 4 (process i takes every 2nd sample);
+- one `TrainLoop` step (2 accumulated micro-batches) from a replay file gives the same
+  parameters (≤ 1e-5) whether one process packs all 8 samples or each of two packs its own 4
+  (process i takes every 2nd sample);
 - the checkpoint the 2-process run wrote collectively restores in a 1-process run, bit for bit,
   with the replay position of the whole step;
 - a process that dies stops the other with the coordination service's message (no hang).
@@ -34,6 +35,7 @@ def _config(workdir: str, replay: str, steps: int = 1):
     c = get_config()
     c.workdir, c.replay = workdir, replay
     c.trainer.steps, c.trainer.samples_per_step = steps, 8
+    c.trainer.micro_batches = 2  # each process's rows split into 2 accumulated micro-batches
     c.trainer.progress = False
     c.checkpoint.async_save = False
     c.distributed.initialization_timeout_s = 60
@@ -203,6 +205,72 @@ def test_dead_process_stops_the_job_with_a_message(tmp_path):
     assert rc1 == 3
     assert rc0 != 0, "the surviving process must stop, not finish or hang"
     assert "another task died" in err0 or "stopped sending heartbeats" in err0, err0[-3000:]
+
+
+# ---------------------------------------------------------------------------- helpers, in-process
+def test_detect_cluster_from_the_environment():
+    from clawjax.distributed import detect_cluster
+
+    assert detect_cluster({}) is None
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
+    assert detect_cluster({"TPU_WORKER_HOSTNAMES": "w0"}) is None  # a single-host TPU VM
+    assert detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
+    assert detect_cluster({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}) == "tpu"
+
+
+def test_maybe_initialize_stays_single_process_without_a_cluster():
+    import jax
+
+    from clawjax import distributed
+    from clawjax.config import base_config
+
+    config = base_config()
+    assert distributed.maybe_initialize(config, environ={}) is False
+    config.distributed.enabled = False  # forced off even inside a SLURM job
+    assert distributed.maybe_initialize(config, environ={"SLURM_JOB_ID": "1",
+                                                         "SLURM_NTASKS": "4"}) is False
+    assert not jax.distributed.is_initialized() and jax.process_count() == 1
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("coordinator_address", "localhost", "'host:port'"),
+    ("num_processes", -1, "number of processes"),
+    ("process_id", 2, "[0, 2)"),
+    ("heartbeat_timeout_s", 0, "≥ 1"),
+    ("local_device_ids", "0,x", "comma-separated"),
+    ("cpu_collectives", "nccl", "'gloo' or 'mpi'"),
+])
+def test_bad_distributed_values_name_the_key(key, value, fragment):
+    from clawjax.config import ConfigError, base_config, validate
+
+    config = base_config()
+    config.distributed.coordinator_address = "127.0.0.1:1234"
+    config.distributed.num_processes, config.distributed.process_id = 2, 0
+    validate(config)
+    config.distributed[key] = value
+    with pytest.raises(ConfigError, match=f"distributed.{key}") as e:
+        validate(config)
+    assert fragment in str(e.value)
+
+
+def test_process_shares_of_a_replay_cover_the_step_once(tmp_path):
+    from sample_factory import make_samples
+
+    from clawjax import distributed
+    from clawjax.sources import ReplaySource, write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    write_replay(path, make_samples(10, seed=1))
+    one = ReplaySource(path).take(8)
+    shares = [distributed.ProcessShardReplay(ReplaySource(path), i, 2) for i in range(2)]
+    taken = [s.take(4) for s in shares]
+    assert sorted(x.sample_id for t in taken for x in t) == sorted(x.sample_id for x in one)
+    assert [x.sample_id for x in taken[1]] == [x.sample_id for x in one[1::2]]
+    assert all(s.state() == {"position": 8} for s in shares)  # the global position
+    assert distributed.local_share(16, 4) == 4
+    with pytest.raises(distributed.DistributedError, match="samples_per_step = 10"):
+        distributed.local_share(10, 4)
 
 
 if __name__ == "__main__":
