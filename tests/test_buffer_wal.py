@@ -244,3 +244,16 @@ def test_after_a_write_error_the_log_refuses_everything(tmp_path, monkeypatch):
         log.append(_records(3)[2:])
     log.close()
     assert _replay(tmp_path) == _records(1)
+
+
+def test_short_writev_of_non_byte_views_counts_bytes(tmp_path, monkeypatch):
+    import numpy as np
+    real = os.writev
+    monkeypatch.setattr(wal_mod.os, "writev", lambda fd, bufs: real(fd, [bytes(bufs[0])[:5]]))
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    ints = np.arange(7, dtype="<i4")
+    bufs = [memoryview(ints), b"|", memoryview(ints[:0]), memoryview(b"ab").cast("B")]
+    assert wal_mod._writev_all(fd, bufs) == 28 + 1 + 2
+    os.close(fd)
+    assert path.read_bytes() == ints.tobytes() + b"|ab"

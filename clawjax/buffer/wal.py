@@ -136,17 +136,26 @@ def _write_all(fd: int, data: bytes) -> None:
 _IOV_MAX = 1024
 
 
+def _nbytes(buf) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
 def _writev_all(fd: int, buffers: list) -> int:
-    """Writes every buffer in order (handles short writes); returns the byte count."""
-    total, i, pending = 0, 0, [memoryview(b).cast("B") for b in buffers if len(b)]
+    """Writes every buffer in order (handles short writes); returns the byte count. Buffers are
+    passed to writev as they are (no per-buffer view objects on the hot path: they would feed
+    the cyclic GC); only a partly written one is re-sliced."""
+    pending = [b for b in buffers if _nbytes(b)]
+    sizes = [_nbytes(b) for b in pending]
+    total = i = 0
     while i < len(pending):
         n = os.writev(fd, pending[i:i + _IOV_MAX])
         total += n
-        while i < len(pending) and n >= len(pending[i]):
-            n -= len(pending[i])
+        while i < len(pending) and n >= sizes[i]:
+            n -= sizes[i]
             i += 1
         if n:
-            pending[i] = pending[i][n:]
+            pending[i] = memoryview(pending[i]).cast("B")[n:]
+            sizes[i] -= n
     return total
 
 
