@@ -97,13 +97,20 @@ def push_id(payload) -> str:
     return bytes(payload[_PUSH_HEAD.size:_PUSH_HEAD.size + n]).decode()
 
 
-def read_records(path: pathlib.Path) -> tuple[list[tuple[int, bytes]], int, str | None]:
+_TYPE_CRC = {int(t): zlib.crc32(bytes((int(t),))) for t in RecordType}
+
+
+def read_records(path: pathlib.Path, copy: bool = True
+                 ) -> tuple[list[tuple[int, bytes]], int, str | None]:
     """Reads one segment: (records [(type, payload)], offset of the end of the last good record,
-    why reading stopped early or None). Never raises on bad content."""
+    why reading stopped early or None). Never raises on bad content. With `copy=False` the
+    payloads are memoryviews of one buffer holding the whole file (no copy per record; for
+    readers that drop them soon, e.g. compaction)."""
     data = path.read_bytes()
+    view = data if copy else memoryview(data)
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
         return [], 0, f"bad or missing magic {data[:len(MAGIC)]!r}"
-    records, off, types = [], len(MAGIC), {int(t) for t in RecordType}
+    records, off = [], len(MAGIC)
     while off < len(data):
         if off + HEADER.size > len(data):
             return records, off, f"short header at offset {off}"
@@ -111,8 +118,8 @@ def read_records(path: pathlib.Path) -> tuple[list[tuple[int, bytes]], int, str 
         start = off + HEADER.size
         if start + length > len(data):
             return records, off, f"short payload at offset {off} ({length} bytes announced)"
-        payload = data[start:start + length]
-        if rtype not in types or zlib.crc32(payload, zlib.crc32(bytes((rtype,)))) != crc:
+        payload = view[start:start + length]
+        if rtype not in _TYPE_CRC or zlib.crc32(payload, _TYPE_CRC[rtype]) != crc:
             return records, off, f"checksum or type mismatch at offset {off}"
         records.append((rtype, payload))
         off = start + length
@@ -366,8 +373,9 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------ compaction
     def compact(self, keep: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]]) -> int:
-        """Rewrites all sealed segments as one. `keep` gets their records in order and returns
-        the records to carry over. Returns the bytes reclaimed (0 when nothing is sealed)."""
+        """Rewrites all sealed segments as one. `keep` gets their records in order (payloads as
+        memoryviews of the files' bytes) and returns the records to carry over. Returns the
+        bytes reclaimed (0 when nothing is sealed)."""
         with self._compact_lock:
             segs = self.sealed()
             if not segs:
@@ -375,7 +383,7 @@ class WriteAheadLog:
             records, before = [], 0
             for n in segs:
                 path = self._path(n)
-                got, end, problem = read_records(path)
+                got, end, problem = read_records(path, copy=False)
                 if problem is not None:
                     raise WalCorruptError(f"{path}: {problem}; a sealed segment is damaged")
                 records.extend(got)
@@ -386,7 +394,7 @@ class WriteAheadLog:
             with open(tmp, "wb") as f:
                 f.write(MAGIC)
                 for rtype, payload in kept:
-                    f.write(encode_record(rtype, payload))
+                    f.writelines(record_parts(rtype, payload))
                 f.flush()
                 os.fsync(f.fileno())
             after = tmp.stat().st_size
@@ -408,7 +416,7 @@ class StaleLog:
         self.fsync = fsync
         self._lock = threading.Lock()
         if self.path.exists():
-            _, end, problem = read_records(self.path)
+            _, end, problem = read_records(self.path, copy=False)
             if problem is not None:
                 with open(self.path, "r+b") as f:
                     if end == 0:
