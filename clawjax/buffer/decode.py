@@ -51,6 +51,8 @@ class Parsed:
 
 
 def _varint(data, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and data[pos] < 0x80:  # one byte: tags, small lengths and counters
+        return data[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end:
