@@ -145,12 +145,22 @@ class Sample:
                 continue
             if arr.shape != (r,):
                 fail(name, f"shape {arr.shape}", f"shape ({r},) = (response_len,)")
-        if not np.all((self.loss_mask == 0) | (self.loss_mask == 1)):
+
+        # Fast checks first (two reductions, no temporaries per rule); only when one does not
+        # pass does the plain rule below run, so the outcome and message are the plain rule's.
+        def fast_logp_ok(a) -> bool:  # max ≤ 0 excludes NaN, +inf, positives; min > -inf
+            return (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.size > 0
+                    and bool(a.max() <= 0) and bool(a.min() > -np.inf))
+
+        mask = self.loss_mask
+        fast_mask_ok = (isinstance(mask, np.ndarray) and mask.dtype.kind == "f"
+                        and np.count_nonzero(mask == 0) + np.count_nonzero(mask == 1) == mask.size)
+        if not fast_mask_ok and not np.all((self.loss_mask == 0) | (self.loss_mask == 1)):
             bad = self.loss_mask[(self.loss_mask != 0) & (self.loss_mask != 1)][0]
             fail("loss_mask", float(bad), "values in {0, 1}")
         for name in ("rollout_logp", "teacher_logp"):
             arr = getattr(self, name)
-            if arr is None:
+            if arr is None or fast_logp_ok(arr):
                 continue
             if not np.all(np.isfinite(arr)):
                 fail(name, float(arr[~np.isfinite(arr)][0]), "finite log-probs")
@@ -176,7 +186,9 @@ class Sample:
             if self.teacher_topk_ids.shape != shape:
                 fail("teacher_topk_ids", f"shape {self.teacher_topk_ids.shape}",
                      f"shape {shape} (same as teacher_topk_logp)")
-            if not np.all(np.isfinite(self.teacher_topk_logp)) or np.any(self.teacher_topk_logp > 0):
+            if not fast_logp_ok(self.teacher_topk_logp) and (
+                    not np.all(np.isfinite(self.teacher_topk_logp))
+                    or np.any(self.teacher_topk_logp > 0)):
                 fail("teacher_topk_logp", "non-finite or positive entry", "finite log-probs ≤ 0")
             if np.any(self.teacher_topk_ids < 0):
                 fail("teacher_topk_ids", int(self.teacher_topk_ids.min()), "non-negative token ids")

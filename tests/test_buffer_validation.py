@@ -120,3 +120,56 @@ def test_server_keeps_serving_after_bad_pushes(client):
     got = client.lease(1000, timeout_s=5)
     assert [s.sample_id for s in got] == ["after-bad"]   # no sample of a refused push is there
     assert client.ack(["after-bad"]) == 1
+
+
+_SPECIAL = [0.0, -0.0, 1.0, 0.5, -3.0, 2.0, 1e-45, -1e-45, float("nan"), float("inf"),
+            float("-inf"), np.nextafter(np.float32(1), np.float32(2)).item()]
+
+
+def _expected_field(mask, logp, teacher, topk) -> str | None:
+    """The first field `Sample.validate` must name, from plain Python floats."""
+    if any(v not in (0.0, 1.0) for v in mask):
+        return "loss_mask"
+    for name, arr in (("rollout_logp", logp), ("teacher_logp", teacher)):
+        if any(v != v or v in (float("inf"), float("-inf")) for v in arr):
+            return name
+        if any(v > 0 for v in arr):
+            return name
+    if any(v != v or abs(v) == float("inf") or v > 0 for v in topk):
+        return "teacher_topk_logp"
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_validate_float_rules_match_a_plain_reference(data):
+    """The vectorised checks in `Sample.validate` accept and refuse exactly what the rules
+    say, naming the same field and value, for NaN, ±inf, ±0, denormals and near-1 values."""
+    r = data.draw(st.integers(1, 6))
+    pick = lambda n: data.draw(st.lists(st.sampled_from(_SPECIAL), min_size=n, max_size=n))
+    mask, logp, teacher, topk = pick(r), pick(r), pick(r), pick(r * 2)
+    s = Sample("p", list(range(r + 1)), r, loss_mask=mask, rollout_logp=logp, kind="both",
+               teacher_logp=teacher, teacher_topk_logp=np.reshape(topk, (r, 2)),
+               teacher_topk_ids=np.zeros((r, 2)))
+    want = _expected_field([float(np.float32(v)) for v in mask],
+                           [float(np.float32(v)) for v in logp],
+                           [float(np.float32(v)) for v in teacher],
+                           [float(np.float32(v)) for v in topk])
+    if want is None:
+        s.validate()
+        return
+    from clawjax.sample import SampleError
+    with pytest.raises(SampleError) as info:
+        s.validate()
+    assert info.value.field == want
+    if want in ("loss_mask", "rollout_logp", "teacher_logp"):
+        values = {"loss_mask": mask, "rollout_logp": logp, "teacher_logp": teacher}[want]
+        bad = [float(np.float32(v)) for v in values]
+        if want == "loss_mask":
+            first = next(v for v in bad if v not in (0.0, 1.0))
+        elif any(v != v or abs(v) == float("inf") for v in bad):
+            first = next(v for v in bad if v != v or abs(v) == float("inf"))
+        else:
+            first = next(v for v in bad if v > 0)
+        got = info.value.value
+        assert (got != got and first != first) or got == first
