@@ -24,8 +24,9 @@ def reference(data: bytes):
 
 
 def fast(data: bytes, copy: bool):
+    """The fast walk whatever the size (with its protobuf fallback for unusual encodings)."""
     try:
-        return decode.decode_sample(data, copy=copy)
+        return decode.to_sample(decode.parse(data, copy=copy))
     except (DecodeError, SampleError) as e:
         return type(e)
 
@@ -55,17 +56,18 @@ def test_fast_path_matches_protobuf_on_this_package_encoding(monkeypatch, copy):
     encoded = [wire.encode_sample(s) for s in samples]
     _no_fallback(monkeypatch)
     for s, data in zip(samples, encoded):
-        got = decode.decode_sample(data, copy=copy)
+        got = decode.to_sample(decode.parse(data, copy=copy))
         assert same(got, reference(data)) and got.equals(s)
         assert got.tokens.flags.writeable == copy
-    absent = decode.decode_sample(wire.encode_sample(Sample("a", [1, 2, 3], 2)))
+    absent = decode.to_sample(decode.parse(wire.encode_sample(Sample("a", [1, 2, 3], 2))))
     assert absent.step_rewards is None and absent.teacher_logp is None
     assert absent.teacher_topk_logp is None and absent.metadata == {}
 
 
 def test_copies_own_their_memory_and_views_share_it():
     data = bytearray(wire.encode_sample(full_sample()))
-    view, owned = decode.decode_sample(data, copy=False), decode.decode_sample(data, copy=True)
+    view = decode.to_sample(decode.parse(data, copy=False))
+    owned = decode.to_sample(decode.parse(data, copy=True))
     before = owned.tokens.copy()
     data[:] = bytes(len(data))  # the views see the change, the copies do not
     assert np.array_equal(owned.tokens, before) and not np.array_equal(view.tokens, before)
@@ -131,8 +133,11 @@ def test_push_id_reads_the_id_like_decode_push():
     lambda m: m.tokens.extend([1] * 40),
     lambda m: m.teacher_topk.ids.append(1),
 ])
-def test_check_bytes_agrees_with_check(mutate):
+@pytest.mark.parametrize("walk", [True, False])
+def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
     from clawjax.buffer.validate import Limits, check, check_bytes
+    if walk:  # the fast walk even for this small sample
+        monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
     limits = Limits(max_tokens=32)
     msg = codec.to_proto(full_sample())
     mutate(msg)
@@ -145,3 +150,20 @@ def test_check_bytes_agrees_with_check(mutate):
             return str(e)
     assert outcome(lambda: check_bytes(data, limits)) == \
         outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))
+
+
+def test_size_picks_the_path_and_both_give_the_protobuf_result(monkeypatch):
+    from clawjax.buffer.validate import check_bytes
+    small = wire.encode_sample(full_sample())
+    big_sample = make_samples(1, seed=5, min_len=20_000, max_len=20_000)[0]
+    big = wire.encode_sample(big_sample)
+    assert len(small) < decode.FAST_MIN_BYTES <= len(big)
+    for data in (small, big):
+        for got in (decode.decode_sample(data, copy=False), decode.decode_sample(data),
+                    check_bytes(data)):
+            assert same(got, reference(data))
+    assert decode.decode_sample(big).tokens.flags.writeable          # copy=True owns
+    assert not decode.decode_sample(big, copy=False).tokens.flags.writeable  # fast walk: views
+    assert not check_bytes(big).tokens.flags.writeable
+    _no_fallback(monkeypatch)
+    assert same(decode.decode_sample(big), reference(big))

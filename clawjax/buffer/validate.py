@@ -35,8 +35,11 @@ def check(msg: pb.Sample, limits: Limits = Limits(), size: int | None = None) ->
 
 def check_bytes(data, limits: Limits = Limits()) -> Sample:
     """`check` on a serialized Sample, decoded without a protobuf parse of its arrays: the
-    returned sample's arrays are read-only views of `data`. Raises `DecodeError` for bytes
-    that are not a Sample message, then the same `SampleError`s as `check`, in the same order."""
+    returned sample's arrays may be read-only views of `data`. Raises `DecodeError` for bytes
+    that are not a Sample message, then the same `SampleError`s as `check`, in the same order.
+    Samples below `decode.FAST_MIN_BYTES` go through `check` (protobuf is faster there)."""
+    if len(data) < decode.FAST_MIN_BYTES:
+        return check(pb.Sample.FromString(data), limits, size=len(data))
     parsed = decode.parse(data, copy=False)
     _check_limits(parsed.msg.sample_id, len(data), parsed.num_tokens, limits)
     return decode.to_sample(parsed).validate(max_tokens=limits.max_tokens)
