@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk", type=int, default=256, help="tokens per logits block")
+    parser.add_argument("--chunk", type=int, default=256,
+                        help="vocabulary columns per logits block (token_logp_and_entropy chunk)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed rounds (executables are compiled before timing)")
