@@ -231,9 +231,10 @@ class TrainLoop:
                 if s.sample_id in self.skip_ids:  # in a restored checkpoint already
                     self.source.commit([s.sample_id])
                     continue
-                if s.sample_id in self._in_hand:  # redelivered (e.g. the buffer restarted)
+                if self.source.redelivers and s.sample_id in self._in_hand:
+                    # redelivered (e.g. the buffer restarted)
                     continue  # its update is in hand; the next checkpoint acknowledges it
-                if any(s.sample_id == o.sample_id for o in out):
+                if self.source.redelivers and any(s.sample_id == o.sample_id for o in out):
                     continue
                 reason = self.admit(s)
                 if reason is None:
