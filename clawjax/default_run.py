@@ -159,6 +159,12 @@ def run_default(config) -> dict:
             print(f"warm-started policy: held-out score {baseline.score:.3f}", flush=True)
         loop = TrainLoop(config, extra_metrics=lambda: step_metrics(stack, agents, evaluator))
         loop.install_signal_handlers()
+        if loop.step > 0 and loop.publisher is not None:
+            # Resumed: serve the restored policy before any rollout, or every new sample would
+            # carry the warm start's version and be dropped as stale.
+            loop.publisher.maybe_publish(loop.step, (loop.graphdef, loop.state.params),
+                                         loop.model_config, loop.policy_version, force=True)
+            loop.publisher.wait(timeout=120)
         agents.start()
         evaluator.start()
         loop.run()

@@ -89,8 +89,10 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
 
     # Kill the trainer (its children die with it) and resume: the lineage stays exactly-once.
     proc = short_run(workdir, "--config.trainer.steps=14", "--config.trainer.resume=True")
-    wait_for_step(workdir, 12, proc)
-    proc.send_signal(signal.SIGKILL)
+    try:
+        wait_for_step(workdir, 12, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc = short_run(workdir, "--config.trainer.steps=14", "--config.trainer.resume=True")
     out, _ = proc.communicate(timeout=600)
