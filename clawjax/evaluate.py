@@ -117,10 +117,10 @@ class Evaluator:
         last = self.latest
         if last is None:
             return True
-        try:
-            return int(version) - int(last.version or 0) >= self.every
-        except ValueError:
+        if not version.isdigit():
             return version != last.version
+        base = int(last.version) if last.version.isdigit() else 0  # the warm start is version 0
+        return int(version) - base >= self.every
 
     def _run(self) -> None:
         async def current() -> str:
