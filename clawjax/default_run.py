@@ -13,6 +13,7 @@ every per-step metric, the held-out score among them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -123,8 +124,21 @@ def step_metrics(stack: LocalStack, agents: AgentPool, evaluator: Evaluator) -> 
     return out
 
 
-def run_default(config) -> dict:
-    """Runs the whole loop from `config` (configs/default.py); returns the summary dict."""
+@dataclasses.dataclass
+class LocalRun:
+    """What `start_local` set up: the workdir, the warm-started policy's tokenizer, the
+    default task's train / held-out split, and the started `LocalStack`."""
+
+    workdir: str
+    tokenizer: object
+    train_tasks: list[dict]
+    heldout: list[dict]
+    stack: LocalStack
+
+
+def start_local(config) -> LocalRun:
+    """Warm start (cached), start the local stack, and point `config` at it (model path,
+    buffer address, publish URL, gate probe). Shared by the default and the sequential run."""
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     model_dir = warmstart.warm_start(os.path.join(workdir, "warmstart"), config.warmstart,
@@ -137,14 +151,6 @@ def run_default(config) -> dict:
     stack = LocalStack(workdir, model_dir, method=config.method, prm_m=config.rollout.prm_m,
                        max_batch=config.rollout.max_batch,
                        lease_timeout_s=config.rollout.lease_timeout_s).start()
-    evaluator = Evaluator(stack.policy_url, stack.judge_url, tokenizer, heldout, workdir,
-                          every_versions=config.eval.every_steps,
-                          samples_per_task=config.eval.samples_per_task,
-                          temperature=config.rollout.temperature,
-                          max_tokens=config.rollout.max_tokens)
-    agents = AgentPool(stack.proxy_url, train_tasks, concurrency=config.rollout.agents,
-                       seed=config.trainer.seed, temperature=config.rollout.temperature,
-                       max_tokens=config.rollout.max_tokens)
     with config.unlocked():
         config.model.path = model_dir
         config.buffer.address = stack.buffer_address
@@ -152,6 +158,21 @@ def run_default(config) -> dict:
         if config.gate.enabled and not config.gate.probe:
             config.gate.probe = probe_file(os.path.join(workdir, "gate_probe.jsonl"),
                                            tokenizer, train_tasks[:32])
+    return LocalRun(workdir, tokenizer, train_tasks, heldout, stack)
+
+
+def run_default(config) -> dict:
+    """Runs the whole loop from `config` (configs/default.py); returns the summary dict."""
+    run = start_local(config)
+    workdir, stack = run.workdir, run.stack
+    evaluator = Evaluator(stack.policy_url, stack.judge_url, run.tokenizer, run.heldout, workdir,
+                          every_versions=config.eval.every_steps,
+                          samples_per_task=config.eval.samples_per_task,
+                          temperature=config.rollout.temperature,
+                          max_tokens=config.rollout.max_tokens)
+    agents = AgentPool(stack.proxy_url, run.train_tasks, concurrency=config.rollout.agents,
+                       seed=config.trainer.seed, temperature=config.rollout.temperature,
+                       max_tokens=config.rollout.max_tokens)
     loop = None
     try:
         if not evaluator.history:

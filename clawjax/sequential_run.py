@@ -28,9 +28,8 @@ import time
 
 import httpx
 
-from clawjax import default_task, warmstart
 from clawjax.buffer.client import BufferClient
-from clawjax.default_run import probe_file
+from clawjax.default_run import start_local
 from clawjax.local_stack import LocalStack
 from clawjax.loop import TrainLoop
 from clawjax.rollout.envs import env_for_task
@@ -96,25 +95,8 @@ def rollout_phase(stack: LocalStack, buffer: BufferClient, tasks: list[dict], wa
 def run_sequential(config) -> dict:
     """Runs `trainer.steps` strict serve → judge → train → publish steps from `config` (the
     default run's config); returns {"steps", "samples_trained", "episodes", "wall_s"}."""
-    workdir = os.path.abspath(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    model_dir = warmstart.warm_start(os.path.join(workdir, "warmstart"), config.warmstart,
-                                     progress=config.trainer.progress)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_tasks, _ = default_task.split_tasks(config.warmstart.heldout_share,
-                                              config.warmstart.seed)
-    stack = LocalStack(workdir, model_dir, method=config.method, prm_m=config.rollout.prm_m,
-                       max_batch=config.rollout.max_batch,
-                       lease_timeout_s=config.rollout.lease_timeout_s).start()
-    with config.unlocked():
-        config.model.path = model_dir
-        config.buffer.address = stack.buffer_address
-        config.publish.urls = stack.policy_url
-        if config.gate.enabled and not config.gate.probe:
-            config.gate.probe = probe_file(os.path.join(workdir, "gate_probe.jsonl"),
-                                           tokenizer, train_tasks[:32])
+    run = start_local(config)
+    workdir, stack, train_tasks = run.workdir, run.stack, run.train_tasks
     loop = None
     buffer = BufferClient(stack.buffer_address)
     rng = random.Random(config.trainer.seed)
