@@ -355,14 +355,25 @@ def test_directory_without_tokenizer_and_api_key(tmp_path, hf_a):
 
 
 def test_client_that_goes_away_frees_its_slot(server, tokenizer):
+    """A streaming client reads one token and hangs up; the engine is paused right after
+    that token so the request still holds its slot (no race with a fast machine finishing
+    all tokens first). The disconnect must abort it and free the slot."""
     before = server.ctx.engine.stats().get("finished_abort", 0)
-    body = {"input_ids": tokenizer.encode("bye"),
-            "sampling_params": {"max_new_tokens": 240, "ignore_eos": True}}
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/generate", json=body, timeout=0.2)
-    deadline = time.monotonic() + 30
-    while server.ctx.engine.stats().get("finished_abort", 0) == before and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
-    stats = server.ctx.engine.stats()
+    prompt = tokenizer.encode("bye")
+    body = {"input_ids": prompt, "stream": True,
+            "sampling_params": {"max_new_tokens": 256 - len(prompt), "ignore_eos": True}}
+    try:
+        with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+            server.ctx.engine.pause()
+            assert json.loads(first[len("data: "):])["meta_info"]["finish_reason"] is None
+            assert server.ctx.engine.stats()["running"] == 1
+        deadline = time.monotonic() + 30
+        while server.ctx.engine.stats().get("finished_abort", 0) == before and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = server.ctx.engine.stats()
+    finally:
+        server.ctx.engine.resume()
     assert stats.get("finished_abort", 0) == before + 1 and stats["running"] == 0
