@@ -152,6 +152,51 @@ def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
         outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))
 
 
+@pytest.mark.parametrize("mutate", [
+    lambda m: None,
+    lambda m: m.rollout_logp.__setitem__(0, 0.5),
+    lambda m: m.rollout_logp.__setitem__(1, float("nan")),
+    lambda m: m.rollout_logp.__setitem__(2, float("-inf")),
+    lambda m: m.teacher_logp.values.__setitem__(0, float("inf")),
+    lambda m: m.loss_mask.__setitem__(0, 0.5),
+    lambda m: m.loss_mask.__setitem__(1, float("nan")),
+    lambda m: m.loss_mask.__setitem__(2, -0.0),
+    lambda m: m.tokens.__setitem__(0, -3),
+    lambda m: setattr(m, "kind", "nope"),
+    lambda m: setattr(m, "kind", "rl"),               # teacher_logp present on an rl sample
+    lambda m: m.ClearField("teacher_logp"),            # kind "both" without teacher_logp
+    lambda m: setattr(m, "response_len", 0),
+    lambda m: setattr(m, "response_len", len(m.tokens)),
+    lambda m: setattr(m, "reward", float("nan")),
+    lambda m: setattr(m, "sample_id", ""),
+    lambda m: setattr(m, "sample_id", "y" * 2000),
+    lambda m: m.tokens.extend([1] * 40),
+    lambda m: m.ClearField("loss_mask"),
+    lambda m: m.teacher_topk.ids.append(1),
+    lambda m: m.step_rewards.values.append(float("nan")),
+    lambda m: m.ClearField("teacher_topk"),
+    lambda m: m.ClearField("step_rewards"),
+])
+def test_check_wire_agrees_with_check(mutate, monkeypatch):
+    """The server's lean check accepts exactly what `check` accepts (same id and version) and
+    refuses with `check`'s message; the fast walk is forced even for this small sample."""
+    from clawjax.buffer.validate import Limits, check, check_wire
+    monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
+    limits = Limits(max_tokens=32)
+    msg = codec.to_proto(full_sample())
+    mutate(msg)
+    data = msg.SerializeToString()
+
+    def outcome(f):
+        try:
+            got = f()
+            return got if isinstance(got, tuple) else (got.sample_id, got.policy_version)
+        except SampleError as e:
+            return str(e)
+    assert outcome(lambda: check_wire(data, limits)) == \
+        outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))
+
+
 def test_size_picks_the_path_and_both_give_the_protobuf_result(monkeypatch):
     from clawjax.buffer.validate import check_bytes
     small = wire.encode_sample(full_sample())

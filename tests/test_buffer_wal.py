@@ -9,8 +9,8 @@ import pytest
 
 from clawjax.buffer import wal as wal_mod
 from clawjax.buffer.store import Store
-from clawjax.buffer.wal import (MAGIC, RecordType, WalCorruptError, WriteAheadLog, decode_push,
-                                encode_push)
+from clawjax.buffer.wal import (HEADER, MAGIC, RecordType, WalCorruptError, WriteAheadLog,
+                                decode_push, encode_push, push_id, scan_records)
 
 
 def _records(n, size=40):
@@ -102,6 +102,56 @@ def test_damage_inside_a_sealed_segment_is_an_error_not_a_truncation(tmp_path):
     first.write_bytes(bytes(data))
     with pytest.raises(WalCorruptError, match="wal-00000001.log"):
         _replay(tmp_path)
+
+
+def _corrupt_push_payload(tmp_path, seg: int, sample_id: str) -> None:
+    """Flips the last byte of `sample_id`'s PUSH payload in segment `seg` (its header and id
+    stay readable)."""
+    path = tmp_path / "wal" / f"wal-{seg:08d}.log"
+    data = bytearray(path.read_bytes())
+    records, _, _, _ = scan_records(memoryview(bytes(data)), verify_push=False)
+    off = len(MAGIC)
+    for rtype, payload in records:
+        off += HEADER.size + len(payload)
+        if rtype == RecordType.PUSH and push_id(payload) == sample_id:
+            data[off - 1] ^= 0xFF
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"no PUSH of {sample_id} in {path}")
+
+
+def test_compaction_verifies_the_records_it_keeps_and_skips_the_dead(tmp_path):
+    """Compaction reads a dead sample's record header only: damage in its payload is dropped
+    with it; damage in a payload it carries over is a `WalCorruptError` (nothing replaced)."""
+    store = Store(tmp_path, segment_bytes=4 << 10, compact_interval_s=3600)
+    store.push([(f"a{i}", 0, b"x" * 600) for i in range(12)])
+    store.ack([f"a{i}" for i in range(11)])          # a11 stays live
+    store.push([(f"b{i}", 0, b"y" * 600) for i in range(12)])   # seals a's segments
+    seg_of = {sid: e.seg for sid, e in store._entries.items()}
+    assert seg_of["a11"] < store.wal._active
+    dead_seg = min(store.wal.sealed())
+    _corrupt_push_payload(tmp_path, dead_seg, "a0")
+    _corrupt_push_payload(tmp_path, seg_of["a11"], "a11")
+    segs_before = store.wal.segments()
+    with pytest.raises(WalCorruptError, match="checksum mismatch"):
+        store.maybe_compact(force=True)
+    assert store.wal.segments() == segs_before         # nothing replaced or deleted
+    store.close()
+
+
+def test_compaction_drops_a_damaged_dead_record_and_keeps_the_live(tmp_path):
+    store = Store(tmp_path, segment_bytes=4 << 10, compact_interval_s=3600)
+    store.push([(f"a{i}", 0, b"x" * 600) for i in range(12)])
+    store.ack([f"a{i}" for i in range(11)])
+    store.push([(f"b{i}", 0, b"y" * 600) for i in range(12)])
+    _corrupt_push_payload(tmp_path, min(store.wal.sealed()), "a0")
+    assert store.maybe_compact(force=True) > 0
+    store.close()
+    store = Store(tmp_path, compact_interval_s=3600)   # the damaged record is gone for good
+    got = dict(store.lease(100))
+    assert sorted(got) == sorted(["a11"] + [f"b{i}" for i in range(12)])
+    assert bytes(got["a11"]) == b"x" * 600
+    store.close()
 
 
 def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):

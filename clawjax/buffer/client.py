@@ -63,11 +63,13 @@ def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
 
 
 def _samples(reply: bytes) -> list[Sample]:
-    """The samples of a serialized LeaseResponse (`repeated Sample samples = 1`), with owned
-    arrays. A malformed reply raises `RolloutBufferError`."""
+    """The samples of a serialized LeaseResponse (`repeated Sample samples = 1`). Arrays of
+    large samples are read-only views of `reply` (an immutable bytes object, kept alive by
+    them): no copy on the trainer's hot path; `np.array(a)` gives a writable copy. A malformed
+    reply raises `RolloutBufferError`."""
     try:
         parts = wire.split_repeated(reply)
-        return [decode.decode_sample(data, copy=True) for data in parts]
+        return [decode.decode_sample(data, copy=False) for data in parts]
     except (ValueError, DecodeError) as e:
         if isinstance(e, SampleError):  # a top-K payload that does not reshape: as codec does
             raise
@@ -158,7 +160,8 @@ class BufferClient:
         return PushResult(reply.accepted, reply.duplicates)
 
     def lease(self, max_samples: int, timeout_s: float = 0.0) -> list[Sample]:
-        """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one."""
+        """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one.
+        Array fields may be read-only views of the reply (copy before writing into them)."""
         reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
                                                             timeout_s=timeout_s),
                            "lease", timeout_s=timeout_s + self.rpc_timeout_s)

@@ -76,19 +76,27 @@ def _fields(data, pos: int, end: int):
     every field in data[pos:end]; varint/fixed payloads span their encoded bytes."""
     while pos < end:
         start = pos
-        tag, pos = _varint(data, pos, end)
+        tag = data[pos]  # one-byte tags (fields 1-15) inline; longer ones via _varint
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos, end)
         field, wtype = tag >> 3, tag & 7
         if field == 0:
             raise _Unusual("field number 0")
-        if wtype == 0:
+        if wtype == 2:
+            if pos < end and data[pos] < 0x80:
+                stop = pos + 1 + data[pos]
+                pos += 1
+            else:
+                n, pos = _varint(data, pos, end)
+                stop = pos + n
+        elif wtype == 0:
             _, stop = _varint(data, pos, end)
         elif wtype == 1:
             stop = pos + 8
         elif wtype == 5:
             stop = pos + 4
-        elif wtype == 2:
-            n, pos = _varint(data, pos, end)
-            stop = pos + n
         else:  # groups
             raise _Unusual(f"wire type {wtype}")
         if stop > end:
@@ -107,12 +115,17 @@ def _array(buf: memoryview, dtype: str, start: int, stop: int, copy: bool) -> np
 def _fast(data, copy: bool) -> Parsed:
     buf = memoryview(data).cast("B")
     rest, arrays, present, k = [], {}, set(), 0
+    run_start = run_stop = 0  # the current run of contiguous non-array records
     for field, wtype, rec, start, stop in _fields(buf, 0, len(buf)):
         if field in _PACKED or field in _FLOAT_ARRAY or field == _TOPK:
             if wtype != 2 or field in arrays or field in present:
                 raise _Unusual(f"field {field} repeated or not packed")
         else:
-            rest.append(buf[rec:stop])
+            if rec != run_stop:
+                if run_stop > run_start:
+                    rest.append(buf[run_start:run_stop])
+                run_start = rec
+            run_stop = stop
             continue
         if field in _PACKED:
             arrays[field] = _array(buf, _PACKED[field], start, stop, copy)
@@ -138,8 +151,10 @@ def _fast(data, copy: bool) -> Parsed:
             arrays[-3] = inner.get(3, np.empty(0, np.int32))
         else:
             arrays[field] = inner.get(1, np.empty(0, np.float32))
+    if run_stop > run_start:
+        rest.append(buf[run_start:run_stop])
     try:
-        msg = pb.Sample.FromString(b"".join(rest))
+        msg = pb.Sample.FromString(rest[0] if len(rest) == 1 else b"".join(rest))
     except DecodeError as e:  # let the whole-message parse report it
         raise _Unusual(str(e)) from e
     return Parsed(msg, arrays, frozenset(present), k)

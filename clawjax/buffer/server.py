@@ -28,7 +28,7 @@ from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import wire
 from clawjax.buffer.errors import InsecureBindError
 from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
-from clawjax.buffer.validate import Limits, check_bytes
+from clawjax.buffer.validate import Limits, check_wire
 from clawjax.sample import MAX_TOKENS, SampleError
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,12 @@ class BufferServer:
         items = []
         for i, data in enumerate(raw):
             try:
-                sample = check_bytes(data, self.limits)
+                sid, version = check_wire(data, self.limits)
             except DecodeError as e:
                 self._refuse(context, len(raw), f"samples[{i}]: not a valid Sample message: {e}")
             except SampleError as e:
                 self._refuse(context, len(raw), f"samples[{i}]: {e}")
-            items.append((sample.sample_id, sample.policy_version, data))
+            items.append((sid, version, data))
         try:
             accepted, dup = self.store.push(items)
         except BufferFull as e:

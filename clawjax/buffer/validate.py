@@ -8,10 +8,13 @@ Every failure is a `SampleError` naming sample id, field, value and expectation.
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 from clawjax.buffer import codec, decode
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.sample import MAX_TOKENS, Sample, SampleError
+from clawjax.sample import KINDS, MAX_TOKENS, Sample, SampleError
 
 MAX_ID_BYTES = 1024
 
@@ -43,6 +46,48 @@ def check_bytes(data, limits: Limits = Limits()) -> Sample:
     parsed = decode.parse(data, copy=False)
     _check_limits(parsed.msg.sample_id, len(data), parsed.num_tokens, limits)
     return decode.to_sample(parsed).validate(max_tokens=limits.max_tokens)
+
+
+def check_wire(data, limits: Limits = Limits()) -> tuple[str, int]:
+    """(sample_id, policy_version) of a serialized Sample that passes `check_bytes`, with the
+    same `DecodeError` / `SampleError` otherwise. The server's hot path: a sample of the usual
+    shape is checked straight on the parsed arrays (`_surely_valid`, a few reductions and no
+    `Sample`); anything that predicate does not clear goes through `check_bytes`, so errors and
+    edge cases are exactly `Sample.validate()`'s."""
+    if len(data) >= decode.FAST_MIN_BYTES:
+        parsed = decode.parse(data, copy=False)
+        if _surely_valid(parsed, len(data), limits):
+            return parsed.msg.sample_id, parsed.msg.policy_version
+    sample = check_bytes(data, limits)
+    return sample.sample_id, sample.policy_version
+
+
+def _logp_ok(a: np.ndarray, n: int) -> bool:
+    """n entries, all finite and ≤ 0 (max ≤ 0 rules out NaN, +inf and positives)."""
+    return a.shape[0] == n and bool(a.max() <= 0) and bool(a.min() > -np.inf)
+
+
+def _surely_valid(p: decode.Parsed, size: int, limits: Limits) -> bool:
+    """True only if the parsed sample passes every rule of `check_bytes` (limits, then
+    `Sample.validate`); False means "not sure" (the caller re-checks the slow way). Samples
+    with top-K arrays or step rewards always take the slow way (rare, and more rules)."""
+    msg, a = p.msg, p.arrays
+    sid, r = msg.sample_id, msg.response_len
+    tokens, mask, logp = a.get(6), a.get(8), a.get(9)
+    if (not sid or size > limits.max_sample_bytes or msg.kind not in KINDS
+            or tokens is None or mask is None or logp is None or 13 in p.present
+            or 11 in p.present or len(sid.encode()) > limits.max_id_bytes):
+        return False
+    n = tokens.shape[0]
+    if n > limits.max_tokens or not 1 <= r <= n - 1 or int(tokens.min()) < 0:
+        return False
+    if mask.shape[0] != r or np.count_nonzero(mask == 0) + np.count_nonzero(mask == 1) != r:
+        return False  # an entry that is neither 0 nor 1 (NaN included)
+    if not _logp_ok(logp, r) or not math.isfinite(msg.reward):
+        return False
+    if (12 in p.present) != (msg.kind in ("opd", "both")):
+        return False
+    return 12 not in p.present or _logp_ok(a[12], r)
 
 
 def _check_limits(sid: str, size: int, num_tokens: int, limits: Limits) -> None:

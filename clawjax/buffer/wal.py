@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import logging
+import mmap
 import os
 import pathlib
 import struct
@@ -104,26 +105,38 @@ def read_records(path: pathlib.Path, copy: bool = True
                  ) -> tuple[list[tuple[int, bytes]], int, str | None]:
     """Reads one segment: (records [(type, payload)], offset of the end of the last good record,
     why reading stopped early or None). Never raises on bad content. With `copy=False` the
-    payloads are memoryviews of one buffer holding the whole file (no copy per record; for
-    readers that drop them soon, e.g. compaction)."""
+    payloads are memoryviews of one buffer holding the whole file (no copy per record)."""
     data = path.read_bytes()
-    view = data if copy else memoryview(data)
-    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
-        return [], 0, f"bad or missing magic {data[:len(MAGIC)]!r}"
-    records, off = [], len(MAGIC)
-    while off < len(data):
-        if off + HEADER.size > len(data):
-            return records, off, f"short header at offset {off}"
+    records, end, problem, _ = scan_records(data if copy else memoryview(data), verify_push=True)
+    return records, end, problem
+
+
+def scan_records(data, verify_push: bool = True
+                 ) -> tuple[list[tuple[int, bytes]], int, str | None, list[int]]:
+    """Walks the records of a segment held in `data` (bytes, or a memoryview for zero-copy
+    payload slices): (records, end of the last good record, why it stopped early or None,
+    each record's stored crc32). Every non-PUSH record's checksum is verified; PUSH payloads
+    only with `verify_push` (compaction verifies just the ones it keeps: a dead sample's
+    payload is never read, only its record header)."""
+    if len(data) < len(MAGIC) or bytes(data[:len(MAGIC)]) != MAGIC:
+        return [], 0, f"bad or missing magic {bytes(data[:len(MAGIC)])!r}", []
+    records, crcs, off, size = [], [], len(MAGIC), len(data)
+    while off < size:
+        if off + HEADER.size > size:
+            return records, off, f"short header at offset {off}", crcs
         length, crc, rtype = HEADER.unpack_from(data, off)
         start = off + HEADER.size
-        if start + length > len(data):
-            return records, off, f"short payload at offset {off} ({length} bytes announced)"
-        payload = view[start:start + length]
-        if rtype not in _TYPE_CRC or zlib.crc32(payload, _TYPE_CRC[rtype]) != crc:
-            return records, off, f"checksum or type mismatch at offset {off}"
+        if start + length > size:
+            return records, off, f"short payload at offset {off} ({length} bytes announced)", crcs
+        payload = data[start:start + length]
+        if rtype not in _TYPE_CRC or (
+                (verify_push or rtype != RecordType.PUSH)
+                and zlib.crc32(payload, _TYPE_CRC[rtype]) != crc):
+            return records, off, f"checksum or type mismatch at offset {off}", crcs
         records.append((rtype, payload))
+        crcs.append(crc)
         off = start + length
-    return records, off, None
+    return records, off, None, crcs
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -374,29 +387,42 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ compaction
     def compact(self, keep: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]]) -> int:
         """Rewrites all sealed segments as one. `keep` gets their records in order (payloads as
-        memoryviews of the files' bytes) and returns the records to carry over. Returns the
+        memoryviews of the memory-mapped files) and returns the records to carry over; of the
+        PUSH records it returns, each checksum is verified before it is copied (the others are
+        dropped unread: compaction touches a dead sample's record header only). Returns the
         bytes reclaimed (0 when nothing is sealed)."""
         with self._compact_lock:
             segs = self.sealed()
             if not segs:
                 return 0
-            records, before = [], 0
+            records, stored, before = [], {}, 0
             for n in segs:
                 path = self._path(n)
-                got, end, problem = read_records(path, copy=False)
+                with open(path, "rb") as f:
+                    view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                got, end, problem, crcs = scan_records(view, verify_push=False)
                 if problem is not None:
                     raise WalCorruptError(f"{path}: {problem}; a sealed segment is damaged")
+                for (rtype, payload), crc in zip(got, crcs):
+                    if rtype == RecordType.PUSH:
+                        stored[id(payload)] = (crc, path)
                 records.extend(got)
-                before += path.stat().st_size
+                before += len(view)
             kept = keep(records)
             last = self._path(segs[-1])
             tmp = last.with_suffix(".tmp")
             with open(tmp, "wb") as f:
                 f.write(MAGIC)
                 for rtype, payload in kept:
-                    f.writelines(record_parts(rtype, payload))
+                    parts = record_parts(rtype, payload)
+                    origin = stored.get(id(payload))
+                    if origin is not None and HEADER.unpack(parts[0])[1] != origin[0]:
+                        raise WalCorruptError(f"{origin[1]}: checksum mismatch in a PUSH record "
+                                              "kept by compaction; a sealed segment is damaged")
+                    f.writelines(parts)
                 f.flush()
                 os.fsync(f.fileno())
+            del records, kept, got, stored   # release the mapped views before unlinking
             after = tmp.stat().st_size
             os.replace(tmp, last)
             _fsync_dir(self.dir)
