@@ -12,8 +12,9 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
+
+from clawjax.cli_signals import serve_app_until_signal
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,21 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def _serve(app, host: str, port: int) -> None:
-    from aiohttp import web
-
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    print(f"READY http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -67,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(args.model, max_batch=args.max_batch, context_len=args.context_length,
                        api_key=args.api_key, weight_version=args.weight_version,
                        seed=args.seed)
-    asyncio.run(_serve(build_app(ctx), args.host, args.port))
+    asyncio.run(serve_app_until_signal(build_app(ctx), args.host, args.port, access_log=None,
+                                       handler_cancellation=True))
     return 0
 
 

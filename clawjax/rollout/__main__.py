@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
+
+from clawjax.cli_signals import serve_until_signal
 
 
 def _urls(value: str) -> list[str]:
@@ -72,14 +73,11 @@ def parse_args(argv: list[str] | None):
 
 async def _serve(config, host: str, port: int) -> None:
     from clawjax.rollout.proxy import start
-    running = await start(config, host, port)
-    print(f"READY http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await running.aclose()
+
+    async def start_proxy():
+        return (await start(config, host, port)).aclose
+
+    await serve_until_signal(start_proxy, host, port)
 
 
 def main(argv: list[str] | None = None) -> int:

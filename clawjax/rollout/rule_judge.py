@@ -29,13 +29,13 @@ import asyncio
 import json
 import logging
 import re
-import signal
 import sys
 import time
 import uuid
 
 from aiohttp import web
 
+from clawjax.cli_signals import serve_app_until_signal
 from clawjax.rollout import prompts
 
 POSITIVE_PHRASES = ("thank", "great", "perfect", "correct!")
@@ -142,16 +142,8 @@ def build_app() -> web.Application:
 
 
 async def serve(host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    print(f"READY http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    """Serves `build_app()` on host:port, prints `READY http://H:P`, stops on SIGINT/SIGTERM."""
+    await serve_app_until_signal(build_app(), host, port, access_log=None)
 
 
 def main(argv: list[str] | None = None) -> int:
