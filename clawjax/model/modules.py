@@ -11,27 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clawjax.model.attention import attend, attend_causal
 from clawjax.model.config import ModelConfig
 from clawjax.model.layers import RMSNorm, apply_rope, param
-
-_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: fully masked (padding) rows stay NaN-free
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention. q `[B,T,N,H]`, k/v `[B,S,K,H]`, mask `[B,T,S]` bool → `[B,T,N,H]`.
-
-    Scores and softmax in float32; probabilities cast back to q.dtype before the value product.
-    A query whose mask row is all False gets a uniform (garbage, finite) output.
-    """
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -73,9 +55,10 @@ class Attention(nnx.Module):
         return y + self.o_bias[...] if self.has_o_bias else y
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """Self-attention over the T tokens of `x` `[B,T,D]` with mask `[B,T,T]`."""
+        """Self-attention over the T tokens of `x` `[B,T,D]` with a causal mask `[B,T,T]`
+        (every token may attend itself; upper key blocks are skipped, `attend_causal`)."""
         q, k, v = self.qkv(x, cos, sin)
-        return self.out(attend(q, k, v, mask))
+        return self.out(attend_causal(q, k, v, mask))
 
 
 class MLP(nnx.Module):
