@@ -16,7 +16,11 @@ predicted from the tokens before it in the same segment, so
 - `rewards` is the sample's scalar reward on every one of its tokens (prompt and response);
 - `ref_logp` is None from `pack` (the trainer fills it when it uses a KL reference);
 - `teacher_topk_logp` / `teacher_topk_ids` `[R, L, K]` and `teacher_topk_mask` `[R, L]` are
-  present when any packed sample has top-K data (all such samples must share K), else None.
+  present when any packed sample has top-K data (all such samples must share K), else None;
+- `score_index` `[R, C]` (optional, `with_score_index`): per row, the positions whose
+  log-prob the loss reads (loss_mask > 0), in order, then 0s. Position 0 starts a segment (or
+  is padding): its log-prob is 0 by definition, so a 0 entry is inert. With it the trainer
+  runs the LM head on C positions per row instead of L (prompt and padding are never scored).
 
 Host bookkeeping: `TokenBatch.sample_ids[r][k - 1]` is the id of the sample in segment k of row
 r (padding rows have `()`). It is a dropped pytree field: jit and device_put ignore it (it comes
@@ -34,7 +38,8 @@ import numpy as np
 
 from clawjax.sample import Sample, SampleError
 
-__all__ = ["Sample", "SampleError", "TokenBatch", "pack", "DEFAULT_ROW_BUCKETS", "row_bucket"]
+__all__ = ["Sample", "SampleError", "TokenBatch", "pack", "DEFAULT_ROW_BUCKETS", "row_bucket",
+           "score_capacity", "with_score_index"]
 
 DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -56,6 +61,7 @@ class TokenBatch:
     teacher_topk_logp: np.ndarray | jax.Array | None = None   # [R, L, K] float32
     teacher_topk_ids: np.ndarray | jax.Array | None = None    # [R, L, K] int32
     teacher_topk_mask: np.ndarray | jax.Array | None = None   # float32 0/1
+    score_index: np.ndarray | jax.Array | None = None         # [R, C] int32, 0 = none
     sample_ids: tuple[tuple[str, ...], ...] | None = dataclasses.field(default=None, compare=False)
 
     @property
@@ -156,6 +162,36 @@ def _fill_rows(samples: Sequence[Sample], rows: list[list[int]], n_rows: int, le
         ids.append(tuple(samples[i].sample_id for i in members))
     ids.extend(() for _ in range(n_rows - len(rows)))
     return TokenBatch(old_logp=a["rollout_logp"].copy(), sample_ids=tuple(ids), **a)
+
+
+SCORE_STEPS = 8  # score_index capacities are multiples of L / SCORE_STEPS
+
+
+def score_capacity(loss_mask: np.ndarray) -> int:
+    """C for `with_score_index`: the fullest row's count of scored positions rounded up to a
+    multiple of L / SCORE_STEPS (so a run compiles at most SCORE_STEPS shapes per row count),
+    at least 1 step, at most L. `loss_mask` is `[..., R, L]`."""
+    length = int(loss_mask.shape[-1])
+    step = max(1, length // SCORE_STEPS)
+    need = int(np.max(np.count_nonzero(np.asarray(loss_mask) > 0, axis=-1), initial=0))
+    return min(length, max(step, -(-need // step) * step))
+
+
+def with_score_index(batch: TokenBatch, capacity: int | None = None) -> TokenBatch:
+    """`batch` with `score_index` `[R, C]` set (C = `capacity` or `score_capacity`): row r
+    lists the t with loss_mask[r, t] > 0 and segment_ids[r, t] > 0, ascending, then 0s.
+    Raises ValueError when a row has more scored positions than `capacity`."""
+    mask = (np.asarray(batch.loss_mask) > 0) & (np.asarray(batch.segment_ids) > 0)
+    cap = score_capacity(mask) if capacity is None else int(capacity)
+    counts = np.count_nonzero(mask, axis=-1)
+    if counts.size and int(counts.max()) > cap:
+        raise ValueError(f"with_score_index: capacity = {cap}, expected ≥ the fullest row's "
+                         f"{int(counts.max())} scored positions")
+    index = np.zeros(mask.shape[:-1] + (cap,), np.int32)
+    rows, cols = np.nonzero(mask)                      # row-major: ascending t within a row
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    index[rows, slot] = cols
+    return dataclasses.replace(batch, score_index=index)
 
 
 def pack(samples: Sequence[Sample], token_budget: int,

@@ -172,14 +172,19 @@ def local_data_parallel(mesh) -> int:
     return dp // n
 
 
+def common_max(value: int) -> int:
+    """The largest `value` of any process (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def pad_rows_to_common(batch):
     """`batch` `[R, L]` with padding rows appended up to the largest R of any process (a
     collective: every process must call it once per step). Padding rows are all zeros
     (segment 0), so they carry no loss."""
-    from jax.experimental import multihost_utils
-
     rows = batch.tokens.shape[0]
-    common = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+    common = common_max(rows)
     if common == rows:
         return batch
 

@@ -209,3 +209,34 @@ def sequence_logp_entropy_topk(hidden: Array, lm_head: Array, tokens: Array, seg
     both, entropy = _chunked_logp_entropy(hidden, lm_head, ids, chunk)
     both = _unshift(both, valid)
     return both[..., 0], _unshift(entropy, valid), both[..., 1:]
+
+
+def _take_rows(x: Array, index: Array) -> Array:
+    """x `[R, L, ...]`, index `[R, C]` → `[R, C, ...]` (per-row gather, no cross-row traffic:
+    a data-parallel sharding of rows is kept)."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def sequence_logp_at(hidden: Array, lm_head: Array, tokens: Array, segment_ids: Array,
+                     index: Array, chunk: int = 512, topk_ids: Array | None = None
+                     ) -> tuple[Array, Array, Array | None]:
+    """`sequence_logp_and_entropy` (and, with `topk_ids` `[R, L, K]`, the top-K log-probs of
+    `sequence_logp_entropy_topk`) evaluated only at the positions `index` `[R, C]` of each row
+    (`TokenBatch.score_index`): the LM head runs on `[R, C]` hidden states instead of `[R, L]`.
+    Returns `[R, L]` arrays (and `[R, L, K]`), equal to the full functions' at the indexed
+    positions and 0 everywhere else (no gradient there). Entries 0 of `index` are inert."""
+    prev = jnp.maximum(index - 1, 0)
+    ids = tokens[..., None]
+    if topk_ids is not None:
+        ids = jnp.concatenate([ids, topk_ids.astype(tokens.dtype)], axis=-1)
+    seg_t, seg_prev = _take_rows(segment_ids, index), _take_rows(segment_ids, prev)
+    valid = (index > 0) & (seg_t == seg_prev) & (seg_t > 0)                 # [R, C]
+    both, entropy = _chunked_logp_entropy(_take_rows(hidden, prev), lm_head,
+                                          _take_rows(ids, index), chunk)    # [R, C, K+1], [R, C]
+    both = jnp.where(valid[..., None], both, 0.0)
+    entropy = jnp.where(valid, entropy, 0.0)
+    rows = jnp.arange(index.shape[0])[:, None]
+    both_full = jnp.zeros(tokens.shape + both.shape[-1:], both.dtype).at[rows, index].add(both)
+    ent_full = jnp.zeros(tokens.shape, entropy.dtype).at[rows, index].add(entropy)
+    topk = both_full[..., 1:] if topk_ids is not None else None
+    return both_full[..., 0], ent_full, topk

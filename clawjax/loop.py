@@ -256,6 +256,10 @@ class TrainLoop:
                                 row_multiple=micro * self.local_data_parallel)
         assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
         rows = dist_lib.pad_rows_to_common(packed[0]) if jax.process_count() > 1 else packed[0]
+        capacity = batch_lib.score_capacity(np.asarray(rows.loss_mask))
+        if jax.process_count() > 1:  # one shape for the global array: the largest of any process
+            capacity = dist_lib.common_max(capacity)
+        rows = batch_lib.with_score_index(rows, capacity)
         return dist_lib.global_batch(trainer.split_rows(rows, micro), self.stack_sharding)
 
     # ------------------------------------------------------------------ loop

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from clawjax import losses
+from clawjax import logprobs, losses
 from clawjax.batch import TokenBatch
 
 
@@ -58,9 +58,15 @@ class StepConfig:
 
 def sequence_logp(graphdef, params, batch: TokenBatch, chunk: int):
     """`(logp [R, L], entropy [R, L], student_topk_logp [R, L, K] | None)`, aligned with
-    `batch.tokens` (DESIGN.md); top-K only when the batch carries teacher top-K ids."""
+    `batch.tokens` (DESIGN.md); top-K only when the batch carries teacher top-K ids. With
+    `batch.score_index` the values exist at the scored positions only (0 elsewhere, which the
+    loss never reads: it masks with loss_mask)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden(batch.tokens, batch.positions, batch.segment_ids)
+    if batch.score_index is not None:  # the LM head on the scored positions only
+        return logprobs.sequence_logp_at(hidden, model.lm_head(), batch.tokens,
+                                         batch.segment_ids, batch.score_index, chunk=chunk,
+                                         topk_ids=batch.teacher_topk_ids)
     if batch.teacher_topk_ids is not None:
         return losses.sequence_logp_entropy_topk(
             hidden, model.lm_head(), batch.tokens, batch.segment_ids, batch.teacher_topk_ids,
@@ -112,23 +118,32 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Step
             return (grads_sum, terms_sum, gap_sum + gap), None
 
         first = jax.tree.map(lambda x: x[0], stack)
-        terms_shape = jax.eval_shape(
-            lambda: _micro_terms(graphdef, state.params, ref_params, first, cfg)[0])
-        zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape),
-                 jnp.zeros((), jnp.float32))
-        (grads, terms, gap), _ = jax.lax.scan(accumulate, zeros, stack)
+        if stack.tokens.shape[0] == 1:  # one micro-batch: no accumulator, no loop
+            grads, (terms, gap) = grad_fn(state.params, first)
+        else:
+            terms_shape = jax.eval_shape(
+                lambda: _micro_terms(graphdef, state.params, ref_params, first, cfg)[0])
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape),
+                     jnp.zeros((), jnp.float32))
+            (grads, terms, gap), _ = jax.lax.scan(accumulate, zeros, stack)
 
         grad_norm = optax.global_norm(grads)
         loss = terms["loss"][0] / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        def apply(params_and_opt):  # the update runs only when finite (no select pass)
+            params, opt_state = params_and_opt
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        new_params, new_opt_state = jax.lax.cond(
+            finite, apply, lambda params_and_opt: params_and_opt,
+            (state.params, state.opt_state))
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
+            params=new_params,
+            opt_state=new_opt_state,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
         metrics = losses.divide_terms(terms)

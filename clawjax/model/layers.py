@@ -31,6 +31,22 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
     return nnx.Param(value.astype(dtype), logical_axes=tuple(axes), init=init)
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """x `[..., *in]` times w `[*in, *out]` (the first `n_in` dims of w contract with the last
+    `n_in` of x) → `[..., *out]`, as ONE 2-D matmul `[prod(lead), prod(in)] × [prod(in),
+    prod(out)]`. Same result as the einsum; XLA:CPU runs 2-D dots without the layout copies
+    its batched 3-D dots get in the backward pass (SwiGLU fwd+bwd measured 2.4× faster), and
+    a sharded leading or head dimension stays sharded through the reshapes."""
+    ins, outs = w.shape[:n_in], w.shape[n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    assert x.shape[x.ndim - n_in:] == ins, (x.shape, w.shape, n_in)
+    size_in = 1
+    for d in ins:
+        size_in *= d
+    y = jnp.dot(x.reshape(-1, size_in), w.reshape(size_in, -1))
+    return y.reshape(*lead, *outs)
+
+
 class RMSNorm(nnx.Module):
     """y = scale * (x / sqrt(mean(x^2) + eps)); statistics in float32, output in x.dtype.
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from clawjax.model.attention import attend, attend_causal
 from clawjax.model.config import ModelConfig
-from clawjax.model.layers import RMSNorm, apply_rope, param
+from clawjax.model.layers import RMSNorm, apply_rope, param, project
 
 
 class Attention(nnx.Module):
@@ -40,9 +40,9 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x `[B,T,D]` → rotated q `[B,T,N,H]`, rotated k `[B,T,K,H]`, v `[B,T,K,H]`."""
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+        q = project(x, self.q_proj[...], 1)                  # [B,T,D] × [D,N,H] → [B,T,N,H]
+        k = project(x, self.k_proj[...], 1)
+        v = project(x, self.v_proj[...], 1)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -51,7 +51,7 @@ class Attention(nnx.Module):
 
     def out(self, o: jax.Array) -> jax.Array:
         """Attention output `[B,T,N,H]` → `[B,T,D]`."""
-        y = jnp.einsum("BTNH,NHD->BTD", o, self.o_proj[...])
+        y = project(o, self.o_proj[...], 2)                  # [B,T,N,H] × [N,H,D] → [B,T,D]
         return y + self.o_bias[...] if self.has_o_bias else y
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
@@ -71,9 +71,9 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...])
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...])
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...])
+        gate = project(x, self.gate_proj[...], 1)
+        up = project(x, self.up_proj[...], 1)
+        return project(jax.nn.silu(gate) * up, self.down_proj[...], 1)
 
 
 class Block(nnx.Module):
