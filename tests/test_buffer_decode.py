@@ -125,34 +125,7 @@ def test_push_id_reads_the_id_like_decode_push():
         assert push_id(memoryview(payload)) == sid
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda m: None,
-    lambda m: m.rollout_logp.__setitem__(0, 0.5),
-    lambda m: setattr(m, "kind", "nope"),
-    lambda m: setattr(m, "sample_id", "y" * 2000),
-    lambda m: m.tokens.extend([1] * 40),
-    lambda m: m.teacher_topk.ids.append(1),
-])
-@pytest.mark.parametrize("walk", [True, False])
-def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
-    from clawjax.buffer.validate import Limits, check, check_bytes
-    if walk:  # the fast walk even for this small sample
-        monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
-    limits = Limits(max_tokens=32)
-    msg = codec.to_proto(full_sample())
-    mutate(msg)
-    data = msg.SerializeToString()
-
-    def outcome(f):
-        try:
-            return f().equals(full_sample())
-        except SampleError as e:
-            return str(e)
-    assert outcome(lambda: check_bytes(data, limits)) == \
-        outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))
-
-
-@pytest.mark.parametrize("mutate", [
+MUTATIONS = [
     lambda m: None,
     lambda m: m.rollout_logp.__setitem__(0, 0.5),
     lambda m: m.rollout_logp.__setitem__(1, float("nan")),
@@ -176,25 +149,47 @@ def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
     lambda m: m.step_rewards.values.append(float("nan")),
     lambda m: m.ClearField("teacher_topk"),
     lambda m: m.ClearField("step_rewards"),
-])
+]
+
+
+def _mutated(mutate) -> bytes:
+    msg = codec.to_proto(full_sample())
+    mutate(msg)
+    return msg.SerializeToString()
+
+
+def _outcome(f, whole: bool):
+    """What a check returns: the sample's equality to `full_sample()` (`whole`) or its
+    (id, version); or the SampleError message."""
+    try:
+        got = f()
+    except SampleError as e:
+        return str(e)
+    if isinstance(got, tuple):
+        return got
+    return got.equals(full_sample()) if whole else (got.sample_id, got.policy_version)
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS)
+@pytest.mark.parametrize("walk", [True, False])
+def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
+    from clawjax.buffer.validate import Limits, check, check_bytes
+    if walk:  # the fast walk even for this small sample
+        monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
+    limits, data = Limits(max_tokens=32), _mutated(mutate)
+    assert _outcome(lambda: check_bytes(data, limits), True) == \
+        _outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)), True)
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS)
 def test_check_wire_agrees_with_check(mutate, monkeypatch):
     """The server's lean check accepts exactly what `check` accepts (same id and version) and
     refuses with `check`'s message; the fast walk is forced even for this small sample."""
     from clawjax.buffer.validate import Limits, check, check_wire
     monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
-    limits = Limits(max_tokens=32)
-    msg = codec.to_proto(full_sample())
-    mutate(msg)
-    data = msg.SerializeToString()
-
-    def outcome(f):
-        try:
-            got = f()
-            return got if isinstance(got, tuple) else (got.sample_id, got.policy_version)
-        except SampleError as e:
-            return str(e)
-    assert outcome(lambda: check_wire(data, limits)) == \
-        outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)))
+    limits, data = Limits(max_tokens=32), _mutated(mutate)
+    assert _outcome(lambda: check_wire(data, limits), False) == \
+        _outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)), False)
 
 
 def test_size_picks_the_path_and_both_give_the_protobuf_result(monkeypatch):
