@@ -43,10 +43,10 @@ def _mean(rows, key):
 
 
 def table(summary: dict) -> str:
-    lines = ["", "clawjax default run — summary", "-" * 52]
+    lines = ["", "clawjax default run — summary", "-" * 60]
 
     def row(name, value):
-        lines.append(f"{name:<34}{value}")
+        lines.append(f"{name:<36}  {value}")
 
     row("training steps", summary["steps"])
     row("samples trained", summary["samples_trained"])
@@ -58,9 +58,10 @@ def table(summary: dict) -> str:
     row("judge votes", summary["votes"])
     row("turns with a hint", f"{summary['hint_share']:.3f}")
     row("dropped, by reason", summary["drops"])
-    row("trainer-engine log-prob gap", summary["logp_gap_last"])
+    gap = summary["logp_gap_last"]
+    row("trainer-engine log-prob gap", f"{gap:.4f}" if isinstance(gap, float) else gap)
     row("process restarts", summary["restarts"])
-    lines.append("-" * 52)
+    lines.append("-" * 60)
     return "\n".join(lines)
 
 
