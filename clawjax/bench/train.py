@@ -2,14 +2,17 @@
 
 For each model size (a tiny Qwen3 and a small one with a 32k vocabulary), float32 on the CPU:
 
-- clawjax: `TrainLoop._step` — the product's jitted update (forward → chunked log-probs →
-  combined PPO/OPD loss → gradients → clip → AdamW), on a `TrainLoop.pack` stack.
+- clawjax: `TrainLoop._step` — the product's jitted update (forward → chunked log-probs on
+  the scored positions only, `TokenBatch.score_index` → combined PPO/OPD loss → gradients →
+  clip → AdamW), on a `TrainLoop.pack` stack.
 - torch: the SAME weights (clawjax `save_pretrained` → `transformers` `from_pretrained`, a
   `Qwen3ForCausalLM`), the SAME packed rows (`position_ids` restarting per segment and a
   block-diagonal causal 4-D float mask `[R, 1, L, L]`, so segments never attend across), the
   SAME loss written in torch below (PPO clip ε 0.2 / 0.28 on A = r + (teacher_logp −
   old_logp)·teacher_mask, sample-mean reduction), `clip_grad_norm_` and `torch.optim.AdamW` with
   the trainer's hyper-parameters; eager mode, `torch.set_num_threads` left at its default.
+  Torch computes logits at every position, as an HF training step does; clawjax skips the
+  prompt and padding positions the loss never reads (same loss, fewer LM-head products).
 
 Before timing, the first step's loss of both is compared (equal work: same model, same batch,
 same loss). Timed steps alternate between the two in this process after warm-up (the JAX
