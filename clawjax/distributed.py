@@ -23,6 +23,7 @@ collective; a process that never joins fails start-up after `initialization_time
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import logging
 import os
@@ -170,6 +171,32 @@ def local_data_parallel(mesh) -> int:
             f"mesh data × fsdp = {dp} devices is not a multiple of the process count {n}: "
             f"expected mesh.tensor ≤ the devices of one host so every process feeds its own rows")
     return dp // n
+
+
+def gather_json(obj) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order (a collective). One process:
+    `[obj]`."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = common_max(data.size)
+    padded = np.zeros(size, np.uint8)
+    padded[:data.size] = data
+    sizes = multihost_utils.process_allgather(np.int32(data.size))
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(rows), np.asarray(sizes))]
+
+
+def file_for_process(path: str) -> str:
+    """`path` for process 0; `stem.process{i}.ext` for process i > 0, so processes sharing a
+    workdir never append to the same file."""
+    i = jax.process_index()
+    if i == 0:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.process{i}{ext}"
 
 
 def common_max(value: int) -> int:

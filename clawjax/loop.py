@@ -142,15 +142,20 @@ class TrainLoop:
         self._stop = threading.Event()
         self._saved_step = -1  # the step of the newest checkpoint started by this process
         self._good_step = 0  # the newest checkpoint the regression gate accepted
-        self._trained_log = os.path.join(self.workdir, "trained.jsonl")
+        self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
         if config.trainer.resume:
             self.restore()
         if self.gate is not None:  # the serving policy is the one we start from
             self.gate.accept(self.state.params)
             self.save_checkpoint()  # no-op when resuming: that step is already saved
             self._good_step = self.step
+        # Metrics are global (the loss of the global batch): process 0 writes metrics.jsonl,
+        # TensorBoard and the progress bar; others keep their own file (metrics.process{i}).
+        lead = jax.process_index() == 0
         self.metrics = MetricsWriter(self.workdir, total_steps=config.trainer.steps,
-                                     progress=config.trainer.progress)
+                                     progress=config.trainer.progress and lead,
+                                     filename=os.path.basename(dist_lib.file_for_process(
+                                         "metrics.jsonl")), tensorboard=lead)
 
     # ------------------------------------------------------------------ state
     @property
@@ -195,9 +200,14 @@ class TrainLoop:
         if self._saved_step == self.step:
             return
         self._saved_step = self.step
+        from clawjax import distributed as dist_lib
+
         ids, self.unacked = self.unacked, []
+        # Every process's trained ids go into the one meta file (orbax writes it from process
+        # 0): after a restart each process acknowledges all of them (idempotent at the buffer).
+        everyone = sorted({i for part in dist_lib.gather_json(ids) for i in part})
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
-                "unacked_ids": ids, "dropped": dict(self.dropped)}
+                "unacked_ids": everyone, "dropped": dict(self.dropped)}
         def committed():
             self.source.commit(ids)
             self._in_hand.difference_update(ids)

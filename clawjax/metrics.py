@@ -22,16 +22,19 @@ def _plain(value):
 class MetricsWriter:
     """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: str, total_steps: int | None = None, progress: bool = True):
+    def __init__(self, workdir: str, total_steps: int | None = None, progress: bool = True,
+                 filename: str = "metrics.jsonl", tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, filename)
         self._file = open(self.path, "a")
-        try:
-            from tensorboardX import SummaryWriter
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # TensorBoard events are optional
-            self._tb = None
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard events are optional
+                pass
         self._bar = None
         if progress:
             from tqdm import tqdm

@@ -134,6 +134,17 @@ def _finish(procs, timeout=300):
     return results
 
 
+def _checkpoint_meta(workdir: str, step: int) -> dict:
+    """The JSON meta of checkpoint `step` as orbax wrote it (read straight from disk)."""
+    import glob
+
+    found = [p for p in glob.glob(os.path.join(workdir, "checkpoints", str(step), "meta", "*"))
+             if os.path.isfile(p) and not os.path.basename(p).startswith("_")]
+    assert found, os.listdir(os.path.join(workdir, "checkpoints", str(step)))
+    with open(found[0]) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs the 2-process step, then (one process) the 8-device reference step and the restore."""
@@ -154,7 +165,7 @@ def runs(tmp_path_factory):
     restored = _finish([_spawn(["restore", str(tmp / "mp"), replay, str(tmp / "restored.npz")],
                                8)])
     assert restored[0][0] == 0, restored[0][2][-3000:]
-    return dict(mp=mp, mp_params=dict(np.load(tmp / "mp.npz")),
+    return dict(mp=mp, mp_dir=str(tmp / "mp"), mp_params=dict(np.load(tmp / "mp.npz")),
                 one_params=dict(np.load(tmp / "one.npz")), restored=restored[0],
                 restored_params=dict(np.load(tmp / "restored.npz")))
 
@@ -189,6 +200,20 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     mp = runs["mp_params"]
     for name, value in runs["restored_params"].items():
         np.testing.assert_array_equal(value, mp["after" + name], err_msg=name)
+
+
+def test_checkpoint_meta_and_logs_cover_both_processes(runs):
+    """The one meta file lists the samples BOTH processes trained (each acknowledges all of them
+    after a restart); each process logs to its own files (process 0: metrics.jsonl)."""
+    def trained(name):
+        with open(os.path.join(runs["mp_dir"], name)) as f:
+            return [i for line in f for i in json.loads(line)["sample_ids"]]
+    ids0, ids1 = trained("trained.jsonl"), trained("trained.process1.jsonl")
+    assert len(ids0) == len(ids1) == 4 and not set(ids0) & set(ids1)
+    assert sorted(_checkpoint_meta(runs["mp_dir"], 1)["unacked_ids"]) == sorted(ids0 + ids1)
+    for name in ("metrics.jsonl", "metrics.process1.jsonl"):
+        with open(os.path.join(runs["mp_dir"], name)) as f:
+            assert [json.loads(line)["step"] for line in f] == [1], name
 
 
 def test_dead_process_stops_the_job_with_a_message(tmp_path):
