@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -91,46 +92,42 @@ def _snapshot_leaf(x, dtype):
     return host if target is None else host.astype(target)
 
 
-@functools.lru_cache(maxsize=8)
-def _hf_layout_fn(config, dtype):
-    """(hf_table, jitted fn): parameters in table order → the HF tensors (layout and dtype of
-    the checkpoint), computed on device so the host only copies contiguous bytes."""
-    from clawjax.model import hf_table
-
-    table = hf_table(config)
-    return table, jax.jit(lambda values: [m.to_hf(v).astype(dtype)
-                                          for m, v in zip(table, values)])
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _to_hf(value, tensor_map, dtype):
+    """One parameter in its HF checkpoint layout and dtype (`tensor_map`: a `TensorMap`)."""
+    return tensor_map.to_hf(value).astype(dtype)
 
 
 def _snapshot(params, config, dtype) -> tuple:
-    """What a publish needs, detached from the trainer's buffers:
-    ("hf", abstract params, [HF tensors on device]) on a single host (one jitted dispatch:
-    cast + HF layout), else ("tree", None, params snapshot via `_snapshot_leaf`)."""
+    """What a publish needs, detached from the trainer's buffers. On a single host:
+    ("hf", {hf_name: HF-layout tensor on device}), one small jitted cast + transpose per tensor
+    dispatched asynchronously, so the writer can write the first tensors while XLA still
+    computes the later ones. Otherwise ("tree", params snapshot via `_snapshot_leaf`)."""
     from clawjax.model import hf_table
 
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(params)}
     table = hf_table(config)
     if set(flat) == {m.path for m in table} and all(
             isinstance(x, jax.Array) and x.is_fully_addressable for x in flat.values()):
-        table, fn = _hf_layout_fn(config, jnp.dtype(dtype))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        return "hf", abstract, fn([flat[m.path] for m in table])
-    return "tree", None, jax.tree.map(lambda x: _snapshot_leaf(x, dtype), params)
+        target = jnp.dtype(dtype)
+        return "hf", {m.hf_name: _to_hf(flat[m.path], m, target) for m in table}
+    return "tree", jax.tree.map(lambda x: _snapshot_leaf(x, dtype), params)
 
 
-def _host_model(graphdef, config, snapshot):
-    """The nnx model `save_pretrained` writes, with host (numpy) parameters. For an "hf"
-    snapshot the parameters are views of the HF-layout arrays, so writing them back to HF
-    layout copies contiguous memory only."""
-    kind, abstract, arrays = snapshot
-    host = jax.device_get(arrays)
+def _write_snapshot(snapshot, graphdef, config, path: Path, dtype) -> None:
+    """Writes the HF checkpoint files of a `_snapshot` into `path`. An "hf" snapshot's tensors
+    are fetched one at a time as the writer reaches them (contiguous bytes, no host transpose)."""
+    from clawjax.model import save_pretrained, write_hf_checkpoint
+
+    kind, arrays = snapshot
     if kind == "tree":
-        return nnx.merge(graphdef, host)
-    table, _ = _hf_layout_fn(config, jnp.dtype(host[0].dtype))
-    values = {m.path: m.to_nnx(h) for m, h in zip(table, host)}
-    state = nnx.from_flat_state([(p, v.replace(values[p]))
-                                 for p, v in nnx.to_flat_state(abstract)])
-    return nnx.merge(graphdef, state)
+        save_pretrained(nnx.merge(graphdef, jax.device_get(arrays)), config, path, dtype=dtype)
+        return
+
+    def fetch(tensor_map):
+        return np.asarray(jax.device_get(arrays.pop(tensor_map.hf_name)))
+
+    write_hf_checkpoint(config, path, fetch, dtype)
 
 
 class Publisher:
@@ -264,9 +261,10 @@ class Publisher:
 
     def _publish(self, step, graphdef, snapshot, config, version: int) -> None:
         t0 = time.perf_counter()
-        model = _host_model(graphdef, config, snapshot)
+        path = self.write_version(
+            lambda staging: _write_snapshot(snapshot, graphdef, config, staging, self.dtype),
+            version)
         del snapshot
-        path = self.write_version(model, config, version)
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         t1 = time.perf_counter()
         results = self._update_servers(str(path), str(version))
@@ -280,13 +278,14 @@ class Publisher:
                 last_total_s=time.perf_counter() - t0, last_update_results=results,
                 server_update_failures=self._stats["server_update_failures"] + failures)
 
-    def write_version(self, model, config, version: int) -> Path:
-        """Writes `v<version>` atomically (staging dir + rename) and returns its path. An
-        existing `v<version>` is replaced (moved aside first, then removed)."""
-        from clawjax.model import save_pretrained
-
+    def write_version(self, write_checkpoint: Callable[[Path], None], version: int) -> Path:
+        """Writes `v<version>` atomically and returns its path: `write_checkpoint(staging)`
+        writes the model files into a fresh staging directory, the tokenizer files are added,
+        everything is fsynced, then renamed into place. An existing `v<version>` is replaced
+        (moved aside first, then removed)."""
         staging = self._staging / f"v{version}-{uuid.uuid4().hex[:8]}"
-        save_pretrained(model, config, staging, dtype=self.dtype)
+        staging.mkdir(parents=True)
+        write_checkpoint(staging)
         if self.tokenizer_dir:
             for name in TOKENIZER_FILES:
                 src = Path(self.tokenizer_dir) / name

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -182,14 +183,31 @@ def save_pretrained(model: Transformer, config: ModelConfig, path: str | os.Path
     model.safetensors, or model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json when
     the weights exceed `max_shard_bytes`. Replaces any earlier model*.safetensors / index in
     `path`. Tied embeddings are written once (no lm_head.weight). Returns the written files."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     target = _np_dtype(dtype)
     params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     table = hf_table(config)
     missing = [m.path for m in table if m.path not in params]
     if missing:
         raise CheckpointError(f"model has no parameter(s) {missing[:5]} required by config {config.model_type!r}")
+
+    def fetch(m: TensorMap) -> np.ndarray:
+        value = np.asarray(jax.device_get(params[m.path].get_value()))
+        return m.to_hf(value).astype(target, copy=False)
+
+    return write_hf_checkpoint(config, path, fetch, dtype, max_shard_bytes)
+
+
+def write_hf_checkpoint(config: ModelConfig, path: str | os.PathLike,
+                        fetch: Callable[[TensorMap], np.ndarray], dtype=jnp.bfloat16,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """The writer behind `save_pretrained`: `fetch(tensor_map)` returns one tensor in HF layout
+    (`tensor_map.hf_shape`) and `dtype`; it is called once per tensor in `hf_table(config)`
+    order, just before that tensor's bytes are written, so a caller can still be computing
+    later tensors (at most one fetched tensor is held here). Same files as `save_pretrained`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    target = _np_dtype(dtype)
+    table = hf_table(config)
     shards: list[list[TensorMap]] = [[]]
     size = 0
     for m in table:
@@ -203,15 +221,11 @@ def save_pretrained(model: Transformer, config: ModelConfig, path: str | os.Path
         old.unlink(missing_ok=True)
     by_name = {m.hf_name: m for m in table}
 
-    def fetch(name: str) -> np.ndarray:
-        m = by_name[name]
-        value = np.asarray(jax.device_get(params[m.path].get_value()))
-        return np.ascontiguousarray(m.to_hf(value).astype(target))
-
     written, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards):
         name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += safetensors_io.write_file(path / name, [(m.hf_name, m.hf_shape, target) for m in shard], fetch)
+        total += safetensors_io.write_file(path / name, [(m.hf_name, m.hf_shape, target) for m in shard],
+                                           lambda hf_name: fetch(by_name[hf_name]))
         weight_map.update({m.hf_name: name for m in shard})
         written.append(path / name)
     if len(shards) > 1:
