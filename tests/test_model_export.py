@@ -119,3 +119,30 @@ def test_load_is_tensor_by_tensor(tmp_path):
         tracemalloc.stop()
     assert peak < 0.75 * total, (peak, total)
     assert model.lm_head_kernel[...].shape == (64, 2000)
+
+
+def test_write_hf_checkpoint_fetches_each_tensor_once_in_table_order(loaded, tmp_path):
+    """The writer behind save_pretrained (and the publisher) asks for one HF-layout tensor at a
+    time, in `hf_table` order, and writes files byte-identical to save_pretrained's; a fetched
+    tensor of the wrong shape is refused with its name."""
+    _, model, config, _, _ = loaded
+    params = _flat_params(model)
+    table = cm.hf_table(config)
+    asked = []
+
+    def fetch(m):
+        asked.append(m.hf_name)
+        return m.to_hf(params[m.path]).astype(np.float32)
+
+    cm.write_hf_checkpoint(config, tmp_path / "w", fetch, jnp.float32, max_shard_bytes=40_000)
+    cm.save_pretrained(model, config, tmp_path / "s", dtype=jnp.float32, max_shard_bytes=40_000)
+    assert asked == [m.hf_name for m in table]
+    written = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "s").iterdir()) and len(written) > 3
+    for name in written:
+        assert (tmp_path / "w" / name).read_bytes() == (tmp_path / "s" / name).read_bytes(), name
+
+    bad = table[1]
+    with pytest.raises(ValueError, match=bad.hf_name.replace(".", r"\.")):
+        cm.write_hf_checkpoint(config, tmp_path / "bad",
+                               lambda m: fetch(m)[:1] if m == bad else fetch(m), jnp.float32)
