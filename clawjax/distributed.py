@@ -23,8 +23,8 @@ collective; a process that never joins fails start-up after `initialization_time
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
 import logging
 import os
 from typing import Mapping
@@ -36,7 +36,7 @@ log = logging.getLogger("clawjax.distributed")
 
 __all__ = ["DistributedError", "detect_cluster", "maybe_initialize", "is_multiprocess",
            "local_share", "process_config", "local_data_parallel", "ProcessShardReplay", "shard_source",
-           "pad_rows_to_common", "global_batch"]
+           "pad_rows_to_common", "global_batch", "gather_json", "file_for_process", "common_max"]
 
 
 class DistributedError(RuntimeError):
@@ -181,12 +181,11 @@ def gather_json(obj) -> list:
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    size = common_max(data.size)
-    padded = np.zeros(size, np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:data.size] = data
-    sizes = multihost_utils.process_allgather(np.int32(data.size))
     rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(rows), np.asarray(sizes))]
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(rows), sizes)]
 
 
 def file_for_process(path: str) -> str:

@@ -27,6 +27,7 @@ from flax import nnx
 from clawjax import batch as batch_lib
 from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
+from clawjax import distributed as dist_lib
 from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
 from clawjax.metrics import MetricsWriter
 from clawjax.sample import Sample, SampleError
@@ -91,8 +92,6 @@ class TrainLoop:
         """`source`, `publisher` (a `clawjax.publish.Publisher`) and `gate` (a
         `clawjax.gate.RegressionGate`) default to what the config describes; `extra_metrics`
         is called once per step and its dict is merged into the step's metrics."""
-        from clawjax import distributed as dist_lib
-
         config_lib.validate(config)
         config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
@@ -200,8 +199,6 @@ class TrainLoop:
         if self._saved_step == self.step:
             return
         self._saved_step = self.step
-        from clawjax import distributed as dist_lib
-
         ids, self.unacked = self.unacked, []
         # Every process's trained ids go into the one meta file (orbax writes it from process
         # 0): after a restart each process acknowledges all of them (idempotent at the buffer).
@@ -259,8 +256,6 @@ class TrainLoop:
     def pack(self, samples: list[Sample]):
         """Packs samples into a `[M, R, L]` stack of micro-batches placed on the mesh. With
         several processes each packs its own samples and the global stack joins their rows."""
-        from clawjax import distributed as dist_lib
-
         micro = self.config.trainer.micro_batches
         packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
                                 row_multiple=micro * self.local_data_parallel)

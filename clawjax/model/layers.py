@@ -8,6 +8,7 @@ and shardings (`clawjax.sharding.param_shardings`) all derive from that one decl
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -40,9 +41,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     ins, outs = w.shape[:n_in], w.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
     assert x.shape[x.ndim - n_in:] == ins, (x.shape, w.shape, n_in)
-    size_in = 1
-    for d in ins:
-        size_in *= d
+    size_in = math.prod(ins)
     y = jnp.dot(x.reshape(-1, size_in), w.reshape(size_in, -1))
     return y.reshape(*lead, *outs)
 
