@@ -33,8 +33,8 @@ import shutil
 import threading
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -294,9 +294,7 @@ class Publisher:
         _fsync_tree(staging)
         final = self.publish_dir / f"v{version}"
         if final.exists():
-            trash = self._staging / f"old-v{version}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            self._retire(final)
         os.rename(staging, final)
         _fsync_dir(self.publish_dir)
         return final
@@ -313,7 +311,15 @@ class Publisher:
     def _prune(self) -> None:
         versions = list_versions(self.publish_dir)
         for v in versions[:-self.keep]:
-            shutil.rmtree(self.publish_dir / f"v{v}", ignore_errors=True)
+            self._retire(self.publish_dir / f"v{v}")
+
+    def _retire(self, version_dir: Path) -> None:
+        """Removes a published version without ever leaving it half-deleted under its name:
+        one atomic rename into the staging area (cleared at start-up after a crash), then the
+        removal."""
+        trash = self._staging / f"old-{version_dir.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(version_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def publisher_from_config(publish, workdir: str | os.PathLike,

@@ -164,6 +164,38 @@ def test_sigkill_mid_publish_leaves_only_complete_versions(tmp_path):
     assert os.listdir(out / ".staging") == [] and list_versions(out) == versions
 
 
+def test_a_crash_while_pruning_leaves_no_half_deleted_version(tmp_path, monkeypatch):
+    """Removing an old version is interrupted after its weights are gone (a crash inside
+    rmtree): no `v<N>` directory under publish_dir may be left incomplete; the remains sit in
+    the staging area, which the next publisher clears."""
+    import clawjax.publish as publish_mod
+
+    config = cm.ModelConfig.from_hf(dict(
+        model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        max_position_embeddings=64, tie_word_embeddings=False))
+    model = cm.init_random(config, seed=0)
+    out = tmp_path / "pub"
+    pub = Publisher(None, out, every_steps=1, keep=1)
+    pub.maybe_publish(1, model, config, policy_version=1)
+    assert pub.wait(60) and list_versions(out) == [1]
+
+    def crashing_rmtree(path, ignore_errors=False):
+        os.unlink(os.path.join(path, "model.safetensors"))
+        raise OSError(f"simulated crash while removing {path}")
+
+    monkeypatch.setattr(publish_mod.shutil, "rmtree", crashing_rmtree)
+    pub.maybe_publish(2, model, config, policy_version=2)
+    assert pub.wait(60)
+    monkeypatch.undo()
+    assert pub.stats()["failed"] == 1
+    pub.close()
+    assert list_versions(out) == [2]
+    assert cm.from_pretrained(out / "v2", dtype=jnp.float32)[1] == config  # v2 is whole
+    Publisher(None, out, every_steps=1).close()
+    assert os.listdir(out / ".staging") == [] and list_versions(out) == [2]
+
+
 def test_publisher_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         Publisher(None, tmp_path, every_steps=1, keep=0)
