@@ -62,15 +62,40 @@ def test_single_turn_sessions_are_emitted_and_idle_sessions_expire():
     table.begin("a", "main", msgs(("user", "q")), 0)
     ta = turn("a")
     table.finish(ta, 1)
+    table.end("a", 1)
     table.begin("b", "side", msgs(("user", "q")), 0)            # only a side turn: nothing
+    table.end("b", 0)
     table.begin("c", "main", msgs(("user", "q")), 0)
     table.finish(turn("c"), 8)
+    table.end("c", 8)
     assert table.expire(now=11.5) == [LoneTurn(ta)] and "b" not in table and "c" in table
     assert len(table.expire(now=18.5)) == 1 and len(table) == 0
     with pytest.raises(ValueError, match="turn_type"):
         table.begin("x", "tool", [], 0)
     with pytest.raises(ValueError, match="idle_expiry_s"):
         SessionTable(0)
+
+
+def test_a_request_in_flight_keeps_its_session_open():
+    """A generation slower than the idle expiry must not close its own session: the turn it
+    produces still belongs to it (no spurious lone turn), and the session expires only once
+    the request has ended and the session then idles."""
+    table = SessionTable(idle_expiry_s=0.5)
+    table.begin("s", "main", msgs(("user", "q")), 0)
+    t0 = turn(index=0)
+    table.finish(t0, 0.1)
+    table.end("s", 0.1)
+    table.begin("s", "main", msgs(("user", "q"), ("assistant", "a"), ("user", "no")), 0.2)
+    assert table.expire(now=5.0) == [] and "s" in table           # still generating
+    t1 = turn(index=1)
+    assert table.finish(t1, 5.1) == []
+    table.end("s", 5.1)
+    assert table.expire(now=5.2) == [] and "s" in table
+    assert table.expire(now=5.7) == [Dropped(t1, "no_next_state")] and "s" not in table
+    table.begin("x", "main", msgs(("user", "q")), 0)
+    assert table.close_all() == [] and len(table) == 0             # shutdown: in flight too
+    table.end("x", 1)                                                # a closed session: no-op
+    assert "x" not in table
 
 
 def test_sessions_do_not_mix():

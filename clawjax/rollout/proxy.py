@@ -90,6 +90,12 @@ class Proxy:
         self.loop.handle(self.table.finish(turn, time.monotonic()))
 
     def end(self, call: chatapi.ChatCall) -> None:
+        """After a request `begin` counted, answered or failed."""
+        if call.session_id is not None:
+            self.table.end(call.session_id, time.monotonic())
+        self.session_done(call)
+
+    def session_done(self, call: chatapi.ChatCall) -> None:
         if call.session_id is not None and call.session_done:
             self.loop.handle(self.table.close(call.session_id))
 
@@ -156,7 +162,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
     if call.messages is None:  # session_done only
-        proxy.end(call)
+        proxy.session_done(call)
         return web.json_response({"object": "session.done", "session_id": call.session_id})
     try:
         prompt_ids = proxy.encode(call.messages, call.tools)
@@ -300,7 +306,7 @@ class Running:
         """Stops serving, closes every open session (as on expiry), waits up to
         `drain_timeout_s` for judging and pushes to finish, then closes the clients."""
         await self.runner.cleanup()
-        self.proxy.loop.handle(self.proxy.table.expire(math.inf))
+        self.proxy.loop.handle(self.proxy.table.close_all())
         if not await self.proxy.loop.idle(drain_timeout_s):
             log.warning("proxy shutdown: judge loop / buffer queue not idle after %.0fs",
                         drain_timeout_s)

@@ -4,8 +4,10 @@ The proxy tells the table what happens, with the time `now` (seconds, any monoto
 
     index, events = table.begin(session_id, turn_type, messages, now)   # a request arrives
     events = table.finish(turn, now)        # its main-line response was generated (trainable)
+    table.end(session_id, now)              # the request was answered (or failed)
     events = table.close(session_id)        # session_done (after the request's own turn)
     events = table.expire(now)              # idle sessions, handled like session_done
+    events = table.close_all()              # shutdown
 
 and acts on the events returned:
   - `JudgeJob(turn, next_state)`: `turn` got its next state; judge it and emit samples.
@@ -79,6 +81,7 @@ class _Session:
     main_turns: int = 0
     pending: Turn | None = None
     last_seen: float = 0.0
+    in_flight: int = 0  # requests begun and not yet ended: the session is not idle
 
 
 def _text(content: Any) -> str:
@@ -106,8 +109,9 @@ def next_state_of(messages: Sequence[dict]) -> NextState | None:
 
 
 class SessionTable:
-    """Open sessions by id. `idle_expiry_s`: a session not seen for this long is closed by
-    `expire(now)`."""
+    """Open sessions by id. `idle_expiry_s`: a session with no request in flight and none seen
+    for this long is closed by `expire(now)` (a generation slower than the expiry never
+    closes its own session)."""
 
     def __init__(self, idle_expiry_s: float = 600.0):
         if not idle_expiry_s > 0:
@@ -129,6 +133,7 @@ class SessionTable:
             raise ValueError(f"turn_type = {turn_type!r}, expected one of {TURN_TYPES}")
         session = self._sessions.setdefault(session_id, _Session())
         session.last_seen = now
+        session.in_flight += 1
         index = session.next_index
         session.next_index += 1
         events: list = []
@@ -143,7 +148,7 @@ class SessionTable:
         """A main-line turn of an open session was generated: it becomes the session's pending
         turn. A still-pending older turn (its successor carried no next state) is dropped."""
         session = self._sessions.get(turn.session_id)
-        if session is None:  # closed (expired) while generating: a session of its own
+        if session is None:  # closed (another request's session_done) while generating
             session = self._sessions.setdefault(turn.session_id, _Session())
         session.last_seen = now
         session.main_turns += 1
@@ -152,6 +157,14 @@ class SessionTable:
             events.append(Dropped(session.pending, "no_next_state"))
         session.pending = turn
         return events
+
+    def end(self, session_id: str, now: float) -> None:
+        """A request `begin` counted was answered or failed: it no longer keeps its session
+        from expiring. No-op for a session closed meanwhile."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.last_seen = now
+            session.in_flight = max(0, session.in_flight - 1)
 
     def close(self, session_id: str) -> list:
         """session_done: the pending turn gets no next state."""
@@ -165,8 +178,15 @@ class SessionTable:
     def expire(self, now: float) -> list:
         """Closes every session idle for more than `idle_expiry_s`."""
         idle = [sid for sid, s in self._sessions.items()
-                if now - s.last_seen > self.idle_expiry_s]
+                if not s.in_flight and now - s.last_seen > self.idle_expiry_s]
         events: list = []
         for sid in idle:
+            events.extend(self.close(sid))
+        return events
+
+    def close_all(self) -> list:
+        """Closes every open session, in flight or not (shutdown)."""
+        events: list = []
+        for sid in list(self._sessions):
             events.extend(self.close(sid))
         return events
