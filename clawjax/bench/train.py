@@ -1,6 +1,8 @@
 """`python -m clawjax.bench train`: tokens/s of clawjax's jitted train step vs a PyTorch eager step.
 
-For each model size (a tiny Qwen3 and a small one with a 32k vocabulary), float32 on the CPU:
+For each model size (a tiny Qwen3 and a small one with a 32k vocabulary), float32 on JAX's
+default device (the CPU, or a GPU where one is present; torch then runs on CUDA too, both with
+full-float32 matrix products: `jax_default_matmul_precision="highest"`, TF32 off in torch):
 
 - clawjax: `TrainLoop._step` — the product's jitted update (forward → chunked log-probs on
   the scored positions only, `TokenBatch.score_index` → combined PPO/OPD loss → gradients →
@@ -13,6 +15,12 @@ For each model size (a tiny Qwen3 and a small one with a 32k vocabulary), float3
   the trainer's hyper-parameters; eager mode, `torch.set_num_threads` left at its default.
   Torch computes logits at every position, as an HF training step does; clawjax skips the
   prompt and padding positions the loss never reads (same loss, fewer LM-head products).
+
+On a GPU (or with `--mfu`) a last table gives the MFU of the Qwen3-0.6B config
+(`configs/qwen3_0_6b.py`: bfloat16, remat, 16 samples per step, rows of 8192 tokens, 2
+micro-batches; random weights of Qwen3-0.6B's shape, samples of 1024–4096 tokens): model FLOPs
+per step (`clawjax.bench.flops`) / step time, against the datasheet bf16 peak and against an
+8192³ bf16 matrix product timed in the same process.
 
 Before timing, the first step's loss of both is compared (equal work: same model, same batch,
 same loss). Timed steps alternate between the two in this process after warm-up (the JAX
@@ -35,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clawjax.bench import flops as flops_lib
 from clawjax.bench.common import print_table
 from clawjax.config import TINY_QWEN3, base_config
 from clawjax.sample import Sample
@@ -57,6 +66,15 @@ class BenchSize:
     min_len: int
     max_len: int
     repeat_factor: int = 1  # timed steps = --repeats × this (cheap sizes: more, for stabler medians)
+
+
+# Qwen3-0.6B's HF config.json (the MFU row builds random weights of this shape).
+QWEN3_0_6B = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960,
+    tie_word_embeddings=True,
+)
 
 
 def _qwen3(**overrides) -> dict:
@@ -110,10 +128,17 @@ def make_loop(size: BenchSize, workdir: str):
     from clawjax.loop import TrainLoop
 
     c = base_config()
+    c.model.dtype = "float32"
+    return TrainLoop(_bench_config(c, size, workdir))
+
+
+def _bench_config(c, size: BenchSize, workdir: str):
+    """`c` with the bench's model, batch and SPEC §6 hyper-parameters, one device, no
+    checkpoints, publishing or progress bar."""
     c.workdir = workdir
     c.method = "combine"
+    c.model.path = ""
     c.model.hf_config = dict(size.hf_config)
-    c.model.dtype = "float32"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     c.loss.eps_clip, c.loss.eps_clip_high, c.loss.reduction = EPS_CLIP, EPS_CLIP_HIGH, "sample_mean"
     c.trainer.lr, c.trainer.b1, c.trainer.b2 = LR, B1, B2
@@ -122,11 +147,12 @@ def make_loop(size: BenchSize, workdir: str):
     c.trainer.token_budget = size.token_budget
     c.trainer.progress = False
     c.checkpoint.async_save = False
-    return TrainLoop(c)
+    c.publish.every_steps = 0
+    return c
 
 
 # ---------------------------------------------------------------------------------- torch side
-def torch_inputs(batch) -> dict:
+def torch_inputs(batch, device: str = "cpu") -> dict:
     """`TokenBatch [R, L]` (numpy) → torch tensors, with the block-diagonal causal float mask
     `[R, 1, L, L]`: query t sees key s iff s ≤ t and both lie in the same segment (padding,
     segment 0, sees earlier padding only, which keeps it finite and is never scored)."""
@@ -139,12 +165,13 @@ def torch_inputs(batch) -> dict:
     mask = torch.zeros(allowed.shape, dtype=torch.float32)
     mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
     f32 = lambda x: torch.as_tensor(np.array(x), dtype=torch.float32)
-    return dict(
+    out = dict(
         input_ids=torch.as_tensor(np.array(batch.tokens), dtype=torch.long),
         position_ids=torch.as_tensor(np.array(batch.positions), dtype=torch.long),
         attention_mask=mask[:, None], segment_ids=seg, loss_mask=f32(batch.loss_mask),
         old_logp=f32(batch.old_logp), teacher_logp=f32(batch.teacher_logp),
         teacher_mask=f32(batch.teacher_mask), rewards=f32(batch.rewards))
+    return {name: value.to(device) for name, value in out.items()}
 
 
 def torch_loss(logits, b: dict):
@@ -172,26 +199,28 @@ def torch_loss(logits, b: dict):
     per_token = torch.maximum(-ratio * adv,
                               -torch.clamp(ratio, 1.0 - EPS_CLIP, 1.0 + EPS_CLIP_HIGH) * adv)
     per_token = torch.where(mask, per_token, 0.0)
-    ids = (seg + (length + 1) * torch.arange(rows)[:, None]).reshape(-1)
-    sums = torch.zeros(rows * (length + 1)).index_add(0, ids, per_token.reshape(-1))
-    counts = torch.zeros(rows * (length + 1)).index_add(0, ids, mask.float().reshape(-1))
+    ids = (seg + (length + 1) * torch.arange(rows, device=seg.device)[:, None]).reshape(-1)
+    zeros = lambda: torch.zeros(rows * (length + 1), device=seg.device)
+    sums = zeros().index_add(0, ids, per_token.reshape(-1))
+    counts = zeros().index_add(0, ids, mask.float().reshape(-1))
     has = counts > 0
     loss = (sums[has] / counts[has]).sum() / has.sum().clamp(min=1)
     return loss, entropy
 
 
-def make_torch_step(model_dir: str, batch) -> tuple[Callable[[], float], object]:
+def make_torch_step(model_dir: str, batch,
+                    device: str = "cpu") -> tuple[Callable[[], float], object]:
     """`(step, model)`: `step()` runs one eager update on `batch` and returns the loss (computed
     before the update, like the clawjax step's)."""
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(B1, B2), eps=ADAM_EPS,
                             weight_decay=WEIGHT_DECAY)
-    b = torch_inputs(batch)
+    b = torch_inputs(batch, device)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -229,7 +258,7 @@ class Timing:
         return sum(self.cpu) / max(sum(self.wall), 1e-12)
 
 
-def bench_one(size: BenchSize, warmup: int, repeats: int) -> dict:
+def bench_one(size: BenchSize, warmup: int, repeats: int, device: str = "cpu") -> dict:
     """Builds both steps for `size`, checks the first-step losses agree, then times them
     alternately. Returns the row's figures."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -243,7 +272,7 @@ def bench_one(size: BenchSize, warmup: int, repeats: int) -> dict:
             model_dir = os.path.join(tmp, "hf")
             model_lib.save_pretrained(loop.model(), loop.model_config, model_dir,
                                       dtype=jnp.float32)
-            torch_step, _ = make_torch_step(model_dir, host_batch)
+            torch_step, _ = make_torch_step(model_dir, host_batch, device)
 
             def jax_step() -> float:
                 loop.state, metrics = loop._step(loop.state, stack, loop.ref_params)
@@ -271,6 +300,97 @@ def bench_one(size: BenchSize, warmup: int, repeats: int) -> dict:
                 compile_s=compile_s, jax=times["clawjax"], torch=times["torch"])
 
 
+def mfu_samples(hf_config: dict, count: int, min_len: int, max_len: int,
+                seed: int = 0) -> list[Sample]:
+    """`make_samples` for the MFU row: `count` samples of `min_len..max_len` tokens."""
+    size = BenchSize("mfu", hf_config, samples=count, token_budget=max_len, min_len=min_len,
+                     max_len=max_len)
+    return make_samples(size, seed)
+
+
+def matmul_flops_per_s(n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an n×n×n bf16 matrix product on JAX's default device (random operands,
+    median of `repeats` after a warm-up): the attainable ceiling beside the datasheet's."""
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
+    product = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(product(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a, b))
+        times.append(time.perf_counter() - start)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 4096,
+              hf_config: dict = QWEN3_0_6B, trainer_overrides: dict | None = None,
+              matmul_n: int = 8192) -> dict:
+    """Times the product's step on `configs/qwen3_0_6b.py` with Qwen3-0.6B's shape (random
+    weights; `hf_config` / `trainer_overrides` shrink it for a smoke test); returns the MFU
+    row's figures."""
+    from clawjax.configs import qwen3_0_6b
+    from clawjax.loop import TrainLoop
+
+    c = qwen3_0_6b.get_config()
+    c.trainer.update(trainer_overrides or {})
+    size = BenchSize("qwen3-0.6b", hf_config, samples=c.trainer.samples_per_step,
+                     token_budget=c.trainer.token_budget, min_len=min_len, max_len=max_len)
+    with tempfile.TemporaryDirectory(prefix="bench-mfu-") as tmp:
+        loop = TrainLoop(_bench_config(c, size, os.path.join(tmp, "workdir")))
+        try:
+            samples = mfu_samples(hf_config, size.samples, min_len, max_len)
+            stack = loop.pack(samples)
+
+            def step() -> float:
+                loop.state, metrics = loop._step(loop.state, stack, loop.ref_params)
+                jax.block_until_ready((loop.state, metrics))
+                return float(metrics["loss"])
+
+            compile_start = time.perf_counter()
+            loss = step()
+            compile_s = time.perf_counter() - compile_start
+            for _ in range(max(warmup - 1, 0)):
+                step()
+            timing = Timing()
+            for _ in range(repeats):
+                timing.add(step)
+        finally:
+            loop.close()
+    lengths = [len(s.tokens) for s in samples]
+    step_flops = flops_lib.train_step_flops(hf_config, lengths,
+                                            [s.response_len for s in samples])
+    kind = jax.devices()[0].device_kind
+    return dict(kind=kind, config=c, hf_config=hf_config, tokens=sum(lengths), loss=loss, compile_s=compile_s,
+                timing=timing, step_flops=step_flops, peak=flops_lib.peak_bf16_flops(kind),
+                matmul=matmul_flops_per_s(matmul_n), stack_shape=tuple(stack.tokens.shape), matmul_n=matmul_n)
+
+
+def _mfu_label(r: dict) -> str:
+    return "qwen3-0.6b" if r["hf_config"] == QWEN3_0_6B else "shrunken"
+
+
+def print_mfu(r: dict) -> None:
+    c, seconds = r["config"], r["timing"].median
+    achieved = r["step_flops"] / seconds
+    shape = "Qwen3-0.6B" if r["hf_config"] == QWEN3_0_6B else _describe(r["hf_config"])
+    print(f"MFU, {shape} shape on {r['kind']}: configs/qwen3_0_6b.py (dtype={c.model.dtype}, "
+          f"remat={c.model.remat}, micro_batches={c.trainer.micro_batches}); "
+          f"{c.trainer.samples_per_step} samples = {r['tokens']} tokens packed as "
+          f"[micro, R, L] = {list(r['stack_shape'])}; first loss {r['loss']:.5f}; "
+          f"compile+first step {r['compile_s']:.1f} s")
+    peak = "unknown device: no datasheet peak" if r["peak"] is None else (
+        f"{achieved / r['peak']:.1%} of {r['peak'] / 1e12:.0f} TFLOP/s (datasheet bf16)")
+    print_table(["config", "step s (median)", "tokens/s", "model TFLOP/step",
+                 "achieved TFLOP/s", "MFU", "of measured matmul peak"],
+                [[_mfu_label(r), f"{seconds:.3f}", f"{r['tokens'] / seconds:.0f}",
+                  f"{r['step_flops'] / 1e12:.1f}", f"{achieved / 1e12:.1f}", peak,
+                  f"{achieved / r['matmul']:.1%} of {r['matmul'] / 1e12:.1f} TFLOP/s "
+                  f"({r['matmul_n']}³ bf16)"]])
+    print("model FLOPs: clawjax.bench.flops (6·P_body·tokens + causal attention + LM head at "
+          "scored positions; rematerialisation and padding not counted)")
+
+
 def _describe(cfg: dict) -> str:
     return (f"V={cfg['vocab_size']} D={cfg['hidden_size']} F={cfg['intermediate_size']} "
             f"layers={cfg['num_hidden_layers']} heads={cfg['num_attention_heads']}/"
@@ -287,6 +407,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smallest sizes and 2 timed steps, for a smoke run")
     parser.add_argument("--only", choices=("tiny", "small"), help="run one size")
+    parser.add_argument("--mfu", choices=("auto", "on", "off", "only"), default="auto",
+                        help="the Qwen3-0.6B MFU table: auto = on a GPU/TPU only")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 2
@@ -295,8 +417,18 @@ def main(argv: list[str]) -> int:
 
     import torch
 
+    platform = jax.devices()[0].platform
+    mfu = args.mfu in ("on", "only") or (args.mfu == "auto" and platform != "cpu")
+    if args.mfu == "only":
+        r = bench_mfu(args.warmup, args.repeats)
+        print_mfu(r)
+        return 0
+    device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     sizes = [s for s in bench_sizes(args.quick) if args.only in (None, s.name)]
-    print(f"bench train: float32 on {jax.devices()[0].platform} ({len(os.sched_getaffinity(0))} "
+    print(f"bench train: float32 on {platform} ({len(os.sched_getaffinity(0))} "
           f"schedulable cores), method=combine, AdamW lr={LR} β=({B1}, {B2}) "
           f"wd={WEIGHT_DECAY} clip={GRAD_CLIP}; {args.warmup} warm-up + {args.repeats} timed "
           "steps per side (tiny: ×4 unless --quick), alternating, medians")
@@ -321,10 +453,12 @@ def main(argv: list[str]) -> int:
     print("ratio = clawjax / torch tokens per second (target ≥ 1.5x); busy threads = process "
           "CPU seconds / wall seconds during the timed steps")
     cores = len(os.sched_getaffinity(0))
-    if any(min(r["jax"].busy_threads, r["torch"].busy_threads) < 0.75 * cores for r in results):
+    if device == "cpu" and any(min(r["jax"].busy_threads, r["torch"].busy_threads) < 0.75 * cores for r in results):
         print(f"note: busy threads well below the {cores} cores: the CPU was shared with other "
               "work during timing; eager torch (OpenMP) slows down more than XLA under "
               "contention, so these ratios overstate the uncontended one")
+    if mfu:
+        print_mfu(bench_mfu(args.warmup, args.repeats))
     if not ok:
         print(f"FAILED: first-step losses differ by more than {LOSS_TOLERANCE} × max(1, |loss|)")
         return 1

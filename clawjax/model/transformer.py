@@ -27,7 +27,17 @@ def _block_forward(block: Block, h, cos, sin, mask):
     return block(h, cos, sin, mask)
 
 
-_block_forward_remat = nnx.remat(_block_forward)
+def _block_forward_remat(block: Block, h, cos, sin, mask):
+    """`_block_forward` whose activations are recomputed in the backward pass. The block enters
+    `jax.checkpoint` as a pure (graphdef, state) pair: nothing is written back to the module, so
+    it also works when the model was merged inside another transform (the trainer's `lax.scan`
+    over micro-batches), where `nnx.remat`'s write-back fails with a trace-level error."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, h, cos, sin, mask):
+        return nnx.merge(graphdef, state)(h, cos, sin, mask)
+
+    return jax.checkpoint(run)(state, h, cos, sin, mask)
 
 
 class Transformer(nnx.Module):
