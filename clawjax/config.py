@@ -12,6 +12,9 @@ import ml_collections
 from ml_collections import config_dict
 
 METHODS = ("rl", "opd", "combine")
+# = clawjax.model.config.ATTENTION_IMPLEMENTATIONS (a test keeps them equal; importing the model
+# package here would load JAX for every `--help`).
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu")
 
 # Loss defaults per method (SPEC §2–§3): weights of the two advantage terms and the KL coefficient.
 METHOD_LOSS_DEFAULTS = {
@@ -49,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hf_config = dict(TINY_QWEN3)
     c.model.dtype = "float32"  # parameter and compute dtype: float32 | bfloat16
     c.model.remat = False  # rematerialise each block in the backward pass
+    c.model.attention = "xla"  # training self-attention: xla | pallas_gpu (flash kernel, GPUs)
     c.model.seed = 0
 
     c.mesh = ml_collections.ConfigDict()
@@ -183,6 +187,8 @@ def validate(config) -> None:
     _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", c.model.dtype,
            "'float32' or 'bfloat16'")
+    _check(c.model.attention in ATTENTION_IMPLEMENTATIONS, "model.attention", c.model.attention,
+           f"one of {ATTENTION_IMPLEMENTATIONS}")
     _check(bool(c.model.path) or bool(c.model.hf_config), "model.path", c.model.path,
            "an HF checkpoint directory, or model.hf_config for a random model")
     for axis in ("data", "fsdp", "tensor"):

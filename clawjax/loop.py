@@ -43,11 +43,15 @@ def build_model(config, mesh):
     """`(model, model_config)` from `model.path` (HF directory) or `model.hf_config` (random)."""
     dtype = DTYPES[config.model.dtype]
     if config.model.path:
-        return model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh,
-                                         remat=config.model.remat)
-    model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
-    model_config = model_config.replace(remat=bool(config.model.remat))
-    return model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh), model_config
+        model, model_config = model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh,
+                                                        remat=config.model.remat)
+    else:
+        model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
+        model_config = model_config.replace(remat=bool(config.model.remat))
+        model = model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh)
+    # A training option, not part of the weights: set on the built model (static in its graphdef).
+    model.config = model_config = model_config.replace(attention=config.model.attention)
+    return model, model_config
 
 
 def make_source(config, vocab_size: int, workdir: str):

@@ -48,12 +48,14 @@ def test_peaks_by_device_kind():
     assert flops.peak_bf16_flops("cpu") is None
 
 
-def test_mfu_row_on_a_shrunken_shape(capsys):
-    """The product's qwen3_0_6b config (bf16, remat, 2 micro-batches) with a tiny shape: the row
-    reports the step's FLOPs from the samples actually trained and a finite throughput."""
+@pytest.mark.parametrize("attention", ["xla", "pallas_gpu"])
+def test_mfu_row_on_a_shrunken_shape(capsys, attention):
+    """The product's qwen3_0_6b config (bf16, remat, 2 micro-batches) with a tiny shape and each
+    attention implementation (the Pallas kernel interpreted here): the row reports the step's
+    FLOPs from the samples actually trained and a finite throughput."""
     r = bench_train.bench_mfu(1, 2, min_len=16, max_len=64, hf_config=dict(TINY_QWEN3),
                               trainer_overrides={"token_budget": 128, "samples_per_step": 6},
-                              matmul_n=128)
+                              matmul_n=128, attention=attention)
     assert r["stack_shape"][0] == 2 and r["config"].model.remat
     assert math.isfinite(r["loss"]) and r["timing"].median > 0 and r["matmul"] > 0
     samples = bench_train.mfu_samples(dict(TINY_QWEN3), 6, 16, 64)
@@ -62,5 +64,6 @@ def test_mfu_row_on_a_shrunken_shape(capsys):
         TINY_QWEN3, [len(s.tokens) for s in samples], [s.response_len for s in samples])
     bench_train.print_mfu(r)
     out = capsys.readouterr().out
-    assert "configs/qwen3_0_6b.py (dtype=bfloat16, remat=True, micro_batches=2)" in out
+    assert ("configs/qwen3_0_6b.py (dtype=bfloat16, remat=True, micro_batches=2, "
+            f"attention={attention})") in out
     assert "no datasheet peak" in out  # a CPU has no entry

@@ -160,6 +160,7 @@ def test_stale_samples_are_dropped(tmp_path):
     ("mesh.tensor", 0, "mesh.tensor"),
     ("loss.reduction", "sum", "loss"),
     ("loss.old_logp", "server", "loss.old_logp"),
+    ("model.attention", "flash", "model.attention"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, key, value, named):
     c = tiny_config(tmp_path, **{key: value})

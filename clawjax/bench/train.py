@@ -16,11 +16,12 @@ full-float32 matrix products: `jax_default_matmul_precision="highest"`, TF32 off
   Torch computes logits at every position, as an HF training step does; clawjax skips the
   prompt and padding positions the loss never reads (same loss, fewer LM-head products).
 
-On a GPU (or with `--mfu`) a last table gives the MFU of the Qwen3-0.6B config
+On a GPU (or with `--mfu`) last tables give the MFU of the Qwen3-0.6B config
 (`configs/qwen3_0_6b.py`: bfloat16, remat, 16 samples per step, rows of 8192 tokens, 2
-micro-batches; random weights of Qwen3-0.6B's shape, samples of 1024–4096 tokens): model FLOPs
-per step (`clawjax.bench.flops`) / step time, against the datasheet bf16 peak and against an
-8192³ bf16 matrix product timed in the same process.
+micro-batches; random weights of Qwen3-0.6B's shape, samples of 1024–4096 tokens), one per
+`model.attention` (on a GPU: "xla" and the "pallas_gpu" flash kernel): model FLOPs per step
+(`clawjax.bench.flops`) / step time, against the datasheet bf16 peak and against an 8192³ bf16
+matrix product timed in the same process.
 
 Before timing, the first step's loss of both is compared (equal work: same model, same batch,
 same loss). Timed steps alternate between the two in this process after warm-up (the JAX
@@ -325,7 +326,7 @@ def matmul_flops_per_s(n: int = 8192, repeats: int = 10) -> float:
 
 def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 4096,
               hf_config: dict = QWEN3_0_6B, trainer_overrides: dict | None = None,
-              matmul_n: int = 8192) -> dict:
+              matmul_n: int = 8192, attention: str = "xla") -> dict:
     """Times the product's step on `configs/qwen3_0_6b.py` with Qwen3-0.6B's shape (random
     weights; `hf_config` / `trainer_overrides` shrink it for a smoke test); returns the MFU
     row's figures."""
@@ -334,6 +335,7 @@ def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 409
 
     c = qwen3_0_6b.get_config()
     c.trainer.update(trainer_overrides or {})
+    c.model.attention = attention
     size = BenchSize("qwen3-0.6b", hf_config, samples=c.trainer.samples_per_step,
                      token_budget=c.trainer.token_budget, min_len=min_len, max_len=max_len)
     with tempfile.TemporaryDirectory(prefix="bench-mfu-") as tmp:
@@ -363,11 +365,13 @@ def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 409
     kind = jax.devices()[0].device_kind
     return dict(kind=kind, config=c, hf_config=hf_config, tokens=sum(lengths), loss=loss, compile_s=compile_s,
                 timing=timing, step_flops=step_flops, peak=flops_lib.peak_bf16_flops(kind),
-                matmul=matmul_flops_per_s(matmul_n), stack_shape=tuple(stack.tokens.shape), matmul_n=matmul_n)
+                matmul=matmul_flops_per_s(matmul_n), matmul_n=matmul_n,
+                stack_shape=tuple(stack.tokens.shape))
 
 
 def _mfu_label(r: dict) -> str:
-    return "qwen3-0.6b" if r["hf_config"] == QWEN3_0_6B else "shrunken"
+    shape = "qwen3-0.6b" if r["hf_config"] == QWEN3_0_6B else "shrunken"
+    return f"{shape} {r['config'].model.attention}"
 
 
 def print_mfu(r: dict) -> None:
@@ -375,7 +379,8 @@ def print_mfu(r: dict) -> None:
     achieved = r["step_flops"] / seconds
     shape = "Qwen3-0.6B" if r["hf_config"] == QWEN3_0_6B else _describe(r["hf_config"])
     print(f"MFU, {shape} shape on {r['kind']}: configs/qwen3_0_6b.py (dtype={c.model.dtype}, "
-          f"remat={c.model.remat}, micro_batches={c.trainer.micro_batches}); "
+          f"remat={c.model.remat}, micro_batches={c.trainer.micro_batches}, "
+          f"attention={c.model.attention}); "
           f"{c.trainer.samples_per_step} samples = {r['tokens']} tokens packed as "
           f"[micro, R, L] = {list(r['stack_shape'])}; first loss {r['loss']:.5f}; "
           f"compile+first step {r['compile_s']:.1f} s")
@@ -389,6 +394,13 @@ def print_mfu(r: dict) -> None:
                   f"({r['matmul_n']}³ bf16)"]])
     print("model FLOPs: clawjax.bench.flops (6·P_body·tokens + causal attention + LM head at "
           "scored positions; rematerialisation and padding not counted)")
+
+
+def run_mfu(args) -> None:
+    """One MFU table per `--mfu-attention` implementation (each compiled and timed alone)."""
+    names = args.mfu_attention or ("xla,pallas_gpu" if jax.default_backend() == "gpu" else "xla")
+    for name in names.split(","):
+        print_mfu(bench_mfu(args.warmup, args.repeats, attention=name.strip()))
 
 
 def _describe(cfg: dict) -> str:
@@ -409,6 +421,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", choices=("tiny", "small"), help="run one size")
     parser.add_argument("--mfu", choices=("auto", "on", "off", "only"), default="auto",
                         help="the Qwen3-0.6B MFU table: auto = on a GPU/TPU only")
+    parser.add_argument("--mfu-attention", default=None,
+                        help="comma-separated model.attention values for the MFU rows "
+                             "(default: xla, and pallas_gpu too on a GPU)")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 2
@@ -420,8 +435,7 @@ def main(argv: list[str]) -> int:
     platform = jax.devices()[0].platform
     mfu = args.mfu in ("on", "only") or (args.mfu == "auto" and platform != "cpu")
     if args.mfu == "only":
-        r = bench_mfu(args.warmup, args.repeats)
-        print_mfu(r)
+        run_mfu(args)
         return 0
     device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -432,10 +446,13 @@ def main(argv: list[str]) -> int:
           f"schedulable cores), method=combine, AdamW lr={LR} β=({B1}, {B2}) "
           f"wd={WEIGHT_DECAY} clip={GRAD_CLIP}; {args.warmup} warm-up + {args.repeats} timed "
           "steps per side (tiny: ×4 unless --quick), alternating, medians")
-    print(f"torch {torch.__version__}: eager, attn_implementation=sdpa with a 4-D block-diagonal "
-          f"causal mask, torch.set_num_threads left at its default = {torch.get_num_threads()}; "
-          f"jax {jax.__version__}: XLA CPU default intra-op pool (one thread per schedulable core)")
-    results = [bench_one(s, args.warmup, args.repeats) for s in sizes]
+    print(f"torch {torch.__version__} on {device}: eager, attn_implementation=sdpa with a 4-D "
+          "block-diagonal causal mask, torch.set_num_threads left at its default = "
+          f"{torch.get_num_threads()}; jax {jax.__version__} on {jax.devices()[0].device_kind}"
+          + (": XLA CPU default intra-op pool (one thread per schedulable core)"
+             if platform == "cpu" else "; float32 products at full precision on both sides"))
+    with jax.default_matmul_precision("highest"):
+        results = [bench_one(s, args.warmup, args.repeats, device) for s in sizes]
     table, ok = [], True
     for r in results:
         print(f"{r['name']}: {_describe(r['size'].hf_config)}; {r['size'].samples} samples packed "
@@ -458,7 +475,7 @@ def main(argv: list[str]) -> int:
               "work during timing; eager torch (OpenMP) slows down more than XLA under "
               "contention, so these ratios overstate the uncontended one")
     if mfu:
-        print_mfu(bench_mfu(args.warmup, args.repeats))
+        run_mfu(args)
     if not ok:
         print(f"FAILED: first-step losses differ by more than {LOSS_TOLERANCE} × max(1, |loss|)")
         return 1

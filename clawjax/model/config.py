@@ -22,6 +22,7 @@ from clawjax.model.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu")  # ModelConfig.attention
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # Keys of config.json that ModelConfig models itself (everything else goes to `extra`).
@@ -41,8 +42,12 @@ class ModelConfig:
 
     `rope_scaling` is None for plain rope, else a dict with `rope_type` and its parameters
     (never `rope_theta`, which has its own field). `extra` keeps config.json keys the model does
-    not use (token ids, ...) so `to_hf()` round-trips them. `remat` (not an HF key) wraps each
-    decoder block in `nnx.remat` to trade compute for activation memory in training.
+    not use (token ids, ...) so `to_hf()` round-trips them. `remat` (not an HF key) recomputes
+    each decoder block in the backward pass to trade compute for activation memory in training.
+    `attention` (not an HF key) picks the training forward's self-attention: "xla" (the
+    `clawjax.model.attention` einsums, any backend) or "pallas_gpu" (`clawjax.kernels
+    .flash_attention`, a flash kernel for GPUs: the same function, no `[T,S]` scores in memory).
+    Decoding with a KV cache always uses the XLA path.
     """
 
     model_type: str
@@ -61,6 +66,7 @@ class ModelConfig:
     qk_norm: bool = False
     max_position_embeddings: int = 4096
     remat: bool = False
+    attention: str = "xla"
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,9 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim}: expected an even number (rope rotates pairs)")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"config field attention={self.attention!r}: expected one of "
+                              f"{list(ATTENTION_IMPLEMENTATIONS)}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_type={rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")

@@ -54,10 +54,16 @@ class Attention(nnx.Module):
         y = project(o, self.o_proj[...], 2)                  # [B,T,N,H] × [N,H,D] → [B,T,D]
         return y + self.o_bias[...] if self.has_o_bias else y
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 segment_ids: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
         """Self-attention over the T tokens of `x` `[B,T,D]` with a causal mask `[B,T,T]`
-        (every token may attend itself; upper key blocks are skipped, `attend_causal`)."""
+        (every token may attend itself; upper key blocks are skipped, `attend_causal`).
+        implementation "pallas_gpu" computes the same from `segment_ids` `[B,T]` (mask =
+        causal & same segment) with `clawjax.kernels.flash_attention`."""
         q, k, v = self.qkv(x, cos, sin)
+        if implementation == "pallas_gpu":
+            from clawjax.kernels.flash_attention import segment_flash_attention
+            return self.out(segment_flash_attention(q, k, v, segment_ids))
         return self.out(attend_causal(q, k, v, mask))
 
 
@@ -85,8 +91,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
         self.mlp = MLP(config, dtype, rngs=rngs)
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask)
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 segment_ids: jax.Array | None = None, attention: str = "xla") -> jax.Array:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, segment_ids, attention)
         return h + self.mlp(self.mlp_norm(h))
 
     def cached(self, h: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array, mask: jax.Array,

@@ -23,21 +23,21 @@ from clawjax.model.layers import INIT_STD, RMSNorm, param, rope_cos_sin
 from clawjax.model.modules import Block
 
 
-def _block_forward(block: Block, h, cos, sin, mask):
-    return block(h, cos, sin, mask)
+def _block_forward(block: Block, h, cos, sin, mask, segment_ids, attention: str):
+    return block(h, cos, sin, mask, segment_ids, attention)
 
 
-def _block_forward_remat(block: Block, h, cos, sin, mask):
+def _block_forward_remat(block: Block, h, cos, sin, mask, segment_ids, attention: str):
     """`_block_forward` whose activations are recomputed in the backward pass. The block enters
     `jax.checkpoint` as a pure (graphdef, state) pair: nothing is written back to the module, so
     it also works when the model was merged inside another transform (the trainer's `lax.scan`
     over micro-batches), where `nnx.remat`'s write-back fails with a trace-level error."""
     graphdef, state = nnx.split(block)
 
-    def run(state, h, cos, sin, mask):
-        return nnx.merge(graphdef, state)(h, cos, sin, mask)
+    def run(state, h, cos, sin, mask, segment_ids):
+        return nnx.merge(graphdef, state)(h, cos, sin, mask, segment_ids, attention)
 
-    return jax.checkpoint(run)(state, h, cos, sin, mask)
+    return jax.checkpoint(run)(state, h, cos, sin, mask, segment_ids)
 
 
 class Transformer(nnx.Module):
@@ -75,7 +75,7 @@ class Transformer(nnx.Module):
         h = self.embed(tokens)
         forward = _block_forward_remat if self.config.remat else _block_forward
         for block in self.layers:
-            h = forward(block, h, cos, sin, mask)
+            h = forward(block, h, cos, sin, mask, segment_ids, self.config.attention)
         return self.final_norm(h)
 
     def lm_head(self) -> jax.Array:

@@ -155,9 +155,9 @@ class Engine:
         """Installs new weights (already loaded by the caller, off the engine thread) as
         `version`; returns once the engine has switched. Raises ValueError when `config`
         differs from the serving model's (the cache and compiled steps depend on it)."""
-        def arch(c):  # the fields that shape the computation (not `extra` / `remat`)
+        def arch(c):  # the fields that shape the computation (not `extra` / training options)
             return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
-                    if f.name not in ("extra", "remat")}
+                    if f.name not in ("extra", "remat", "attention")}
 
         if arch(config) != arch(self.config):
             diff = sorted(k for k, v in arch(config).items() if arch(self.config)[k] != v)
