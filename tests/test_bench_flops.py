@@ -1,4 +1,4 @@
-"""`clawjax.bench.flops` (the MFU numerator) against independent counts, and the MFU row of
+"""`clawjax.bench._flops` (the MFU numerator) against independent counts, and the MFU row of
 `bench train` end to end on a shrunken shape (the real one needs a GPU).
 
 The references are computed differently from the module: parameter counts from the sizes of the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clawjax import model as cm
-from clawjax.bench import flops
+from clawjax.bench import _flops as flops
 from clawjax.bench import train as bench_train
 from clawjax.config import TINY_QWEN3
 

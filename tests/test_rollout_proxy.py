@@ -207,6 +207,41 @@ def test_correction_gives_reward_minus_one_and_opd_with_hf_teacher_logprobs(serv
     assert np.max(np.abs(plain - ref)) > 1e-3
 
 
+def test_serving_goes_on_while_the_judge_loop_is_stuck(servers, monkeypatch):
+    """Judging runs on its own thread and event loop: with that loop blocked outright (a
+    synchronous wait inside judging, as heavy judge-side work would), chat requests are still
+    answered; once it is released, the held turn is judged and emitted, nothing lost."""
+    from clawjax.rollout import judge as judge_mod
+
+    entered, gate = threading.Event(), threading.Event()
+    real = judge_mod.judge_turn
+
+    async def stuck(*args, **kwargs):
+        entered.set()
+        gate.wait(300)  # blocks the judge thread's whole event loop, not just this task
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(judge_mod, "judge_turn", stuck)
+    url = servers["main"].url
+    try:
+        first = [{"role": "user", "content": "What is 4+4?"}]
+        a = chat(url, first, session="stuck")
+        chat(url, first + [{"role": "assistant", "content": reply(a)},
+                           {"role": "user", "content": "Thanks!"}], session="stuck", done=True)
+        assert entered.wait(60), "turn 0 never reached the judge"
+        for i in range(3):  # served while the judge loop cannot run at all (60 s < the gate)
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": f"Still there? {i}"}],
+                "max_tokens": 4, "session_id": f"live{i}"})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        assert not gate.is_set()
+    finally:
+        gate.set()
+    got = samples(servers, servers["main"], "stuck")
+    assert [(s.turn_index, s.kind, s.reward) for s in got] == [(0, "rl", 1.0)]
+
+
 def test_missing_teacher_logprobs_are_rejected_and_counted(servers):
     proxy, key = servers["other"], "sekret"
     before = stats(proxy, key)["drops"]["teacher_failure"]

@@ -95,7 +95,7 @@ async def run_sessions(urls: dict[str, str], sessions: int, turns: int, max_toke
     Server-Timing header)."""
     import httpx
 
-    out: dict[str, list[float]] = {"direct": [], "proxy": [], "own": []}
+    out: dict[str, list[float]] = {"direct": [], "proxy": [], "own": [], "upstream": []}
 
     async def call(client, url: str, body: dict) -> tuple[float, httpx.Response]:
         start_t = time.perf_counter()
@@ -118,6 +118,7 @@ async def run_sessions(urls: dict[str, str], sessions: int, turns: int, max_toke
             timing = dict(part.strip().split(";dur=") for part in
                           r.headers["Server-Timing"].split(","))
             out["own"].append(float(timing["proxy"]) / 1e3)
+            out["upstream"].append(float(timing["upstream"]) / 1e3)
             text = r.json()["choices"][0]["message"]["content"]
             messages = messages + [{"role": "assistant", "content": text},
                                    {"role": "user", "content": f"Thanks. Now {t} + {i}?"}]
@@ -154,7 +155,7 @@ def measure(model_dir: str, work: str, n: int, args) -> list:
                             "--log-level", "warning"], "READY"))
         urls = {"direct": f"http://127.0.0.1:{ports['policy']}",
                 "proxy": f"http://127.0.0.1:{ports['proxy']}"}
-        lat: dict[str, list[float]] = {"direct": [], "proxy": [], "own": []}
+        lat: dict[str, list[float]] = {"direct": [], "proxy": [], "own": [], "upstream": []}
         for rnd in range(args.rounds + 1):  # round 0 warms up (compiles, connects)
             got = asyncio.run(run_sessions(urls, n, args.turns, args.max_tokens, f"r{rnd}"))
             if rnd:
@@ -169,7 +170,8 @@ def measure(model_dir: str, work: str, n: int, args) -> list:
                               ms(lat["proxy"], 50), ms(lat["proxy"], 99))
         return [n, len(lat["proxy"]), f"{d50:.2f}", f"{d99:.2f}", f"{p50:.2f}", f"{p99:.2f}",
                 f"{p50 - d50:+.2f}", f"{p99 - d99:+.2f}", f"{p50 / d50:.3f}",
-                f"{ms(lat['own'], 50):.2f}", f"{ms(lat['own'], 99):.2f}"]
+                f"{ms(lat['own'], 50):.2f}", f"{ms(lat['own'], 99):.2f}",
+                f"{ms(lat['upstream'], 50):.2f}"]
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -193,5 +195,5 @@ def main(argv: list[str]) -> int:
     print(f"proxy latency, {args.max_tokens} greedy tokens per request (ms; ratio = proxy p50 /"
           " direct p50; own = the proxy's own time from its Server-Timing header)")
     print_table(["sessions", "requests", "direct p50", "direct p99", "proxy p50", "proxy p99",
-                 "added p50", "added p99", "ratio", "own p50", "own p99"], rows)
+                 "added p50", "added p99", "ratio", "own p50", "own p99", "upstream p50"], rows)
     return 0

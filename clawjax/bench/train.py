@@ -20,7 +20,7 @@ On a GPU (or with `--mfu`) last tables give the MFU of the Qwen3-0.6B config
 (`configs/qwen3_0_6b.py`: bfloat16, remat, 16 samples per step, rows of 8192 tokens, 2
 micro-batches; random weights of Qwen3-0.6B's shape, samples of 1024–4096 tokens), one per
 `model.attention` (on a GPU: "xla" and the "pallas_gpu" flash kernel): model FLOPs per step
-(`clawjax.bench.flops`) / step time, against the datasheet bf16 peak and against an 8192³ bf16
+(`clawjax.bench._flops`) / step time, against the datasheet bf16 peak and against an 8192³ bf16
 matrix product timed in the same process.
 
 Before timing, the first step's loss of both is compared (equal work: same model, same batch,
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clawjax.bench import flops as flops_lib
+from clawjax.bench import _flops as flops_lib
 from clawjax.bench.common import print_table
 from clawjax.config import TINY_QWEN3, base_config
 from clawjax.sample import Sample
@@ -392,7 +392,7 @@ def print_mfu(r: dict) -> None:
                   f"{r['step_flops'] / 1e12:.1f}", f"{achieved / 1e12:.1f}", peak,
                   f"{achieved / r['matmul']:.1%} of {r['matmul'] / 1e12:.1f} TFLOP/s "
                   f"({r['matmul_n']}³ bf16)"]])
-    print("model FLOPs: clawjax.bench.flops (6·P_body·tokens + causal attention + LM head at "
+    print("model FLOPs: clawjax.bench._flops (6·P_body·tokens + causal attention + LM head at "
           "scored positions; rematerialisation and padding not counted)")
 
 

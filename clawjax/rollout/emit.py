@@ -287,6 +287,10 @@ class JudgeLoop:
             elif isinstance(event, Dropped):
                 self.stats.count([], [event.reason])
 
+    def drop(self, reason: str) -> None:
+        """Counts one turn dropped before judging (e.g. "invalid": unusable server log-probs)."""
+        self.stats.count([], [reason])
+
     @property
     def busy(self) -> int:
         return len(self._tasks)

@@ -41,6 +41,7 @@ from aiohttp import web
 from clawjax.rollout import chatapi
 from clawjax.rollout.chatapi import RequestError
 from clawjax.rollout.emit import JudgeLoop, Pusher, Stats
+from clawjax.rollout.judge_thread import JudgeThread
 from clawjax.rollout.sessions import SessionTable, Turn
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,20 @@ MAX_BODY = 64 << 20
 POSITIVE_LOGP_SLACK = 1e-3  # server log-probs in (0, slack] are rounding: clamped to 0
 
 
+def prompt_ids(tokenizer, messages: list[dict], tools=None) -> list[int]:
+    """Prompt ids of `messages` under `tokenizer`'s chat template, generation prompt appended."""
+    kwargs = {"tools": tools} if tools else {}
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **kwargs)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return [int(t) for t in ids]
+
+
 class Proxy:
     """What the handlers share: tokenizer, policy fleet, session table, judge loop, stats.
-    `policy` is a started `Fleet` (or anything with `call(fn)` / `generate_raw(body)`)."""
+    `policy` is a started `Fleet` (or anything with `call(fn)` / `generate_raw(body)`); `loop`
+    a `JudgeThread` (or a `JudgeLoop` on this event loop). Session events go to `loop.handle`;
+    the judge side alone writes the judging counters of `stats`, serving alone `served`."""
 
     def __init__(self, *, tokenizer, policy, loop: JudgeLoop, stats: Stats,
                  table: SessionTable, api_key: str | None = None, model_name: str = "policy"):
@@ -61,11 +73,7 @@ class Proxy:
 
     def encode(self, messages: list[dict], tools=None) -> list[int]:
         """Prompt ids of `messages` under the chat template, generation prompt appended."""
-        kwargs = {"tools": tools} if tools else {}
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, **kwargs)
-        ids = out["input_ids"] if isinstance(out, Mapping) else out
-        return [int(t) for t in ids]
+        return prompt_ids(self.tokenizer, messages, tools)
 
     # --- session hooks ----------------------------------------------------------------------
     def begin(self, call: chatapi.ChatCall) -> int:
@@ -85,7 +93,7 @@ class Proxy:
             return
         turn = self._turn(call, index, prompt_ids, result)
         if turn is None:
-            self.stats.drops["invalid"] += 1
+            self.loop.drop("invalid")
             return
         self.loop.handle(self.table.finish(turn, time.monotonic()))
 
@@ -330,40 +338,45 @@ async def start(config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> 
     closers: list = []
     policy = await Fleet(config.policy_urls, api_key=config.policy_api_key).start()
     closers.append(policy.aclose)
-    teacher = policy
-    if config.teacher_urls:
-        teacher = await Fleet(config.teacher_urls, api_key=config.policy_api_key).start()
-        closers.append(teacher.aclose)
-    judge_url = config.judge_url.rstrip("/").removesuffix("/v1")
-    judge = SGLangClient(judge_url, api_key=config.judge_api_key,
-                         timeout=config.judge_timeout_s)
-    closers.append(judge.aclose)
-    buffer = BufferClient(config.buffer, token=config.buffer_token)
     stats = Stats()
-    pusher = Pusher(buffer, stats, batch=config.push_batch, maxsize=config.queue_size).start()
-    closers.append(pusher.aclose)
-    proxy_ref: list[Proxy] = []
-    loop = JudgeLoop(judge=judge, teacher=teacher,
-                     encode=lambda messages, tools: proxy_ref[0].encode(messages, tools),
-                     pusher=pusher, stats=stats, method=config.method, m=config.prm_m,
-                     concurrency=config.judge_concurrency,
-                     vote_kwargs={"model": config.judge_model,
-                                  "temperature": config.judge_temperature,
-                                  "max_tokens": config.judge_max_tokens,
-                                  "timeout": config.judge_timeout_s})
-    proxy = Proxy(tokenizer=tokenizer, policy=policy, loop=loop, stats=stats,
+
+    async def build_judging():
+        """On the judge thread's loop: the judge client, the teacher fleet (its own clients,
+        also when it is the policy fleet), the buffer pusher and the JudgeLoop over them."""
+        teacher = await Fleet(config.teacher_urls or config.policy_urls,
+                              api_key=config.policy_api_key).start()
+        judge = SGLangClient(config.judge_url.rstrip("/").removesuffix("/v1"),
+                             api_key=config.judge_api_key, timeout=config.judge_timeout_s)
+        buffer = BufferClient(config.buffer, token=config.buffer_token)
+
+        async def close_buffer():
+            buffer.close()
+
+        pusher = Pusher(buffer, stats, batch=config.push_batch, maxsize=config.queue_size).start()
+        # A tokenizer of its own: a fast tokenizer is not safe to share between threads.
+        teacher_tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        loop = JudgeLoop(judge=judge, teacher=teacher,
+                         encode=lambda messages, tools: prompt_ids(teacher_tokenizer, messages,
+                                                                   tools),
+                         pusher=pusher, stats=stats, method=config.method, m=config.prm_m,
+                         concurrency=config.judge_concurrency,
+                         vote_kwargs={"model": config.judge_model,
+                                      "temperature": config.judge_temperature,
+                                      "max_tokens": config.judge_max_tokens,
+                                      "timeout": config.judge_timeout_s})
+        return loop, [teacher.aclose, judge.aclose, close_buffer, pusher.aclose]
+
+    judging = JudgeThread(build_judging)
+    await asyncio.get_running_loop().run_in_executor(None, judging.start)
+    closers.append(judging.aclose)
+    proxy = Proxy(tokenizer=tokenizer, policy=policy, loop=judging, stats=stats,
                   table=SessionTable(config.session_expiry_s), api_key=config.api_key,
                   model_name=config.model_name or config.model_dir.rstrip("/").split("/")[-1])
-    proxy_ref.append(proxy)
     expiry = asyncio.create_task(expire_loop(proxy, min(config.session_expiry_s / 4, 1.0)))
 
     async def stop_expiry():
         expiry.cancel()
 
-    async def close_buffer():
-        buffer.close()
-
-    closers[1:1] = [close_buffer]
     closers.append(stop_expiry)
     runner = web.AppRunner(build_app(proxy), access_log=None)
     await runner.setup()
