@@ -36,7 +36,13 @@ def block_size(length: int) -> int:
 def _mha_module():
     with warnings.catch_warnings():  # the module announces its successor (tokamax) on import
         warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import attention
+        try:
+            from jax.experimental.pallas.ops.gpu import attention
+        except ImportError as e:
+            raise ImportError(
+                "model.attention = 'pallas_gpu' needs jax.experimental.pallas.ops.gpu.attention "
+                f"(present in JAX 0.10 and 0.11), which JAX {jax.__version__} does not have: "
+                "use model.attention = 'xla'") from e
     return attention
 
 
