@@ -155,8 +155,8 @@ def test_compaction_drops_a_damaged_dead_record_and_keeps_the_live(tmp_path):
 
 
 def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
-    """While the syncer is inside an fsync, every append that arrives is written and joins the
-    next fsync (none returns before it)."""
+    """While one append's group is inside its fsync, every append that arrives queues (none
+    returns before it), and the next leader writes all of them and fsyncs once."""
     gate, inside = threading.Event(), threading.Event()
     real = os.fdatasync
     calls = []
@@ -178,14 +178,15 @@ def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     threads = [threading.Thread(target=log.append, args=([r],)) for r in recs[1:]]
     for t in threads:
         t.start()
-    for _ in range(30_000):  # wait until all 16 are written and queued behind the first fsync
-        with log._sync_cv:
-            if len(log._unsynced) == 16:
+    for _ in range(30_000):  # wait until all 16 are queued behind the first group's fsync
+        with log._cv:
+            if len(log._pending) == 16:
                 break
         time.sleep(0.001)
     else:
         pytest.fail("appends did not queue up")
-    assert not any(w.event.is_set() for w in log._unsynced)
+    with log._cv:
+        assert not any(w.done for w in log._pending)
     gate.set()
     for t in [first, *threads]:
         t.join()

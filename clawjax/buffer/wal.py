@@ -10,11 +10,13 @@ little-endian. Only the highest-numbered segment (the active one) is ever append
 are sealed (fully written and fsynced before the next one was created).
 
 Invariants:
-- `append` returns only after its records are written and fsynced (when `fsync=True`). Two
-  threads pipeline the work: the writer writes each group of pending appends with one writev
-  while the syncer's fdatasync of the previous groups runs; one fdatasync then releases every
-  group written before it started (group commit). After any I/O error the log refuses all
-  further appends.
+- `append` returns only after its records are written and fsynced (when `fsync=True`). Group
+  commit without hand-offs: an appender that finds no write in progress becomes the leader and
+  itself writes every pending append (one writev) and fdatasyncs once; appends arriving
+  meanwhile queue, and the next leader covers them all with one fdatasync. An uncontended
+  append so never waits for another thread (each thread wake-up cost more than the crc32 and
+  the write of a 1.3 MB push on the machines measured). After any I/O error the log refuses
+  all further appends.
 - On open, a torn or corrupt tail of the active segment (short header, short payload, checksum or
   type mismatch) is truncated at the first bad record; everything before it is kept. Corruption
   inside a sealed segment is not a torn write and raises `WalCorruptError`.
@@ -180,10 +182,12 @@ def _writev_all(fd: int, buffers: list) -> int:
 
 
 class _Waiter:
-    __slots__ = ("data", "event", "segment", "error")
+    """One append: its buffers, and once `done` (set under the log's lock) its segment or
+    error."""
+    __slots__ = ("data", "done", "segment", "error")
 
     def __init__(self, data: list):
-        self.data, self.event, self.segment, self.error = data, threading.Event(), 0, None
+        self.data, self.done, self.segment, self.error = data, False, 0, None
 
 
 class WriteAheadLog:
@@ -203,8 +207,9 @@ class WriteAheadLog:
         self.fsync = fsync
         self.fsyncs_total = 0
         self.compactions_total = 0
-        self._cv = threading.Condition()
-        self._pending: list[_Waiter] = []
+        self._cv = threading.Condition()        # guards _pending, _leading, _closed, _failed
+        self._pending: list[_Waiter] = []       # appends waiting for the next leader
+        self._leading = False                   # an appender is writing + syncing a group
         self._closed = False
         self._failed: BaseException | None = None
         self._seg_lock = threading.Lock()   # guards the segment list (writer vs compaction)
@@ -212,12 +217,6 @@ class WriteAheadLog:
         self._fd = -1
         self._active = 0
         self._active_size = 0
-        self._writer: threading.Thread | None = None
-        self._syncer: threading.Thread | None = None
-        self._sync_cv = threading.Condition()   # writer → syncer hand-off
-        self._unsynced: list[_Waiter] = []      # written, waiting for the next fdatasync
-        self._syncing = False
-        self._writer_done = False
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
 
@@ -271,17 +270,9 @@ class WriteAheadLog:
         with self._seg_lock:
             self._active = n
         self._active_size = os.fstat(self._fd).st_size
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="wal-writer", daemon=True)
-            self._syncer = threading.Thread(target=self._sync_loop, name="wal-syncer", daemon=True)
-            self._writer.start()
-            self._syncer.start()
 
     def _rotate(self) -> None:
-        """Seals the active segment and opens the next (writer thread, syncer idle)."""
-        with self._sync_cv:
-            while self._unsynced or self._syncing:
-                self._sync_cv.wait()
+        """Seals the active segment and opens the next (by the leader: no write in flight)."""
         os.fsync(self._fd)
         os.close(self._fd)
         self._open_active(self._active + 1, create=True)
@@ -295,87 +286,53 @@ class WriteAheadLog:
                 raise WalClosedError(f"write-ahead log {self.dir} is closed"
                                      + (f" after a write failure: {self._failed}" if self._failed else ""))
             self._pending.append(waiter)
-            self._cv.notify()
-        waiter.event.wait()
+            while self._leading and not waiter.done:
+                self._cv.wait()
+            batch: list[_Waiter] = []
+            if not waiter.done:  # no write in flight: lead everything pending, this one included
+                self._leading = True
+                batch, self._pending = self._pending, []
+        if batch:
+            self._write_group(batch)
         if waiter.error is not None:
             raise WalClosedError(f"write-ahead log {self.dir}: write failed: {waiter.error}")
         return waiter.segment
 
-    def _fail(self, batch: list[_Waiter], error: BaseException) -> None:
-        """After any I/O error nothing more is written (a torn record mid-segment would hide
-        later records from replay); every waiter of `batch` gets the error."""
-        if self._failed is None:
-            log.error("WAL write failed: %s", error)
-        with self._cv:
-            self._failed = self._failed or error
-        for w in batch:
-            w.error = self._failed
-            w.event.set()
-
-    def _write_loop(self) -> None:
-        """Stage 1: write each group of pending appends (one writev) and hand it to the syncer;
-        the next group is written while the previous one is being fsynced."""
-        while True:
-            with self._cv:
-                while not self._pending and not self._closed:
-                    self._cv.wait()
-                if not self._pending:
-                    break
-                batch, self._pending = self._pending, []
+    def _write_group(self, batch: list[_Waiter]) -> None:
+        """The leader's work: one writev of the group, one fdatasync, then every append of the
+        group returns. After any I/O error nothing more is written (a torn record mid-segment
+        would hide later records from replay); the group and all later appends get the error."""
+        segment, error = 0, None
+        try:
             if self._failed is not None:
-                self._fail(batch, self._failed)
-                continue
-            try:
-                if self._active_size >= self.segment_bytes:
-                    self._rotate()
-                self._active_size += _writev_all(self._fd, [b for w in batch for b in w.data])
-                for w in batch:
-                    w.segment = self._active
-            except BaseException as e:  # disk full, I/O error: fail loudly, accept nothing more
-                self._fail(batch, e)
-                continue
-            with self._sync_cv:
-                self._unsynced.extend(batch)
-                self._sync_cv.notify_all()
-        with self._sync_cv:
-            self._writer_done = True
-            self._sync_cv.notify_all()
-
-    def _sync_loop(self) -> None:
-        """Stage 2: one fdatasync covers every group written before it started (group commit);
-        then their appends return."""
-        while True:
-            with self._sync_cv:
-                while not self._unsynced and not self._writer_done:
-                    self._sync_cv.wait()
-                if not self._unsynced:
-                    return
-                batch, self._unsynced = self._unsynced, []
-                self._syncing = True
-            try:
-                if self._failed is not None:
-                    raise self._failed
-                if self.fsync:
-                    os.fdatasync(self._fd)
-                self.fsyncs_total += 1
-            except BaseException as e:
-                self._fail(batch, e)
-                batch = []
-            finally:
-                with self._sync_cv:
-                    self._syncing = False
-                    self._sync_cv.notify_all()
+                raise self._failed
+            if self._active_size >= self.segment_bytes:
+                self._rotate()
+            self._active_size += _writev_all(self._fd, [b for w in batch for b in w.data])
+            if self.fsync:
+                os.fdatasync(self._fd)
+            self.fsyncs_total += 1
+            segment = self._active
+        except BaseException as e:  # disk full, I/O error: fail loudly, accept nothing more
+            if self._failed is None:
+                log.error("WAL write failed: %s", e)
+            error = e
+        with self._cv:
+            if error is not None:
+                self._failed = self._failed or error
+                error = self._failed
             for w in batch:
-                w.event.set()
+                w.segment, w.error, w.done = segment, error, True
+            self._leading = False
+            self._cv.notify_all()
 
     def close(self) -> None:
-        """Flushes pending appends, stops writer and syncer, closes the active segment."""
+        """Refuses new appends, waits for those already accepted to be durable, closes the
+        active segment."""
         with self._cv:
             self._closed = True
-            self._cv.notify_all()
-        for thread in (self._writer, self._syncer):
-            if thread is not None:
-                thread.join()
+            while self._leading or self._pending:
+                self._cv.wait()
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
