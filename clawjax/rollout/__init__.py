@@ -9,6 +9,7 @@ Modules:
   prompts     every judge prompt and the parser of their layout
   judge       vote parsing, majority, hint selection, teacher context, async voting
   emit        samples by method, drop counters, the judge loop, the buffer pusher
+  judge_thread  the judge loop on its own thread and event loop (serving never queues behind it)
   rule_judge  a deterministic keyword judge behind the same OpenAI API
   envs, tasks, runner   agent environments and the driver that runs them through the proxy
 

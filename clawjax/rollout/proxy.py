@@ -1,6 +1,7 @@
 """The rollout proxy: an OpenAI-compatible chat server that agents call instead of the model.
 (Request parsing and response bodies: `clawjax.rollout.chatapi`; the judge loop and the buffer
-pusher: `clawjax.rollout.emit`; session rules: `clawjax.rollout.sessions`.)
+pusher: `clawjax.rollout.emit`, run on a thread of their own by `clawjax.rollout.judge_thread`;
+session rules: `clawjax.rollout.sessions`.)
 
 Endpoints: POST `/v1/chat/completions` (optionally streamed as SSE chat chunks), GET
 `/v1/models`, GET `/health`, GET `/stats` (the counters of `clawjax.rollout.emit.Stats`;
@@ -64,7 +65,7 @@ class Proxy:
     a `JudgeThread` (or a `JudgeLoop` on this event loop). Session events go to `loop.handle`;
     the judge side alone writes the judging counters of `stats`, serving alone `served`."""
 
-    def __init__(self, *, tokenizer, policy, loop: JudgeLoop, stats: Stats,
+    def __init__(self, *, tokenizer, policy, loop: JudgeThread | JudgeLoop, stats: Stats,
                  table: SessionTable, api_key: str | None = None, model_name: str = "policy"):
         self.tokenizer, self.policy, self.loop = tokenizer, policy, loop
         self.stats, self.table = stats, table
