@@ -37,11 +37,15 @@ def peak_bf16_flops(device_kind: str) -> float | None:
     return None
 
 
+def _head_dim(hf_config: dict) -> int:
+    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+
+
 def body_matrix_params(hf_config: dict) -> int:
     """P_body: matrix parameters of all decoder blocks of an HF Qwen3/Llama-style config."""
     d, f = hf_config["hidden_size"], hf_config["intermediate_size"]
     n, k = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    h = hf_config.get("head_dim") or d // n
+    h = _head_dim(hf_config)
     attention = d * n * h + 2 * d * k * h + n * h * d
     return hf_config["num_hidden_layers"] * (attention + 3 * d * f)
 
@@ -52,10 +56,9 @@ def train_step_flops(hf_config: dict, lengths: Iterable[int], scored: Iterable[i
     lengths, scored = list(lengths), list(scored)
     if len(lengths) != len(scored):
         raise ValueError(f"lengths ({len(lengths)}) and scored ({len(scored)}) must pair up")
-    n_heads = hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // n_heads
-    layers = hf_config["num_hidden_layers"]
+    n_heads, layers = hf_config["num_attention_heads"], hf_config["num_hidden_layers"]
     dense = 6.0 * body_matrix_params(hf_config) * sum(lengths)
-    attention = 6.0 * layers * n_heads * head_dim * sum(float(n) * (n + 1) for n in lengths)
+    twice_pairs = sum(float(n) * (n + 1) for n in lengths)  # 2 × allowed (query, key) pairs
+    attention = 6.0 * layers * n_heads * _head_dim(hf_config) * twice_pairs
     head = 6.0 * hf_config["hidden_size"] * hf_config["vocab_size"] * sum(scored)
     return dense + attention + head

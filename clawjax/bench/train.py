@@ -236,6 +236,17 @@ def make_torch_step(model_dir: str, batch,
     return step, model
 
 
+def train_step(loop, stack) -> Callable[[], float]:
+    """`step()`: one update of `loop` (its jitted `_step`) on `stack`, waited for; returns the
+    loss (computed before the update)."""
+    def step() -> float:
+        loop.state, metrics = loop._step(loop.state, stack, loop.ref_params)
+        jax.block_until_ready((loop.state, metrics))
+        return float(metrics["loss"])
+
+    return step
+
+
 # ---------------------------------------------------------------------------------- timing
 @dataclasses.dataclass
 class Timing:
@@ -275,10 +286,7 @@ def bench_one(size: BenchSize, warmup: int, repeats: int, device: str = "cpu") -
                                       dtype=jnp.float32)
             torch_step, _ = make_torch_step(model_dir, host_batch, device)
 
-            def jax_step() -> float:
-                loop.state, metrics = loop._step(loop.state, stack, loop.ref_params)
-                jax.block_until_ready((loop.state, metrics))
-                return metrics["loss"]
+            jax_step = train_step(loop, stack)
 
             compile_start = time.perf_counter()
             loss_jax = float(jax_step())  # compiles; the loss is that of the initial params
@@ -344,11 +352,7 @@ def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 409
             samples = mfu_samples(hf_config, size.samples, min_len, max_len)
             stack = loop.pack(samples)
 
-            def step() -> float:
-                loop.state, metrics = loop._step(loop.state, stack, loop.ref_params)
-                jax.block_until_ready((loop.state, metrics))
-                return float(metrics["loss"])
-
+            step = train_step(loop, stack)
             compile_start = time.perf_counter()
             loss = step()
             compile_s = time.perf_counter() - compile_start
@@ -363,8 +367,9 @@ def bench_mfu(warmup: int, repeats: int, min_len: int = 1024, max_len: int = 409
     step_flops = flops_lib.train_step_flops(hf_config, lengths,
                                             [s.response_len for s in samples])
     kind = jax.devices()[0].device_kind
-    return dict(kind=kind, config=c, hf_config=hf_config, tokens=sum(lengths), loss=loss, compile_s=compile_s,
-                timing=timing, step_flops=step_flops, peak=flops_lib.peak_bf16_flops(kind),
+    return dict(kind=kind, config=c, hf_config=hf_config, tokens=sum(lengths), loss=loss,
+                compile_s=compile_s, timing=timing, step_flops=step_flops,
+                peak=flops_lib.peak_bf16_flops(kind),
                 matmul=matmul_flops_per_s(matmul_n), matmul_n=matmul_n,
                 stack_shape=tuple(stack.tokens.shape))
 
@@ -470,7 +475,8 @@ def main(argv: list[str]) -> int:
     print("ratio = clawjax / torch tokens per second (target ≥ 1.5x); busy threads = process "
           "CPU seconds / wall seconds during the timed steps")
     cores = len(os.sched_getaffinity(0))
-    if device == "cpu" and any(min(r["jax"].busy_threads, r["torch"].busy_threads) < 0.75 * cores for r in results):
+    busy = [min(r["jax"].busy_threads, r["torch"].busy_threads) for r in results]
+    if device == "cpu" and any(b < 0.75 * cores for b in busy):
         print(f"note: busy threads well below the {cores} cores: the CPU was shared with other "
               "work during timing; eager torch (OpenMP) slows down more than XLA under "
               "contention, so these ratios overstate the uncontended one")

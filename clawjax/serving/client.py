@@ -118,29 +118,36 @@ class SGLangClient:
             await self._http.close()
 
     # --- transport -------------------------------------------------------------------------
+    def _send(self, method: str, path: str, body: Any):
+        """The aiohttp request context for `path` with `body` (None: no body) as JSON."""
+        if body is None:
+            return self._session().request(method, self.url + path)
+        return self._session().request(method, self.url + path, data=json.dumps(body).encode(),
+                                       headers={"Content-Type": "application/json"})
+
     async def request(self, method: str, path: str, body: Any = None,
                       timeout: float | None = None) -> Response:
         """One HTTP call with an overall deadline; maps failures onto BadRequest /
         ServerUnavailable."""
         deadline = timeout or self.timeout
-        data = None if body is None else json.dumps(body).encode()
-        headers = None if body is None else {"Content-Type": "application/json"}
         try:
             async with asyncio.timeout(deadline):
-                async with self._session().request(method, self.url + path, data=data,
-                                                   headers=headers) as answer:
+                async with self._send(method, path, body) as answer:
                     resp = Response(answer.status, await answer.read())
         except TimeoutError:
             raise ServerUnavailable(self.url, f"{method} {path} timed out after {deadline}s")
         except aiohttp.ClientError as e:
             raise ServerUnavailable(self.url, f"{method} {path}: {type(e).__name__}: {e}")
-        if resp.status_code >= 500:
-            msg, param = _message(resp)
-            raise ServerUnavailable(self.url, f"{method} {path}: {msg}", resp.status_code, param)
+        self._raise_for_status(resp, method, path)
+        return resp
+
+    def _raise_for_status(self, resp: Response, method: str, path: str) -> None:
+        """ServerUnavailable for a 5xx answer, BadRequest for a 4xx one (with the server's
+        message and the field it named)."""
         if resp.status_code >= 400:
             msg, param = _message(resp)
-            raise BadRequest(self.url, f"{method} {path}: {msg}", resp.status_code, param)
-        return resp
+            cls = ServerUnavailable if resp.status_code >= 500 else BadRequest
+            raise cls(self.url, f"{method} {path}: {msg}", resp.status_code, param)
 
     async def _json(self, method: str, path: str, body: Any = None,
                     timeout: float | None = None) -> Any:
@@ -199,14 +206,10 @@ class SGLangClient:
         deadline = timeout or self.timeout
         try:
             async with asyncio.timeout(deadline):
-                async with self._session().post(self.url + path, data=json.dumps(body).encode(),
-                                                headers={"Content-Type": "application/json"}
-                                                ) as answer:
+                async with self._send("POST", path, body) as answer:
                     if answer.status >= 400:
-                        resp = Response(answer.status, await answer.read())
-                        msg, param = _message(resp)
-                        cls = ServerUnavailable if resp.status_code >= 500 else BadRequest
-                        raise cls(self.url, f"POST {path}: {msg}", resp.status_code, param)
+                        self._raise_for_status(Response(answer.status, await answer.read()),
+                                               "POST", path)
                     async for raw in _lines(answer.content):
                         line = raw.decode("utf-8", errors="replace").rstrip("\r")
                         if not line.startswith("data:"):
