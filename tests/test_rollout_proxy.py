@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from clawjax.buffer import BufferClient, BufferServer
+from clawjax.loop_thread import LoopThread
 from clawjax.rollout import prompts, rule_judge
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.serving.launch import ServerThread, free_port, make_context
@@ -29,18 +30,17 @@ class AppThread:
     def __init__(self, app: web.Application):
         self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.worker = LoopThread("test-app").start()
 
         async def up():
             self.runner = web.AppRunner(self.app, access_log=None)
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        asyncio.run_coroutine_threadsafe(up(), self.loop).result(30)
+        self.worker.run(up(), 30)
 
     def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.worker.run(self.runner.cleanup(), 30)
+        self.worker.stop()
 
 
 def bad_teacher_app() -> web.Application:

@@ -16,10 +16,9 @@ Surface used by `Proxy` (the same as `JudgeLoop`'s): `handle(events)`, `drop(rea
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Awaitable, Callable, Sequence
 
+from clawjax.loop_thread import LoopThread
 from clawjax.rollout.emit import JudgeLoop
 
 # build() runs on the judge thread's loop; returns the loop to drive and async closers (run there
@@ -33,20 +32,18 @@ class JudgeThread:
 
     def __init__(self, build: Build, name: str = "clawjax-judge"):
         self._build = build
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=name)
+        self._worker = LoopThread(name)
         self.inner: JudgeLoop | None = None
         self._closers: list = []
 
     def start(self, timeout: float = 120.0) -> "JudgeThread":
         """Starts the thread and builds the loop's components on it (blocking, at most
         `timeout` s); a failing `build` raises here and leaves no thread running."""
-        self._thread.start()
+        self._worker.start()
         try:
-            self.inner, self._closers = asyncio.run_coroutine_threadsafe(
-                self._build(), self._loop).result(timeout)
+            self.inner, self._closers = self._worker.run(self._build(), timeout)
         except BaseException:
-            self._stop_thread()
+            self._worker.stop()
             raise
         return self
 
@@ -54,11 +51,11 @@ class JudgeThread:
     def handle(self, events: Sequence) -> None:
         """Hands session events to the judge loop; returns at once."""
         if events:
-            self._loop.call_soon_threadsafe(self.inner.handle, list(events))
+            self._worker.call_soon(self.inner.handle, list(events))
 
     def drop(self, reason: str) -> None:
         """Counts one dropped turn (counters are only written on the judge thread)."""
-        self._loop.call_soon_threadsafe(self.inner.drop, reason)
+        self._worker.call_soon(self.inner.drop, reason)
 
     @property
     def busy(self) -> int:
@@ -69,8 +66,7 @@ class JudgeThread:
         """Waits (without blocking the caller's loop) until every event handed over so far is
         judged and pushed; False on timeout."""
         # Queued behind every handle() made before it: events handed over are seen first.
-        future = asyncio.run_coroutine_threadsafe(self.inner.idle(timeout), self._loop)
-        return await asyncio.wrap_future(future)
+        return await self._worker.arun(self.inner.idle(timeout))
 
     async def aclose(self) -> None:
         """Runs the closers on the judge loop, then stops the thread."""
@@ -78,12 +74,6 @@ class JudgeThread:
             for close in reversed(self._closers):
                 await close()
 
-        if self._thread.is_alive():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close_all(), self._loop))
-            await asyncio.get_running_loop().run_in_executor(None, self._stop_thread)
-
-    def _stop_thread(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._loop.close()
+        if self._worker.running:
+            await self._worker.arun(close_all())
+            await self._worker.astop()

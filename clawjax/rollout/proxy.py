@@ -32,13 +32,13 @@ import asyncio
 import dataclasses
 import logging
 import math
-import threading
 import time
 import uuid
 from typing import Mapping
 
 from aiohttp import web
 
+from clawjax.loop_thread import LoopThread
 from clawjax.rollout import chatapi
 from clawjax.rollout.chatapi import RequestError
 from clawjax.rollout.emit import JudgeLoop, Pusher, Stats
@@ -394,18 +394,21 @@ class ProxyThread:
         self.config, self.host = config, host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.loop = asyncio.new_event_loop()
         self.running: Running | None = None
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="clawjax-proxy")
+        self._worker = LoopThread("clawjax-proxy")
+        self.loop = self._worker.loop
 
     def start(self, timeout: float = 60.0) -> "ProxyThread":
-        self._thread.start()
-        self.running = self.run(start(self.config, self.host, self.port), timeout)
+        self._worker.start()
+        try:
+            self.running = self.run(start(self.config, self.host, self.port), timeout)
+        except BaseException:
+            self._worker.stop()
+            raise
         return self
 
     def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self._worker.run(coro, timeout)
 
     @property
     def proxy(self) -> Proxy:
@@ -415,8 +418,7 @@ class ProxyThread:
         if self.running is not None:
             self.run(self.running.aclose())
             self.running = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=30)
+        self._worker.stop()
 
     def __enter__(self) -> "ProxyThread":
         return self.start()

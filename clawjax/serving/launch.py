@@ -9,16 +9,15 @@ benchmarks); `python -m clawjax.serve` runs the same app in the foreground.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import socket
-import threading
 
 import jax.numpy as jnp
 from aiohttp import web
 
+from clawjax.loop_thread import LoopThread
 from clawjax.serving.engine import Engine
 from clawjax.serving.server import ServerContext, build_app
 
@@ -104,41 +103,33 @@ class ServerThread:
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True, name="clawjax-http")
+        self._worker = LoopThread("clawjax-http")
+        self._runner: web.AppRunner | None = None
 
-    def _main(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        runner = web.AppRunner(build_app(self.ctx), access_log=None,
-                               handler_cancellation=True)
+    async def _serve(self) -> web.AppRunner:
+        runner = web.AppRunner(build_app(self.ctx), access_log=None, handler_cancellation=True)
+        await runner.setup()
         try:
-            self._loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, self.host, self.port)
-            self._loop.run_until_complete(site.start())
-        except BaseException as e:  # noqa: BLE001 - reported to start()
-            self._error = e
-            self._started.set()
-            return
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.run_until_complete(runner.cleanup())
-            self._loop.close()
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
 
     def start(self, timeout: float = 60.0) -> "ServerThread":
-        self._thread.start()
-        if not self._started.wait(timeout) or self._error is not None:
-            raise RuntimeError(f"server on {self.url} failed to start: {self._error!r}")
+        self._worker.start()
+        try:
+            self._runner = self._worker.run(self._serve(), timeout)
+        except BaseException as e:
+            self._worker.stop()
+            raise RuntimeError(f"server on {self.url} failed to start: {e!r}") from e
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
+        if self._runner is not None and self._worker.running:
+            self._worker.run(self._runner.cleanup(), timeout=30)
+        self._runner = None
+        self._worker.stop()
 
     def __enter__(self) -> "ServerThread":
         return self.start()

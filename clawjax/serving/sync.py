@@ -8,9 +8,9 @@ its methods block (each with the fleet's own timeouts). `run(coro)` runs any cor
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Coroutine, Sequence
 
+from clawjax.loop_thread import LoopThread
 from clawjax.serving.fleet import Fleet
 
 
@@ -31,18 +31,19 @@ class SyncFleet:
     """
 
     def __init__(self, urls: Sequence[str], **fleet_kwargs):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="clawjax-fleet")
-        self._thread.start()
-        self.fleet: Fleet = self.run(self._start(list(urls), fleet_kwargs))
+        self._worker = LoopThread("clawjax-fleet").start()
+        try:
+            self.fleet: Fleet = self.run(self._start(list(urls), fleet_kwargs))
+        except BaseException:
+            self._worker.stop()
+            raise
 
     @staticmethod
     async def _start(urls, kwargs) -> Fleet:
         return await Fleet(urls, **kwargs).start()
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._worker.run(coro, timeout)
 
     def generate(self, *args, **kwargs) -> dict:
         return self.run(self.fleet.generate(*args, **kwargs))
@@ -69,10 +70,9 @@ class SyncFleet:
         return self.fleet.stats()
 
     def close(self) -> None:
-        if self._loop.is_running():
+        if self._worker.running:
             self.run(self.fleet.aclose())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self._worker.stop(timeout=10)
 
     def __enter__(self) -> "SyncFleet":
         return self
