@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 4  # evaluate every this many published versions
     c.eval.samples_per_task = 4
+    c.eval.final_samples_per_task = 16  # the warm-start and final evaluations (summary's ends)
 
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.hidden_size = 128
@@ -219,6 +220,9 @@ def validate(config) -> None:
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")
+    for key in ("samples_per_task", "final_samples_per_task"):
+        _check(isinstance(c.eval[key], int) and c.eval[key] >= 1, f"eval.{key}", c.eval[key],
+               "an integer ≥ 1")
     d = c.distributed
     if d.coordinator_address:
         _check(":" in d.coordinator_address, "distributed.coordinator_address",

@@ -176,7 +176,7 @@ def run_default(config) -> dict:
     loop = None
     try:
         if not evaluator.history:
-            baseline = evaluator.evaluate_now()
+            baseline = evaluator.evaluate_now(config.eval.final_samples_per_task)
             print(f"warm-started policy: held-out score {baseline.score:.3f}", flush=True)
         loop = TrainLoop(config, extra_metrics=lambda: step_metrics(stack, agents, evaluator))
         loop.install_signal_handlers()
@@ -196,7 +196,8 @@ def run_default(config) -> dict:
                                          loop.model_config, loop.policy_version, force=True)
             loop.publisher.wait(timeout=120)
         try:
-            evaluator.evaluate_now()  # the final policy, after its last publish landed
+            # the final policy, after its last publish landed
+            evaluator.evaluate_now(config.eval.final_samples_per_task)
         except ServingError as e:
             log.warning("final evaluation failed: %s", e)
         summary = report.summarize(workdir, evaluator.history, proxy_stats(stack.proxy_url),

@@ -32,10 +32,11 @@ class EvalResult:
     n: int
     seconds: float
     examples: list[dict]
+    task_scores: list[float] = dataclasses.field(default_factory=list)  # per task, task order
 
     def to_json(self) -> dict:
         return {"version": self.version, "score": self.score, "n": self.n,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "task_scores": self.task_scores}
 
 
 async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict, *,
@@ -75,8 +76,11 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
     rewards = [r for r, _, _ in results]
     examples = [{"task_id": t["task_id"], "answer": a, "reply": rep}
                 for t, (_, a, rep) in zip(jobs[::samples_per_task], results[::samples_per_task])]
+    k = samples_per_task
+    task_scores = [sum(r == 1 for r in rewards[i:i + k]) / k for i in range(0, len(rewards), k)]
     return EvalResult(version=str(version), score=sum(r == 1 for r in rewards) / len(rewards),
-                      n=len(rewards), seconds=time.perf_counter() - start, examples=examples)
+                      n=len(rewards), seconds=time.perf_counter() - start, examples=examples,
+                      task_scores=task_scores)
 
 
 class Evaluator:
@@ -102,9 +106,14 @@ class Evaluator:
         with self._lock:
             return self.history[-1] if self.history else None
 
-    def evaluate_now(self) -> EvalResult:
+    def evaluate_now(self, samples_per_task: int | None = None) -> EvalResult:
+        """Evaluates the version being served now (blocking); `samples_per_task` overrides the
+        evaluator's (the run's two endpoints use more answers than the periodic points)."""
+        kwargs = dict(self.kwargs)
+        if samples_per_task is not None:
+            kwargs["samples_per_task"] = samples_per_task
         result = asyncio.run(evaluate_async(self.policy_url, self.judge_url, self.tokenizer,
-                                            self.tasks, **self.kwargs))
+                                            self.tasks, **kwargs))
         with self._lock:
             self.history.append(result)
         with open(self.path, "a") as f:

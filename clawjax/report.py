@@ -4,7 +4,10 @@ reward and OPD share against the training step), both read back from the run's f
 from __future__ import annotations
 
 import json
+import math
 import os
+
+import numpy as np
 
 from clawjax.metrics import read_metrics
 
@@ -17,9 +20,31 @@ def _read_eval(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def standard_error(task_scores) -> float:
+    """Standard error of a held-out score from its per-task scores `[T]`: sample standard
+    deviation (ddof 1) over sqrt(T). Tasks, not answers, are the independent units (answers to
+    one task are correlated). NaN below 2 tasks."""
+    x = np.asarray(task_scores, np.float64)
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size >= 2 else float("nan")
+
+
+def paired_change(before, after) -> tuple[float, float]:
+    """(mean change, its standard error) of two evaluations over the same tasks in the same
+    order (per-task scores `[T]` each): the paired difference, so task difficulty cancels.
+    (NaN, NaN) when the task lists differ in length or hold fewer than 2 tasks."""
+    b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if b.shape != a.shape or b.size < 2:
+        return float("nan"), float("nan")
+    return float((a - b).mean()), standard_error(a - b)
+
+
 def summarize(workdir: str, evals, proxy_stats: dict, trainer_drops, restarts: dict) -> dict:
+    """The run's summary: held-out scores of the first and last evaluation (with standard
+    errors and their paired change), training counts, rewards, drops, restarts."""
     rows = read_metrics(workdir)
     first, last = (evals[0].score, evals[-1].score) if evals else (float("nan"),) * 2
+    first_tasks, last_tasks = (evals[0].task_scores, evals[-1].task_scores) if evals else ([], [])
+    change, change_se = paired_change(first_tasks, last_tasks)
     drops = dict(proxy_stats.get("drops", {}))
     for reason, count in dict(trainer_drops).items():
         drops[f"trainer_{reason}"] = count
@@ -27,6 +52,11 @@ def summarize(workdir: str, evals, proxy_stats: dict, trainer_drops, restarts: d
         "steps": rows[-1]["step"] if rows else 0,
         "samples_trained": int(sum(r.get("samples", 0) for r in rows)),
         "heldout_before": first, "heldout_after": last,
+        "heldout_before_se": standard_error(first_tasks),
+        "heldout_after_se": standard_error(last_tasks),
+        "heldout_before_n": evals[0].n if evals else 0,
+        "heldout_after_n": evals[-1].n if evals else 0,
+        "heldout_change": change, "heldout_change_se": change_se,
         "heldout_curve": [(e.version, e.score) for e in evals],
         "mean_reward_first_10": _mean(rows[:10], "reward_mean"),
         "mean_reward_last_10": _mean(rows[-10:], "reward_mean"),
@@ -50,8 +80,13 @@ def table(summary: dict) -> str:
 
     row("training steps", summary["steps"])
     row("samples trained", summary["samples_trained"])
-    row("held-out score (warm start)", f"{summary['heldout_before']:.3f}")
-    row("held-out score (final)", f"{summary['heldout_after']:.3f}")
+    for name, key in (("held-out score (warm start)", "before"), ("held-out score (final)", "after")):
+        row(name, f"{summary[f'heldout_{key}']:.3f} ± {summary[f'heldout_{key}_se']:.3f} "
+                  f"({summary[f'heldout_{key}_n']} answers)")
+    change, se = summary["heldout_change"], summary["heldout_change_se"]
+    row("held-out change, paired by task",
+        f"{change:+.3f} ± {se:.3f} ({change / se:+.1f} standard errors)"
+        if se > 0 else f"{change:+.3f}")
     row("mean reward, first / last 10 steps",
         f"{summary['mean_reward_first_10']:.3f} / {summary['mean_reward_last_10']:.3f}")
     row("samples emitted by kind", summary["emitted"])

@@ -24,7 +24,8 @@ def short_run(workdir, *extra):
     cmd = [sys.executable, "-m", "clawjax.train", f"--config.workdir={workdir}",
            "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
            "--config.warmstart.intermediate_size=128", "--config.trainer.samples_per_step=8",
-           "--config.eval.samples_per_task=1", "--config.eval.every_steps=2",
+           "--config.eval.samples_per_task=1", "--config.eval.final_samples_per_task=2",
+           "--config.eval.every_steps=2",
            "--config.publish.every_steps=2", "--config.checkpoint.every_steps=2",
            "--config.trainer.progress=False", "--config.rollout.agents=4", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -80,8 +81,15 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     assert {"heldout_score", "loss", "reward_mean", "logp_gap", "hint_share"} <= set(rows[-1])
     assert sum(summary["emitted"].values()) > 0
     # At least two publishes reached the serving policy while agents were being served.
-    versions = {json.loads(l)["version"] for l in (workdir / "eval.jsonl").read_text().split("\n") if l}
+    evals = [json.loads(l) for l in (workdir / "eval.jsonl").read_text().split("\n") if l]
+    versions = {e["version"] for e in evals}
     assert len(versions - {"default"}) >= 2, versions
+    # The score is the mean of the per-task scores; the run's two ends use 2 answers per task.
+    assert all(abs(sum(e["task_scores"]) / len(e["task_scores"]) - e["score"]) < 1e-9
+               for e in evals)
+    assert evals[0]["n"] == evals[-1]["n"] == 2 * len(evals[0]["task_scores"])
+    assert summary["heldout_before_n"] == evals[0]["n"]
+    assert "held-out change, paired by task" in out
     assert os.path.exists(workdir / "curve.png")
     assert os.listdir(workdir / "checkpoints")
     ids = trained_ids(workdir)

@@ -14,7 +14,8 @@ import time
 QUICK_OVERRIDES = (
     "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
     "--config.warmstart.intermediate_size=128", "--config.trainer.samples_per_step=8",
-    "--config.eval.samples_per_task=1", "--config.eval.every_steps=2",
+    "--config.eval.samples_per_task=1", "--config.eval.final_samples_per_task=2",
+    "--config.eval.every_steps=2",
     "--config.publish.every_steps=2", "--config.checkpoint.every_steps=2",
     "--config.rollout.agents=4",
 )
