@@ -4,11 +4,13 @@ The async parts of the house (the embedded server, the rollout proxy, the proxy'
 the fleet client) are driven this way from synchronous code (the trainer, the publisher, tests)
 or from another event loop (the proxy's serving loop handing turns to the judge loop):
 
-    worker = LoopThread("clawjax-fleet").start()
-    result = worker.run(coro, timeout=30)   # from another thread: blocks until the result
-    result = await worker.arun(coro)        # from another event loop: awaits, never blocks it
-    worker.call_soon(fn, *args)             # fire and forget; FIFO with other call_soon calls
-    worker.stop()                           # stops the loop, joins the thread, closes the loop
+    worker = LoopThread("clawjax-fleet")
+    fleet = worker.launch(make_fleet(), 60)  # starts the thread, runs the setup there; a
+                                             # failed setup stops the thread again
+    result = worker.run(coro, timeout=30)    # from another thread: blocks until the result
+    result = await worker.arun(coro)         # from another event loop: awaits, never blocks it
+    worker.call_soon(fn, *args)              # fire and forget; FIFO with other call_soon calls
+    worker.stop()                            # stops the loop, joins the thread, closes the loop
 
 Invariant: everything handed over runs on the one thread, so objects built by a coroutine given
 to `run` (client sessions, servers) are only ever used on the loop that created them. `run` from
@@ -41,6 +43,17 @@ class LoopThread:
     def start(self) -> "LoopThread":
         self._thread.start()
         return self
+
+    def launch(self, setup: Coroutine, timeout: float | None = None) -> Any:
+        """Starts the thread and runs `setup` on it (what the loop will serve: a server, a
+        client pool); returns its result. If `setup` fails or times out, the thread is stopped
+        before the error propagates, so a failed start leaves nothing running."""
+        self.start()
+        try:
+            return self.run(setup, timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Runs `coro` on the loop and returns its result (or raises its exception); waits at

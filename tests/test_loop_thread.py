@@ -93,3 +93,20 @@ def test_astop_from_another_loop():
     worker = LoopThread("test-loop").start()
     asyncio.run(worker.astop())
     assert not worker.running and worker.loop.is_closed()
+
+
+def test_launch_returns_the_setup_result_and_a_failed_setup_stops_the_thread():
+    async def setup():
+        return threading.current_thread().name
+
+    worker = LoopThread("test-loop")
+    assert worker.launch(setup(), timeout=10) == "test-loop" and worker.running
+    worker.stop()
+
+    async def broken():
+        raise OSError("address in use")
+
+    failed = LoopThread("test-loop")
+    with pytest.raises(OSError, match="address in use"):
+        failed.launch(broken(), timeout=10)
+    assert not failed.running and failed.loop.is_closed()

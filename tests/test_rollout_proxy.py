@@ -30,13 +30,13 @@ class AppThread:
     def __init__(self, app: web.Application):
         self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.worker = LoopThread("test-app").start()
+        self.worker = LoopThread("test-app")
 
         async def up():
             self.runner = web.AppRunner(self.app, access_log=None)
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.worker.run(up(), 30)
+        self.worker.launch(up(), 30)
 
     def stop(self):
         self.worker.run(self.runner.cleanup(), 30)

@@ -39,12 +39,7 @@ class JudgeThread:
     def start(self, timeout: float = 120.0) -> "JudgeThread":
         """Starts the thread and builds the loop's components on it (blocking, at most
         `timeout` s); a failing `build` raises here and leaves no thread running."""
-        self._worker.start()
-        try:
-            self.inner, self._closers = self._worker.run(self._build(), timeout)
-        except BaseException:
-            self._worker.stop()
-            raise
+        self.inner, self._closers = self._worker.launch(self._build(), timeout)
         return self
 
     # --- what the serving loop calls ---------------------------------------------------------

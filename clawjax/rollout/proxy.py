@@ -399,12 +399,7 @@ class ProxyThread:
         self.loop = self._worker.loop
 
     def start(self, timeout: float = 60.0) -> "ProxyThread":
-        self._worker.start()
-        try:
-            self.running = self.run(start(self.config, self.host, self.port), timeout)
-        except BaseException:
-            self._worker.stop()
-            raise
+        self.running = self._worker.launch(start(self.config, self.host, self.port), timeout)
         return self
 
     def run(self, coro, timeout: float = 60.0):

@@ -117,11 +117,9 @@ class ServerThread:
         return runner
 
     def start(self, timeout: float = 60.0) -> "ServerThread":
-        self._worker.start()
         try:
-            self._runner = self._worker.run(self._serve(), timeout)
+            self._runner = self._worker.launch(self._serve(), timeout)
         except BaseException as e:
-            self._worker.stop()
             raise RuntimeError(f"server on {self.url} failed to start: {e!r}") from e
         return self
 

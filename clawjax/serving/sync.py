@@ -31,12 +31,8 @@ class SyncFleet:
     """
 
     def __init__(self, urls: Sequence[str], **fleet_kwargs):
-        self._worker = LoopThread("clawjax-fleet").start()
-        try:
-            self.fleet: Fleet = self.run(self._start(list(urls), fleet_kwargs))
-        except BaseException:
-            self._worker.stop()
-            raise
+        self._worker = LoopThread("clawjax-fleet")
+        self.fleet: Fleet = self._worker.launch(self._start(list(urls), fleet_kwargs))
 
     @staticmethod
     async def _start(urls, kwargs) -> Fleet:
