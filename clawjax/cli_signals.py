@@ -2,7 +2,8 @@
 (`python -m clawjax.serve`, `python -m clawjax.rollout serve`,
 `python -m clawjax.rollout.rule_judge`).
 
-Imports asyncio and signal only; aiohttp is imported when `serve_app_until_signal` runs.
+Imports asyncio, os and signal only; aiohttp is imported when `serve_app_until_signal` runs.
+Synchronous mains (the buffer server, the trainer) use `record_stop_signals` instead.
 
 Contract, the same for every caller: start the server; print `READY http://HOST:PORT` (flushed:
 the tests and `clawjax.local_stack` wait for that line); wait until SIGINT or SIGTERM reaches
@@ -14,11 +15,31 @@ shutdown runs).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 Close = Callable[[], Awaitable[Any]]
+
+
+def record_stop_signals(notice: str = "") -> list[int]:
+    """For synchronous mains: installs SIGINT / SIGTERM handlers that only append the signal's
+    number to the returned list (and write `notice`, formatted with `signum`, to stderr in one
+    `os.write`); poll the list. The handlers take no lock, on purpose: Python runs a handler on
+    the main thread between two bytecodes, possibly while that thread holds a lock, the
+    handler's own included when a second signal lands inside the first handler. (A handler
+    calling `threading.Event.set` hung the buffer server that way on a burst of SIGTERMs.)"""
+    received: list[int] = []
+
+    def note(signum, frame) -> None:
+        received.append(signum)
+        if notice:
+            os.write(2, notice.format(signum=signum).encode())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, note)
+    return received
 
 
 async def wait_for_signal() -> None:

@@ -15,7 +15,6 @@ import collections
 import json
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from clawjax import batch as batch_lib
+from clawjax import cli_signals
 from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
@@ -143,6 +143,7 @@ class TrainLoop:
         self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
+        self._signals: list[int] = []   # filled by the signal handlers (install_signal_handlers)
         self._saved_step = -1  # the step of the newest checkpoint started by this process
         self._good_step = 0  # the newest checkpoint the regression gate accepted
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
@@ -236,7 +237,7 @@ class TrainLoop:
         """Blocks until `samples_per_step` admissible samples are in hand (or a stop)."""
         want = self.config.trainer.samples_per_step
         out: list[Sample] = []
-        while len(out) < want and not self._stop.is_set():
+        while len(out) < want and not self.stopping:
             got = self.source.take(want - len(out), self.config.trainer.take_timeout_s)
             for s in got:
                 if s.sample_id in self.skip_ids:  # in a restored checkpoint already
@@ -304,7 +305,7 @@ class TrainLoop:
     def run(self) -> None:
         cfg = self.config
         skips_in_a_row = 0
-        while self.step < cfg.trainer.steps and not self._stop.is_set():
+        while self.step < cfg.trainer.steps and not self.stopping:
             samples = self.take_samples()
             if not samples:
                 continue
@@ -349,16 +350,18 @@ class TrainLoop:
                                      self.model_config, self.policy_version, force=True)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly."""
-        def stop(signum, frame):
-            log.warning("signal %d: stopping after this step (checkpoint will be saved)", signum)
-            self._stop.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly (the
+        handlers only record the signal: see `cli_signals.record_stop_signals`)."""
+        self._signals = cli_signals.record_stop_signals(
+            "signal {signum}: stopping after this step (checkpoint will be saved)\n")
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for: `stop()`, or SIGINT / SIGTERM once the handlers are installed."""
+        return self._stop.is_set() or bool(self._signals)
 
     def close(self) -> None:
         self.checkpointer.close()

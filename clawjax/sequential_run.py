@@ -106,7 +106,7 @@ def run_sequential(config) -> dict:
         loop = TrainLoop(config)
         loop.install_signal_handlers()
         want = loop.config.trainer.samples_per_step
-        while loop.step < config.trainer.steps and not loop._stop.is_set():
+        while loop.step < config.trainer.steps and not loop.stopping:
             t0 = time.monotonic()
             episodes += rollout_phase(stack, buffer, train_tasks, want, rng, config, loop.step)
             t1 = time.monotonic()

@@ -2,6 +2,8 @@
 control, backpressure, staleness, torn write, compaction."""
 
 import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -213,6 +215,29 @@ def test_torn_write_after_kill_recovers_everything_before(tmp_path):
             got = sorted(int(s.sample_id[1:]) for s in c.lease(100, timeout_s=5))
             assert got == list(range(19))
             assert c.push([make("t19")]) == (1, 0)     # the torn one was never there
+
+
+def test_a_burst_of_sigterms_stops_the_server_cleanly(tmp_path):
+    """A signal can land while the previous one's handler runs (a Ctrl-C pressed twice, a
+    supervisor and a parent-death signal together): the server still stops, exits 0 and
+    releases its directory with everything pushed kept."""
+    proc = ServerProcess(str(tmp_path))
+    proc.start()
+    try:
+        with BufferClient(proc.address) as c:
+            c.push([make("s0")])
+        for _ in range(300):
+            proc.proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.proc.wait(30) == 0, proc.log_tail()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server hung after a burst of SIGTERMs: {proc.log_tail()}")
+        assert "stopped" in proc.log_tail()
+        proc.start()     # the same directory: its lock was released
+        with BufferClient(proc.address) as c:
+            assert [s.sample_id for s in c.lease(10, timeout_s=5)] == ["s0"]
+    finally:
+        proc.kill()
 
 
 def test_acked_samples_are_compacted_out_of_the_log(tmp_path):

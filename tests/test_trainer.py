@@ -175,3 +175,45 @@ def test_method_presets_fill_unset_loss_weights(tmp_path):
     c = tiny_config(tmp_path, method="combine", **{"loss.kl_coef": 0.5})
     kwargs = config_lib.resolved_loss_kwargs(c)
     assert (kwargs["w_rl"], kwargs["w_opd"], kwargs["kl_coef"]) == (1.0, 1.0, 0.5)
+
+
+def test_sigterm_burst_finishes_the_step_checkpoints_and_stops(tmp_path):
+    """SIGTERM / Ctrl-C (here a burst of them, as a second Ctrl-C or a supervisor adds) stop
+    the run after the current step with a checkpoint, well before `trainer.steps`."""
+    import os
+    import signal
+    import threading
+
+    source = QueueSource()
+    source.put(make_samples(8 * 40, seed=3))
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{"trainer.steps": 40,
+                                                     "trainer.samples_per_step": 8,
+                                                     "checkpoint.every_steps": 100}),
+                     source=source)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loop.install_signal_handlers()
+        done, train_step = threading.Semaphore(0), loop.train_step
+
+        def counted_step(samples):   # loop.step reads donated state: not from another thread
+            out = train_step(samples)
+            done.release()
+            return out
+
+        loop.train_step = counted_step
+
+        def burst_after_two_steps():
+            assert done.acquire(timeout=120) and done.acquire(timeout=120)
+            for _ in range(100):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        thread = threading.Thread(target=burst_after_two_steps, daemon=True)
+        thread.start()
+        loop.run()
+        thread.join(10)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert loop.stopping and 2 <= loop.step < 40, loop.step
+    assert loop.checkpointer.latest_step() == loop.step
+    loop.close()

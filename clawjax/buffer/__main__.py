@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
+import time
+
+from clawjax.cli_signals import record_stop_signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,12 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InsecureBindError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    stop_signals = record_stop_signals()
     print(f"clawjax buffer listening on {server.address}", flush=True)
-    while not done.wait(0.5):  # a timed wait keeps signal delivery prompt
-        pass
+    while not stop_signals:
+        time.sleep(0.2)
     logging.getLogger("clawjax.buffer").info("signal received: stopping")
     server.stop(grace=2.0)
     logging.getLogger("clawjax.buffer").info("stopped")
