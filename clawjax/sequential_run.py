@@ -41,10 +41,11 @@ IDLE_TIMEOUT_S = 120.0  # how long one wait for the proxy to go idle may take
 MAX_ROUNDS = 20  # episode rounds per step before giving up (samples keep being dropped)
 
 
-def wait_proxy_idle(proxy_url: str, timeout_s: float = IDLE_TIMEOUT_S) -> dict:
+def wait_proxy_idle(client: httpx.Client, proxy_url: str,
+                    timeout_s: float = IDLE_TIMEOUT_S) -> dict:
     """Blocks until the proxy's judge loop and buffer queue are idle; returns its stats."""
-    reply = httpx.get(f"{proxy_url}/stats", params={"idle_timeout": timeout_s},
-                      timeout=timeout_s + 30.0)
+    reply = client.get(f"{proxy_url}/stats", params={"idle_timeout": timeout_s},
+                       timeout=timeout_s + 30.0)
     reply.raise_for_status()
     stats = reply.json()
     if not stats.get("idle", False):
@@ -52,12 +53,13 @@ def wait_proxy_idle(proxy_url: str, timeout_s: float = IDLE_TIMEOUT_S) -> dict:
     return stats
 
 
-def wait_weight_version(policy_url: str, version: str, timeout_s: float = 120.0) -> bool:
+def wait_weight_version(client: httpx.Client, policy_url: str, version: str,
+                        timeout_s: float = 120.0) -> bool:
     """Polls the server's `/get_weight_version` until it equals `version`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            got = httpx.get(f"{policy_url}/get_weight_version", timeout=5.0).json()
+            got = client.get(f"{policy_url}/get_weight_version", timeout=5.0).json()
             if str(got.get("weight_version")) == version:
                 return True
         except (httpx.HTTPError, ValueError):
@@ -66,8 +68,8 @@ def wait_weight_version(policy_url: str, version: str, timeout_s: float = 120.0)
     return False
 
 
-def rollout_phase(stack: LocalStack, buffer: BufferClient, tasks: list[dict], want: int,
-                  rng: random.Random, config, step: int) -> int:
+def rollout_phase(stack: LocalStack, buffer: BufferClient, http: httpx.Client,
+                  tasks: list[dict], want: int, rng: random.Random, config, step: int) -> int:
     """Runs rounds of `want` episodes (one turn each, `rollout.agents` at a time) until the
     buffer holds `want` queued samples; returns the number of episodes run."""
     sampling = {"temperature": config.rollout.temperature,
@@ -85,7 +87,7 @@ def rollout_phase(stack: LocalStack, buffer: BufferClient, tasks: list[dict], wa
         errors = [r.error for r in results if r.error is not None]
         if errors:
             log.warning("%d of %d episodes failed, e.g. %s", len(errors), len(results), errors[0])
-        wait_proxy_idle(stack.proxy_url)
+        wait_proxy_idle(http, stack.proxy_url)
     if buffer.stats()["queued"] < want:
         raise RuntimeError(f"after {MAX_ROUNDS} rounds of {want} episodes the buffer holds "
                            f"{buffer.stats()['queued']} samples, expected >= {want}")
@@ -99,6 +101,7 @@ def run_sequential(config) -> dict:
     workdir, stack, train_tasks = run.workdir, run.stack, run.train_tasks
     loop = None
     buffer = BufferClient(stack.buffer_address)
+    http = httpx.Client()  # one for the whole run: each new client builds an SSL context
     rng = random.Random(config.trainer.seed)
     episodes = samples_trained = 0
     start = time.monotonic()
@@ -108,7 +111,8 @@ def run_sequential(config) -> dict:
         want = loop.config.trainer.samples_per_step
         while loop.step < config.trainer.steps and not loop.stopping:
             t0 = time.monotonic()
-            episodes += rollout_phase(stack, buffer, train_tasks, want, rng, config, loop.step)
+            episodes += rollout_phase(stack, buffer, http, train_tasks, want, rng, config,
+                                      loop.step)
             t1 = time.monotonic()
             samples = loop.take_samples()
             if not samples:
@@ -126,7 +130,7 @@ def run_sequential(config) -> dict:
                 log.warning("publish of step %d did not finish in 120s", loop.step)
             if loop.publisher is not None and \
                     loop.publisher.stats()["published"] > published_before:
-                if not wait_weight_version(stack.policy_url, str(loop.policy_version)):
+                if not wait_weight_version(http, stack.policy_url, str(loop.policy_version)):
                     log.warning("server never reported weight_version %d", loop.policy_version)
             metrics.update(rollout_s=t1 - t0, publish_wait_s=time.monotonic() - t2,
                            agent_episodes=episodes)
@@ -142,6 +146,7 @@ def run_sequential(config) -> dict:
         return summary
     finally:
         buffer.close()
+        http.close()
         if loop is not None:
             loop.close()
         stack.stop()

@@ -70,6 +70,15 @@ def test_trained_rate_leaves_out_the_first_step(tmp_path):
     assert rate["per_min"] == pytest.approx(60.0 * 24 / 60.0)
 
 
+def test_phase_seconds_and_the_overlap_bound_by_hand(tmp_path):
+    rows = [{"step": 1, "rollout_s": 9.0, "step_time_s": 9.0, "publish_wait_s": 9.0},
+            {"step": 2, "rollout_s": 0.3, "step_time_s": 0.1, "publish_wait_s": 0.2},
+            {"step": 3, "rollout_s": 0.5, "step_time_s": 0.1, "publish_wait_s": 0.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    phases = _runs.phase_seconds(str(tmp_path))  # the first row is start-up: left out
+    assert phases == pytest.approx({"rollout": 0.4, "train": 0.1, "publish": 0.1})
+
+
 # The two whole-loop bench smoke runs start 4 servers per run (7 runs): marked slow, ~2.3 min
 # together on 2 idle cores, so they run in the suite; CLAWJAX_BENCH_SMOKE=0 skips them.
 needs_opt_in = pytest.mark.skipif(os.environ.get("CLAWJAX_BENCH_SMOKE") == "0",
@@ -116,3 +125,8 @@ def test_bench_async_quick(bench_root):
     assert result["ratio"] == pytest.approx(expected)
     seq = json.loads((tmp_path / "sequential" / "sequential_summary.json").read_text())
     assert seq["steps"] == 3
+    phases = result["sequential_phases_s"]
+    assert set(phases) == {"rollout", "train", "publish"} and min(phases.values()) >= 0
+    assert result["overlap_bound"] == pytest.approx(sum(phases.values()) / max(phases.values()))
+    assert 1.0 <= result["overlap_bound"] <= 3.0
+    assert re.search(r"perfect overlap of them would give at most [0-9.]+x", out)

@@ -75,3 +75,18 @@ def trained_rate(workdir: str) -> dict:
     seconds = rows[-1]["time"] - rows[skip - 1]["time"]
     return {"samples": int(samples), "seconds": seconds, "per_min": 60.0 * samples / seconds,
             "steps": len(rows) - skip, "skipped": skip}
+
+
+def phase_seconds(workdir: str) -> dict:
+    """Mean seconds per step of each phase of a `clawjax.sequential_run` (`metrics.jsonl` rows
+    after the same skipped quarter as `trained_rate`): {"rollout", "train", "publish"}, where
+    rollout = serve + judge (`rollout_s`), train = `step_time_s`, publish = the gated publish
+    and the wait for the server's new version (`publish_wait_s`)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = rows[max(1, len(rows) // 4):]
+    if not rows:
+        raise ValueError(f"{workdir}/metrics.jsonl has too few rows for phase times")
+    mean = lambda key: sum(float(r.get(key, 0.0)) for r in rows) / len(rows)
+    return {"rollout": mean("rollout_s"), "train": mean("step_time_s"),
+            "publish": mean("publish_wait_s")}

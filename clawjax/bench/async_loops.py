@@ -10,7 +10,10 @@ built meanwhile — is left out). Periodic held-out evaluation is pushed out of 
 evaluator still scores the first published version once (the warm start's version is not a
 number, so any new version is due): that evaluation counts against the concurrent rate.
 
-    python -m clawjax.bench async [--steps 20] [--workdir bench/async] [--quick]
+The sequential run's phase times (rollout, train, publish) also give the bound on any
+overlap: (sum of the phases) / (the longest phase), reached only with a core per loop.
+
+    python -m clawjax.bench async [--steps 60] [--workdir bench/async] [--quick]
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def measure(root: str, steps: int, quick: bool) -> dict:
         wall = _runs.run_module(module, root, workdir, overrides)
         out[mode] = dict(_runs.trained_rate(workdir), wall_s=wall)
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
+    phases = _runs.phase_seconds(os.path.join(root, "sequential"))
+    out["sequential_phases_s"] = phases
+    # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
+    out["overlap_bound"] = sum(phases.values()) / max(phases.values())
     return out
 
 
@@ -46,12 +53,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m clawjax.bench async", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per run (default 20; --quick: 4)")
+                        help="training steps per run (default 60; --quick: 4)")
     parser.add_argument("--workdir", default="bench/async",
                         help="bench root; a shared `warmstart/` in it is reused")
     parser.add_argument("--quick", action="store_true", help="tiny warm start and loop")
     args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (4 if args.quick else 20)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     if steps < 2:
         parser.error(f"--steps {steps}: expected >= 2 (the first step is never timed)")
     root = os.path.abspath(args.workdir)
@@ -60,12 +67,17 @@ def main(argv: list[str]) -> int:
     print(f"(rates over the last {result['concurrent']['steps']} steps of each run: the first "
           f"{result['concurrent']['skipped']} are start-up)")
     rows = [[mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
-             f"{r['wall_s']:.1f}"] for mode, r in result.items() if mode != "ratio"]
+             f"{r['wall_s']:.1f}"] for mode, r in result.items()
+            if mode in ("concurrent", "sequential")]
     print_table(["loops", "timed steps", "samples", "seconds", "samples/min", "wall s (all)"],
                 rows)
     ratio = result["ratio"]
     print(f"concurrent / sequential: {ratio:.2f}x (target >= 2x: "
           f"{'met' if ratio >= 2.0 else 'not met'})")
+    phases = result["sequential_phases_s"]
+    print("sequential phases, mean s per step: "
+          + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
+          + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x")
     with open(os.path.join(root, "bench_async.json"), "w") as f:
         json.dump(result, f, indent=1)
     return 0

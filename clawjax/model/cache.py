@@ -36,12 +36,16 @@ def init_cache(num_layers: int, batch_size: int, max_len: int, kv_heads: int, he
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def cache_mask_and_slots(positions: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array]:
-    """For positions `[B,T]` (negative = padding): write slots `[B,T]` and mask `[B,T,S]`.
+def cache_mask_and_slots(positions: jax.Array, max_len: int,
+                         window: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """For positions `[B,T]` (negative = padding): write slots `[B,T]` and mask `[B,T,W]` over
+    the first W = `window` (default `max_len`) slots.
 
     Padding tokens get slot `max_len` (dropped by the scatter) and an all-False mask row.
-    A position >= max_len is likewise not written (the caller must size the cache).
+    A position >= max_len is likewise not written (the caller must size the cache); a position
+    >= W would attend a truncated history, so callers keep every position < W.
     """
+    window = max_len if window is None else window
     slots = jnp.where(positions >= 0, positions, max_len)
-    mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+    mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]
     return slots, mask

@@ -97,16 +97,21 @@ class Block(nnx.Module):
         return h + self.mlp(self.mlp_norm(h))
 
     def cached(self, h: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array, mask: jax.Array,
-               k_cache: jax.Array, v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Block over new tokens h `[B,T,D]` against one layer's cache k/v `[B,S,K,H]`.
+               k_cache: jax.Array, v_cache: jax.Array, layer: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Block `layer` over new tokens h `[B,T,D]` against the whole cache k/v `[L,B,S,K,H]`.
 
-        Each token's k/v is written at `slots` `[B,T]` (S or beyond = not written); queries
-        attend cache slots under `mask` `[B,T,S]`. Returns (h, k_cache, v_cache).
+        Each token's k/v is written at `[layer, b, slots[b, t]]` (slot S or beyond = not
+        written), in place when the cache is donated: no per-layer copy of the cache. Queries
+        attend the first W slots of the layer under `mask` `[B,T,W]`, W <= S (slots past W are
+        neither read nor attended). Returns (h, k_cache, v_cache).
         """
         q, k, v = self.attn.qkv(self.attn_norm(h), cos, sin)
         rows = jnp.arange(h.shape[0])[:, None]
-        k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
-        o = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        k_cache = k_cache.at[layer, rows, slots].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layer, rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+        window = mask.shape[-1]
+        o = attend(q, k_cache[layer, :, :window].astype(q.dtype),
+                   v_cache[layer, :, :window].astype(q.dtype), mask)
         h = h + self.attn.out(o)
         return h + self.mlp(self.mlp_norm(h)), k_cache, v_cache

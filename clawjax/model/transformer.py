@@ -99,13 +99,17 @@ class Transformer(nnx.Module):
         return init_cache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
                           dtype or self.dtype)
 
-    def forward_cached(self, tokens: jax.Array, positions: jax.Array,
-                       cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                       window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Logits `[B,T,V]` f32 for new tokens `[B,T]` at `positions` `[B,T]`, and the new cache.
 
         Token (b, t) with position p >= 0 writes its k/v at slot p of row b and attends slots
         0..p of row b (earlier calls' tokens and this call's). Position < 0 = padding: not
         written, logits garbage. Serves prefill (rows right-padded with -1) and decode (T=1).
+
+        `window` (static, default the cache length S): attention reads only slots 0..W-1, so
+        a step costs O(W) instead of O(S); every position must be < W (the caller's
+        invariant: a larger one would attend a truncated history).
         """
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = jnp.asarray(positions, jnp.int32)
@@ -114,13 +118,15 @@ class Transformer(nnx.Module):
                              "must both be [B, T]")
         if cache.k.shape[1] != tokens.shape[0]:
             raise ValueError(f"forward_cached: cache batch {cache.k.shape[1]} != tokens batch {tokens.shape[0]}")
-        slots, mask = cache_mask_and_slots(positions, cache.max_len)
+        if window is not None and not 0 < window <= cache.max_len:
+            raise ValueError(f"forward_cached: window = {window}, expected 1..{cache.max_len} "
+                             "(the cache length)")
+        slots, mask = cache_mask_and_slots(positions, cache.max_len, window)
         cos, sin = rope_cos_sin(positions, jnp.asarray(rope_inv_freq(self.config)), self.dtype)
         h = self.embed(tokens)
         k_all, v_all = cache.k, cache.v
         for i, block in enumerate(self.layers):
-            h, k_i, v_i = block.cached(h, cos, sin, slots, mask, k_all[i], v_all[i])
-            k_all, v_all = k_all.at[i].set(k_i), v_all.at[i].set(v_i)
+            h, k_all, v_all = block.cached(h, cos, sin, slots, mask, k_all, v_all, layer=i)
         return self.logits(self.final_norm(h)), KVCache(k=k_all, v=v_all)
 
 

@@ -3,10 +3,12 @@ with `max_batch` slots, continuous batching and weight versions.
 
 Each engine step (the thread's loop):
   1. installs a pending weight swap (`load_weights` loaded it off the hot path),
-  2. admits waiting requests into free slots and prefills them together in one forward
-     (`forward_cached` with rows right-padded by position -1, T bucketed to a power of two),
+  2. admits waiting requests into free slots and prefills them together in one forward over
+     just their cache rows (rows right-padded by position -1; T and the row count bucketed
+     to powers of two),
   3. runs one batched decode step (T = 1) for every active slot, one forward per weight
-     version in use (rows of the other version are padding, so they are not touched).
+     version in use (rows of the other version are padding, so they are not touched),
+     attending a power-of-two window of cache slots that covers the longest active row.
 
 Weight-version policy: a request records the weight version current when it is admitted
 (prefilled) and finishes on it; the old parameters stay alive until their last request
@@ -266,45 +268,54 @@ class Engine:
         return admitted
 
     def _run_prefill(self, reqs: list[Request]) -> None:
-        b = self.max_batch
+        """Prefills the admitted `reqs` together: b = their count bucketed to a power of two
+        (<= max_batch) cache rows, theirs first, then other slots' rows as padding (position
+        -1: written back unchanged), so one admission costs one row, not `max_batch`."""
+        b = bucket(len(reqs), self.max_batch, least=1)
         t = bucket(max(len(r.prompt) for r in reqs), self.context_len)
+        taken = {r.slot for r in reqs}
+        rows = [r.slot for r in reqs] + [i for i in range(self.max_batch)
+                                         if i not in taken][:b - len(reqs)]
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         targets = np.zeros((b, t), np.int32)
         last_idx = np.zeros((b,), np.int32)
         k = 0
-        for r in reqs:
+        for j, r in enumerate(reqs):
             n = len(r.prompt)
-            tokens[r.slot, :n] = r.prompt
-            positions[r.slot, :n] = np.arange(n)
-            targets[r.slot, :n - 1] = r.prompt[1:]
-            last_idx[r.slot] = n - 1
+            tokens[j, :n] = r.prompt
+            positions[j, :n] = np.arange(n)
+            targets[j, :n - 1] = r.prompt[1:]
+            last_idx[j] = n - 1
             if r.return_logprob:
                 k = max(k, r.top_logprobs_num)
         k = 0 if k == 0 else 1 << (k - 1).bit_length()  # bucket k to bound recompiles
         k = min(k, self.config.vocab_size)
         self._cache, last, tok_logp, top_v, top_i = self._prefill(
-            self._params[reqs[0].gen][1], self._cache, tokens, positions, targets, last_idx, k=k)
+            self._params[reqs[0].gen][1], self._cache, np.asarray(rows, np.int32), tokens,
+            positions, targets, last_idx, k=k)
         last, tok_logp = np.asarray(last), np.asarray(tok_logp)
         top_v, top_i = (np.asarray(top_v), np.asarray(top_i)) if k else (None, None)
         self.counters["prefill_steps"] += 1
-        for r in reqs:
+        for j, r in enumerate(reqs):
             if r.return_logprob:
                 n, s = len(r.prompt), r.logprob_start_len
                 s = n - 1 if s < 0 else s
-                r.input_logp = [None] + [float(tok_logp[r.slot, j - 1]) for j in range(s + 1, n)]
+                r.input_logp = [None] + [float(tok_logp[j, i - 1]) for i in range(s + 1, n)]
                 if r.top_logprobs_num:
                     kk = r.top_logprobs_num
                     r.input_top = [None] + [
-                        [(float(v), int(i)) for v, i in zip(top_v[r.slot, j - 1, :kk],
-                                                            top_i[r.slot, j - 1, :kk])]
-                        for j in range(s + 1, n)]
+                        [(float(v), int(i)) for v, i in zip(top_v[j, p - 1, :kk],
+                                                            top_i[j, p - 1, :kk])]
+                        for p in range(s + 1, n)]
             if r.params.max_new_tokens == 0:
                 self._finish(r, {"type": "length", "length": 0})
             else:
-                self._accept(r, last[r.slot])
+                self._accept(r, last[j])
 
     def _run_decode(self, reqs: list[Request]) -> None:
+        """One decode step for `reqs`, one forward per weight generation among them; attention
+        reads a power-of-two window of slots covering the longest of its rows."""
         by_gen: dict[int, list[Request]] = collections.defaultdict(list)
         for r in reqs:
             by_gen[r.gen].append(r)
@@ -314,8 +325,9 @@ class Engine:
             for r in group:
                 tokens[r.slot, 0] = r.output_ids[-1]
                 positions[r.slot, 0] = len(r.prompt) + len(r.output_ids) - 1
+            window = bucket(int(positions.max()) + 1, self.context_len)
             self._cache, logp = self._decode(self._params[gen][1], self._cache, tokens,
-                                             positions)
+                                             positions, window=window)
             logp = np.asarray(logp)
             self.counters["decode_steps"] += 1
             for r in group:
