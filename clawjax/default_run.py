@@ -24,6 +24,7 @@ import time
 import httpx
 
 from clawjax import default_task, report, warmstart
+from clawjax.buffer.client import BufferClient
 from clawjax.evaluate import Evaluator
 from clawjax.local_stack import LocalStack
 from clawjax.loop import TrainLoop
@@ -35,17 +36,54 @@ from clawjax.serving.client import ServingError
 log = logging.getLogger("clawjax.default_run")
 
 
+def backlog_limit(config) -> int | None:
+    """How many queued samples the simulated agents let pile up in the buffer before they wait
+    (None: no limit, when `trainer.max_staleness` is unbounded). A sample generated now is
+    trained about queued / samples_per_step steps later, by a policy already up to
+    `publish.every_steps` versions ahead of the one serving it; keeping that sum within
+    `max_staleness` keeps the agents from producing samples that would only be dropped as
+    stale, whose CPU the trainer needs on a shared machine."""
+    bound = config.trainer.max_staleness
+    if bound < 0:
+        return None
+    steps = max(1, bound - max(config.publish.every_steps, 1))
+    return steps * config.trainer.samples_per_step
+
+
+def wait_for_room(queued, limit: int, stop: threading.Event, poll_s: float = 0.05) -> float:
+    """Blocks while `queued()` (the buffer's queued-sample count) is >= `limit`, or until `stop`
+    is set; returns the seconds waited. A failing `queued()` ends the wait (agents must not
+    stall on a restarting buffer: the trainer's staleness bound still protects training)."""
+    start = time.monotonic()
+    while not stop.is_set():
+        try:
+            if queued() < limit:
+                break
+        except Exception as e:  # noqa: BLE001 - any failure: stop throttling, log it
+            log.warning("agents: buffer stats failed (%s); not waiting", e)
+            break
+        stop.wait(poll_s)
+    return time.monotonic() - start
+
+
 class AgentPool:
     """Simulated users with the default task's hidden preference, `concurrency` sessions at a
-    time through the proxy, cycling over the training tasks in a seeded shuffled order."""
+    time through the proxy, cycling over the training tasks in a seeded shuffled order.
+
+    With `buffer_address` and `max_queued`, a round of episodes starts only while the buffer
+    holds fewer than `max_queued` queued samples (`backlog_limit`): backpressure from the
+    trainer. `waited_s` counts the seconds the agents spent waiting for it."""
 
     def __init__(self, proxy_url: str, tasks: list[dict], *, concurrency: int, seed: int,
-                 temperature: float, max_tokens: int):
+                 temperature: float, max_tokens: int, buffer_address: str | None = None,
+                 max_queued: int | None = None):
         self.proxy_url, self.tasks = proxy_url, list(tasks)
         self.concurrency, self.seed = concurrency, seed
         self.sampling = {"temperature": temperature, "max_tokens": max_tokens}
+        self.buffer_address, self.max_queued = buffer_address, max_queued
         self.episodes = 0
         self.errors = 0
+        self.waited_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -53,22 +91,33 @@ class AgentPool:
     def _run(self) -> None:
         rng = random.Random(self.seed)
         round_index = 0
-        while not self._stop.is_set():
-            batch = rng.sample(self.tasks, min(len(self.tasks), self.concurrency * 2))
-            pairs = [(env_for_task(t), t) for t in batch]
-            try:
-                results = asyncio.run(run_episodes_async(
-                    self.proxy_url, pairs, concurrency=self.concurrency, max_turns=1,
-                    sampling=self.sampling, session_prefix=f"agents-{self.seed}-{round_index}",
-                    timeout_s=60.0))
-            except (httpx.HTTPError, OSError) as e:
-                log.warning("agent round failed: %s", e)
-                self.errors += 1
-                self._stop.wait(1.0)
-                continue
-            self.episodes += len(results)
-            self.errors += sum(r.error is not None for r in results)
-            round_index += 1
+        buffer = (BufferClient(self.buffer_address)
+                  if self.buffer_address and self.max_queued else None)
+        try:
+            while not self._stop.is_set():
+                if buffer is not None:
+                    self.waited_s += wait_for_room(lambda: buffer.stats()["queued"],
+                                                   self.max_queued, self._stop)
+                    if self._stop.is_set():
+                        break
+                batch = rng.sample(self.tasks, min(len(self.tasks), self.concurrency * 2))
+                pairs = [(env_for_task(t), t) for t in batch]
+                try:
+                    results = asyncio.run(run_episodes_async(
+                        self.proxy_url, pairs, concurrency=self.concurrency, max_turns=1,
+                        sampling=self.sampling,
+                        session_prefix=f"agents-{self.seed}-{round_index}", timeout_s=60.0))
+                except (httpx.HTTPError, OSError) as e:
+                    log.warning("agent round failed: %s", e)
+                    self.errors += 1
+                    self._stop.wait(1.0)
+                    continue
+                self.episodes += len(results)
+                self.errors += sum(r.error is not None for r in results)
+                round_index += 1
+        finally:
+            if buffer is not None:
+                buffer.close()
 
     def rate(self) -> float:
         return self.episodes / max(time.monotonic() - self._started, 1e-9)
@@ -114,7 +163,8 @@ def step_metrics(stack: LocalStack, agents: AgentPool, evaluator: Evaluator,
                  client: httpx.Client | None = None) -> dict:
     """What the user sees per step besides the trainer's own numbers (DESIGN.md: no silent
     drops): loop rates, judge votes, hint share, emitted kinds, drops by reason, restarts."""
-    out: dict = {"agent_episodes_per_s": agents.rate(), "agent_episodes": agents.episodes}
+    out: dict = {"agent_episodes_per_s": agents.rate(), "agent_episodes": agents.episodes,
+                 "agent_wait_s": agents.waited_s}
     stats = proxy_stats(stack.proxy_url, client)
     for group in ("drops", "emitted", "votes"):
         for key, value in stats.get(group, {}).items():
@@ -178,7 +228,8 @@ def run_default(config) -> dict:
                           max_tokens=config.rollout.max_tokens)
     agents = AgentPool(stack.proxy_url, run.train_tasks, concurrency=config.rollout.agents,
                        seed=config.trainer.seed, temperature=config.rollout.temperature,
-                       max_tokens=config.rollout.max_tokens)
+                       max_tokens=config.rollout.max_tokens,
+                       buffer_address=stack.buffer_address, max_queued=backlog_limit(config))
     loop = None
     stats_client = httpx.Client()
     try:

@@ -112,21 +112,29 @@ def test_bench_methods_quick(bench_root):
 @needs_opt_in
 def test_bench_async_quick(bench_root):
     tmp_path = bench_root
-    out = bench("async", "--quick", "--steps", "3", "--workdir", str(tmp_path))
-    rows = table_rows(out, "loops")
-    assert [r[0] for r in rows] == ["concurrent", "sequential"]
-    for _, steps, samples, seconds, per_min, wall in rows:
+    out = bench("async", "--quick", "--steps", "3", "--repeats", "2", "--workdir",
+                str(tmp_path))
+    rows = table_rows(out, "pair")
+    assert [(r[0], r[1]) for r in rows] == [("1", "concurrent"), ("1", "sequential"),
+                                            ("2", "concurrent"), ("2", "sequential")]
+    for row in rows:
+        steps, samples, seconds, per_min, wall = row[2:7]
         assert int(steps) == 2 and int(samples) > 0
         assert all(math.isfinite(float(v)) and float(v) > 0 for v in (seconds, per_min, wall))
-    ratio = re.search(r"^concurrent / sequential: ([0-9.]+)x", out, re.M)
+    ratio = re.search(r"^concurrent / sequential: ([0-9.]+)x, the median of 2", out, re.M)
     assert ratio and float(ratio.group(1)) > 0
     result = json.loads((tmp_path / "bench_async.json").read_text())
-    expected = result["concurrent"]["per_min"] / result["sequential"]["per_min"]
-    assert result["ratio"] == pytest.approx(expected)
-    seq = json.loads((tmp_path / "sequential" / "sequential_summary.json").read_text())
-    assert seq["steps"] == 3
-    phases = result["sequential_phases_s"]
-    assert set(phases) == {"rollout", "train", "publish"} and min(phases.values()) >= 0
-    assert result["overlap_bound"] == pytest.approx(sum(phases.values()) / max(phases.values()))
-    assert 1.0 <= result["overlap_bound"] <= 3.0
+    pairs = result["pairs"]
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair["ratio"] == pytest.approx(pair["concurrent"]["per_min"]
+                                              / pair["sequential"]["per_min"])
+        phases = pair["sequential_phases_s"]
+        assert set(phases) == {"rollout", "train", "publish"} and min(phases.values()) >= 0
+        assert pair["overlap_bound"] == pytest.approx(sum(phases.values()) / max(phases.values()))
+        assert 1.0 <= pair["overlap_bound"] <= 3.0
+    assert result["ratio"] == pytest.approx((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2)
+    for i in (1, 2):
+        seq = json.loads((tmp_path / f"sequential-{i}" / "sequential_summary.json").read_text())
+        assert seq["steps"] == 3
     assert re.search(r"perfect overlap of them would give at most [0-9.]+x", out)

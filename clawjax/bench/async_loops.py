@@ -3,7 +3,8 @@
 (`python -m clawjax.sequential_run`: serve → judge → train → publish, nothing overlapping).
 
 Both runs: the same config and overrides, the same step budget, one shared warm start, on this
-machine one after the other. The rate is read the same way from each run's `metrics.jsonl`
+machine one after the other; `--repeats` pairs of them (the modes alternating in time), and
+the reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is read the same way from each run's `metrics.jsonl`
 (`_runs.trained_rate`: the first quarter of the steps — start-up, compilation and the backlog
 built meanwhile — is left out). Periodic held-out evaluation is pushed out of both runs
 (`eval.every_steps` huge; it is not one of the four loops), except that the default run's
@@ -13,7 +14,7 @@ number, so any new version is due): that evaluation counts against the concurren
 The sequential run's phase times (rollout, train, publish) also give the bound on any
 overlap: (sum of the phases) / (the longest phase), reached only with a core per loop.
 
-    python -m clawjax.bench async [--steps 60] [--workdir bench/async] [--quick]
+    python -m clawjax.bench async [--steps 60] [--repeats 3] [--workdir bench/async] [--quick]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 from clawjax.bench import _runs
 from clawjax.bench.common import print_table
@@ -28,25 +30,37 @@ from clawjax.bench.common import print_table
 NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
 
 
-def measure(root: str, steps: int, quick: bool) -> dict:
-    """Runs both modes under `root`; returns {mode: trained_rate dict + "wall_s"} and the ratio."""
-    quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
-                       if not o.startswith("--config.eval.every_steps=")]
-    overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
+def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
+    """One concurrent run then one sequential run, in `root/concurrent{tag}` and
+    `root/sequential{tag}`: {mode: trained_rate dict + "wall_s"}, their ratio, the sequential
+    run's phase times and the overlap bound they give."""
     out: dict = {}
     for mode, module in (("concurrent", "clawjax.train"), ("sequential", "clawjax.sequential_run")):
-        workdir = os.path.join(root, mode)
+        workdir = os.path.join(root, mode + tag)
         if os.path.exists(workdir):
             raise FileExistsError(f"--workdir: {workdir} exists, expected a fresh bench root "
                                   "(a resumed run would mix two runs' metrics)")
         wall = _runs.run_module(module, root, workdir, overrides)
         out[mode] = dict(_runs.trained_rate(workdir), wall_s=wall)
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
-    phases = _runs.phase_seconds(os.path.join(root, "sequential"))
+    phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag))
     out["sequential_phases_s"] = phases
     # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
     out["overlap_bound"] = sum(phases.values()) / max(phases.values())
     return out
+
+
+def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
+    """`repeats` pairs of runs under `root` (pair i in `concurrent-i` / `sequential-i`), the
+    modes alternating in time so that load changes on a shared machine hit both; returns
+    {"pairs": [measure_pair result, ...], "ratio": the median ratio, "overlap_bound": the
+    median bound}."""
+    quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
+                       if not o.startswith("--config.eval.every_steps=")]
+    overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
+    pairs = [measure_pair(root, f"-{i + 1}", overrides) for i in range(repeats)]
+    return {"pairs": pairs, "ratio": statistics.median(p["ratio"] for p in pairs),
+            "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs)}
 
 
 def main(argv: list[str]) -> int:
@@ -57,25 +71,34 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default="bench/async",
                         help="bench root; a shared `warmstart/` in it is reused")
     parser.add_argument("--quick", action="store_true", help="tiny warm start and loop")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="pairs of runs; the ratio is their median (default 3; --quick: 1)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if steps < 2:
         parser.error(f"--steps {steps}: expected >= 2 (the first step is never timed)")
+    if repeats < 1:
+        parser.error(f"--repeats {repeats}: expected >= 1")
     root = os.path.abspath(args.workdir)
-    result = measure(root, steps, args.quick)
-    print(f"\nbench async: {steps} steps per run, same config, same machine")
-    print(f"(rates over the last {result['concurrent']['steps']} steps of each run: the first "
-          f"{result['concurrent']['skipped']} are start-up)")
-    rows = [[mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
-             f"{r['wall_s']:.1f}"] for mode, r in result.items()
-            if mode in ("concurrent", "sequential")]
-    print_table(["loops", "timed steps", "samples", "seconds", "samples/min", "wall s (all)"],
-                rows)
+    result = measure(root, steps, args.quick, repeats)
+    pairs = result["pairs"]
+    print(f"\nbench async: {steps} steps per run, {repeats} pair(s) of runs, same config, "
+          "same machine")
+    print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
+          f"{pairs[0]['concurrent']['skipped']} are start-up)")
+    rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
+             f"{r['wall_s']:.1f}", f"{pair['ratio']:.2f}x" if mode == "concurrent" else ""]
+            for i, pair in enumerate(pairs)
+            for mode, r in ((m, pair[m]) for m in ("concurrent", "sequential"))]
+    print_table(["pair", "loops", "timed steps", "samples", "seconds", "samples/min",
+                 "wall s (all)", "ratio"], rows)
     ratio = result["ratio"]
-    print(f"concurrent / sequential: {ratio:.2f}x (target >= 2x: "
-          f"{'met' if ratio >= 2.0 else 'not met'})")
-    phases = result["sequential_phases_s"]
-    print("sequential phases, mean s per step: "
+    print(f"concurrent / sequential: {ratio:.2f}x, the median of {repeats} pair(s) (target "
+          f">= 2x: {'met' if ratio >= 2.0 else 'not met'})")
+    phases = {name: statistics.median(p["sequential_phases_s"][name] for p in pairs)
+              for name in pairs[0]["sequential_phases_s"]}
+    print("sequential phases, median of the mean s per step: "
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
           + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x")
     with open(os.path.join(root, "bench_async.json"), "w") as f:
