@@ -3,13 +3,14 @@
 (`python -m clawjax.sequential_run`: serve → judge → train → publish, nothing overlapping).
 
 Both runs: the same config and overrides, the same step budget, one shared warm start, on this
-machine one after the other; `--repeats` pairs of them (the modes alternating in time), and
-the reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is read the same way from each run's `metrics.jsonl`
-(`_runs.trained_rate`: the first quarter of the steps — start-up, compilation and the backlog
-built meanwhile — is left out). Periodic held-out evaluation is pushed out of both runs
-(`eval.every_steps` huge; it is not one of the four loops), except that the default run's
-evaluator still scores the first published version once (the warm start's version is not a
-number, so any new version is due): that evaluation counts against the concurrent rate.
+machine one after the other; `--repeats` pairs of them (the modes alternating in time), and the
+reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is
+read the same way from each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of
+the steps — start-up, compilation and the backlog built meanwhile — is left out). Periodic
+held-out evaluation is pushed out of both runs (`eval.every_steps` huge; it is not one of the
+four loops), except that the default run's evaluator still scores the first published version
+once (the warm start's version is not a number, so any new version is due): that evaluation
+counts against the concurrent rate.
 
 The sequential run's phase times (rollout, train, publish) also give the bound on any
 overlap: (sum of the phases) / (the longest phase), reached only with a core per loop.
@@ -100,7 +101,8 @@ def main(argv: list[str]) -> int:
               for name in pairs[0]["sequential_phases_s"]}
     print("sequential phases, median of the mean s per step: "
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
-          + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x")
+          + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x "
+          "(median over pairs)")
     with open(os.path.join(root, "bench_async.json"), "w") as f:
         json.dump(result, f, indent=1)
     return 0
