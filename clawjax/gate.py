@@ -65,9 +65,10 @@ class RegressionGate:
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
 
-    def accept(self, params) -> float:
-        """Records `params` as the serving policy; returns its score."""
-        self.serving_score = self.score(params)
+    def accept(self, params, score: float | None = None) -> float:
+        """Records `params` as the serving policy; returns its score. Pass the `score` that
+        `check(params).candidate` already computed to skip scoring them again."""
+        self.serving_score = self.score(params) if score is None else float(score)
         return self.serving_score
 
     def check(self, params) -> GateDecision:

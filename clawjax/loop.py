@@ -343,7 +343,7 @@ class TrainLoop:
                 self.checkpointer.wait()
                 self.restore(self._good_step)
                 return
-            self.gate.accept(self.state.params)
+            self.gate.accept(self.state.params, decision.candidate)
             self.save_checkpoint()  # the rollback target for a later refusal
             self._good_step = self.step
         self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),

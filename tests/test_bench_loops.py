@@ -118,9 +118,10 @@ def test_bench_async_quick(bench_root):
     assert [(r[0], r[1]) for r in rows] == [("1", "concurrent"), ("1", "sequential"),
                                             ("2", "concurrent"), ("2", "sequential")]
     for row in rows:
-        steps, samples, seconds, per_min, wall = row[2:7]
+        steps, samples, seconds, per_min, busy, cpu_ms, wall = row[2:9]
         assert int(steps) == 2 and int(samples) > 0
-        assert all(math.isfinite(float(v)) and float(v) > 0 for v in (seconds, per_min, wall))
+        assert all(math.isfinite(float(v)) and float(v) > 0
+                   for v in (seconds, per_min, busy, cpu_ms, wall))
     ratio = re.search(r"^concurrent / sequential: ([0-9.]+)x, the median of 2", out, re.M)
     assert ratio and float(ratio.group(1)) > 0
     result = json.loads((tmp_path / "bench_async.json").read_text())
@@ -133,8 +134,16 @@ def test_bench_async_quick(bench_root):
         assert set(phases) == {"rollout", "train", "publish"} and min(phases.values()) >= 0
         assert pair["overlap_bound"] == pytest.approx(sum(phases.values()) / max(phases.values()))
         assert 1.0 <= pair["overlap_bound"] <= 3.0
+        for mode in ("concurrent", "sequential"):
+            run = pair[mode]  # a whole process tree busy, on at most every core (+ rounding)
+            assert 0.0 < run["cores_busy"] <= pair["cores"] + 0.25
+            assert run["cpu_ms_per_sample"] == pytest.approx(
+                1e3 * run["cores_busy"] * run["seconds"] / run["samples"])
+        assert pair["cpu_bound"] == pytest.approx(pair["cores"]
+                                                  / pair["sequential"]["cores_busy"])
     assert result["ratio"] == pytest.approx((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2)
     for i in (1, 2):
         seq = json.loads((tmp_path / f"sequential-{i}" / "sequential_summary.json").read_text())
         assert seq["steps"] == 3
     assert re.search(r"perfect overlap of them would give at most [0-9.]+x", out)
+    assert re.search(r"keeps [0-9.]+ of \d+ cores busy: .* at most [0-9.]+x", out)

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clawjax.loop import TrainLoop
 from clawjax.sources import QueueSource, write_replay
@@ -38,6 +39,9 @@ def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path):
         loop.train_step(loop.take_samples())
         loop.maybe_publish()  # a healthy small step passes and is published as v1
         assert loop.gate_refusals == 0 and published(loop) == ["v1"]
+        # The serving score is the published candidate's (reused from the check, not rescored).
+        assert loop.gate.serving_score == pytest.approx(loop.gate.score(loop.state.params),
+                                                        abs=1e-6)
         good = params_of(loop)
 
         loop.train_step(loop.take_samples())

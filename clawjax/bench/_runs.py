@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from clawjax.bench import _cpu
 # `--quick`: a tiny warm start and a short loop (smoke tests, not results).
 QUICK_OVERRIDES = (
     "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
@@ -38,9 +39,11 @@ def keep_warmstart(root: str, workdir: str) -> None:
 
 
 def run_module(module: str, root: str, workdir: str, overrides: list[str],
-               timeout_s: float | None = None) -> float:
+               timeout_s: float | None = None, cpu_trace: list | None = None) -> float:
     """Runs `python -m module --config.workdir=workdir *overrides` with the shared warm start;
-    output goes to `workdir/run.log`. Returns wall seconds; raises on a non-zero exit."""
+    output goes to `workdir/run.log`. Returns wall seconds; raises on a non-zero exit. With a
+    `cpu_trace` list, the run's `_cpu.CpuTrace` (CPU seconds of its whole process tree over
+    time) is appended to it."""
     share_warmstart(root, workdir)
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -50,8 +53,18 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     log_path = os.path.join(workdir, "run.log")
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=timeout_s)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        trace = _cpu.CpuTrace(proc.pid).start() if cpu_trace is not None else None
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if trace is not None:
+                trace.stop()
+                cpu_trace.append(trace)
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-3000:]
@@ -65,7 +78,8 @@ def trained_rate(workdir: str) -> dict:
     steps (at least one) is left out of both samples and time — start-up, compilation, and the
     backlog the concurrent agents build up meanwhile (it would make the next steps look fast).
     Rate = samples of rows k+1.. / (time of the last row - time of row k), k = skipped steps.
-    Returns {"samples", "seconds", "per_min", "steps" (timed), "skipped"}."""
+    Returns {"samples", "seconds", "per_min", "steps" (timed), "skipped", "t0", "t1"} (t0, t1:
+    the window's `time.time()` bounds)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) < 2:
@@ -74,7 +88,8 @@ def trained_rate(workdir: str) -> dict:
     samples = sum(r["samples"] for r in rows[skip:])
     seconds = rows[-1]["time"] - rows[skip - 1]["time"]
     return {"samples": int(samples), "seconds": seconds, "per_min": 60.0 * samples / seconds,
-            "steps": len(rows) - skip, "skipped": skip}
+            "steps": len(rows) - skip, "skipped": skip, "t0": rows[skip - 1]["time"],
+            "t1": rows[-1]["time"]}
 
 
 def phase_seconds(workdir: str) -> dict:

@@ -12,8 +12,13 @@ four loops), except that the default run's evaluator still scores the first publ
 once (the warm start's version is not a number, so any new version is due): that evaluation
 counts against the concurrent rate.
 
-The sequential run's phase times (rollout, train, publish) also give the bound on any
-overlap: (sum of the phases) / (the longest phase), reached only with a core per loop.
+Two bounds on what overlapping the loops can gain, both read from the sequential run:
+- overlap: (sum of its phase times: rollout, train, publish) / (the longest phase), reached
+  only with a core per loop;
+- CPU: (usable cores) / (cores the sequential run keeps busy in the timed window, its whole
+  process tree counted). Running the same CPU work per sample on every core can do no better;
+  when the sequential run already keeps most cores busy, concurrency has little idle CPU to
+  fill (each mode's cores busy and CPU ms per trained sample are printed).
 
     python -m clawjax.bench async [--steps 60] [--repeats 3] [--workdir bench/async] [--quick]
 """
@@ -25,7 +30,7 @@ import json
 import os
 import statistics
 
-from clawjax.bench import _runs
+from clawjax.bench import _cpu, _runs
 from clawjax.bench.common import print_table
 
 NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
@@ -33,21 +38,28 @@ NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
 
 def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
     """One concurrent run then one sequential run, in `root/concurrent{tag}` and
-    `root/sequential{tag}`: {mode: trained_rate dict + "wall_s"}, their ratio, the sequential
-    run's phase times and the overlap bound they give."""
+    `root/sequential{tag}`: {mode: trained_rate dict + "wall_s", "cores_busy", "cpu_ms_per_sample"
+    (over the timed window)}, their ratio, the sequential run's phase times and the two bounds
+    (module docstring)."""
     out: dict = {}
     for mode, module in (("concurrent", "clawjax.train"), ("sequential", "clawjax.sequential_run")):
         workdir = os.path.join(root, mode + tag)
         if os.path.exists(workdir):
             raise FileExistsError(f"--workdir: {workdir} exists, expected a fresh bench root "
                                   "(a resumed run would mix two runs' metrics)")
-        wall = _runs.run_module(module, root, workdir, overrides)
-        out[mode] = dict(_runs.trained_rate(workdir), wall_s=wall)
+        traces: list = []
+        wall = _runs.run_module(module, root, workdir, overrides, cpu_trace=traces)
+        rate = _runs.trained_rate(workdir)
+        cpu_s = traces[0].cpu_between(rate["t0"], rate["t1"])
+        out[mode] = dict(rate, wall_s=wall, cores_busy=cpu_s / rate["seconds"],
+                         cpu_ms_per_sample=1e3 * cpu_s / rate["samples"])
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
     phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag))
     out["sequential_phases_s"] = phases
     # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
     out["overlap_bound"] = sum(phases.values()) / max(phases.values())
+    out["cores"] = _cpu.usable_cores()
+    out["cpu_bound"] = out["cores"] / max(out["sequential"]["cores_busy"], 1e-9)
     return out
 
 
@@ -61,7 +73,8 @@ def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
     overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
     pairs = [measure_pair(root, f"-{i + 1}", overrides) for i in range(repeats)]
     return {"pairs": pairs, "ratio": statistics.median(p["ratio"] for p in pairs),
-            "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs)}
+            "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
+            "cpu_bound": statistics.median(p["cpu_bound"] for p in pairs)}
 
 
 def main(argv: list[str]) -> int:
@@ -89,11 +102,12 @@ def main(argv: list[str]) -> int:
     print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
           f"{pairs[0]['concurrent']['skipped']} are start-up)")
     rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
-             f"{r['wall_s']:.1f}", f"{pair['ratio']:.2f}x" if mode == "concurrent" else ""]
+             f"{r['cores_busy']:.2f}", f"{r['cpu_ms_per_sample']:.0f}", f"{r['wall_s']:.1f}",
+             f"{pair['ratio']:.2f}x" if mode == "concurrent" else ""]
             for i, pair in enumerate(pairs)
             for mode, r in ((m, pair[m]) for m in ("concurrent", "sequential"))]
     print_table(["pair", "loops", "timed steps", "samples", "seconds", "samples/min",
-                 "wall s (all)", "ratio"], rows)
+                 "cores busy", "CPU ms/sample", "wall s (all)", "ratio"], rows)
     ratio = result["ratio"]
     print(f"concurrent / sequential: {ratio:.2f}x, the median of {repeats} pair(s) (target "
           f">= 2x: {'met' if ratio >= 2.0 else 'not met'})")
@@ -102,6 +116,10 @@ def main(argv: list[str]) -> int:
     print("sequential phases, median of the mean s per step: "
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
           + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x "
+          "(median over pairs)")
+    busy = statistics.median(p["sequential"]["cores_busy"] for p in pairs)
+    print(f"the sequential run keeps {busy:.2f} of {pairs[0]['cores']} cores busy: the same CPU "
+          f"work per sample on every core would give at most {result['cpu_bound']:.2f}x "
           "(median over pairs)")
     with open(os.path.join(root, "bench_async.json"), "w") as f:
         json.dump(result, f, indent=1)

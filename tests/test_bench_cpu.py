@@ -1,0 +1,54 @@
+"""`clawjax.bench._cpu`: CPU seconds of a process tree over time, as `bench async` reads them.
+
+The interpolation is checked on a hand-made trace; the /proc accounting on a real tree (a child
+that spins while its own child spins too), against the CPU times the OS reports for it once
+both are reaped (`resource.getrusage(RUSAGE_CHILDREN)`) — an accounting check, not a speed one."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clawjax.bench import _cpu
+
+SPIN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+# A child that starts a spinning grandchild, spins itself, then waits for the grandchild.
+PARENT = ("import subprocess, sys\n"
+          "g = subprocess.Popen([sys.executable, '-c', {spin!r}])\n" + SPIN + "g.wait()\n")
+
+
+def test_interpolation_and_window_on_a_hand_made_trace():
+    trace = _cpu.CpuTrace(pid=0)
+    trace.points = [(100.0, 1.0), (101.0, 2.0), (103.0, 2.5)]
+    assert trace.cpu_at(100.5) == pytest.approx(1.5)
+    assert trace.cpu_at(102.0) == pytest.approx(2.25)
+    assert trace.cpu_between(100.5, 103.0) == pytest.approx(1.0)
+    assert trace.cores_busy(100.0, 101.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="outside the sampled span"):
+        trace.cpu_at(99.0)
+    with pytest.raises(ValueError, match="expected t1 > t0"):
+        trace.cores_busy(101.0, 101.0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_a_spinning_tree_is_counted_with_its_grandchild():
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = PARENT.format(spin=SPIN.format(s=0.6), s=0.3)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    trace = _cpu.CpuTrace(proc.pid, interval_s=0.05).start()
+    proc.wait()
+    time.sleep(0.1)  # one more sample after the exit: the tree is gone, its last total stays
+    trace.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reported = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    # The last sample taken while the child lived holds both spins (the grandchild reaped by
+    # then, so in the child's c-times); the OS's total also has the child's last moments.
+    seen = max(c for _, c in trace.points)
+    assert reported >= 0.9
+    assert 0.8 * reported <= seen <= reported + 0.05
+    assert trace.points[-1][1] == 0.0  # the exited child is no longer a tree to count
