@@ -11,6 +11,7 @@ import sys
 import time
 
 from clawjax.bench import _cpu
+
 # `--quick`: a tiny warm start and a short loop (smoke tests, not results).
 QUICK_OVERRIDES = (
     "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
