@@ -182,14 +182,30 @@ def test_check_bytes_agrees_with_check(mutate, walk, monkeypatch):
 
 
 @pytest.mark.parametrize("mutate", MUTATIONS)
-def test_check_wire_agrees_with_check(mutate, monkeypatch):
+@pytest.mark.parametrize("walk", [True, False])
+def test_check_wire_agrees_with_check(mutate, walk, monkeypatch):
     """The server's lean check accepts exactly what `check` accepts (same id and version) and
-    refuses with `check`'s message; the fast walk is forced even for this small sample."""
+    refuses with `check`'s message, whichever path its fallback (`check_bytes`) takes."""
     from clawjax.buffer.validate import Limits, check, check_wire
-    monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
+    if walk:
+        monkeypatch.setattr(decode, "FAST_MIN_BYTES", 0)
     limits, data = Limits(max_tokens=32), _mutated(mutate)
     assert _outcome(lambda: check_wire(data, limits), False) == \
         _outcome(lambda: check(pb.Sample.FromString(data), limits, size=len(data)), False)
+
+
+def test_check_wire_clears_usual_samples_of_any_size_without_the_fallback(monkeypatch):
+    """A valid sample without top-K or step rewards, small or large, is cleared by the lean
+    predicate alone: the slow `check_bytes` is never called."""
+    from clawjax.buffer import validate
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("check_bytes called for a usual sample")
+    monkeypatch.setattr(validate, "check_bytes", no_fallback)
+    for n in (8, 600, 20_000):
+        sample = make_samples(1, seed=n, min_len=n, max_len=n)[0]
+        sample.teacher_topk_logp = sample.teacher_topk_ids = sample.step_rewards = None
+        data = wire.encode_sample(sample)
+        assert validate.check_wire(data) == (sample.sample_id, sample.policy_version)
 
 
 def test_size_picks_the_path_and_both_give_the_protobuf_result(monkeypatch):

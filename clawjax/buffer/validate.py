@@ -51,13 +51,13 @@ def check_bytes(data, limits: Limits = Limits()) -> Sample:
 def check_wire(data, limits: Limits = Limits()) -> tuple[str, int]:
     """(sample_id, policy_version) of a serialized Sample that passes `check_bytes`, with the
     same `DecodeError` / `SampleError` otherwise. The server's hot path: a sample of the usual
-    shape is checked straight on the parsed arrays (`_surely_valid`, a few reductions and no
-    `Sample`); anything that predicate does not clear goes through `check_bytes`, so errors and
-    edge cases are exactly `Sample.validate()`'s."""
-    if len(data) >= decode.FAST_MIN_BYTES:
-        parsed = decode.parse(data, copy=False)
-        if _surely_valid(parsed, len(data), limits):
-            return parsed.msg.sample_id, parsed.msg.policy_version
+    shape, of any size, is checked straight on the parsed arrays (`_surely_valid`, a few
+    reductions and no `Sample`: 19-22 µs from 0.7 to 80 KiB, vs 25-29 µs for `check_bytes`
+    below `decode.FAST_MIN_BYTES`); anything that predicate does not clear goes through
+    `check_bytes`, so errors and edge cases are exactly `Sample.validate()`'s."""
+    parsed = decode.parse(data, copy=False)
+    if _surely_valid(parsed, len(data), limits):
+        return parsed.msg.sample_id, parsed.msg.policy_version
     sample = check_bytes(data, limits)
     return sample.sample_id, sample.policy_version
 
