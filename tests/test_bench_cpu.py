@@ -52,3 +52,21 @@ def test_a_spinning_tree_is_counted_with_its_grandchild():
     assert reported >= 0.9
     assert 0.8 * reported <= seen <= reported + 0.05
     assert trace.points[-1][1] == 0.0  # the exited child is no longer a tree to count
+
+
+@pytest.mark.parametrize("proc_fs", [True, False])
+def test_run_module_traces_cpu_only_where_the_os_exposes_it(tmp_path, monkeypatch, proc_fs):
+    """`_runs.run_module(..., cpu_trace=[])` appends one trace of the run (Linux) or none (no
+    /proc: bench async then prints "not measured" instead of a bound). The module run is one
+    that does nothing when run: `clawjax.bench._cpu`."""
+    from clawjax.bench import _runs
+    if proc_fs and not _cpu.available():
+        pytest.skip("needs Linux /proc")
+    monkeypatch.setattr(_cpu, "available", lambda: proc_fs)
+    traces: list = []
+    wall = _runs.run_module("clawjax.bench._cpu", str(tmp_path), str(tmp_path / "run"), [],
+                            timeout_s=120, cpu_trace=traces)
+    assert wall > 0
+    assert len(traces) == (1 if proc_fs else 0)
+    if proc_fs:
+        assert traces[0].points and all(c >= 0 for _, c in traces[0].points)

@@ -29,6 +29,11 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
+def available() -> bool:
+    """Whether this OS exposes per-process CPU times in `/proc` (Linux)."""
+    return os.path.isdir("/proc/self")
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds (user + system) of `root` and all its live descendants, including the
     reaped children of each (see the module docstring). 0.0 when /proc is unavailable."""

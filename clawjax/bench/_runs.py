@@ -44,7 +44,7 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     """Runs `python -m module --config.workdir=workdir *overrides` with the shared warm start;
     output goes to `workdir/run.log`. Returns wall seconds; raises on a non-zero exit. With a
     `cpu_trace` list, the run's `_cpu.CpuTrace` (CPU seconds of its whole process tree over
-    time) is appended to it."""
+    time) is appended to it where the OS exposes them (`_cpu.available()`)."""
     share_warmstart(root, workdir)
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -55,7 +55,8 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        trace = _cpu.CpuTrace(proc.pid).start() if cpu_trace is not None else None
+        trace = (_cpu.CpuTrace(proc.pid).start()
+                 if cpu_trace is not None and _cpu.available() else None)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -50,16 +50,19 @@ def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
         traces: list = []
         wall = _runs.run_module(module, root, workdir, overrides, cpu_trace=traces)
         rate = _runs.trained_rate(workdir)
-        cpu_s = traces[0].cpu_between(rate["t0"], rate["t1"])
-        out[mode] = dict(rate, wall_s=wall, cores_busy=cpu_s / rate["seconds"],
-                         cpu_ms_per_sample=1e3 * cpu_s / rate["samples"])
+        out[mode] = dict(rate, wall_s=wall, cores_busy=None, cpu_ms_per_sample=None)
+        if traces:  # CPU times are read from /proc: Linux only
+            cpu_s = traces[0].cpu_between(rate["t0"], rate["t1"])
+            out[mode].update(cores_busy=cpu_s / rate["seconds"],
+                             cpu_ms_per_sample=1e3 * cpu_s / rate["samples"])
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
     phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag))
     out["sequential_phases_s"] = phases
     # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
     out["overlap_bound"] = sum(phases.values()) / max(phases.values())
     out["cores"] = _cpu.usable_cores()
-    out["cpu_bound"] = out["cores"] / max(out["sequential"]["cores_busy"], 1e-9)
+    busy = out["sequential"]["cores_busy"]
+    out["cpu_bound"] = out["cores"] / max(busy, 1e-9) if busy is not None else None
     return out
 
 
@@ -74,7 +77,16 @@ def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
     pairs = [measure_pair(root, f"-{i + 1}", overrides) for i in range(repeats)]
     return {"pairs": pairs, "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
-            "cpu_bound": statistics.median(p["cpu_bound"] for p in pairs)}
+            "cpu_bound": _median_or_none(p["cpu_bound"] for p in pairs)}
+
+
+def _median_or_none(values):
+    values = list(values)
+    return None if None in values else statistics.median(values)
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def main(argv: list[str]) -> int:
@@ -102,7 +114,8 @@ def main(argv: list[str]) -> int:
     print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
           f"{pairs[0]['concurrent']['skipped']} are start-up)")
     rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
-             f"{r['cores_busy']:.2f}", f"{r['cpu_ms_per_sample']:.0f}", f"{r['wall_s']:.1f}",
+             _fmt(r["cores_busy"], ".2f"), _fmt(r["cpu_ms_per_sample"], ".0f"),
+             f"{r['wall_s']:.1f}",
              f"{pair['ratio']:.2f}x" if mode == "concurrent" else ""]
             for i, pair in enumerate(pairs)
             for mode, r in ((m, pair[m]) for m in ("concurrent", "sequential"))]
@@ -117,10 +130,13 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
           + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x "
           "(median over pairs)")
-    busy = statistics.median(p["sequential"]["cores_busy"] for p in pairs)
-    print(f"the sequential run keeps {busy:.2f} of {pairs[0]['cores']} cores busy: the same CPU "
-          f"work per sample on every core would give at most {result['cpu_bound']:.2f}x "
-          "(median over pairs)")
+    busy = _median_or_none(p["sequential"]["cores_busy"] for p in pairs)
+    if busy is None:
+        print("cores busy: not measured (CPU times are read from /proc, Linux only)")
+    else:
+        print(f"the sequential run keeps {busy:.2f} of {pairs[0]['cores']} cores busy: the same "
+              f"CPU work per sample on every core would give at most {result['cpu_bound']:.2f}x "
+              "(median over pairs)")
     with open(os.path.join(root, "bench_async.json"), "w") as f:
         json.dump(result, f, indent=1)
     return 0
