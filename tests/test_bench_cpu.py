@@ -42,7 +42,7 @@ def test_a_spinning_tree_is_counted_with_its_grandchild():
     proc = subprocess.Popen([sys.executable, "-c", code])
     trace = _cpu.CpuTrace(proc.pid, interval_s=0.05).start()
     proc.wait()
-    time.sleep(0.1)  # one more sample after the exit: the tree is gone, its last total stays
+    time.sleep(0.1)  # samples after the root is reaped: none is recorded (not a zero)
     trace.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reported = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -51,7 +51,8 @@ def test_a_spinning_tree_is_counted_with_its_grandchild():
     seen = max(c for _, c in trace.points)
     assert reported >= 0.9
     assert 0.8 * reported <= seen <= reported + 0.05
-    assert trace.points[-1][1] == 0.0  # the exited child is no longer a tree to count
+    assert trace.points[-1][1] == seen  # nothing recorded once the child was reaped
+    assert _cpu.tree_cpu_seconds(proc.pid) is None
 
 
 @pytest.mark.parametrize("proc_fs", [True, False])

@@ -34,21 +34,25 @@ def available() -> bool:
     return os.path.isdir("/proc/self")
 
 
-def tree_cpu_seconds(root: int) -> float:
+def tree_cpu_seconds(root: int) -> float | None:
     """CPU seconds (user + system) of `root` and all its live descendants, including the
-    reaped children of each (see the module docstring). 0.0 when /proc is unavailable."""
+    reaped children of each (see the module docstring); None once `root` is gone (reaped) or
+    where /proc is unavailable. (An exited but unreaped root still counts: a zombie keeps its
+    times, its reaped children's included.)"""
     parent_of: dict[int, int] = {}
     cpu_of: dict[int, float] = {}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return 0.0
+        return None
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is None:
             continue
         parent_of[pid] = int(fields[1])              # field 4: ppid
         cpu_of[pid] = sum(int(x) for x in fields[11:15]) / _TICKS_PER_S  # fields 14-17
+    if root not in cpu_of:
+        return None
     children: dict[int, list[int]] = {}
     for pid, ppid in parent_of.items():
         children.setdefault(ppid, []).append(pid)
@@ -84,7 +88,9 @@ class CpuTrace:
 
     def _run(self) -> None:
         while True:
-            self.points.append((time.time(), tree_cpu_seconds(self.pid)))
+            now, cpu = time.time(), tree_cpu_seconds(self.pid)
+            if cpu is not None:  # a reaped root reads as nothing, not as zero CPU
+                self.points.append((now, cpu))
             if self._stop.wait(self.interval_s):
                 return
 
