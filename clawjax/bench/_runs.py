@@ -75,6 +75,14 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     return time.monotonic() - start
 
 
+def metrics_rows(workdir: str) -> tuple[list[dict], int]:
+    """(`workdir/metrics.jsonl` rows, how many of the first are start-up): a quarter of the
+    steps, at least one, left out of every steady-state figure."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows, max(1, len(rows) // 4)
+
+
 def trained_rate(workdir: str) -> dict:
     """Steady-state samples trained per minute from `metrics.jsonl`: the first quarter of the
     steps (at least one) is left out of both samples and time — start-up, compilation, and the
@@ -82,11 +90,9 @@ def trained_rate(workdir: str) -> dict:
     Rate = samples of rows k+1.. / (time of the last row - time of row k), k = skipped steps.
     Returns {"samples", "seconds", "per_min", "steps" (timed), "skipped", "t0", "t1"} (t0, t1:
     the window's `time.time()` bounds)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, skip = metrics_rows(workdir)
     if len(rows) < 2:
         raise ValueError(f"{workdir}/metrics.jsonl has {len(rows)} rows, expected >= 2")
-    skip = max(1, len(rows) // 4)
     samples = sum(r["samples"] for r in rows[skip:])
     seconds = rows[-1]["time"] - rows[skip - 1]["time"]
     return {"samples": int(samples), "seconds": seconds, "per_min": 60.0 * samples / seconds,
@@ -99,9 +105,8 @@ def phase_seconds(workdir: str) -> dict:
     after the same skipped quarter as `trained_rate`): {"rollout", "train", "publish"}, where
     rollout = serve + judge (`rollout_s`), train = `step_time_s`, publish = the gated publish
     and the wait for the server's new version (`publish_wait_s`)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = rows[max(1, len(rows) // 4):]
+    rows, skip = metrics_rows(workdir)
+    rows = rows[skip:]
     if not rows:
         raise ValueError(f"{workdir}/metrics.jsonl has too few rows for phase times")
     mean = lambda key: sum(float(r.get(key, 0.0)) for r in rows) / len(rows)

@@ -69,8 +69,8 @@ def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
 def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
     """`repeats` pairs of runs under `root` (pair i in `concurrent-i` / `sequential-i`), the
     modes alternating in time so that load changes on a shared machine hit both; returns
-    {"pairs": [measure_pair result, ...], "ratio": the median ratio, "overlap_bound": the
-    median bound}."""
+    {"pairs": [measure_pair result, ...], "ratio": the median ratio, and the median
+    "overlap_bound" and "cpu_bound" (None where CPU times are not measured)}."""
     quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
                        if not o.startswith("--config.eval.every_steps=")]
     overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
