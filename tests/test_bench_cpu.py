@@ -6,6 +6,7 @@ both are reaped (`resource.getrusage(RUSAGE_CHILDREN)`) — an accounting check,
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -71,3 +72,27 @@ def test_run_module_traces_cpu_only_where_the_os_exposes_it(tmp_path, monkeypatc
     assert len(traces) == (1 if proc_fs else 0)
     if proc_fs:
         assert traces[0].points and all(c >= 0 for _, c in traces[0].points)
+
+
+@pytest.mark.parametrize("platforms", ["cpu", None])
+def test_run_module_sets_the_runs_jax_platforms(tmp_path, monkeypatch, platforms):
+    """`platforms="cpu"` pins every process of the run to the CPU; None (bench async
+    `--platforms default`) removes JAX_PLATFORMS, so JAX picks the GPU where there is one, and
+    asks for on-demand GPU memory so that the run's processes can share the card."""
+    from clawjax.bench import _runs
+    (tmp_path / "envdump.py").write_text(
+        "import json, os, sys\n"
+        "workdir = sys.argv[1].split('=', 1)[1]\n"
+        "keys = ('JAX_PLATFORMS', 'XLA_PYTHON_CLIENT_PREALLOCATE')\n"
+        "json.dump({k: os.environ.get(k) for k in keys},"
+        " open(os.path.join(workdir, 'env.json'), 'w'))\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # the caller's own setting never leaks through
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    _runs.run_module("envdump", str(tmp_path), str(tmp_path / "run"), [], timeout_s=60,
+                     platforms=platforms)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    if platforms is None:
+        assert env == {"JAX_PLATFORMS": None, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    else:
+        assert env == {"JAX_PLATFORMS": "cpu", "XLA_PYTHON_CLIENT_PREALLOCATE": None}

@@ -21,6 +21,11 @@ Two bounds on what overlapping the loops can gain, both read from the sequential
   fill (each mode's cores busy and CPU ms per trained sample are printed).
 
     python -m clawjax.bench async [--steps 60] [--repeats 3] [--workdir bench/async] [--quick]
+                                  [--platforms cpu|default|cuda|...]
+
+`--platforms` (JAX_PLATFORMS of every process; default cpu): `default` leaves JAX its choice, so
+on a GPU host the server, trainer and evaluator processes share the GPU (each allocating on
+demand) and only the agents, proxy, judge and buffer stay on the CPU.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from clawjax.bench.common import print_table
 NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
 
 
-def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
+def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | None = "cpu") -> dict:
     """One concurrent run then one sequential run, in `root/concurrent{tag}` and
     `root/sequential{tag}`: {mode: trained_rate dict + "wall_s", "cores_busy", "cpu_ms_per_sample"
     (over the timed window)}, their ratio, the sequential run's phase times and the two bounds
-    (module docstring)."""
+    (module docstring). `platforms`: `_runs.run_module`'s (JAX_PLATFORMS of both runs)."""
     out: dict = {}
     for mode, module in (("concurrent", "clawjax.train"), ("sequential", "clawjax.sequential_run")):
         workdir = os.path.join(root, mode + tag)
@@ -48,7 +53,8 @@ def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
             raise FileExistsError(f"--workdir: {workdir} exists, expected a fresh bench root "
                                   "(a resumed run would mix two runs' metrics)")
         traces: list = []
-        wall = _runs.run_module(module, root, workdir, overrides, cpu_trace=traces)
+        wall = _runs.run_module(module, root, workdir, overrides, cpu_trace=traces,
+                                platforms=platforms)
         rate = _runs.trained_rate(workdir)
         out[mode] = dict(rate, wall_s=wall, cores_busy=None, cpu_ms_per_sample=None)
         if traces:  # CPU times are read from /proc: Linux only
@@ -66,7 +72,8 @@ def measure_pair(root: str, tag: str, overrides: list[str]) -> dict:
     return out
 
 
-def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
+def measure(root: str, steps: int, quick: bool, repeats: int = 1,
+            platforms: str | None = "cpu") -> dict:
     """`repeats` pairs of runs under `root` (pair i in `concurrent-i` / `sequential-i`), the
     modes alternating in time so that load changes on a shared machine hit both; returns
     {"pairs": [measure_pair result, ...], "ratio": the median ratio, and the median
@@ -74,8 +81,9 @@ def measure(root: str, steps: int, quick: bool, repeats: int = 1) -> dict:
     quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
                        if not o.startswith("--config.eval.every_steps=")]
     overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
-    pairs = [measure_pair(root, f"-{i + 1}", overrides) for i in range(repeats)]
-    return {"pairs": pairs, "ratio": statistics.median(p["ratio"] for p in pairs),
+    pairs = [measure_pair(root, f"-{i + 1}", overrides, platforms) for i in range(repeats)]
+    return {"pairs": pairs, "platforms": platforms or "default",
+            "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
             "cpu_bound": _median_or_none(p["cpu_bound"] for p in pairs)}
 
@@ -99,6 +107,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny warm start and loop")
     parser.add_argument("--repeats", type=int, default=None,
                         help="pairs of runs; the ratio is their median (default 3; --quick: 1)")
+    parser.add_argument("--platforms", default="cpu",
+                        help="JAX_PLATFORMS of every process of both runs (default cpu; "
+                             "'default' leaves JAX its choice: a GPU where there is one, shared "
+                             "by the server, trainer and evaluator processes)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
@@ -107,10 +119,11 @@ def main(argv: list[str]) -> int:
     if repeats < 1:
         parser.error(f"--repeats {repeats}: expected >= 1")
     root = os.path.abspath(args.workdir)
-    result = measure(root, steps, args.quick, repeats)
+    platforms = None if args.platforms == "default" else args.platforms
+    result = measure(root, steps, args.quick, repeats, platforms)
     pairs = result["pairs"]
     print(f"\nbench async: {steps} steps per run, {repeats} pair(s) of runs, same config, "
-          "same machine")
+          f"same machine, JAX platforms: {args.platforms}")
     print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
           f"{pairs[0]['concurrent']['skipped']} are start-up)")
     rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
