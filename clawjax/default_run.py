@@ -26,7 +26,7 @@ import httpx
 from clawjax import default_task, report, warmstart
 from clawjax.buffer.client import BufferClient
 from clawjax.evaluate import Evaluator
-from clawjax.local_stack import LocalStack
+from clawjax.local_stack import LocalStack, share_accelerator
 from clawjax.loop import TrainLoop
 from clawjax.rollout.envs import env_for_task
 from clawjax.rollout.runner import run_episodes_async
@@ -196,6 +196,7 @@ class LocalRun:
 def start_local(config) -> LocalRun:
     """Warm start (cached), start the local stack, and point `config` at it (model path,
     buffer address, publish URL, gate probe). Shared by the default and the sequential run."""
+    share_accelerator()  # before the warm start, this process's first JAX computation
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     model_dir = warmstart.warm_start(os.path.join(workdir, "warmstart"), config.warmstart,

@@ -33,6 +33,17 @@ warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=R
 _PR_SET_PDEATHSIG = 1
 
 
+def share_accelerator(environ=os.environ) -> None:
+    """Lets the local stack's JAX processes (this trainer and the policy server) share one GPU.
+    By default JAX takes 75% of a GPU's memory when a process first uses it, so a second
+    process on the same card would not get its own. Unless the user has chosen
+    (`XLA_PYTHON_CLIENT_PREALLOCATE` or `XLA_PYTHON_CLIENT_MEM_FRACTION` set), asks for
+    on-demand allocation: call before this process's first JAX computation; children started
+    afterwards inherit it. No effect on CPU or TPU."""
+    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(environ):
+        environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

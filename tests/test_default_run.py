@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def short_run(workdir, *extra):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_PLATFORMS="cpu")
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        env.pop(name, None)  # the run's own choice is under test
     cmd = [sys.executable, "-m", "clawjax.train", f"--config.workdir={workdir}",
            "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
            "--config.warmstart.intermediate_size=128", "--config.trainer.samples_per_step=8",
@@ -56,6 +58,13 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     workdir = tmp_path / "run"
     proc = short_run(workdir, "--config.trainer.steps=10")
     wait_for_step(workdir, 2, proc)
+    # The policy server shares the accelerator with the trainer: it allocates on demand.
+    with open(workdir / "pids.json") as f:
+        server_pid = json.load(f)["server"]
+    if os.path.exists(f"/proc/{server_pid}/environ"):  # Linux
+        with open(f"/proc/{server_pid}/environ", "rb") as f:
+            server_env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert server_env.get(b"XLA_PYTHON_CLIENT_PREALLOCATE") == b"false"
     # Kill the serving, rollout and buffer processes one after another: the supervisor brings
     # each back on its port (the buffer on its directory) and the loop goes on.
     for name in ("server", "proxy", "buffer"):
@@ -107,3 +116,18 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     ids = trained_ids(workdir)
     assert len(ids) == len(set(ids)) == 14 * 8
+
+
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
+    ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}),
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".4"}, {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".4"}),
+])
+def test_share_accelerator_asks_for_on_demand_memory_unless_the_user_chose(user_env, expected):
+    """JAX's default (75% of a GPU at first use, per process) would leave the policy server no
+    memory on the trainer's GPU; a user's own setting is kept as it is."""
+    from clawjax.local_stack import share_accelerator
+
+    environ = {"PATH": "/bin", **user_env}
+    share_accelerator(environ)
+    assert environ == {"PATH": "/bin", **expected}
