@@ -33,14 +33,19 @@ warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=R
 _PR_SET_PDEATHSIG = 1
 
 
+# Environment variables through which a user sizes JAX's GPU memory pool themselves.
+USER_MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_CLIENT_MEM_FRACTION",
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
 def share_accelerator(environ=os.environ) -> None:
     """Lets the local stack's JAX processes (this trainer and the policy server) share one GPU.
     By default JAX takes 75% of a GPU's memory when a process first uses it, so a second
-    process on the same card would not get its own. Unless the user has chosen
-    (`XLA_PYTHON_CLIENT_PREALLOCATE` or `XLA_PYTHON_CLIENT_MEM_FRACTION` set), asks for
-    on-demand allocation: call before this process's first JAX computation; children started
-    afterwards inherit it. No effect on CPU or TPU."""
-    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(environ):
+    process on the same card would not get its own (JAX's GPU memory guide names concurrent
+    processes as a usual cause of OOM). Unless the user has sized the pool (any of
+    `USER_MEMORY_SETTINGS` set), asks for on-demand allocation. Call it before this process's
+    first JAX computation; children started afterwards inherit it. No effect on CPU or TPU."""
+    if not set(USER_MEMORY_SETTINGS) & set(environ):
         environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 

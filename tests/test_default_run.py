@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from clawjax.local_stack import USER_MEMORY_SETTINGS
 from clawjax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def short_run(workdir, *extra):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_PLATFORMS="cpu")
-    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    for name in USER_MEMORY_SETTINGS:
         env.pop(name, None)  # the run's own choice is under test
     cmd = [sys.executable, "-m", "clawjax.train", f"--config.workdir={workdir}",
            "--config.warmstart.steps=20", "--config.warmstart.hidden_size=64",
@@ -122,6 +123,7 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     ({}, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
     ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}),
     ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".4"}, {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".4"}),
+    ({"XLA_CLIENT_MEM_FRACTION": ".4"}, {"XLA_CLIENT_MEM_FRACTION": ".4"}),
 ])
 def test_share_accelerator_asks_for_on_demand_memory_unless_the_user_chose(user_env, expected):
     """JAX's default (75% of a GPU at first use, per process) would leave the policy server no

@@ -1,5 +1,6 @@
 """Helpers shared by `bench methods` and `bench async`: whole-loop runs as subprocesses (each
-with clean JAX state), one warm start shared by every run of a bench, steady-state rates from metrics.jsonl."""
+with clean JAX state), one warm start shared by every run of a bench, steady-state rates from
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 
 from clawjax.bench import _cpu
+from clawjax.local_stack import share_accelerator
 
 # `--quick`: a tiny warm start and a short loop (smoke tests, not results).
 QUICK_OVERRIDES = (
@@ -54,7 +56,7 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     if platforms is None:
         env.pop("JAX_PLATFORMS", None)
-        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        share_accelerator(env)
     else:
         env["JAX_PLATFORMS"] = platforms
     cmd = [sys.executable, "-m", module, f"--config.workdir={workdir}",
