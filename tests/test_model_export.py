@@ -146,3 +146,32 @@ def test_write_hf_checkpoint_fetches_each_tensor_once_in_table_order(loaded, tmp
     with pytest.raises(ValueError, match=bad.hf_name.replace(".", r"\.")):
         cm.write_hf_checkpoint(config, tmp_path / "bad",
                                lambda m: fetch(m)[:1] if m == bad else fetch(m), jnp.float32)
+
+
+def test_reloading_traces_the_model_once_and_gives_independent_models(loaded, tmp_path,
+                                                                      monkeypatch):
+    """A serving process reloads the same architecture on every weight update: the traced
+    structure is cached, yet each load is its own model with the checkpoint's values, and a
+    caller mutating its abstract state or its model does not reach the next one."""
+    _, model, config, _, _ = loaded
+    first = cm.save_pretrained(model, config, tmp_path / "v1", dtype=jnp.float32)
+    assert first
+    calls = []
+    real_eval_shape = nnx.eval_shape
+    monkeypatch.setattr(nnx, "eval_shape",
+                        lambda *a, **k: calls.append(1) or real_eval_shape(*a, **k))
+    a, _ = cm.from_pretrained(tmp_path / "v1", dtype=jnp.float32)
+    _, abstract = cm.abstract_model(config, jnp.float32)
+    next(iter(nnx.to_flat_state(abstract)))[1].set_value(None)  # a careless caller
+    b, _ = cm.from_pretrained(tmp_path / "v1", dtype=jnp.float32)
+    monkeypatch.undo()
+    assert len(calls) <= 1  # at most the first load traced (an earlier test may have)
+    want = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for m in (a, b):
+        for (path, got), (_, ref) in zip(nnx.to_flat_state(nnx.state(m, nnx.Param)), want):
+            np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(ref.get_value()),
+                                          err_msg=str(path))
+    emb = a.embedding
+    emb.set_value(emb.get_value() + 1.0)
+    np.testing.assert_array_equal(np.asarray(b.embedding.get_value()),
+                                  np.asarray(model.embedding.get_value()))

@@ -12,6 +12,8 @@ Functional use (trainer): `graphdef, params = nnx.split(model, nnx.Param)`, then
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,10 +152,24 @@ def _check_inputs(tokens, positions, segment_ids):
 def abstract_model(config: ModelConfig, dtype=jnp.float32, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params) without allocating: params are `jax.ShapeDtypeStruct`s carrying their
     NamedSharding on `mesh` (1×1×1 on the first device when None) — e.g. an orbax restore
-    target. `nnx.merge(graphdef, concrete_params)` builds the model."""
+    target. `nnx.merge(graphdef, concrete_params)` builds the model. The traced structure is
+    cached per (config, dtype, mesh) and each call gets its own `params` state: tracing the
+    constructor costs ~20 ms of Python for the tiny default model (more with more layers),
+    which a serving process would otherwise pay, holding the GIL, on every weight update."""
     from clawjax import sharding  # local: sharding imports nothing from the model at import time
 
     mesh = mesh if mesh is not None else sharding.single_device_mesh()
+    graphdef, params = _abstract_model(config, dtype, mesh)
+    # New Variable objects around the cached (immutable) shape structs: a caller may mutate its
+    # state without touching the cache.
+    return graphdef, nnx.from_flat_state([(path, var.replace(var.get_value()))
+                                          for path, var in nnx.to_flat_state(params)])
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_model(config: ModelConfig, dtype, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    from clawjax import sharding
+
     abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(params, mesh)
