@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -95,6 +96,8 @@ class AgentPool:
         # wait_for_room lets the agents go on (the default budget would hold them 120 s).
         buffer = (BufferClient(self.buffer_address, retry_budget_s=5.0)
                   if self.buffer_address and self.max_queued else None)
+        # One pool for the environments' calls across all rounds (not new threads per round).
+        executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="env")
         try:
             while not self._stop.is_set():
                 if buffer is not None:
@@ -108,7 +111,8 @@ class AgentPool:
                     results = asyncio.run(run_episodes_async(
                         self.proxy_url, pairs, concurrency=self.concurrency, max_turns=1,
                         sampling=self.sampling,
-                        session_prefix=f"agents-{self.seed}-{round_index}", timeout_s=60.0))
+                        session_prefix=f"agents-{self.seed}-{round_index}", timeout_s=60.0,
+                        executor=executor))
                 except (httpx.HTTPError, OSError) as e:
                     log.warning("agent round failed: %s", e)
                     self.errors += 1
@@ -118,6 +122,7 @@ class AgentPool:
                 self.errors += sum(r.error is not None for r in results)
                 round_index += 1
         finally:
+            executor.shutdown(wait=False)
             if buffer is not None:
                 buffer.close()
 

@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import httpx
 
@@ -69,9 +70,11 @@ def wait_weight_version(client: httpx.Client, policy_url: str, version: str,
 
 
 def rollout_phase(stack: LocalStack, buffer: BufferClient, http: httpx.Client,
-                  tasks: list[dict], want: int, rng: random.Random, config, step: int) -> int:
+                  tasks: list[dict], want: int, rng: random.Random, config, step: int,
+                  executor: Executor | None = None) -> int:
     """Runs rounds of `want` episodes (one turn each, `rollout.agents` at a time) until the
-    buffer holds `want` queued samples; returns the number of episodes run."""
+    buffer holds `want` queued samples; returns the number of episodes run. `executor` runs
+    the environments' calls (the default run's agents keep one pool for the whole run too)."""
     sampling = {"temperature": config.rollout.temperature,
                 "max_tokens": config.rollout.max_tokens}
     episodes = 0
@@ -82,7 +85,8 @@ def rollout_phase(stack: LocalStack, buffer: BufferClient, http: httpx.Client,
         results = asyncio.run(run_episodes_async(
             stack.proxy_url, [(env_for_task(t), t) for t in batch],
             concurrency=config.rollout.agents, max_turns=1, sampling=sampling,
-            session_prefix=f"seq-{config.trainer.seed}-{step}-{round_index}", timeout_s=60.0))
+            session_prefix=f"seq-{config.trainer.seed}-{step}-{round_index}", timeout_s=60.0,
+            executor=executor))
         episodes += len(results)
         errors = [r.error for r in results if r.error is not None]
         if errors:
@@ -102,6 +106,7 @@ def run_sequential(config) -> dict:
     loop = None
     buffer = BufferClient(stack.buffer_address)
     http = httpx.Client()  # one for the whole run: each new client builds an SSL context
+    executor = ThreadPoolExecutor(max_workers=config.rollout.agents, thread_name_prefix="env")
     rng = random.Random(config.trainer.seed)
     episodes = samples_trained = 0
     start = time.monotonic()
@@ -112,7 +117,7 @@ def run_sequential(config) -> dict:
         while loop.step < config.trainer.steps and not loop.stopping:
             t0 = time.monotonic()
             episodes += rollout_phase(stack, buffer, http, train_tasks, want, rng, config,
-                                      loop.step)
+                                      loop.step, executor)
             t1 = time.monotonic()
             samples = loop.take_samples()
             if not samples:
@@ -145,6 +150,7 @@ def run_sequential(config) -> dict:
         print(f"sequential run: {summary}", flush=True)
         return summary
     finally:
+        executor.shutdown(wait=False)
         buffer.close()
         http.close()
         if loop is not None:

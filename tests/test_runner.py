@@ -197,6 +197,31 @@ def test_episodes_really_run_concurrently(servers):
     assert [r.outcome_reward for r in results] == [1.0] * n
 
 
+def test_rounds_can_share_one_environment_pool_and_tls_context(servers):
+    """A caller running round after round (the default run's agents) passes one long-lived
+    pool: every environment call runs on its threads, and the pool outlives the round. Every
+    round's client verifies TLS with the one context built per process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class RecordingEnv(HomeworkEnv):
+        def reset(self, task):
+            threads.append(threading.current_thread().name)
+            return super().reset(task)
+
+    threads: list[str] = []
+    assert runner.tls_context() is runner.tls_context()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared-env") as pool:
+        for round_index in range(2):
+            cases = [homework_case(3 * i + round_index) for i in range(3)]
+            chat = servers({f"r{round_index}-{i}": replies for i, (_, replies, _) in enumerate(cases)})
+            results = runner.run_episodes(chat.url, [(RecordingEnv(), t) for t, _, _ in cases],
+                                          concurrency=2, session_prefix=f"r{round_index}",
+                                          executor=pool)
+            assert [r.outcome_reward for r in results] == [1.0] * 3
+        assert pool.submit(lambda: 7).result() == 7  # not shut down by the rounds
+    assert len(threads) == 6 and all(t.startswith("shared-env") for t in threads), threads
+
+
 def test_tool_and_terminal_environments_send_tool_messages(servers, tmp_path):
     tool_task = {"env": "toolcall", "task_id": "tc", "question": "How many hours are in 2 days?",
                  "answer": 48}

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
+import ssl
 import sys
 import uuid
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -186,19 +189,30 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
     return result
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default verifying TLS context, built once per process and shared by every
+    client `run_episodes_async` makes: building one loads the CA bundle (tens of ms of CPU),
+    and each call needs a new client (a client belongs to one event loop)."""
+    return httpx.create_ssl_context()
+
+
 async def run_episodes_async(base_url: str, envs_and_tasks: Sequence[tuple[Environment, Mapping[str, Any]]],
                              *, concurrency: int = 8, model: str = "default", api_key: str | None = None,
                              max_turns: int = 8, sampling: Mapping[str, Any] | None = None,
                              system_prompt: str | None = None, session_prefix: str | None = None,
                              headers: Mapping[str, str] | None = None, tool_role: str = "tool",
                              timeout_s: float = 120.0, close_session: bool = True,
-                             close_envs: bool = True) -> list[EpisodeResult]:
+                             close_envs: bool = True,
+                             executor: Executor | None = None) -> list[EpisodeResult]:
     """Runs every (environment, task) pair as its own session, at most `concurrency` at once;
     returns the results in input order. Session ids are f"{session_prefix}-{i}" (prefix
     default: "ep-" + a random hex run id). `sampling` adds fields to every request body
     (temperature, max_tokens, ...); `api_key` is sent as a Bearer token; `tool_role` "user"
     sends tool outputs as user messages for servers without tool messages. Each environment
-    must be a distinct object (they hold episode state)."""
+    must be a distinct object (they hold episode state). Environment calls run on `executor`
+    (None: a pool of `concurrency` threads made for this call); a caller running round after
+    round can pass one long-lived pool instead of starting threads every round."""
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency = {concurrency!r}, expected an int >= 1")
     if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
@@ -218,8 +232,12 @@ async def run_episodes_async(base_url: str, envs_and_tasks: Sequence[tuple[Envir
 
     # Environment calls get their own threads (one per concurrent episode), so a terminal
     # command that runs to its time limit never waits behind asyncio's small default pool.
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="env") as executor:
-        async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(
+                ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="env"))
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits,
+                                     verify=tls_context()) as client:
             async def one(i: int, env: Environment, task: Mapping[str, Any]) -> EpisodeResult:
                 async with gate:
                     return await run_episode(
