@@ -58,9 +58,9 @@ def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | Non
         rate = _runs.trained_rate(workdir)
         out[mode] = dict(rate, wall_s=wall, cores_busy=None, cpu_ms_per_sample=None)
         if traces:  # CPU times are read from /proc: Linux only
-            cpu_s = traces[0].cpu_between(rate["t0"], rate["t1"])
-            out[mode].update(cores_busy=cpu_s / rate["seconds"],
-                             cpu_ms_per_sample=1e3 * cpu_s / rate["samples"])
+            busy = traces[0].cores_busy(rate["t0"], rate["t1"])  # the window is rate["seconds"]
+            out[mode].update(cores_busy=busy,
+                             cpu_ms_per_sample=1e3 * busy * rate["seconds"] / rate["samples"])
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
     phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag))
     out["sequential_phases_s"] = phases
