@@ -14,7 +14,10 @@ from ml_collections import config_dict
 METHODS = ("rl", "opd", "combine")
 # = clawjax.model.config.ATTENTION_IMPLEMENTATIONS (a test keeps them equal; importing the model
 # package here would load JAX for every `--help`).
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu")
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+# Packed rows (trainer.token_budget tokens) must be a multiple of the kernel's smallest block
+# (clawjax.kernels: GPU 16, TPU 128, the lane width; a test keeps these equal).
+ATTENTION_ROW_MULTIPLE = {"xla": 1, "pallas_gpu": 16, "pallas_tpu": 128}
 
 # Loss defaults per method (SPEC §2–§3): weights of the two advantage terms and the KL coefficient.
 METHOD_LOSS_DEFAULTS = {
@@ -52,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hf_config = dict(TINY_QWEN3)
     c.model.dtype = "float32"  # parameter and compute dtype: float32 | bfloat16
     c.model.remat = False  # rematerialise each block in the backward pass
-    c.model.attention = "xla"  # training self-attention: xla | pallas_gpu (flash kernel, GPUs)
+    c.model.attention = "xla"  # training self-attention: xla | pallas_gpu | pallas_tpu (flash kernels)
     c.model.seed = 0
 
     c.mesh = ml_collections.ConfigDict()
@@ -209,6 +212,10 @@ def validate(config) -> None:
     _check(t.samples_per_step >= 1, "trainer.samples_per_step", t.samples_per_step,
            "an integer ≥ 1")
     _check(t.token_budget >= 2, "trainer.token_budget", t.token_budget, "an integer ≥ 2")
+    multiple = ATTENTION_ROW_MULTIPLE[c.model.attention]
+    _check(t.token_budget % multiple == 0, "trainer.token_budget", t.token_budget,
+           f"a multiple of {multiple} with model.attention = {c.model.attention!r} (its "
+           "flash kernel's smallest block)")
     _check(t.micro_batches >= 1, "trainer.micro_batches", t.micro_batches, "an integer ≥ 1")
     _check(t.max_staleness >= -1, "trainer.max_staleness", t.max_staleness,
            "-1 (no bound) or an integer ≥ 0")

@@ -24,13 +24,15 @@ import jax.numpy as jnp
 BLOCK_CHOICES = (128, 64, 32, 16)
 
 
-def block_size(length: int) -> int:
-    """The largest of `BLOCK_CHOICES` dividing `length`; ValueError when none does."""
-    for block in BLOCK_CHOICES:
+def block_size(length: int, choices: tuple[int, ...] = BLOCK_CHOICES,
+               kernel: str = "segment_flash_attention") -> int:
+    """The largest of `choices` (descending) dividing `length`; ValueError naming `kernel`
+    when none does."""
+    for block in choices:
         if length % block == 0:
             return block
-    raise ValueError(f"segment_flash_attention: sequence length T={length}: expected a multiple "
-                     f"of {BLOCK_CHOICES[-1]} (the kernel's smallest block)")
+    raise ValueError(f"{kernel}: sequence length T={length}: expected a multiple "
+                     f"of {choices[-1]} (the kernel's smallest block)")
 
 
 def _mha_module():

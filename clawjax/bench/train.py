@@ -19,7 +19,8 @@ full-float32 matrix products: `jax_default_matmul_precision="highest"`, TF32 off
 On a GPU (or with `--mfu`) last tables give the MFU of the Qwen3-0.6B config
 (`configs/qwen3_0_6b.py`: bfloat16, remat, 16 samples per step, rows of 8192 tokens, 2
 micro-batches; random weights of Qwen3-0.6B's shape, samples of 1024–4096 tokens), one per
-`model.attention` (on a GPU: "xla" and the "pallas_gpu" flash kernel): model FLOPs per step
+`model.attention` (on a GPU: "xla" and the "pallas_gpu" flash kernel; on a TPU: "xla" and
+"pallas_tpu"): model FLOPs per step
 (`clawjax.bench._flops`) / step time, against the datasheet bf16 peak and against an 8192³ bf16
 matrix product timed in the same process.
 
@@ -403,7 +404,8 @@ def print_mfu(r: dict) -> None:
 
 def run_mfu(args) -> None:
     """One MFU table per `--mfu-attention` implementation (each compiled and timed alone)."""
-    names = args.mfu_attention or ("xla,pallas_gpu" if jax.default_backend() == "gpu" else "xla")
+    kernel_rows = {"gpu": "xla,pallas_gpu", "tpu": "xla,pallas_tpu"}
+    names = args.mfu_attention or kernel_rows.get(jax.default_backend(), "xla")
     for name in names.split(","):
         print_mfu(bench_mfu(args.warmup, args.repeats, attention=name.strip()))
 
@@ -428,7 +430,7 @@ def main(argv: list[str]) -> int:
                         help="the Qwen3-0.6B MFU table: auto = on a GPU/TPU only")
     parser.add_argument("--mfu-attention", default=None,
                         help="comma-separated model.attention values for the MFU rows "
-                             "(default: xla, and pallas_gpu too on a GPU)")
+                             "(default: xla, and pallas_gpu on a GPU / pallas_tpu on a TPU)")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 1, 2

@@ -22,7 +22,7 @@ from clawjax.model.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu")  # ModelConfig.attention
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")  # ModelConfig.attention
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # Keys of config.json that ModelConfig models itself (everything else goes to `extra`).
@@ -45,8 +45,9 @@ class ModelConfig:
     not use (token ids, ...) so `to_hf()` round-trips them. `remat` (not an HF key) recomputes
     each decoder block in the backward pass to trade compute for activation memory in training.
     `attention` (not an HF key) picks the training forward's self-attention: "xla" (the
-    `clawjax.model.attention` einsums, any backend) or "pallas_gpu" (`clawjax.kernels
-    .flash_attention`, a flash kernel for GPUs: the same function, no `[T,S]` scores in memory).
+    `clawjax.model.attention` einsums, any backend), "pallas_gpu" (`clawjax.kernels
+    .flash_attention`, a flash kernel for GPUs) or "pallas_tpu" (`clawjax.kernels
+    .tpu_flash_attention`, one for TPUs): the same function, no `[T,S]` scores in memory.
     Decoding with a KV cache always uses the XLA path.
     """
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from clawjax.model.attention import attend, attend_causal
 from clawjax.model.config import ModelConfig
+from clawjax.model.kernel_attention import kernel_attention
 from clawjax.model.layers import RMSNorm, apply_rope, param, project
 
 
@@ -55,15 +56,16 @@ class Attention(nnx.Module):
         return y + self.o_bias[...] if self.has_o_bias else y
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 segment_ids: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+                 segment_ids: jax.Array | None = None, implementation: str = "xla",
+                 mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """Self-attention over the T tokens of `x` `[B,T,D]` with a causal mask `[B,T,T]`
         (every token may attend itself; upper key blocks are skipped, `attend_causal`).
-        implementation "pallas_gpu" computes the same from `segment_ids` `[B,T]` (mask =
-        causal & same segment) with `clawjax.kernels.flash_attention`."""
+        Implementations "pallas_gpu" and "pallas_tpu" compute the same from `segment_ids`
+        `[B,T]` (mask = causal & same segment) with a flash kernel, shard by shard on `mesh`
+        (`clawjax.model.kernel_attention`)."""
         q, k, v = self.qkv(x, cos, sin)
-        if implementation == "pallas_gpu":
-            from clawjax.kernels.flash_attention import segment_flash_attention
-            return self.out(segment_flash_attention(q, k, v, segment_ids))
+        if implementation != "xla":
+            return self.out(kernel_attention(q, k, v, segment_ids, implementation, mesh))
         return self.out(attend_causal(q, k, v, mask))
 
 
@@ -92,8 +94,9 @@ class Block(nnx.Module):
         self.mlp = MLP(config, dtype, rngs=rngs)
 
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 segment_ids: jax.Array | None = None, attention: str = "xla") -> jax.Array:
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask, segment_ids, attention)
+                 segment_ids: jax.Array | None = None, attention: str = "xla",
+                 mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, segment_ids, attention, mesh)
         return h + self.mlp(self.mlp_norm(h))
 
     def cached(self, h: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array, mask: jax.Array,

@@ -25,11 +25,11 @@ from clawjax.model.layers import INIT_STD, RMSNorm, param, rope_cos_sin
 from clawjax.model.modules import Block
 
 
-def _block_forward(block: Block, h, cos, sin, mask, segment_ids, attention: str):
-    return block(h, cos, sin, mask, segment_ids, attention)
+def _block_forward(block: Block, h, cos, sin, mask, segment_ids, attention: str, mesh):
+    return block(h, cos, sin, mask, segment_ids, attention, mesh)
 
 
-def _block_forward_remat(block: Block, h, cos, sin, mask, segment_ids, attention: str):
+def _block_forward_remat(block: Block, h, cos, sin, mask, segment_ids, attention: str, mesh):
     """`_block_forward` whose activations are recomputed in the backward pass. The block enters
     `jax.checkpoint` as a pure (graphdef, state) pair: nothing is written back to the module, so
     it also works when the model was merged inside another transform (the trainer's `lax.scan`
@@ -37,7 +37,7 @@ def _block_forward_remat(block: Block, h, cos, sin, mask, segment_ids, attention
     graphdef, state = nnx.split(block)
 
     def run(state, h, cos, sin, mask, segment_ids):
-        return nnx.merge(graphdef, state)(h, cos, sin, mask, segment_ids, attention)
+        return nnx.merge(graphdef, state)(h, cos, sin, mask, segment_ids, attention, mesh)
 
     return jax.checkpoint(run)(state, h, cos, sin, mask, segment_ids)
 
@@ -47,11 +47,15 @@ class Transformer(nnx.Module):
 
     Packed rows: segment ids 1..n per row, 0 = padding; attention never crosses segments;
     positions restart at 0 in each segment. Defaults: positions = arange(T), segment_ids = 1.
+    `mesh` (static, None = one device) is where the parameters live: a Pallas attention kernel
+    (`config.attention` "pallas_gpu" / "pallas_tpu") runs shard by shard on it.
     """
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
         self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List([Block(config, dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
@@ -77,7 +81,7 @@ class Transformer(nnx.Module):
         h = self.embed(tokens)
         forward = _block_forward_remat if self.config.remat else _block_forward
         for block in self.layers:
-            h = forward(block, h, cos, sin, mask, segment_ids, self.config.attention)
+            h = forward(block, h, cos, sin, mask, segment_ids, self.config.attention, self.mesh)
         return self.final_norm(h)
 
     def lm_head(self) -> jax.Array:
@@ -170,7 +174,7 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, mesh=None) -> tuple[n
 def _abstract_model(config: ModelConfig, dtype, mesh) -> tuple[nnx.GraphDef, nnx.State]:
     from clawjax import sharding
 
-    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(params, mesh)
     params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params, shardings)
