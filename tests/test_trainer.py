@@ -88,6 +88,22 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert max_param_diff(params_of(single), params_of(sharded)) <= 1e-5
 
 
+def test_sharded_kernel_step_with_remat_and_micro_batches_equals_the_xla_step(tmp_path):
+    """`model.attention = "pallas_gpu"` (the flash kernel, interpreted here) on the 2 × 2 × 2
+    mesh, inside the scan over micro-batches and under remat, trains the same update as the
+    single-device XLA step: the kernel runs per shard (`clawjax.model.kernel_attention`) inside
+    every transform the trainer applies (lr 1e-4 and bound 1e-5 as in the sharded test)."""
+    samples = make_samples(8, seed=2)
+    common = {"trainer.samples_per_step": 8, "trainer.micro_batches": 2,
+              "trainer.token_budget": 64, "trainer.lr": 1e-4}
+    xla = one_step(tmp_path, "xla", samples, **common)
+    kernel = one_step(tmp_path, "kernel", samples, **common, **{
+        "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.remat": True,
+        "model.attention": "pallas_gpu"})
+    assert kernel.model_config.attention == "pallas_gpu"
+    assert max_param_diff(params_of(xla), params_of(kernel)) <= 1e-5
+
+
 def test_accumulating_micro_batches_equals_one_batch(tmp_path):
     samples = make_samples(16, seed=3)
     whole = one_step(tmp_path, "whole", samples, **{
