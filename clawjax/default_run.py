@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from clawjax import default_task, report, warmstart
+from clawjax import workdir as workdir_lib
 from clawjax.buffer.client import BufferClient
 from clawjax.evaluate import Evaluator
 from clawjax.local_stack import LocalStack, share_accelerator
@@ -204,6 +205,12 @@ def start_local(config) -> LocalRun:
     share_accelerator()  # before the warm start, this process's first JAX computation
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
+    if not config.trainer.resume:  # a new run: an earlier one's files go aside, not into it
+        moved = workdir_lib.archive_previous_run(workdir)
+        if moved:
+            print(f"new run: the earlier run's files in {workdir} were moved to {moved} "
+                  "(the warm start is reused; --config.trainer.resume=True continues a run "
+                  "instead)", flush=True)
     model_dir = warmstart.warm_start(os.path.join(workdir, "warmstart"), config.warmstart,
                                      progress=config.trainer.progress)
     from transformers import AutoTokenizer

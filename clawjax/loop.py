@@ -29,6 +29,7 @@ from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
 from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
+from clawjax import workdir as workdir_lib
 from clawjax.metrics import MetricsWriter
 from clawjax.sample import Sample, SampleError
 
@@ -100,6 +101,7 @@ class TrainLoop:
         config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
+        workdir_lib.require_fresh(self.workdir, config.trainer.resume)  # before writing a file
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         model, self.model_config = build_model(config, self.mesh)

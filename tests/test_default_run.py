@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from clawjax import workdir as workdir_lib
 from clawjax.local_stack import USER_MEMORY_SETTINGS
 from clawjax.metrics import read_metrics
 
@@ -117,6 +118,25 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     ids = trained_ids(workdir)
     assert len(ids) == len(set(ids)) == 14 * 8
+
+    # Everything the run wrote at the top of its workdir is either a run's own file (moved aside
+    # by the next new run) or the warm-start cache (kept for it).
+    assert set(os.listdir(workdir)) - set(workdir_lib.run_entries(str(workdir))) == {"warmstart"}
+    # A new run in the same workdir (no resume), as a user re-running the command: the earlier
+    # run's files go aside, and nothing of it is trained or logged again. Without the move the
+    # new run trained the samples left in the earlier run's buffer, made by its last policy
+    # (negative staleness), and appended its rows to the earlier logs.
+    proc = short_run(workdir, "--config.trainer.steps=4")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert "the earlier run's files in" in out
+    (archive,) = os.listdir(workdir / "previous")
+    assert trained_ids(workdir / "previous" / archive) == ids
+    rows = read_metrics(str(workdir))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert min(r["staleness_mean"] for r in rows) >= 0
+    new_ids = trained_ids(workdir)
+    assert len(new_ids) == len(set(new_ids)) == 4 * 8 and not set(new_ids) & set(ids)
 
 
 @pytest.mark.parametrize("user_env, expected", [

@@ -1,0 +1,104 @@
+"""`clawjax.workdir`: a new run never mixes with the files an earlier run left in its workdir.
+The trainer refuses such a workdir without `trainer.resume` (nothing changed); the local default
+run moves the earlier files aside, keeping the warm-start cache and anything that is not a
+run's own. The whole default run twice in one workdir is covered in tests/test_default_run.py."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clawjax import workdir as workdir_lib
+from clawjax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a default run leaves (tests/test_default_run.py checks the list against a real run),
+# plus a second process's logs of a multi-host run.
+RUN_FILES = ["buffer/LOCK", "buffer/wal-000001.log", "checkpoints/10/state", "publish/v10/x",
+             "tensorboard/events", "logs/server.log", "metrics.jsonl", "metrics.process1.jsonl",
+             "trained.jsonl", "trained.process1.jsonl", "eval.jsonl", "summary.json",
+             "curve.png", "gate_probe.jsonl", "pids.json"]
+KEPT_FILES = ["warmstart/config.json", "run.log", "notes.txt", "previous/old/metrics.jsonl"]
+
+
+def make_files(root, names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name)
+
+
+def test_archive_moves_exactly_the_run_files_and_keeps_the_rest(tmp_path):
+    make_files(tmp_path, RUN_FILES + KEPT_FILES)
+    moved = workdir_lib.archive_previous_run(str(tmp_path))
+    assert moved is not None and os.path.dirname(moved) == str(tmp_path / "previous")
+    for name in RUN_FILES:  # moved with their contents, nothing deleted
+        assert not (tmp_path / name).exists(), name
+        assert open(os.path.join(moved, name)).read() == name
+    for name in KEPT_FILES:
+        assert (tmp_path / name).read_text() == name
+    assert workdir_lib.run_entries(str(tmp_path)) == []
+    assert workdir_lib.archive_previous_run(str(tmp_path)) is None  # nothing left to move
+    make_files(tmp_path, ["metrics.jsonl"])  # a second archive in the same second: its own dir
+    again = workdir_lib.archive_previous_run(str(tmp_path))
+    assert again != moved and os.path.exists(os.path.join(again, "metrics.jsonl"))
+    assert workdir_lib.archive_previous_run(str(tmp_path / "missing")) is None
+
+
+def test_archive_refuses_a_workdir_whose_buffer_is_live(tmp_path):
+    make_files(tmp_path, RUN_FILES)
+    fd = os.open(tmp_path / "buffer" / "LOCK", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running buffer server holds it
+    try:
+        with pytest.raises(workdir_lib.WorkdirInUseError, match="in use by another run"):
+            workdir_lib.archive_previous_run(str(tmp_path))
+    finally:
+        os.close(fd)
+    assert workdir_lib.run_entries(str(tmp_path)) == sorted(
+        {n.split("/")[0] for n in RUN_FILES})  # nothing moved
+    assert workdir_lib.archive_previous_run(str(tmp_path)) is not None  # free again: moves
+
+
+def test_require_fresh_names_the_key_and_the_latest_step(tmp_path):
+    workdir_lib.require_fresh(str(tmp_path), resume=False)  # empty: fine
+    make_files(tmp_path, ["checkpoints/8/x", "checkpoints/10/x", "checkpoints/10.orbax-tmp/x"])
+    assert workdir_lib.checkpoint_steps(str(tmp_path)) == [8, 10]
+    with pytest.raises(ConfigError, match=r"'trainer.resume' = False, expected True to continue "
+                                          r"the earlier run in .* step 10\)"):
+        workdir_lib.require_fresh(str(tmp_path), resume=False)
+    workdir_lib.require_fresh(str(tmp_path), resume=True)
+
+
+def test_training_twice_in_a_workdir_without_resume_is_refused_and_changes_nothing(tmp_path):
+    """README's replay example run twice: the second run stops with the message before writing
+    anything; with `trainer.resume=True` it continues instead."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from sample_factory import make_samples
+    from clawjax.sources import write_replay
+
+    replay = tmp_path / "samples.jsonl"
+    write_replay(str(replay), make_samples(8, seed=1))
+    workdir = tmp_path / "run"
+
+    def train(*extra):
+        cmd = [sys.executable, "-m", "clawjax.train", f"--config={ROOT}/configs/tiny_cpu.py",
+               f"--config.replay={replay}", f"--config.workdir={workdir}",
+               "--config.trainer.steps=2", "--config.trainer.progress=False", *extra]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    first = train()
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    second = train()
+    assert second.returncode != 0
+    assert "'trainer.resume' = False, expected True to continue the earlier run" in second.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    resumed = train("--config.trainer.resume=True", "--config.trainer.steps=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert workdir_lib.checkpoint_steps(str(workdir))[-1] == 3
