@@ -35,6 +35,20 @@ def block_size(length: int, choices: tuple[int, ...] = BLOCK_CHOICES,
                      f"of {choices[-1]} (the kernel's smallest block)")
 
 
+def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                 kernel: str) -> tuple[int, int, int, int]:
+    """(B, T, N, H) of q `[B,T,N,H]` after checking k == v `[B,T,K,H]` with K dividing N and
+    segment_ids `[B,T]`; ValueError naming `kernel` and the shapes otherwise."""
+    b, t, n, h = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
+        raise ValueError(f"{kernel}: q {q.shape}, k {k.shape}, v {v.shape}: "
+                         "expected k == v shape [B,T,K,H] with K dividing N of q [B,T,N,H]")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"{kernel}: segment_ids {segment_ids.shape}: expected "
+                         f"[B,T] = {(b, t)}")
+    return b, t, n, h
+
+
 def _mha_module():
     with warnings.catch_warnings():  # the module announces its successor (tokamax) on import
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -53,13 +67,7 @@ def segment_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     """Causal attention within segments (see the module docstring); differentiable in q/k/v.
     `interpret=None` runs the kernel compiled on a GPU and in Pallas' interpreter elsewhere
     (exact, slow: for tests)."""
-    b, t, n, h = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
-        raise ValueError(f"segment_flash_attention: q {q.shape}, k {k.shape}, v {v.shape}: "
-                         "expected k == v shape [B,T,K,H] with K dividing N of q [B,T,N,H]")
-    if segment_ids.shape != (b, t):
-        raise ValueError(f"segment_flash_attention: segment_ids {segment_ids.shape}: expected "
-                         f"[B,T] = {(b, t)}")
+    b, t, n, h = check_shapes(q, k, v, segment_ids, "segment_flash_attention")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     attention = _mha_module()

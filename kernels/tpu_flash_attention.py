@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from clawjax.kernels.flash_attention import block_size
+from clawjax.kernels.flash_attention import block_size, check_shapes
 
 TPU_BLOCK_CHOICES = (512, 256, 128)
 
@@ -44,13 +44,7 @@ def segment_flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array,
     """Causal attention within segments (see the module docstring); differentiable in q/k/v.
     `interpret=None` runs the kernel compiled on a TPU and in Pallas' TPU interpreter
     elsewhere."""
-    b, t, n, h = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
-        raise ValueError(f"segment_flash_attention_tpu: q {q.shape}, k {k.shape}, v {v.shape}: "
-                         "expected k == v shape [B,T,K,H] with K dividing N of q [B,T,N,H]")
-    if segment_ids.shape != (b, t):
-        raise ValueError(f"segment_flash_attention_tpu: segment_ids {segment_ids.shape}: "
-                         f"expected [B,T] = {(b, t)}")
+    _, t, n, h = check_shapes(q, k, v, segment_ids, "segment_flash_attention_tpu")
     block = block_size(t, TPU_BLOCK_CHOICES, "segment_flash_attention_tpu")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
