@@ -7,9 +7,14 @@ import sys
 import clawjax.bench
 
 
+# Modules of the package that are not benchmarks of their own: shared helpers, and the code of
+# `async` (a keyword, so its module only re-exports `async_loops.main`).
+NOT_BENCHMARKS = ("common", "async_loops")
+
+
 def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(clawjax.bench.__path__)
-                  if not m.name.startswith("_") and m.name != "common")
+                  if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS)
 
 
 def main(argv: list[str]) -> int:
