@@ -35,6 +35,10 @@ from clawjax.sample import Sample, SampleError
 
 log = logging.getLogger("clawjax.train")
 
+# Why the trainer drops a sample it took (`TrainLoop.admit`); every count, zeros included, is in
+# each step's metrics (`dropped_<reason>`) and in the run's summary (`trainer_<reason>`).
+DROP_REASONS = ("invalid", "too_long", "stale")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Row counts a step may compile for: powers of two, large enough that one step is one batch.
 ROW_BUCKETS = tuple(2 ** i for i in range(16))
@@ -140,7 +144,7 @@ class TrainLoop:
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
-        self.dropped = collections.Counter()
+        self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
         self.unacked: list[str] = []  # trained since the last checkpoint save started
         self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
@@ -220,7 +224,8 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ samples
     def admit(self, sample: Sample) -> str | None:
-        """None if `sample` may be trained now, else the drop reason (counted and kept)."""
+        """None if `sample` may be trained now, else the drop reason, one of `DROP_REASONS`
+        (counted and kept)."""
         try:
             sample.validate(vocab_size=self.model_config.vocab_size)
         except SampleError as e:

@@ -150,7 +150,7 @@ def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
                      source=source)
     taken = loop.take_samples()
     assert [s.sample_id for s in taken] == [s.sample_id for s in good]
-    assert loop.dropped == {"invalid": 1, "too_long": 1}
+    assert loop.dropped == {"invalid": 1, "too_long": 1, "stale": 0}  # zeros listed too
 
 
 def test_stale_samples_are_dropped(tmp_path):
@@ -160,7 +160,7 @@ def test_stale_samples_are_dropped(tmp_path):
     source.put(samples)
     loop = TrainLoop(tiny_config(tmp_path / "stale", **{
         "trainer.samples_per_step": 4, "trainer.max_staleness": 0}), source=source)
-    loop.train_step(loop.take_samples())
+    first = loop.train_step(loop.take_samples())
     source.put([old, *make_samples(4, seed=10, prefix="new")])
     for s in source._queue.queue:
         if s.sample_id.startswith("new"):
@@ -168,6 +168,11 @@ def test_stale_samples_are_dropped(tmp_path):
     taken = loop.take_samples()
     assert all(s.sample_id.startswith("new") for s in taken)
     assert loop.dropped["stale"] == 1
+    second = loop.train_step(taken)
+    # Every reason is in every step's metrics, zeros included: a count is never just absent.
+    assert {k: v for k, v in first.items() if k.startswith("dropped_")} == {
+        "dropped_invalid": 0.0, "dropped_too_long": 0.0, "dropped_stale": 0.0}
+    assert second["dropped_stale"] == 1.0 and second["dropped_invalid"] == 0.0
 
 
 @pytest.mark.parametrize("key,value,named", [
