@@ -16,11 +16,11 @@ the first run's last policy (seen: staleness -48 on the new run's first steps).
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import os
 import time
 
+from clawjax.buffer import wal
 from clawjax.config import ConfigError
 
 # Names (glob patterns) of what one run writes directly under its workdir. Everything else is
@@ -64,21 +64,6 @@ def require_fresh(workdir: str, resume: bool) -> None:
             f"{steps[-1]}), or another --config.workdir for a new run (nothing was changed)")
 
 
-def _check_buffer_free(workdir: str) -> None:
-    lock_path = os.path.join(workdir, "buffer", "LOCK")
-    if not os.path.exists(lock_path):
-        return
-    fd = os.open(lock_path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise WorkdirInUseError(
-            f"{workdir} is in use by another run (its buffer {lock_path} is locked): stop that "
-            "run, or pass another --config.workdir") from None
-    finally:
-        os.close(fd)  # releases the lock if we took it
-
-
 def archive_previous_run(workdir: str) -> str | None:
     """Moves the files an earlier run left in `workdir` (`run_entries`) into a new
     `workdir/previous/<UTC time>/` and returns that path; None when there was nothing to move.
@@ -86,7 +71,11 @@ def archive_previous_run(workdir: str) -> str | None:
     entries = run_entries(workdir)
     if not entries:
         return None
-    _check_buffer_free(workdir)
+    buffer_dir = os.path.join(workdir, "buffer")  # the local stack's buffer --dir
+    if wal.in_use(buffer_dir):
+        raise WorkdirInUseError(
+            f"{workdir} is in use by another run (its buffer {wal.lock_path(buffer_dir)} is "
+            "locked): stop that run, or pass another --config.workdir")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = os.path.join(workdir, ARCHIVE, stamp), 1
     while os.path.exists(dest):

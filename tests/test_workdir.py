@@ -5,7 +5,6 @@ run's own. The whole default run twice in one workdir is covered in tests/test_d
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -13,13 +12,14 @@ import sys
 import pytest
 
 from clawjax import workdir as workdir_lib
+from clawjax.buffer.wal import WriteAheadLog
 from clawjax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a default run leaves (tests/test_default_run.py checks the list against a real run),
 # plus a second process's logs of a multi-host run.
-RUN_FILES = ["buffer/LOCK", "buffer/wal-000001.log", "checkpoints/10/state", "publish/v10/x",
+RUN_FILES = ["buffer/wal/LOCK", "buffer/wal/wal-000001.log", "checkpoints/10/state", "publish/v10/x",
              "tensorboard/events", "logs/server.log", "metrics.jsonl", "metrics.process1.jsonl",
              "trained.jsonl", "trained.process1.jsonl", "eval.jsonl", "summary.json",
              "curve.png", "gate_probe.jsonl", "pids.json"]
@@ -52,13 +52,12 @@ def test_archive_moves_exactly_the_run_files_and_keeps_the_rest(tmp_path):
 
 def test_archive_refuses_a_workdir_whose_buffer_is_live(tmp_path):
     make_files(tmp_path, RUN_FILES)
-    fd = os.open(tmp_path / "buffer" / "LOCK", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running buffer server holds it
+    log = WriteAheadLog(tmp_path / "buffer")  # holds its lock, as a running buffer server does
     try:
         with pytest.raises(workdir_lib.WorkdirInUseError, match="in use by another run"):
             workdir_lib.archive_previous_run(str(tmp_path))
     finally:
-        os.close(fd)
+        log.close()
     assert workdir_lib.run_entries(str(tmp_path)) == sorted(
         {n.split("/")[0] for n in RUN_FILES})  # nothing moved
     assert workdir_lib.archive_previous_run(str(tmp_path)) is not None  # free again: moves

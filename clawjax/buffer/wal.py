@@ -190,14 +190,34 @@ class _Waiter:
         self.data, self.done, self.segment, self.error = data, False, 0, None
 
 
+def lock_path(directory: str | os.PathLike) -> pathlib.Path:
+    """The file a live log under `directory` (a buffer's `--dir`) holds an exclusive flock on."""
+    return pathlib.Path(directory) / "wal" / "LOCK"
+
+
+def in_use(directory: str | os.PathLike) -> bool:
+    """True while a `WriteAheadLog` under `directory` is open, in this process or another."""
+    path = lock_path(directory)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if we took it
+    return False
+
+
 class WriteAheadLog:
     """The buffer's log. `replay()` once after construction, then `append` from any thread."""
 
     def __init__(self, directory: str | os.PathLike, segment_bytes: int = 64 << 20,
                  fsync: bool = True):
-        self.dir = pathlib.Path(directory) / "wal"
+        self.dir = lock_path(directory).parent
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(lock_path(directory), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
