@@ -12,11 +12,11 @@ devices keeps every query head with its kv head.
 
 from __future__ import annotations
 
-import math
-
 import jax
 
-KERNEL_IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu")
+from clawjax.model.config import ATTENTION_IMPLEMENTATIONS
+
+KERNEL_IMPLEMENTATIONS = tuple(a for a in ATTENTION_IMPLEMENTATIONS if a != "xla")
 
 
 def _kernel(implementation: str):
@@ -35,26 +35,19 @@ def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     """Causal attention within segments: q `[B,T,N,H]`, k/v `[B,T,K,H]`, segment_ids `[B,T]`
     (0 = padding) → `[B,T,N,H]`, by the kernel `implementation` names. On a `mesh` of more than
     one device each device computes its block: B split over the "batch" logical axis's mesh
-    axes, N and K over the "heads"/"kv_heads" axis (both must divide evenly)."""
+    axes, N and K over the "heads"/"kv_heads" axis (all must divide evenly: `ShardingError`)."""
     kernel = _kernel(implementation)
     if mesh is None or mesh.size == 1:
         return kernel(q, k, v, segment_ids)
     from clawjax import sharding  # local: clawjax.sharding imports the model package
 
-    specs = {"q": sharding.logical_spec(("batch", "seq", "heads", "head_dim")),
-             "kv": sharding.logical_spec(("batch", "seq", "kv_heads", "head_dim")),
-             "segment_ids": sharding.logical_spec(("batch", "seq"))}
-    for name, shape, spec in (("q", q.shape, specs["q"]), ("k", k.shape, specs["kv"]),
-                              ("segment_ids", segment_ids.shape, specs["segment_ids"])):
-        for dim, axes in enumerate(spec):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            parts = math.prod(mesh.shape[a] for a in axes)
-            if shape[dim] % parts:
-                raise ValueError(
-                    f"kernel_attention: {name} {tuple(shape)}: dimension {dim} of size "
-                    f"{shape[dim]} must divide into the {parts} shards of mesh axes {axes}")
+    # named_sharding checks that every split dimension divides evenly (ShardingError otherwise).
+    spec = lambda name, shape, axes: sharding.named_sharding(  # noqa: E731
+        shape, axes, mesh, name=f"kernel_attention {name}").spec
+    q_spec = spec("q", q.shape, ("batch", "seq", "heads", "head_dim"))
+    kv_spec = spec("k", k.shape, ("batch", "seq", "kv_heads", "head_dim"))
+    seg_spec = spec("segment_ids", segment_ids.shape, ("batch", "seq"))
     # check_vma off: pallas_call has no replication rule; the specs above say what varies.
     sharded = jax.shard_map(kernel, mesh=mesh, check_vma=False,
-                            in_specs=(specs["q"], specs["kv"], specs["kv"], specs["segment_ids"]),
-                            out_specs=specs["q"])
+                            in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec)
     return sharded(q, k, v, segment_ids)
