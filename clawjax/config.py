@@ -25,6 +25,8 @@ METHOD_LOSS_DEFAULTS = {
     "opd": dict(w_rl=0.0, w_opd=1.0, kl_coef=0.0),
     "combine": dict(w_rl=1.0, w_opd=1.0, kl_coef=0.0),
 }
+# Judge votes per turn per method (SPEC §7: PRM_M default 1; 3 for Binary RL).
+METHOD_PRM_M = {"rl": 3, "opd": 1, "combine": 1}
 
 # A tiny random Qwen3 that trains in seconds on a CPU (vocabulary ≥ 512 for recorded files).
 TINY_QWEN3 = dict(
@@ -71,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.dual_clip = config_dict.placeholder(float)
     c.loss.kl_coef = config_dict.placeholder(float)
     c.loss.kl_kind = "low_var_kl"
+    # True costs one more forward per micro-batch and a second copy of the parameters.
+    c.loss.report_kl = True  # compute and report `kl` to the reference even at kl_coef 0 (SPEC §3)
     c.loss.entropy_coef = 0.0
     c.loss.reduction = "sample_mean"
     c.loss.topk_coef = 0.0
@@ -118,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict()
     c.rollout.local = False  # True: run buffer, server, judge, proxy and agents here (default task)
     c.rollout.agents = 8  # concurrent simulated users
-    c.rollout.prm_m = 1  # judge votes per turn
+    c.rollout.prm_m = config_dict.placeholder(int)  # judge votes per turn; None = 3 for rl, else 1
     c.rollout.temperature = 1.0
     c.rollout.max_tokens = 16
     c.rollout.max_batch = 16  # decode slots of the embedded server
@@ -180,6 +184,12 @@ def resolved_loss_kwargs(config) -> dict:
     return out
 
 
+def resolved_prm_m(config) -> int:
+    """Judge votes per turn: `rollout.prm_m`, or the method's default (`METHOD_PRM_M`)."""
+    m = config.rollout.prm_m
+    return METHOD_PRM_M[config.method] if m is None else int(m)
+
+
 def _check(ok: bool, key: str, value, expected: str):
     if not ok:
         raise ConfigError(key, value, expected)
@@ -201,6 +211,8 @@ def validate(config) -> None:
                "a positive integer or -1 (the remaining devices)")
     _check(c.loss.old_logp in ("rollout", "recompute"), "loss.old_logp", c.loss.old_logp,
            "'rollout' or 'recompute'")
+    _check(c.rollout.prm_m is None or c.rollout.prm_m >= 1, "rollout.prm_m", c.rollout.prm_m,
+           "None (the method's default) or at least 1")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")
     t = c.trainer
     _check(t.steps >= 0, "trainer.steps", t.steps, "an integer ≥ 0")

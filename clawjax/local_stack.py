@@ -129,8 +129,8 @@ class LocalStack:
     `proxy_url` (http://host:port).
     """
 
-    def __init__(self, workdir: str, model_dir: str, method: str = "combine", prm_m: int = 1,
-                 max_batch: int = 16, lease_timeout_s: float = 30.0):
+    def __init__(self, workdir: str, model_dir: str, method: str = "combine",
+                 prm_m: int | None = None, max_batch: int = 16, lease_timeout_s: float = 30.0):
         self.workdir = workdir
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -179,7 +179,8 @@ class LocalStack:
             "clawjax.rollout", "serve", "--port", str(free_port()), "--model-dir",
             self.model_dir, "--policy-url", self.policy_url, "--judge-url", self.judge_url,
             "--buffer", self.buffer_address, "--method", self.method,
-            "--prm-m", str(self.prm_m), "--session-expiry-s", "120"], ready_url)
+            *(("--prm-m", str(self.prm_m)) if self.prm_m is not None else ()),
+            "--session-expiry-s", "120"], ready_url)
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
                                             daemon=True)
         self._supervisor.start()

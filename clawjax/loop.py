@@ -114,7 +114,8 @@ class TrainLoop:
         self.loss_config = losses.LossConfig(**config_lib.resolved_loss_kwargs(config))
         self.step_config = trainer.StepConfig(
             loss=self.loss_config, old_logp=config.loss.old_logp,
-            logp_chunk=config.loss.logp_chunk, use_ref=self.loss_config.kl_coef > 0)
+            logp_chunk=config.loss.logp_chunk,
+            use_ref=self.loss_config.kl_coef > 0 or bool(config.loss.report_kl))
         t = config.trainer
         self.optimizer = trainer.make_optimizer(t.lr, t.b1, t.b2, t.weight_decay, t.grad_clip)
         self.state = jax.jit(

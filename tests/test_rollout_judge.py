@@ -162,3 +162,16 @@ def test_rule_judge_server_and_async_voting():
         assert out.votes == [None] * 3 and out.reward == 0 and out.hint is None
     finally:
         srv.stop()
+
+
+def test_rollout_cli_judge_votes_follow_the_method():
+    """`--prm-m` defaults to SPEC §7's PRM_M: 3 votes for Binary RL, 1 otherwise."""
+    from clawjax.rollout.__main__ import parse_args
+
+    base = ["serve", "--port", "8000", "--model-dir", "m", "--policy-url", "http://p:1",
+            "--judge-url", "http://j:1", "--buffer", "127.0.0.1:1"]
+    assert [parse_args(base + ["--method", m]).prm_m for m in ("rl", "opd", "combine")] \
+        == [3, 1, 1]
+    assert parse_args(base + ["--method", "rl", "--prm-m", "5"]).prm_m == 5
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--prm-m", "0"])

@@ -198,6 +198,41 @@ def test_method_presets_fill_unset_loss_weights(tmp_path):
     assert (kwargs["w_rl"], kwargs["w_opd"], kwargs["kl_coef"]) == (1.0, 1.0, 0.5)
 
 
+def test_method_presets_set_the_judge_votes(tmp_path):
+    """SPEC §7: PRM_M defaults to 1, and to 3 for Binary RL; an explicit value wins."""
+    votes = {m: config_lib.resolved_prm_m(tiny_config(tmp_path, method=m))
+             for m in config_lib.METHODS}
+    assert votes == {"rl": 3, "opd": 1, "combine": 1}
+    assert config_lib.resolved_prm_m(tiny_config(tmp_path, method="rl",
+                                                 **{"rollout.prm_m": 5})) == 5
+    with pytest.raises(config_lib.ConfigError, match=r"rollout\.prm_m"):
+        config_lib.validate(tiny_config(tmp_path, **{"rollout.prm_m": 0}))
+
+
+def test_kl_to_the_reference_is_reported_at_kl_coef_zero(tmp_path):
+    """SPEC §3: the combined method trains with kl_coef 0 but still computes and reports the KL
+    to the initial policy: 0 on the first step (the policy is the reference), > 0 once it has
+    moved, and the updates are those of a run that does not compute it."""
+    samples = make_samples(8, seed=5)
+    runs = {}
+    for report in (True, False):
+        source = QueueSource()
+        source.put(samples + samples)
+        loop = TrainLoop(tiny_config(tmp_path / f"report-{report}", method="combine", **{
+            "loss.report_kl": report, "trainer.samples_per_step": 8}), source=source)
+        assert config_lib.resolved_loss_kwargs(loop.config)["kl_coef"] == 0.0
+        metrics = [loop.train_step(loop.take_samples()) for _ in range(2)]
+        runs[report] = (metrics, params_of(loop))
+        loop.close()
+    (reported, params), (silent, params_silent) = runs[True], runs[False]
+    assert reported[0]["kl"] == 0.0
+    assert reported[1]["kl"] > 0.0 and math.isfinite(reported[1]["kl"])
+    assert all("kl" not in m for m in silent)
+    for a, b in zip(reported, silent):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    assert max_param_diff(params, params_silent) <= 1e-6
+
+
 def test_sigterm_burst_finishes_the_step_checkpoints_and_stops(tmp_path):
     """SIGTERM / Ctrl-C (here a burst of them, as a second Ctrl-C or a supervisor adds) stop
     the run after the current step with a checkpoint, well before `trainer.steps`."""

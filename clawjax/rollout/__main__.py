@@ -14,6 +14,7 @@ import logging
 import sys
 
 from clawjax.cli_signals import serve_until_signal
+from clawjax.config import METHOD_PRM_M
 
 
 def _urls(value: str) -> list[str]:
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None):
     s.add_argument("--buffer", required=True, help="gRPC buffer address host:port")
     s.add_argument("--buffer-token-file", default=None)
     s.add_argument("--method", choices=("combine", "rl", "opd"), default="combine")
-    s.add_argument("--prm-m", type=int, default=1, help="votes per judge (PRM and hint)")
+    s.add_argument("--prm-m", type=int, default=None,
+                   help="votes per judge (PRM and hint); default 3 for --method rl, else 1")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--policy-api-key-file", default=None)
     s.add_argument("--judge-temperature", type=float, default=0.7)
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None):
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port = {args.port}, expected 1..65535")
+    if args.prm_m is None:
+        args.prm_m = METHOD_PRM_M[args.method]
     if args.prm_m < 1:
         p.error(f"--prm-m = {args.prm_m}, expected >= 1")
     if args.judge_concurrency < 1:

@@ -38,6 +38,7 @@ from typing import Mapping
 
 from aiohttp import web
 
+from clawjax.config import METHOD_PRM_M
 from clawjax.loop_thread import LoopThread
 from clawjax.rollout import chatapi
 from clawjax.rollout.chatapi import RequestError
@@ -282,7 +283,8 @@ async def expire_loop(proxy: Proxy, interval_s: float) -> None:
 @dataclasses.dataclass
 class ProxyConfig:
     """Everything `python -m clawjax.rollout serve` configures (see `__main__.py` for the flags).
-    `teacher_urls` empty = the policy fleet is the teacher (self-distillation)."""
+    `teacher_urls` empty = the policy fleet is the teacher (self-distillation); `prm_m` None =
+    the method's default (`clawjax.config.METHOD_PRM_M`: 3 for rl, else 1)."""
     model_dir: str
     policy_urls: list[str]
     judge_url: str
@@ -291,7 +293,7 @@ class ProxyConfig:
     teacher_urls: list[str] = dataclasses.field(default_factory=list)
     buffer_token: str | None = None
     method: str = "combine"
-    prm_m: int = 1
+    prm_m: int | None = None
     api_key: str | None = None
     policy_api_key: str | None = None
     judge_api_key: str | None = None
@@ -359,7 +361,8 @@ async def start(config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> 
         loop = JudgeLoop(judge=judge, teacher=teacher,
                          encode=lambda messages, tools: prompt_ids(teacher_tokenizer, messages,
                                                                    tools),
-                         pusher=pusher, stats=stats, method=config.method, m=config.prm_m,
+                         pusher=pusher, stats=stats, method=config.method,
+                         m=METHOD_PRM_M[config.method] if config.prm_m is None else config.prm_m,
                          concurrency=config.judge_concurrency,
                          vote_kwargs={"model": config.judge_model,
                                       "temperature": config.judge_temperature,
