@@ -207,6 +207,37 @@ def test_correction_gives_reward_minus_one_and_opd_with_hf_teacher_logprobs(serv
     assert np.max(np.abs(plain - ref)) > 1e-3
 
 
+def test_an_episode_trains_each_step_on_outcome_plus_process_reward(servers):
+    """SPEC §2, general agents: the episode's samples wait for its outcome, then each step's
+    reward is r_outcome + r_process. Process rewards by the rule judge: +1 (tool OK), 0 (a
+    neutral tool output), −1 (a correction); outcome 1 → totals 2, 1, 0. The middle step, which
+    a chat session drops (zero reward), trains; the last (total 0, no hint) does not."""
+    url = servers["main"].url
+    messages = [{"role": "user", "content": "How many hours are in 2 days?"}]
+    next_states = [("tool", "OK 24"), ("tool", "24 hours per day"),
+                   ("user", "That's wrong.")]
+    for i, (role, text) in enumerate(next_states):
+        answer = chat(url, messages, session="episode-1", episode=True)
+        assert answer["metadata"]["turn_index"] == i
+        messages = messages + [{"role": "assistant", "content": reply(answer)},
+                               {"role": role, "content": text}]
+        if i == 1:  # judged turns are held until the episode ends
+            assert samples(servers, servers["main"], "episode-1") == []
+    before = stats(servers["main"])["episodes"]
+    r = post(url, {"messages": messages, "max_tokens": 1, "session_id": "episode-1",
+                   "session_done": True},
+             headers={"X-Episode": "true", "X-Outcome-Reward": "1.0"})
+    assert r.status_code == 200, r.text
+    got = samples(servers, servers["main"], "episode-1")
+    assert stats(servers["main"])["episodes"] == before + 1
+    assert [(s.turn_index, s.kind, s.reward) for s in got] == [(0, "rl", 2.0), (1, "rl", 1.0)]
+    for s, process in zip(got, (1.0, 0.0)):
+        s.validate()
+        assert s.metadata["outcome_reward"] == "1.0"
+        assert float(s.metadata["process_reward"]) == process
+        np.testing.assert_array_equal(s.step_rewards, [1.0, 0.0, -1.0])
+
+
 def test_serving_goes_on_while_the_judge_loop_is_stuck(servers, monkeypatch):
     """Judging runs on its own thread and event loop: with that loop blocked outright (a
     synchronous wait inside judging, as heavy judge-side work would), chat requests are still
@@ -354,6 +385,14 @@ def test_bad_requests_get_openai_errors_naming_the_field(servers):
         ({"messages": ok, "session_done": "yes", "session_id": "b"}, {}, "session_done"),
         ({"messages": ok}, {"X-Session-Done": "maybe", "X-Session-Id": "b"}, "X-Session-Done"),
         ({"messages": ok}, {"X-Turn-Type": "x"}, "X-Turn-Type"),
+        ({"messages": ok, "episode": "yes", "session_id": "b"}, {}, "episode"),
+        ({"messages": ok, "session_id": "b"}, {"X-Episode": "perhaps"}, "X-Episode"),
+        ({"messages": ok, "session_id": "b", "outcome_reward": "1"}, {}, "outcome_reward"),
+        ({"messages": ok, "session_id": "b", "outcome_reward": True}, {}, "outcome_reward"),
+        ({"session_id": "b", "session_done": True, "outcome_reward": [1.0]}, {},
+         "outcome_reward"),
+        ({"messages": ok, "session_id": "b"}, {"X-Outcome-Reward": "nan"}, "X-Outcome-Reward"),
+        ({"messages": ok, "session_id": "b"}, {"X-Outcome-Reward": "high"}, "X-Outcome-Reward"),
         ({"messages": ok, "max_tokens": 100000}, {}, "max_tokens"),  # refused by the server
         ({"messages": ok, "max_tokens": 100000, "stream": True}, {}, "max_tokens"),
         ([1, 2], {}, "body"),

@@ -7,7 +7,8 @@ import pytest
 
 from clawjax.rollout import emit, sessions
 from clawjax.rollout.judge import Judgement
-from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn, NextState, SessionTable, Turn
+from clawjax.rollout.sessions import (Dropped, EpisodeEnd, JudgeJob, LoneTurn, NextState,
+                                      SessionTable, Turn)
 
 
 def turn(sid="s", index=0, r=3, version="7") -> Turn:
@@ -109,6 +110,29 @@ def test_sessions_do_not_mix():
     assert ev == []                                             # each turn is judged once
 
 
+def test_an_episode_session_marks_its_jobs_and_ends_with_its_outcome():
+    table = SessionTable(idle_expiry_s=10)
+    table.begin("e", "main", msgs(("user", "q")), 0, episode=True)
+    t0 = turn("e", 0)
+    table.finish(t0, 0)
+    _, ev = table.begin("e", "main", msgs(("user", "q"), ("assistant", "a"), ("tool", "OK")), 1)
+    assert ev == [JudgeJob(t0, NextState("tool", "OK"), episode=True)]  # the flag is sticky
+    t1 = turn("e", 1)
+    table.finish(t1, 1)
+    assert table.close("e", 1.0) == [Dropped(t1, "no_next_state"), EpisodeEnd("e", 1.0)]
+    assert table.close("e", 1.0) == []                                   # already closed
+    # A lone episode turn is held too; an expired episode ends without an outcome.
+    table.begin("lone", "main", msgs(("user", "q")), 0, episode=True)
+    t = turn("lone", 0)
+    table.finish(t, 0)
+    table.end("lone", 0)
+    assert table.expire(now=100) == [LoneTurn(t, episode=True), EpisodeEnd("lone", None)]
+    # An outcome sent by a session that never said `episode` ends nothing.
+    table.begin("chat", "main", msgs(("user", "q")), 0)
+    table.finish(turn("chat", 0), 0)
+    assert table.close("chat", 1.0) == [LoneTurn(turn("chat", 0))]
+
+
 def verdict(reward, hint=None, votes=None):
     return Judgement(votes=votes or [reward], reward=reward, hint_votes=[1 if hint else -1],
                      hint=hint, answers=["\\boxed{%d}" % reward], hint_answers=[""])
@@ -145,6 +169,31 @@ def test_emission_by_method(method, reward, hint, teacher, kinds, drops):
             assert s.metadata["hint"] == HINT
         else:
             assert s.teacher_logp is None
+
+
+@pytest.mark.parametrize("method,process,outcome,hint,teacher,kinds,drops", [
+    ("rl", 0, 1.0, None, None, [("rl", 1.0)], []),              # judged 0, trained on outcome
+    ("rl", 1, 1.0, None, None, [("rl", 2.0)], []),
+    ("rl", -1, 1.0, None, None, [], ["zero_reward"]),           # the sum is 0
+    ("rl", 1, None, None, None, [("rl", 1.0)], []),             # ended without an outcome: 0
+    ("combine", -1, 0.0, HINT, TEACHER, [("both", -1.0)], []),
+    ("combine", -1, 1.0, HINT, TEACHER, [("opd", 0.0)], ["zero_reward"]),
+    ("opd", 0, 1.0, HINT, TEACHER, [("opd", 0.0)], []),         # OPD carries no reward
+])
+def test_episode_steps_add_the_outcome_to_the_judged_reward(method, process, outcome, hint,
+                                                            teacher, kinds, drops):
+    steps = [1.0, float(process), -1.0]
+    out, why = emit.build_samples(turn(), NextState("tool", "x"), verdict(process, hint), method,
+                                  teacher, episode=True, outcome_reward=outcome,
+                                  step_rewards=steps)
+    assert [(s.kind, s.reward) for s in out] == kinds and why == drops
+    for s in out:
+        s.validate()
+        np.testing.assert_array_equal(s.step_rewards, steps)
+        assert s.metadata["outcome_reward"] == ("none" if outcome is None else repr(outcome))
+        assert float(s.metadata["process_reward"]) == process
+    lone, _ = emit.lone_sample(turn(), method, episode=True, outcome_reward=outcome)
+    assert lone[0].reward == (0.0 if method == "opd" or outcome is None else outcome)
 
 
 def test_emission_rejects_invalid_samples_and_unknown_methods():

@@ -173,6 +173,7 @@ def test_concurrent_sessions_keep_transcripts_fields_and_rewards_apart(servers):
             assert body["turn_type"] == headers["X-Turn-Type"] == "main"
             assert body["model"] == "policy" and body["temperature"] == 1.0 and body["stream"] is False
             assert headers["Authorization"] == "Bearer k3y"
+            assert "episode" not in body and "X-Episode" not in headers  # a simulated user
             if k < turns:
                 assert body["messages"] == transcript[:2 * k + 1]
                 assert "session_done" not in body and "X-Session-Done" not in headers
@@ -243,6 +244,11 @@ def test_tool_and_terminal_environments_send_tool_messages(servers, tmp_path):
     assert (terminal.outcome_reward, terminal.done) == (1.0, True)
     assert term.workdir is None and list(tmp_path.iterdir()) == []  # the runner closed the env
     assert chat.of("m-0")[0]["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    for session in ("m-0", "m-1"):  # general agents: every call says episode (SPEC §2)
+        calls = chat.of(session)
+        assert all(c["body"]["episode"] is True and c["headers"]["X-Episode"] == "true"
+                   for c in calls)
+        assert calls[-1]["body"]["outcome_reward"] == 1.0 and calls[-1]["body"]["session_done"]
 
     as_user = runner.run_episodes(chat.url, [(ToolCallEnv(), tool_task)], session_prefix="u",
                                   tool_role="user")[0]

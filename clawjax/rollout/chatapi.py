@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 import uuid
 from typing import Any, Mapping
@@ -67,6 +68,8 @@ class ChatCall:
     session_id: str | None = None
     turn_type: str = "main"
     session_done: bool = False
+    episode: bool = False  # the session is a general-agent episode (samples wait for the outcome)
+    outcome_reward: float | None = None  # the episode's verified outcome, sent on its last call
 
 
 def _content(value: Any, field: str) -> str:
@@ -111,6 +114,23 @@ def _flag(body: Mapping, headers: Mapping, key: str, header: str) -> bool:
     return value.strip().lower() in _TRUE
 
 
+def _outcome(body: Mapping, headers: Mapping) -> float | None:
+    """`outcome_reward` (body) or `X-Outcome-Reward` (header): a finite number, or None."""
+    value, field = body.get("outcome_reward"), "outcome_reward"
+    if value is None:
+        value, field = headers.get("X-Outcome-Reward"), "X-Outcome-Reward"
+        if value is None:
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise RequestError(field, value, "a finite number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise RequestError(field, value, "a finite number")
+    return float(value)
+
+
 def _session(body: Mapping, headers: Mapping) -> tuple[str | None, str, bool]:
     sid = body.get("session_id")
     if sid is None:
@@ -141,10 +161,13 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
     if not isinstance(body, Mapping):
         raise RequestError("body", body, "a JSON object")
     sid, turn_type, done = _session(body, headers)
+    episode = _flag(body, headers, "episode", "X-Episode")
+    outcome = _outcome(body, headers)
     if "messages" not in body and done:
         if sid is None:
             raise RequestError("session_id", None, "a session id for a session_done call")
-        return ChatCall(None, {}, session_id=sid, turn_type=turn_type, session_done=True)
+        return ChatCall(None, {}, session_id=sid, turn_type=turn_type, session_done=True,
+                        episode=episode, outcome_reward=outcome)
     messages = _messages(body.get("messages"))
     if body.get("n") not in (None, 1):
         raise RequestError("n", body.get("n"), "1 (one choice per request)")
@@ -178,7 +201,8 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                     stream=_flag(body, {}, "stream", ""),
                     include_usage=bool(stream_options.get("include_usage")),
                     logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
-                    session_id=sid, turn_type=turn_type, session_done=done)
+                    session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
+                    outcome_reward=outcome)
 
 
 def generate_body(call: ChatCall, prompt_ids: list[int]) -> dict:

@@ -17,6 +17,13 @@ the session represented and its tokens count for the KL/entropy terms), metadata
 `next_state_role = "none"`. Every other turn without a next state is not emitted at all and
 counts under `no_next_state` (a sample whose loss_mask is all 0 would change nothing).
 
+Episodes (SPEC §2, general agents: `JudgeJob.episode`): the judge loop holds a session's judged
+turns until its `EpisodeEnd`, then builds them with `outcome_reward`: each step's reward is
+r_outcome + r_process (its judged reward), so a step the judge scored 0 still trains on a ±1
+outcome, and `rl` drops a step only when that sum is 0. Such samples carry `step_rewards` (the
+episode's judged rewards, in turn order) and metadata `outcome_reward` / `process_reward`.
+An episode that ended without an outcome (expired, or closed without one) uses 0.
+
 Samples carry `policy_version = policy_version_of(weight_version)`: the integer the server's
 label ends with ("12" → 12, "step_12" → 12), 0 for labels without digits ("default").
 """
@@ -84,15 +91,31 @@ def _metadata(turn: Turn, method: str, next_state: NextState | None,
     return meta
 
 
+def _episode_fields(sample: Sample, outcome: float | None, process: float,
+                    step_rewards: Sequence[float] | None) -> Sample:
+    sample.metadata["outcome_reward"] = "none" if outcome is None else repr(float(outcome))
+    sample.metadata["process_reward"] = repr(float(process))
+    sample.step_rewards = np.asarray(step_rewards if step_rewards is not None else [process],
+                                     np.float32)
+    return sample
+
+
 def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, method: str,
-                  teacher_logp=None) -> tuple[list[Sample], list[str]]:
+                  teacher_logp=None, *, episode: bool = False,
+                  outcome_reward: float | None = None,
+                  step_rewards: Sequence[float] | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, drop reasons) for one judged turn; see the module docstring. `teacher_logp
-    [R]` is None when no hint was found or when the teacher failed. Samples are validated; one
-    that breaks the contract is dropped as `invalid` (logged)."""
+    [R]` is None when no hint was found or when the teacher failed. With `episode`, the reward
+    is `outcome_reward` (None: 0) + the judged reward, and `step_rewards [S]` (the episode's
+    judged rewards) is stored on the sample. Samples are validated; one that breaks the
+    contract is dropped as `invalid` (logged)."""
     if method not in METHODS:
         raise ValueError(f"method = {method!r}, expected one of {METHODS}")
     drops: list[str] = []
-    rl_ok = method in ("rl", "combine") and judgement.reward != 0
+    reward = float(judgement.reward)
+    if episode:
+        reward += 0.0 if outcome_reward is None else float(outcome_reward)
+    rl_ok = method in ("rl", "combine") and reward != 0
     if method in ("rl", "combine") and not rl_ok:
         drops.append("zero_reward")
     opd_ok = False
@@ -106,9 +129,11 @@ def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, metho
     kind = "both" if rl_ok and opd_ok else "rl" if rl_ok else "opd" if opd_ok else None
     if kind is None:
         return [], drops
-    sample = _sample(turn, kind, judgement.reward if rl_ok else 0.0,
+    sample = _sample(turn, kind, reward if rl_ok else 0.0,
                      teacher_logp if opd_ok else None,
                      _metadata(turn, method, next_state, judgement))
+    if episode:
+        _episode_fields(sample, outcome_reward, judgement.reward, step_rewards)
     try:
         return [sample.validate()], drops
     except SampleError as e:
@@ -116,10 +141,17 @@ def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, metho
         return [], drops + ["invalid"]
 
 
-def lone_sample(turn: Turn, method: str) -> tuple[list[Sample], list[str]]:
-    """The at-least-one sample of a session whose only main turn got no next state."""
-    sample = _sample(turn, "rl", 0.0, None, _metadata(turn, method, None, None))
+def lone_sample(turn: Turn, method: str, *, episode: bool = False,
+                outcome_reward: float | None = None) -> tuple[list[Sample], list[str]]:
+    """The at-least-one sample of a session whose only main turn got no next state (never
+    judged: process reward 0; an episode's reward is its outcome, for rl and combine)."""
+    reward = 0.0
+    if episode and method != "opd" and outcome_reward is not None:
+        reward = float(outcome_reward)
+    sample = _sample(turn, "rl", reward, None, _metadata(turn, method, None, None))
     sample.metadata["lone_turn"] = "1"
+    if episode:
+        _episode_fields(sample, outcome_reward, 0.0, None)
     try:
         return [sample.validate()], []
     except SampleError as e:
@@ -138,6 +170,7 @@ class Stats:
         self.judged_turns = 0
         self.hinted_turns = 0
         self.lone_turns = 0
+        self.episodes = 0  # general-agent episodes whose held samples got their outcome
         self.served = collections.Counter()
         self.push = {"pushed": 0, "duplicates": 0, "batches": 0, "failures": 0, "queued": 0}
 
@@ -160,7 +193,8 @@ class Stats:
                 "votes": dict(self.votes), "rewards": dict(self.rewards),
                 "judged_turns": self.judged_turns, "hinted_turns": self.hinted_turns,
                 "hint_share": self.hinted_turns / self.judged_turns if self.judged_turns else 0.0,
-                "lone_turns": self.lone_turns, "served": dict(self.served),
+                "lone_turns": self.lone_turns, "episodes": self.episodes,
+                "served": dict(self.served),
                 "push": dict(self.push)}
 
 
@@ -252,10 +286,21 @@ class Pusher:
                 await asyncio.sleep(delay)
 
 
+class _Held:
+    """An open episode's judged turns, waiting for its outcome: the tasks still judging them
+    and the finished items `(turn, next_state, judgement, teacher_logp)` (a lone turn:
+    `(turn, None, None, None)`)."""
+
+    def __init__(self):
+        self.tasks: set[asyncio.Task] = set()
+        self.items: list[tuple] = []
+
+
 class JudgeLoop:
     """The asynchronous judge → teacher → emission pipeline behind the proxy. `handle(events)`
     (events of `clawjax.rollout.sessions`) only schedules tasks, so serving never waits; at most
-    `concurrency` turns are judged at a time.
+    `concurrency` turns are judged at a time. An episode's turns are judged as they come and
+    held until its `EpisodeEnd` (see the module docstring).
 
     Args: judge (an `SGLangClient` or anything with `chat_completions(body, timeout=)`),
     teacher (anything with `teacher_logprobs(prompt_ids, response_ids)`, e.g. a `Fleet`),
@@ -275,15 +320,27 @@ class JudgeLoop:
         self.vote_kwargs = dict(vote_kwargs or {})
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
+        self._held: dict[str, _Held] = {}  # open episodes by session id
 
     def handle(self, events: Sequence) -> None:
-        from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn
+        from clawjax.rollout.sessions import Dropped, EpisodeEnd, JudgeJob, LoneTurn
         for event in events:
             if isinstance(event, JudgeJob):
-                self._spawn(self._judged(event.turn, event.next_state))
+                held = self._held.setdefault(event.turn.session_id, _Held()) \
+                    if event.episode else None
+                task = self._spawn(self._judged(event.turn, event.next_state, held))
+                if held is not None:
+                    held.tasks.add(task)
             elif isinstance(event, LoneTurn):
                 self.stats.lone_turns += 1
-                self._spawn(self._emit(*lone_sample(event.turn, self.method)))
+                if event.episode:
+                    self._held.setdefault(event.turn.session_id, _Held()).items.append(
+                        (event.turn, None, None, None))
+                else:
+                    self._spawn(self._emit(*lone_sample(event.turn, self.method)))
+            elif isinstance(event, EpisodeEnd):
+                held = self._held.pop(event.session_id, None) or _Held()
+                self._spawn(self._end_episode(held, event.outcome_reward))
             elif isinstance(event, Dropped):
                 self.stats.count([], [event.reason])
 
@@ -304,10 +361,11 @@ class JudgeLoop:
                 return False
         return await self.pusher.drain(max(deadline - time.monotonic(), 0.0))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -319,7 +377,25 @@ class JudgeLoop:
         for sample in samples:
             await self.pusher.put(sample)
 
-    async def _judged(self, turn: Turn, next_state: NextState) -> None:
+    async def _end_episode(self, held: _Held, outcome_reward: float | None) -> None:
+        """Once every turn of the episode is judged: its samples, outcome added, in turn
+        order."""
+        if held.tasks:
+            await asyncio.wait(held.tasks)  # a failed judging task was logged; its turn is lost
+        items = sorted(held.items, key=lambda item: item[0].turn_index)
+        process = [float(j.reward) for _, _, j, _ in items if j is not None]
+        self.stats.episodes += 1
+        for turn, next_state, judgement, teacher_logp in items:
+            if judgement is None:
+                out = lone_sample(turn, self.method, episode=True, outcome_reward=outcome_reward)
+            else:
+                out = build_samples(turn, next_state, judgement, self.method, teacher_logp,
+                                    episode=True, outcome_reward=outcome_reward,
+                                    step_rewards=process)
+            await self._emit(*out)
+
+    async def _judged(self, turn: Turn, next_state: NextState,
+                      held: _Held | None = None) -> None:
         from clawjax.rollout import judge as judge_mod
         from clawjax.rollout.prompts import TurnView
         view = TurnView(judge_mod.last_user_text(turn.messages), turn.response_text,
@@ -332,6 +408,9 @@ class JudgeLoop:
             teacher_logp = None
             if verdict.hint is not None:
                 teacher_logp = await self._teacher(turn, verdict.hint)
+        if held is not None:
+            held.items.append((turn, next_state, verdict, teacher_logp))
+            return
         await self._emit(*build_samples(turn, next_state, verdict, self.method, teacher_logp))
 
     async def _teacher(self, turn: Turn, hint: str):

@@ -19,6 +19,9 @@ The turn keeps prompt ids, response ids (`output_ids`), rollout log-probs
 
 Session fields (SPEC.md §8) come from the body (`session_id`, `turn_type`, `session_done`) or
 the headers `X-Session-Id`, `X-Turn-Type`, `X-Session-Done`; the body wins when both are given.
+General-agent episodes (SPEC §2) also send `episode: true` (`X-Episode`) on their requests and
+the verified `outcome_reward` (`X-Outcome-Reward`) with `session_done`: their samples are held
+until the session closes and each step's reward is the outcome plus its judged reward.
 A request without a session id is served and never trained. A body with `session_done: true`
 and no `messages` only closes the session (answer `{"object": "session.done", ...}`).
 
@@ -83,7 +86,7 @@ class Proxy:
             self.stats.served["no_session"] += 1
             return 0
         index, events = self.table.begin(call.session_id, call.turn_type, call.messages,
-                                         time.monotonic())
+                                         time.monotonic(), episode=call.episode)
         self.loop.handle(events)
         return index
 
@@ -107,7 +110,7 @@ class Proxy:
 
     def session_done(self, call: chatapi.ChatCall) -> None:
         if call.session_id is not None and call.session_done:
-            self.loop.handle(self.table.close(call.session_id))
+            self.loop.handle(self.table.close(call.session_id, call.outcome_reward))
 
     def _turn(self, call, index: int, prompt_ids: list[int], result: dict) -> Turn | None:
         ids = [int(t) for t in result.get("output_ids") or []]

@@ -15,7 +15,11 @@ One episode = one session:
 
 So the proxy sees every main-line turn's next state, including the last one's, and learns the
 episode's outcome when the session closes. Rewards (SPEC §2, general agents): the step total is
-r_outcome + r_process(step); `step_reward_totals` is that sum, for the proxy to call.
+r_outcome + r_process(step). For an environment with `outcome_rewards` (tool-call, terminal)
+every call also says `episode: true` / `X-Episode: true`, so the proxy holds the episode's
+judged turns until the close and trains each on that sum (`clawjax.rollout.emit`);
+`step_reward_totals` is the same sum over a finished episode's judged rewards, for callers
+outside the proxy.
 
 From the command line (tasks from `clawjax.rollout.tasks`, results appended as JSONL):
     python -m clawjax.rollout.runner --url http://127.0.0.1:8000 --tasks tasks.jsonl \
@@ -147,6 +151,9 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
     result = EpisodeResult(session_id, task_id, getattr(env, "name", type(env).__name__), [], [])
     session_headers = {**headers, "X-Session-Id": session_id, "X-Turn-Type": "main"}
     session_body = {"model": model, "session_id": session_id, "turn_type": "main", "stream": False}
+    if getattr(env, "outcome_rewards", False):  # a general agent: the outcome joins each step
+        session_headers["X-Episode"] = "true"
+        session_body["episode"] = True
 
     def add(observation: Observation) -> None:
         role = observation.role if observation.role == "user" else tool_role

@@ -2,10 +2,10 @@
 
 The proxy tells the table what happens, with the time `now` (seconds, any monotonic clock):
 
-    index, events = table.begin(session_id, turn_type, messages, now)   # a request arrives
+    index, events = table.begin(session_id, turn_type, messages, now, episode)  # a request
     events = table.finish(turn, now)        # its main-line response was generated (trainable)
     table.end(session_id, now)              # the request was answered (or failed)
-    events = table.close(session_id)        # session_done (after the request's own turn)
+    events = table.close(session_id, outcome_reward)   # session_done (after the request's turn)
     events = table.expire(now)              # idle sessions, handled like session_done
     events = table.close_all()              # shutdown
 
@@ -15,6 +15,14 @@ and acts on the events returned:
     state; it is still emitted (at-least-one guarantee) — see `clawjax.rollout.emit`.
   - `Dropped(turn, "no_next_state")`: the session ended and its last main-line turn, not its only
     one, never got a next state: not trained.
+  - `EpisodeEnd(session_id, outcome_reward)`: an episode session ended (after its other
+    events); its held samples can now get the outcome (None when it expired or closed without
+    one).
+
+Episodes (SPEC §2, general agents): a session any of whose requests says `episode` is one
+episode of an environment with a verified outcome. Its `JudgeJob`s and `LoneTurn` carry
+`episode=True`: the judge side holds their samples until `EpisodeEnd` and adds the outcome to
+each step's judged (process) reward.
 
 Rules:
   - Only `main` turns are trainable; `side` turns (title, memory calls) are served, get a
@@ -62,11 +70,19 @@ class NextState:
 class JudgeJob:
     turn: Turn
     next_state: NextState
+    episode: bool = False
 
 
 @dataclasses.dataclass
 class LoneTurn:
     turn: Turn
+    episode: bool = False
+
+
+@dataclasses.dataclass
+class EpisodeEnd:
+    session_id: str
+    outcome_reward: float | None
 
 
 @dataclasses.dataclass
@@ -82,6 +98,7 @@ class _Session:
     pending: Turn | None = None
     last_seen: float = 0.0
     in_flight: int = 0  # requests begun and not yet ended: the session is not idle
+    episode: bool = False
 
 
 def _text(content: Any) -> str:
@@ -126,12 +143,14 @@ class SessionTable:
         return session_id in self._sessions
 
     def begin(self, session_id: str, turn_type: str, messages: Sequence[dict],
-              now: float) -> tuple[int, list]:
+              now: float, episode: bool = False) -> tuple[int, list]:
         """A request of `session_id` arrives: returns its turn index and the events (a
-        `JudgeJob` when it carries the pending turn's next state)."""
+        `JudgeJob` when it carries the pending turn's next state). `episode` marks the session
+        an episode for good."""
         if turn_type not in TURN_TYPES:
             raise ValueError(f"turn_type = {turn_type!r}, expected one of {TURN_TYPES}")
         session = self._sessions.setdefault(session_id, _Session())
+        session.episode = session.episode or bool(episode)
         session.last_seen = now
         session.in_flight += 1
         index = session.next_index
@@ -140,7 +159,7 @@ class SessionTable:
         if turn_type == "main" and session.pending is not None:
             state = next_state_of(messages)
             if state is not None:
-                events.append(JudgeJob(session.pending, state))
+                events.append(JudgeJob(session.pending, state, session.episode))
                 session.pending = None
         return index, events
 
@@ -166,14 +185,19 @@ class SessionTable:
             session.last_seen = now
             session.in_flight = max(0, session.in_flight - 1)
 
-    def close(self, session_id: str) -> list:
-        """session_done: the pending turn gets no next state."""
+    def close(self, session_id: str, outcome_reward: float | None = None) -> list:
+        """session_done: the pending turn gets no next state; an episode also ends, with
+        `outcome_reward` (ignored for other sessions)."""
         session = self._sessions.pop(session_id, None)
-        if session is None or session.pending is None:
+        if session is None:
             return []
-        if session.main_turns == 1:
-            return [LoneTurn(session.pending)]
-        return [Dropped(session.pending, "no_next_state")]
+        events: list = []
+        if session.pending is not None:
+            events.append(LoneTurn(session.pending, session.episode) if session.main_turns == 1
+                          else Dropped(session.pending, "no_next_state"))
+        if session.episode:
+            events.append(EpisodeEnd(session_id, outcome_reward))
+        return events
 
     def expire(self, now: float) -> list:
         """Closes every session idle for more than `idle_expiry_s`."""

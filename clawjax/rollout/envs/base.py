@@ -69,6 +69,10 @@ class Environment(abc.ABC):
     """One episode at a time; see the module docstring for the contract."""
 
     name: ClassVar[str] = "environment"
+    # True for general agents (SPEC §2): the runner marks their sessions `episode`, and the
+    # proxy adds the verified outcome to every step's judged reward. False (a simulated user):
+    # the judged reply is the whole signal.
+    outcome_rewards: ClassVar[bool] = False
 
     @abc.abstractmethod
     def reset(self, task: Mapping[str, Any]) -> Observation:

@@ -120,6 +120,7 @@ class TerminalEnv(Environment):
     commands to probe the sandbox); every name must resolve on /usr/bin:/bin."""
 
     name = "terminal"
+    outcome_rewards = True
 
     def __init__(self, *, time_limit_s: float = 5.0, max_output_chars: int = 2000,
                  max_file_bytes: int = 1 << 20, allowed_commands: tuple[str, ...] = ALLOWED_COMMANDS,

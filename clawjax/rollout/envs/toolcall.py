@@ -142,6 +142,7 @@ class ToolCallEnv(Environment):
     """Calculator + lookup; see the module docstring for the syntax and the task fields."""
 
     name = "toolcall"
+    outcome_rewards = True
 
     def __init__(self):
         self._state = EpisodeState(self.name)
