@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from clawjax.group_norm import GROUP_NORM_MODES
+
 METHODS = ("rl", "opd", "combine")
 # = clawjax.model.config.ATTENTION_IMPLEMENTATIONS (a test keeps them equal; importing the model
 # package here would load JAX for every `--help`).
@@ -76,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     # True costs one more forward per micro-batch and a second copy of the parameters.
     c.loss.report_kl = True  # compute and report `kl` to the reference even at kl_coef 0 (SPEC §3)
     c.loss.entropy_coef = 0.0
+    c.loss.group_norm = "none"  # GRPO rewards per prompt group: none | mean | mean_std (SPEC §2)
     c.loss.reduction = "sample_mean"
     c.loss.topk_coef = 0.0
     c.loss.use_tis = False
@@ -131,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 4  # evaluate every this many published versions
     c.eval.samples_per_task = 4
-    c.eval.final_samples_per_task = 16  # the warm-start and final evaluations (summary's ends)
+    c.eval.final_samples_per_task = 16  # answers per held-out task, warm-start and final scores
 
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.hidden_size = 128
@@ -211,6 +214,8 @@ def validate(config) -> None:
                "a positive integer or -1 (the remaining devices)")
     _check(c.loss.old_logp in ("rollout", "recompute"), "loss.old_logp", c.loss.old_logp,
            "'rollout' or 'recompute'")
+    _check(c.loss.group_norm in GROUP_NORM_MODES, "loss.group_norm", c.loss.group_norm,
+           f"one of {GROUP_NORM_MODES}")
     _check(c.rollout.prm_m is None or c.rollout.prm_m >= 1, "rollout.prm_m", c.rollout.prm_m,
            "None (the method's default) or at least 1")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")

@@ -28,6 +28,7 @@ from clawjax import cli_signals
 from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
+from clawjax import group_norm
 from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
 from clawjax import workdir as workdir_lib
 from clawjax.metrics import MetricsWriter
@@ -285,7 +286,7 @@ class TrainLoop:
         """One update on `samples`; returns host metrics."""
         start = time.perf_counter()
         version_before = self.policy_version
-        stack = self.pack(samples)
+        stack = self.pack(group_norm.normalize_rewards(samples, self.config.loss.group_norm))
         self.state, metrics = self._step(self.state, stack, self.ref_params)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
