@@ -19,7 +19,7 @@ counts under `no_next_state` (a sample whose loss_mask is all 0 would change not
 
 Episodes (SPEC §2, general agents: `JudgeJob.episode`): the judge loop holds a session's judged
 turns until its `EpisodeEnd`, then builds them with `outcome_reward`: each step's reward is
-r_outcome + r_process (its judged reward), so a step the judge scored 0 still trains on a ±1
+r_outcome + r_process (its judged reward), so a step the judge scored 0 still trains on a nonzero
 outcome, and `rl` drops a step only when that sum is 0. Such samples carry `step_rewards` (the
 episode's judged rewards, in turn order) and metadata `outcome_reward` / `process_reward`.
 An episode that ended without an outcome (expired, or closed without one) uses 0.
