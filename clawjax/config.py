@@ -187,10 +187,14 @@ def resolved_loss_kwargs(config) -> dict:
     return out
 
 
+def prm_m_for(method: str, prm_m: int | None = None) -> int:
+    """Judge votes per turn: `prm_m`, or when None the method's default (`METHOD_PRM_M`)."""
+    return METHOD_PRM_M[method] if prm_m is None else int(prm_m)
+
+
 def resolved_prm_m(config) -> int:
-    """Judge votes per turn: `rollout.prm_m`, or the method's default (`METHOD_PRM_M`)."""
-    m = config.rollout.prm_m
-    return METHOD_PRM_M[config.method] if m is None else int(m)
+    """`prm_m_for` of the config's `method` and `rollout.prm_m`."""
+    return prm_m_for(config.method, config.rollout.prm_m)
 
 
 def _check(ok: bool, key: str, value, expected: str):

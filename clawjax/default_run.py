@@ -219,7 +219,8 @@ def start_local(config) -> LocalRun:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_tasks, heldout = default_task.split_tasks(config.warmstart.heldout_share,
                                                     config.warmstart.seed)
-    stack = LocalStack(workdir, model_dir, method=config.method, prm_m=config_lib.resolved_prm_m(config),
+    stack = LocalStack(workdir, model_dir, method=config.method,
+                       prm_m=config_lib.resolved_prm_m(config),
                        max_batch=config.rollout.max_batch,
                        lease_timeout_s=config.rollout.lease_timeout_s).start()
     with config.unlocked():

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from clawjax.cli_signals import serve_until_signal
-from clawjax.config import METHOD_PRM_M
+from clawjax.config import prm_m_for
 
 
 def _urls(value: str) -> list[str]:
@@ -64,8 +64,7 @@ def parse_args(argv: list[str] | None):
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port = {args.port}, expected 1..65535")
-    if args.prm_m is None:
-        args.prm_m = METHOD_PRM_M[args.method]
+    args.prm_m = prm_m_for(args.method, args.prm_m)
     if args.prm_m < 1:
         p.error(f"--prm-m = {args.prm_m}, expected >= 1")
     if args.judge_concurrency < 1:

@@ -41,7 +41,7 @@ from typing import Mapping
 
 from aiohttp import web
 
-from clawjax.config import METHOD_PRM_M
+from clawjax.config import prm_m_for
 from clawjax.loop_thread import LoopThread
 from clawjax.rollout import chatapi
 from clawjax.rollout.chatapi import RequestError
@@ -287,7 +287,7 @@ async def expire_loop(proxy: Proxy, interval_s: float) -> None:
 class ProxyConfig:
     """Everything `python -m clawjax.rollout serve` configures (see `__main__.py` for the flags).
     `teacher_urls` empty = the policy fleet is the teacher (self-distillation); `prm_m` None =
-    the method's default (`clawjax.config.METHOD_PRM_M`: 3 for rl, else 1)."""
+    the method's default (`clawjax.config.prm_m_for`: 3 for rl, else 1)."""
     model_dir: str
     policy_urls: list[str]
     judge_url: str
@@ -365,7 +365,7 @@ async def start(config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> 
                          encode=lambda messages, tools: prompt_ids(teacher_tokenizer, messages,
                                                                    tools),
                          pusher=pusher, stats=stats, method=config.method,
-                         m=METHOD_PRM_M[config.method] if config.prm_m is None else config.prm_m,
+                         m=prm_m_for(config.method, config.prm_m),
                          concurrency=config.judge_concurrency,
                          vote_kwargs={"model": config.judge_model,
                                       "temperature": config.judge_temperature,
