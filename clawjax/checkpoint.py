@@ -79,6 +79,16 @@ class Checkpointer:
         self._manager.reload()
         return list(self._manager.all_steps())
 
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (an abandoned trajectory after a rollback:
+        a restart must not resume from it, and training again to those step numbers must be
+        able to save them), once any save in flight is durable. Returns the deleted steps."""
+        self.wait()
+        gone = [s for s in self.all_steps() if s > step]
+        for s in gone:
+            self._manager.delete(s)
+        return gone
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores `(state, meta, step)`; `step=None` takes the latest.
 

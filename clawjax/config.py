@@ -20,6 +20,9 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
 # Packed rows (trainer.token_budget tokens) must be a multiple of the kernel's smallest block
 # (clawjax.kernels: GPU 16, TPU 128, the lane width; a test keeps these equal).
 ATTENTION_ROW_MULTIPLE = {"xla": 1, "pallas_gpu": 16, "pallas_tpu": 128}
+GATE_ROLLBACK = ("checkpoint", "memory")  # where the regression gate's rollback target is kept
+# JAX platform names `rollout.server_platforms` may list (JAX_PLATFORMS of the policy server).
+SERVER_PLATFORMS = ("cpu", "cuda", "gpu", "rocm", "tpu")
 
 # Loss defaults per method (SPEC §2–§3): weights of the two advantage terms and the KL coefficient.
 METHOD_LOSS_DEFAULTS = {
@@ -129,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.max_tokens = 16
     c.rollout.max_batch = 16  # decode slots of the embedded server
+    # e.g. "cuda" with the trainer on the CPU, or "cpu" to leave a GPU to the trainer: serving
+    # and training on separate devices, as a fleet and a trainer are
+    c.rollout.server_platforms = ""  # JAX_PLATFORMS of the embedded server; "" = the trainer's
     c.rollout.lease_timeout_s = 30.0
 
     c.eval = ml_collections.ConfigDict()
@@ -157,6 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.gate.enabled = False  # score each candidate on a probe set before publishing it
     c.gate.probe = ""  # JSONL of probe samples (replay format)
     c.gate.margin = 0.5  # refuse a candidate whose probe mean log-prob drops by more
+    # "checkpoint": an orbax save at each accepted publish (the trainer waits for the previous
+    # save to finish); "memory": an on-device copy of the train state (no disk, one more copy
+    # of the parameters and optimizer state)
+    c.gate.rollback = "checkpoint"  # where the last accepted state is kept: checkpoint | memory
 
     c.distributed = ml_collections.ConfigDict()  # multi-host (clawjax/distributed.py)
     c.distributed.enabled = config_dict.placeholder(bool)  # None: auto (SLURM / TPU pod env)
@@ -222,6 +232,9 @@ def validate(config) -> None:
            f"one of {GROUP_NORM_MODES}")
     _check(c.rollout.prm_m is None or c.rollout.prm_m >= 1, "rollout.prm_m", c.rollout.prm_m,
            "None (the method's default) or at least 1")
+    _check(all(p in SERVER_PLATFORMS for p in c.rollout.server_platforms.split(","))
+           if c.rollout.server_platforms else True, "rollout.server_platforms",
+           c.rollout.server_platforms, f"'' or a comma-separated list of {SERVER_PLATFORMS}")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")
     t = c.trainer
     _check(t.steps >= 0, "trainer.steps", t.steps, "an integer ≥ 0")
@@ -247,6 +260,8 @@ def validate(config) -> None:
            "an integer ≥ 0 (0 = never)")
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
+    _check(c.gate.rollback in GATE_ROLLBACK, "gate.rollback", c.gate.rollback,
+           f"one of {GATE_ROLLBACK}")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")
     for key in ("samples_per_task", "final_samples_per_task"):
         _check(isinstance(c.eval[key], int) and c.eval[key] >= 1, f"eval.{key}", c.eval[key],

@@ -222,7 +222,8 @@ def start_local(config) -> LocalRun:
     stack = LocalStack(workdir, model_dir, method=config.method,
                        prm_m=config_lib.resolved_prm_m(config),
                        max_batch=config.rollout.max_batch,
-                       lease_timeout_s=config.rollout.lease_timeout_s).start()
+                       lease_timeout_s=config.rollout.lease_timeout_s,
+                       server_platforms=config.rollout.server_platforms).start()
     with config.unlocked():
         config.model.path = model_dir
         config.buffer.address = stack.buffer_address

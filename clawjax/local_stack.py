@@ -64,19 +64,21 @@ def _die_with_parent() -> None:
 
 @dataclasses.dataclass
 class Child:
-    """One supervised process: `args` after `python -m`, a regex whose group 1 is its address."""
+    """One supervised process: `args` after `python -m`, a regex whose group 1 is its address;
+    `env` is laid over this process's environment."""
 
     name: str
     args: list[str]
     ready: str
     log_path: str
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
     proc: subprocess.Popen | None = None
     address: str = ""
     restarts: int = 0
 
     def start(self, timeout_s: float = 180.0) -> str:
         log_file = open(self.log_path, "a")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
         self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
                                      stderr=log_file, text=True, env=env,
@@ -125,23 +127,27 @@ class Child:
 class LocalStack:
     """Buffer, policy server, rule judge and proxy as supervised child processes.
 
-    Attributes once started: `buffer_address` (host:port), `policy_url`, `judge_url`,
-    `proxy_url` (http://host:port).
+    `server_platforms`: the policy server's JAX_PLATFORMS ("" = inherited), so that serving
+    and training can run on separate devices. Attributes once started: `buffer_address`
+    (host:port), `policy_url`, `judge_url`, `proxy_url` (http://host:port).
     """
 
     def __init__(self, workdir: str, model_dir: str, method: str = "combine",
-                 prm_m: int | None = None, max_batch: int = 16, lease_timeout_s: float = 30.0):
+                 prm_m: int | None = None, max_batch: int = 16, lease_timeout_s: float = 30.0,
+                 server_platforms: str = ""):
         self.workdir = workdir
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.model_dir, self.method, self.prm_m = model_dir, method, prm_m
         self.max_batch, self.lease_timeout_s = max_batch, lease_timeout_s
+        self.server_platforms = server_platforms
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    def _child(self, name: str, args: list[str], ready: str) -> str:
-        child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"))
+    def _child(self, name: str, args: list[str], ready: str,
+               env: dict[str, str] | None = None) -> str:
+        child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"), env or {})
         self.children[name] = child
         for attempt in range(3):  # a previous run's child may still be releasing its files
             try:
@@ -172,7 +178,8 @@ class LocalStack:
             r"clawjax buffer listening on (\S+)")
         self.policy_url = self._child("server", [
             "clawjax.serve", "--model", self.model_dir, "--port", str(free_port()),
-            "--max-batch", str(self.max_batch)], ready_url)
+            "--max-batch", str(self.max_batch)], ready_url,
+            {"JAX_PLATFORMS": self.server_platforms} if self.server_platforms else None)
         self.judge_url = self._child("judge", [
             "clawjax.rollout.rule_judge", "--port", str(free_port())], ready_url)
         self.proxy_url = self._child("proxy", [

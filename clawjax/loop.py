@@ -152,15 +152,21 @@ class TrainLoop:
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
         self._signals: list[int] = []   # filled by the signal handlers (install_signal_handlers)
+        # Where the trainer thread's time goes besides the update (metrics of each step):
+        # take_wait_s waiting for this step's samples; after_step_s after the previous update
+        # (checkpoint start, regression gate, hand-off to the publisher), gate_s of which
+        # scoring the candidate on the probe set (0 when nothing was published).
+        self._thread_s = {"take_wait_s": 0.0, "after_step_s": 0.0, "gate_s": 0.0}
         self._saved_step = -1  # the step of the newest checkpoint started by this process
-        self._good_step = 0  # the newest checkpoint the regression gate accepted
+        self._good_step = 0  # the step of the newest state the regression gate accepted
+        self._good_state = None  # gate.rollback "memory": that state (a copy on device)
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
         if config.trainer.resume:
             self.restore()
         if self.gate is not None:  # the serving policy is the one we start from
             self.gate.accept(self.state.params)
             self.save_checkpoint()  # no-op when resuming: that step is already saved
-            self._good_step = self.step
+            self._keep_good_state()
         # Metrics are global (the loss of the global batch): process 0 writes metrics.jsonl,
         # TensorBoard and the progress bar; others keep their own file (metrics.process{i}).
         lead = jax.process_index() == 0
@@ -301,6 +307,7 @@ class TrainLoop:
             staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),
             skipped_total=float(self.state.skipped), gate_refusals=float(self.gate_refusals),
             **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},
+            **self._thread_s,
         )
         if self.extra_metrics is not None:
             metrics.update(self.extra_metrics())
@@ -315,9 +322,11 @@ class TrainLoop:
         cfg = self.config
         skips_in_a_row = 0
         while self.step < cfg.trainer.steps and not self.stopping:
+            waited = time.perf_counter()
             samples = self.take_samples()
             if not samples:
                 continue
+            self._thread_s["take_wait_s"] = time.perf_counter() - waited
             metrics = self.train_step(samples)
             self.metrics.write(self.step, metrics)
             skips_in_a_row = 0 if metrics["finite"] else skips_in_a_row + 1
@@ -330,33 +339,59 @@ class TrainLoop:
                     f"(trainer.max_consecutive_skips = {cfg.trainer.max_consecutive_skips})")
             if hasattr(self.source, "set_policy_version"):
                 self.source.set_policy_version(self.policy_version)
+            after = time.perf_counter()
+            self._thread_s["gate_s"] = 0.0
             if self.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
             self.maybe_publish()
             self.checkpointer.poll()
+            self._thread_s["after_step_s"] = time.perf_counter() - after
         self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
 
     def maybe_publish(self) -> None:
         """Publishes every `publish.every_steps` steps, behind the regression gate: a candidate
         scoring worse than the serving policy by more than `gate.margin` is not published and
-        the trainer rolls back to the last published (good) checkpoint."""
+        the trainer rolls back to the last published (good) state (`rollback`)."""
         if self.publisher is None or self.step % self.config.publish.every_steps:
             return
         if self.gate is not None:
+            scoring = time.perf_counter()
             decision = self.gate.check(self.state.params)
+            self._thread_s["gate_s"] = time.perf_counter() - scoring
             if not decision.passed:
                 self.gate_refusals += 1
-                log.warning("%s: rolling back to checkpoint %d", decision.describe(),
+                log.warning("%s: rolling back to step %d", decision.describe(),
                             self._good_step)
-                self.checkpointer.wait()
-                self.restore(self._good_step)
+                self.rollback()
                 return
             self.gate.accept(self.state.params, decision.candidate)
-            self.save_checkpoint()  # the rollback target for a later refusal
-            self._good_step = self.step
+            if self.config.gate.rollback == "checkpoint":
+                self.save_checkpoint()  # the rollback target for a later refusal
+            self._keep_good_state()
         self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
                                      self.model_config, self.policy_version, force=True)
+
+    def _keep_good_state(self) -> None:
+        """The current state becomes the rollback target (`gate.rollback`: its checkpoint,
+        already saved, or an on-device copy the train step cannot donate away)."""
+        self._good_step = self.step
+        if self.config.gate.rollback == "memory":
+            self._good_state = jax.tree.map(lambda x: x.copy(), self.state)
+
+    def rollback(self) -> None:
+        """Back to the last state the gate accepted. Checkpoints newer than it are deleted
+        (a restart resumes from the good state) and the trained-samples log is cut back to it;
+        samples trained since were consumed and their updates are discarded."""
+        self.checkpointer.discard_after(self._good_step)
+        if self._good_state is None:
+            self.restore(self._good_step)
+            return
+        self.state = jax.tree.map(lambda x: x.copy(), self._good_state)
+        self._truncate_trained_log(self._good_step)
+        # A later save of this step number must not be skipped if it is no longer on disk.
+        self._saved_step = (self._good_step if self._good_step in self.checkpointer.all_steps()
+                            else -1)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly (the

@@ -252,7 +252,9 @@ def test_info_endpoints(http, model_a):
     info = http.get("/get_model_info").json()
     assert info["model_path"] == str(model_a) and info["is_generation"] is True
     assert info["weight_version"] == "default"
-    assert http.get("/get_server_info").json()["context_length"] == 256
+    server_info = http.get("/get_server_info").json()
+    assert server_info["context_length"] == 256
+    assert server_info["platform"] == "cpu"  # the test server runs with JAX_PLATFORMS=cpu
     assert http.post("/flush_cache").status_code == 200
     assert http.get("/health_generate").status_code == 200
     assert http.get("/v1/models").json()["data"][0]["id"] == str(model_a)

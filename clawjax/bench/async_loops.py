@@ -21,11 +21,14 @@ Two bounds on what overlapping the loops can gain, both read from the sequential
   fill (each mode's cores busy and CPU ms per trained sample are printed).
 
     python -m clawjax.bench async [--steps 60] [--repeats 3] [--workdir bench/async] [--quick]
-                                  [--platforms cpu|default|cuda|...]
+                                  [--platforms cpu|default|cuda|...] [--server-platforms P]
 
 `--platforms` (JAX_PLATFORMS of every process; default cpu): `default` leaves JAX its choice, so
 on a GPU host the server, trainer and evaluator processes share the GPU (each allocating on
-demand) and only the agents, proxy, judge and buffer stay on the CPU.
+demand) and only the agents, proxy, judge and buffer stay on the CPU. `--server-platforms` gives
+the policy server its own (`rollout.server_platforms`): `--platforms cpu --server-platforms cuda`
+serves on the GPU and trains on the CPU, serving and training on separate devices as a fleet and
+a trainer are, with no two processes taking turns on one GPU.
 """
 
 from __future__ import annotations
@@ -73,16 +76,20 @@ def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | Non
 
 
 def measure(root: str, steps: int, quick: bool, repeats: int = 1,
-            platforms: str | None = "cpu") -> dict:
+            platforms: str | None = "cpu", server_platforms: str = "") -> dict:
     """`repeats` pairs of runs under `root` (pair i in `concurrent-i` / `sequential-i`), the
     modes alternating in time so that load changes on a shared machine hit both; returns
     {"pairs": [measure_pair result, ...], "ratio": the median ratio, and the median
-    "overlap_bound" and "cpu_bound" (None where CPU times are not measured)}."""
+    "overlap_bound" and "cpu_bound" (None where CPU times are not measured)}.
+    `server_platforms`: `rollout.server_platforms` of both runs ("" = `platforms`)."""
     quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
                        if not o.startswith("--config.eval.every_steps=")]
-    overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}"]
+    overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}",
+                 *([f"--config.rollout.server_platforms={server_platforms}"]
+                   if server_platforms else [])]
     pairs = [measure_pair(root, f"-{i + 1}", overrides, platforms) for i in range(repeats)]
     return {"pairs": pairs, "platforms": platforms or "default",
+            "server_platforms": server_platforms or platforms or "default",
             "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
             "cpu_bound": _median_or_none(p["cpu_bound"] for p in pairs)}
@@ -111,6 +118,10 @@ def main(argv: list[str]) -> int:
                         help="JAX_PLATFORMS of every process of both runs (default cpu; "
                              "'default' leaves JAX its choice: a GPU where there is one, shared "
                              "by the server, trainer and evaluator processes)")
+    parser.add_argument("--server-platforms", default="",
+                        help="JAX_PLATFORMS of the policy server alone (rollout.server_platforms; "
+                             "default: --platforms'), e.g. cuda with --platforms cpu: serving and "
+                             "training on separate devices")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
@@ -120,10 +131,11 @@ def main(argv: list[str]) -> int:
         parser.error(f"--repeats {repeats}: expected >= 1")
     root = os.path.abspath(args.workdir)
     platforms = None if args.platforms == "default" else args.platforms
-    result = measure(root, steps, args.quick, repeats, platforms)
+    result = measure(root, steps, args.quick, repeats, platforms, args.server_platforms)
     pairs = result["pairs"]
     print(f"\nbench async: {steps} steps per run, {repeats} pair(s) of runs, same config, "
-          f"same machine, JAX platforms: {args.platforms}")
+          f"same machine, JAX platforms: {args.platforms}, policy server's: "
+          f"{args.server_platforms or args.platforms}")
     print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
           f"{pairs[0]['concurrent']['skipped']} are start-up)")
     rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",

@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+import jax
 from aiohttp import web
 
 from clawjax.serving import chat
@@ -273,6 +274,7 @@ async def get_model_info(request: web.Request) -> web.Response:
 async def get_server_info(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     return web.json_response({"version": "clawjax-embedded", "model_path": ctx.model_path,
+                              "platform": jax.default_backend(),  # where the engine runs
                               "context_length": ctx.engine.context_len,
                               "max_running_requests": ctx.engine.max_batch,
                               **ctx.engine.stats()})

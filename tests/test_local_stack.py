@@ -1,0 +1,64 @@
+"""clawjax.local_stack: a child's environment overlay (how the policy server gets its own
+JAX_PLATFORMS under `rollout.server_platforms`)."""
+
+import os
+import sys
+
+import pytest
+
+from clawjax import config as config_lib
+from clawjax.local_stack import Child, LocalStack
+
+PROBE = '''import os
+print("READY http://probe JAX_PLATFORMS=" + os.environ.get("JAX_PLATFORMS", "<unset>")
+      + " PARENT_ONLY=" + os.environ.get("CLAWJAX_TEST_PARENT_ONLY", "<unset>"), flush=True)
+import time
+time.sleep(60)
+'''
+
+
+def _probe_line(tmp_path, env: dict) -> str:
+    (tmp_path / "envprobe.py").write_text(PROBE)
+    child = Child("probe", ["envprobe"], r"(READY .*)", str(tmp_path / "probe.log"),
+                  dict(env, PYTHONPATH=str(tmp_path)))
+    try:
+        return child.start(timeout_s=60)
+    finally:
+        child.stop()
+
+
+def test_child_env_is_laid_over_the_parents(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("CLAWJAX_TEST_PARENT_ONLY", "kept")
+    line = _probe_line(tmp_path, {"JAX_PLATFORMS": "cuda"})
+    assert "JAX_PLATFORMS=cuda" in line  # the overlay wins
+    assert "PARENT_ONLY=kept" in line  # the rest is inherited
+    line = _probe_line(tmp_path, {})
+    assert "JAX_PLATFORMS=cpu" in line
+
+
+def test_the_server_child_gets_the_server_platforms(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(LocalStack, "_child",
+                        lambda self, name, args, ready, env=None: started.append((name, env))
+                        or "127.0.0.1:1")
+    LocalStack(str(tmp_path), "model", server_platforms="cuda").start().stop()
+    envs = dict(started)
+    assert envs["server"] == {"JAX_PLATFORMS": "cuda"}
+    assert envs["buffer"] is None and envs["proxy"] is None and envs["judge"] is None
+    started.clear()
+    LocalStack(str(tmp_path), "model").start().stop()
+    assert dict(started)["server"] is None  # "" = inherited
+
+
+@pytest.mark.parametrize("value,ok", [("", True), ("cpu", True), ("cuda,cpu", True),
+                                      ("gpu0", False), ("cuda;cpu", False)])
+def test_server_platforms_are_validated(value, ok):
+    config = config_lib.base_config()
+    config.model.path = "m"
+    config.rollout.server_platforms = value
+    if ok:
+        config_lib.validate(config)
+    else:
+        with pytest.raises(config_lib.ConfigError, match="rollout.server_platforms"):
+            config_lib.validate(config)
