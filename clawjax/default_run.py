@@ -143,8 +143,26 @@ class AgentPool:
             self._thread.join(timeout=120)
 
 
+PROBE_TASKS = 32  # training prompts set aside as the regression gate's probe
+
+
+def task_split(config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(rollout tasks, held-out tasks, gate probe tasks) of the default task, all disjoint.
+    The probe (`PROBE_TASKS` training prompts, seeded) is set aside only when the gate is on
+    and `gate.probe` names no file of its own; otherwise it is empty and every training prompt
+    is rolled out."""
+    train, heldout = default_task.split_tasks(config.warmstart.heldout_share,
+                                              config.warmstart.seed)
+    if not (config.gate.enabled and not config.gate.probe):
+        return train, heldout, []
+    rollout, probe = default_task.split_probe(train, min(PROBE_TASKS, len(train) // 2),
+                                              config.warmstart.seed)
+    return rollout, heldout, probe
+
+
 def probe_file(path: str, tokenizer, tasks: list[dict]) -> str:
-    """A gate probe set: training prompts with answers in the preferred form (JSONL)."""
+    """A gate probe set (JSONL): the `tasks`' prompts (training prompts that are never rolled
+    out, see `task_split`) with answers in the preferred form."""
     with open(path, "w") as f:
         for i, t in enumerate(tasks):
             messages = [{"role": "user", "content": default_task.first_message(t)}]
@@ -191,7 +209,8 @@ def step_metrics(stack: LocalStack, agents: AgentPool, evaluator: Evaluator,
 @dataclasses.dataclass
 class LocalRun:
     """What `start_local` set up: the workdir, the warm-started policy's tokenizer, the
-    default task's train / held-out split, and the started `LocalStack`."""
+    default task's split (`train_tasks`: the prompts rolled out, without the gate's probe;
+    `heldout`), and the started `LocalStack`."""
 
     workdir: str
     tokenizer: object
@@ -217,8 +236,7 @@ def start_local(config) -> LocalRun:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_tasks, heldout = default_task.split_tasks(config.warmstart.heldout_share,
-                                                    config.warmstart.seed)
+    train_tasks, heldout, probe_tasks = task_split(config)
     stack = LocalStack(workdir, model_dir, method=config.method,
                        prm_m=config_lib.resolved_prm_m(config),
                        max_batch=config.rollout.max_batch,
@@ -228,9 +246,9 @@ def start_local(config) -> LocalRun:
         config.model.path = model_dir
         config.buffer.address = stack.buffer_address
         config.publish.urls = stack.policy_url
-        if config.gate.enabled and not config.gate.probe:
+        if probe_tasks:
             config.gate.probe = probe_file(os.path.join(workdir, "gate_probe.jsonl"),
-                                           tokenizer, train_tasks[:32])
+                                           tokenizer, probe_tasks)
     return LocalRun(workdir, tokenizer, train_tasks, heldout, stack)
 
 

@@ -15,6 +15,8 @@ So that both signals carry information for a tiny model (DESIGN.md, "The default
   the policy without the hint.
 - Held-out prompts (a fixed share of (template, a, b) triples) are never trained on, neither in
   the warm start nor online; the held-out judged score is the learning curve.
+- With the regression gate on, `split_probe` sets a few training prompts aside as its probe:
+  the warm start saw them, the online loop never rolls them out.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def split_tasks(heldout_share: float = 0.1, seed: int = 0) -> tuple[list[dict], 
     heldout = sorted(triples[:n_heldout])
     train = sorted(triples[n_heldout:])
     return [task(*t) for t in train], [task(*t) for t in heldout]
+
+
+def split_probe(tasks: list[dict], n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(rollout tasks, probe tasks): a seeded `n` of `tasks` set aside for the regression
+    gate's probe, so the gate scores each candidate on prompts the online loop never trains
+    on. Both lists keep `tasks`' order; together they are exactly `tasks`."""
+    if not 1 <= n < len(tasks):
+        raise ValueError(f"probe size n = {n}, expected between 1 and {len(tasks) - 1} (the "
+                         f"{len(tasks)} training tasks must keep at least one for rollouts)")
+    picked = set(random.Random(seed).sample(range(len(tasks)), n))
+    return ([t for i, t in enumerate(tasks) if i not in picked],
+            [t for i, t in enumerate(tasks) if i in picked])
 
 
 def first_message(task_dict: dict) -> str:
