@@ -153,7 +153,7 @@ def task_split(config) -> tuple[list[dict], list[dict], list[dict]]:
     is rolled out."""
     train, heldout = default_task.split_tasks(config.warmstart.heldout_share,
                                               config.warmstart.seed)
-    if not (config.gate.enabled and not config.gate.probe):
+    if not config.gate.enabled or config.gate.probe:
         return train, heldout, []
     rollout, probe = default_task.split_probe(train, min(PROBE_TASKS, len(train) // 2),
                                               config.warmstart.seed)
