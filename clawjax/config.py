@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from clawjax.group_norm import GROUP_NORM_MODES
+from clawjax.sample import MAX_TOPK
 
 METHODS = ("rl", "opd", "combine")
 # = clawjax.model.config.ATTENTION_IMPLEMENTATIONS (a test keeps them equal; importing the model
@@ -136,6 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
     # and training on separate devices, as a fleet and a trainer are
     c.rollout.server_platforms = ""  # JAX_PLATFORMS of the embedded server; "" = the trainer's
     c.rollout.lease_timeout_s = 30.0
+    # K > 0: OPD samples also carry the teacher's top-K log-probs and ids per response token
+    c.rollout.teacher_topk = 0  # teacher top-K (SPEC §5) the proxy asks for; loss.topk_coef needs it
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 4  # evaluate every this many published versions
@@ -235,6 +238,12 @@ def validate(config) -> None:
     _check(all(p in SERVER_PLATFORMS for p in c.rollout.server_platforms.split(","))
            if c.rollout.server_platforms else True, "rollout.server_platforms",
            c.rollout.server_platforms, f"'' or a comma-separated list of {SERVER_PLATFORMS}")
+    _check(0 <= c.rollout.teacher_topk <= MAX_TOPK, "rollout.teacher_topk",
+           c.rollout.teacher_topk, f"0 (none) to {MAX_TOPK}")
+    _check(not (c.rollout.local and c.loss.topk_coef > 0 and c.rollout.teacher_topk == 0),
+           "rollout.teacher_topk", c.rollout.teacher_topk,
+           f"K ≥ 1 with loss.topk_coef = {c.loss.topk_coef} in a local run (the top-K loss "
+           "needs the teacher's top-K in the samples)")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")
     t = c.trainer
     _check(t.steps >= 0, "trainer.steps", t.steps, "an integer ≥ 0")

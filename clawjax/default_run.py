@@ -241,7 +241,8 @@ def start_local(config) -> LocalRun:
                        prm_m=config_lib.resolved_prm_m(config),
                        max_batch=config.rollout.max_batch,
                        lease_timeout_s=config.rollout.lease_timeout_s,
-                       server_platforms=config.rollout.server_platforms).start()
+                       server_platforms=config.rollout.server_platforms,
+                       teacher_topk=config.rollout.teacher_topk).start()
     with config.unlocked():
         config.model.path = model_dir
         config.buffer.address = stack.buffer_address

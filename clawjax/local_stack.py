@@ -134,13 +134,13 @@ class LocalStack:
 
     def __init__(self, workdir: str, model_dir: str, method: str = "combine",
                  prm_m: int | None = None, max_batch: int = 16, lease_timeout_s: float = 30.0,
-                 server_platforms: str = ""):
+                 server_platforms: str = "", teacher_topk: int = 0):
         self.workdir = workdir
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.model_dir, self.method, self.prm_m = model_dir, method, prm_m
         self.max_batch, self.lease_timeout_s = max_batch, lease_timeout_s
-        self.server_platforms = server_platforms
+        self.server_platforms, self.teacher_topk = server_platforms, teacher_topk
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -187,6 +187,7 @@ class LocalStack:
             self.model_dir, "--policy-url", self.policy_url, "--judge-url", self.judge_url,
             "--buffer", self.buffer_address, "--method", self.method,
             *(("--prm-m", str(self.prm_m)) if self.prm_m is not None else ()),
+            *(("--teacher-topk", str(self.teacher_topk)) if self.teacher_topk else ()),
             "--session-expiry-s", "120"], ready_url)
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
                                             daemon=True)

@@ -51,6 +51,38 @@ def test_the_server_child_gets_the_server_platforms(tmp_path, monkeypatch):
     assert dict(started)["server"] is None  # "" = inherited
 
 
+def test_the_proxy_child_asks_for_teacher_topk_only_when_set(tmp_path, monkeypatch):
+    started = {}
+    monkeypatch.setattr(LocalStack, "_child",
+                        lambda self, name, args, ready, env=None: started.update({name: args})
+                        or "127.0.0.1:1")
+    LocalStack(str(tmp_path), "model", teacher_topk=8).start().stop()
+    args = started["proxy"]
+    assert args[args.index("--teacher-topk") + 1] == "8"
+    LocalStack(str(tmp_path), "model").start().stop()
+    assert "--teacher-topk" not in started["proxy"]
+
+
+@pytest.mark.parametrize("updates,ok", [({}, True), ({"rollout.teacher_topk": 8}, True),
+                                        ({"rollout.teacher_topk": -1}, False),
+                                        ({"rollout.teacher_topk": 1025}, False),
+                                        ({"loss.topk_coef": 0.5}, True),  # not a local run
+                                        ({"loss.topk_coef": 0.5, "rollout.local": True}, False),
+                                        ({"loss.topk_coef": 0.5, "rollout.local": True,
+                                          "rollout.teacher_topk": 4}, True)])
+def test_teacher_topk_is_validated(updates, ok):
+    config = config_lib.base_config()
+    config.model.path = "m"
+    for key, value in updates.items():
+        group, name = key.split(".")
+        setattr(config[group], name, value)
+    if ok:
+        config_lib.validate(config)
+    else:
+        with pytest.raises(config_lib.ConfigError, match="rollout.teacher_topk"):
+            config_lib.validate(config)
+
+
 @pytest.mark.parametrize("value,ok", [("", True), ("cpu", True), ("cuda,cpu", True),
                                       ("gpu0", False), ("cuda;cpu", False)])
 def test_server_platforms_are_validated(value, ok):

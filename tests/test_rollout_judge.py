@@ -175,3 +175,16 @@ def test_rollout_cli_judge_votes_follow_the_method():
     assert parse_args(base + ["--method", "rl", "--prm-m", "5"]).prm_m == 5
     with pytest.raises(SystemExit):
         parse_args(base + ["--prm-m", "0"])
+
+
+def test_rollout_cli_teacher_topk_defaults_to_none_and_is_range_checked(capsys):
+    from clawjax.rollout.__main__ import parse_args
+
+    base = ["serve", "--port", "8000", "--model-dir", "m", "--policy-url", "http://p:1",
+            "--judge-url", "http://j:1", "--buffer", "127.0.0.1:1"]
+    assert parse_args(base).teacher_topk == 0
+    assert parse_args(base + ["--teacher-topk", "50"]).teacher_topk == 50
+    for bad in ("-1", "1025"):
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--teacher-topk", bad])
+        assert f"--teacher-topk = {bad}, expected 0 (none) to 1024" in capsys.readouterr().err

@@ -19,9 +19,10 @@ from clawjax.loop_thread import LoopThread
 from clawjax.rollout import prompts, rule_judge
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.serving.launch import ServerThread, free_port, make_context
-from test_serving_helpers import hf_model, make_model_dir, token_logps
+from test_serving_helpers import hf_logp, hf_model, make_model_dir, token_logps
 
 TOL = 1e-4
+TOPK = 3  # the main proxy asks the teacher for its top-3 at each response token (SPEC §5)
 
 
 class AppThread:
@@ -83,7 +84,7 @@ def servers(model_dir, tmp_path_factory):
     address = f"127.0.0.1:{buffer.start()}"
     base = dict(model_dir=str(model_dir), policy_urls=[policy.url], judge_url=judge.url + "/v1",
                 buffer=address, method="combine", prm_m=3)
-    main = ProxyThread(ProxyConfig(**base)).start()
+    main = ProxyThread(ProxyConfig(**base, teacher_topk=TOPK)).start()
     other = ProxyThread(ProxyConfig(**{**base, "prm_m": 1}, teacher_urls=[teacher.url],
                                     session_expiry_s=0.5, api_key="sekret")).start()
     collected: dict[str, list] = {}
@@ -202,6 +203,13 @@ def test_correction_gives_reward_minus_one_and_opd_with_hf_teacher_logprobs(serv
     t_prompt = list(t_prompt["input_ids"] if hasattr(t_prompt, "keys") else t_prompt)
     ref = token_logps(hf, t_prompt + response, len(t_prompt))
     np.testing.assert_allclose(s.teacher_logp, ref, atol=TOL)
+    # Top-K (SPEC §5): at each response position, the HF teacher's K most likely next tokens.
+    rows = hf_logp(hf, t_prompt + response)[len(t_prompt) - 1:-1]          # [R, V] float64
+    ref_ids = np.argsort(-rows, axis=1)[:, :TOPK]
+    assert s.teacher_topk_ids.shape == (len(response), TOPK)
+    np.testing.assert_array_equal(s.teacher_topk_ids, ref_ids)
+    np.testing.assert_allclose(s.teacher_topk_logp, np.take_along_axis(rows, ref_ids, 1),
+                               atol=TOL)
     # The teacher context differs from the plain prompt, so the check is not vacuous.
     plain = token_logps(hf, s.tokens.tolist(), s.prompt_len)
     assert np.max(np.abs(plain - ref)) > 1e-3

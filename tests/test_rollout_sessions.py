@@ -196,6 +196,35 @@ def test_episode_steps_add_the_outcome_to_the_judged_reward(method, process, out
     assert lone[0].reward == (0.0 if method == "opd" or outcome is None else outcome)
 
 
+TOPK = (np.array([[-0.1, -2.0], [-0.2, -1.9], [-0.3, -1.5]], np.float32),
+        np.array([[11, 5], [12, 7], [12, 13]], np.int32))
+
+
+@pytest.mark.parametrize("method,reward,hint,teacher,kinds", [
+    ("combine", -1, HINT, TEACHER, ["both"]),
+    ("opd", 0, HINT, TEACHER, ["opd"]),
+    ("combine", 1, None, None, ["rl"]),      # no OPD part: top-K is not kept
+    ("rl", 1, HINT, TEACHER, ["rl"]),
+])
+def test_teacher_topk_rides_with_the_opd_part_only(method, reward, hint, teacher, kinds):
+    out, _ = emit.build_samples(turn(), NextState("user", "x"), verdict(reward, hint), method,
+                                teacher, teacher_topk=TOPK)
+    assert [s.kind for s in out] == kinds
+    s = out[0].validate()
+    if s.kind in ("opd", "both"):
+        np.testing.assert_array_equal(s.teacher_topk_logp, TOPK[0])
+        np.testing.assert_array_equal(s.teacher_topk_ids, TOPK[1])
+    else:
+        assert s.teacher_topk_logp is None and s.teacher_topk_ids is None
+
+
+def test_a_judge_loop_refuses_a_top_k_out_of_range():
+    for k in (-1, 1025):
+        with pytest.raises(ValueError, match=f"teacher_topk = {k}, expected 0"):
+            emit.JudgeLoop(judge=None, teacher=None, encode=None, pusher=None,
+                           stats=emit.Stats(), method="combine", m=1, teacher_topk=k)
+
+
 def test_emission_rejects_invalid_samples_and_unknown_methods():
     bad = turn()
     bad.rollout_logp = [0.5, -1, -1]                            # a positive log-prob

@@ -15,6 +15,7 @@ import sys
 
 from clawjax.cli_signals import serve_until_signal
 from clawjax.config import prm_m_for
+from clawjax.sample import MAX_TOPK
 
 
 def _urls(value: str) -> list[str]:
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None):
     s.add_argument("--method", choices=("combine", "rl", "opd"), default="combine")
     s.add_argument("--prm-m", type=int, default=None,
                    help="votes per judge (PRM and hint); default 3 for --method rl, else 1")
+    s.add_argument("--teacher-topk", type=int, default=0,
+                   help="K: OPD samples also carry the teacher's top-K log-probs and token ids "
+                        "per response token (SPEC §5, for loss.topk_coef); 0 = none")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--policy-api-key-file", default=None)
     s.add_argument("--judge-temperature", type=float, default=0.7)
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None):
     args.prm_m = prm_m_for(args.method, args.prm_m)
     if args.prm_m < 1:
         p.error(f"--prm-m = {args.prm_m}, expected >= 1")
+    if not 0 <= args.teacher_topk <= MAX_TOPK:
+        p.error(f"--teacher-topk = {args.teacher_topk}, expected 0 (none) to {MAX_TOPK}")
     if args.judge_concurrency < 1:
         p.error(f"--judge-concurrency = {args.judge_concurrency}, expected >= 1")
     if not args.session_expiry_s > 0:
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model_dir, policy_urls=args.policy_url, judge_url=args.judge_url,
         buffer=args.buffer, judge_model=args.judge_model, teacher_urls=args.teacher_url,
         buffer_token=_read(args.buffer_token_file), method=args.method, prm_m=args.prm_m,
-        api_key=args.api_key, policy_api_key=_read(args.policy_api_key_file),
+        teacher_topk=args.teacher_topk, api_key=args.api_key, policy_api_key=_read(args.policy_api_key_file),
         judge_api_key=_read(args.judge_api_key_file),
         judge_temperature=args.judge_temperature, judge_max_tokens=args.judge_max_tokens,
         judge_concurrency=args.judge_concurrency, session_expiry_s=args.session_expiry_s,

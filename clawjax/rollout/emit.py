@@ -24,6 +24,10 @@ outcome, and `rl` drops a step only when that sum is 0. Such samples carry `step
 episode's judged rewards, in turn order) and metadata `outcome_reward` / `process_reward`.
 An episode that ended without an outcome (expired, or closed without one) uses 0.
 
+With `teacher_topk = K` (the proxy's `--teacher-topk`), an OPD part also carries the teacher's
+top-K log-probs and token ids at each response position (`teacher_topk_logp/ids [R, K]`, SPEC
+§5); a teacher answer without them counts as `teacher_failure` like a missing log-prob.
+
 Samples carry `policy_version = policy_version_of(weight_version)`: the integer the server's
 label ends with ("12" → 12, "step_12" → 12), 0 for labels without digits ("default").
 """
@@ -43,7 +47,7 @@ import numpy as np
 
 from clawjax.rollout.judge import Judgement
 from clawjax.rollout.sessions import NextState, Turn
-from clawjax.sample import Sample, SampleError
+from clawjax.sample import MAX_TOPK, Sample, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,10 @@ def _votes_str(votes: Sequence[int | None]) -> str:
     return ",".join("x" if v is None else str(v) for v in votes)
 
 
-def _sample(turn: Turn, kind: str, reward: float, teacher_logp, metadata: dict) -> Sample:
+def _sample(turn: Turn, kind: str, reward: float, teacher_logp, metadata: dict,
+            teacher_topk=None) -> Sample:
     r = len(turn.response_ids)
+    topk_logp, topk_ids = (None, None) if teacher_topk is None else teacher_topk
     return Sample(
         sample_id=f"{turn.session_id}:{turn.turn_index}:{kind}:{uuid.uuid4().hex[:12]}",
         tokens=np.asarray(list(turn.prompt_ids) + list(turn.response_ids), np.int32),
@@ -74,7 +80,7 @@ def _sample(turn: Turn, kind: str, reward: float, teacher_logp, metadata: dict) 
         policy_version=policy_version_of(turn.weight_version),
         created_unix_ms=turn.created_unix_ms or int(time.time() * 1000),
         teacher_logp=None if teacher_logp is None else np.asarray(teacher_logp, np.float32),
-        metadata=metadata)
+        teacher_topk_logp=topk_logp, teacher_topk_ids=topk_ids, metadata=metadata)
 
 
 def _metadata(turn: Turn, method: str, next_state: NextState | None,
@@ -103,12 +109,14 @@ def _episode_fields(sample: Sample, outcome: float | None, process: float,
 def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, method: str,
                   teacher_logp=None, *, episode: bool = False,
                   outcome_reward: float | None = None,
-                  step_rewards: Sequence[float] | None = None) -> tuple[list[Sample], list[str]]:
+                  step_rewards: Sequence[float] | None = None,
+                  teacher_topk=None) -> tuple[list[Sample], list[str]]:
     """(samples, drop reasons) for one judged turn; see the module docstring. `teacher_logp
-    [R]` is None when no hint was found or when the teacher failed. With `episode`, the reward
-    is `outcome_reward` (None: 0) + the judged reward, and `step_rewards [S]` (the episode's
-    judged rewards) is stored on the sample. Samples are validated; one that breaks the
-    contract is dropped as `invalid` (logged)."""
+    [R]` is None when no hint was found or when the teacher failed; `teacher_topk` is None or
+    the teacher's `(logp [R, K], ids [R, K])` (SPEC §5), kept with the OPD part. With
+    `episode`, the reward is `outcome_reward` (None: 0) + the judged reward, and
+    `step_rewards [S]` (the episode's judged rewards) is stored on the sample. Samples are
+    validated; one that breaks the contract is dropped as `invalid` (logged)."""
     if method not in METHODS:
         raise ValueError(f"method = {method!r}, expected one of {METHODS}")
     drops: list[str] = []
@@ -131,7 +139,8 @@ def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, metho
         return [], drops
     sample = _sample(turn, kind, reward if rl_ok else 0.0,
                      teacher_logp if opd_ok else None,
-                     _metadata(turn, method, next_state, judgement))
+                     _metadata(turn, method, next_state, judgement),
+                     teacher_topk if opd_ok else None)
     if episode:
         _episode_fields(sample, outcome_reward, judgement.reward, step_rewards)
     try:
@@ -288,8 +297,8 @@ class Pusher:
 
 class _Held:
     """An open episode's judged turns, waiting for its outcome: the tasks still judging them
-    and the finished items `(turn, next_state, judgement, teacher_logp)` (a lone turn:
-    `(turn, None, None, None)`)."""
+    and the finished items `(turn, next_state, judgement, teacher)`, `teacher` as
+    `JudgeLoop._teacher` returns it (a lone turn: `(turn, None, None, None)`)."""
 
     def __init__(self):
         self.tasks: set[asyncio.Task] = set()
@@ -305,16 +314,22 @@ class JudgeLoop:
     Args: judge (an `SGLangClient` or anything with `chat_completions(body, timeout=)`),
     teacher (anything with `teacher_logprobs(prompt_ids, response_ids)`, e.g. a `Fleet`),
     encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats, method, m
-    (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls).
+    (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls),
+    teacher_topk (K > 0: OPD samples also carry the teacher's top-K log-probs and ids at each
+    response position, SPEC §5; the teacher is then called with `top_k=K`).
     Only the judges a method uses are asked: `rl` skips the hint judge, `opd` the PRM.
     """
 
     def __init__(self, *, judge, teacher, encode, pusher: Pusher, stats: Stats, method: str,
-                 m: int, concurrency: int = 16, vote_kwargs: dict | None = None):
+                 m: int, concurrency: int = 16, vote_kwargs: dict | None = None,
+                 teacher_topk: int = 0):
         if method not in METHODS:
             raise ValueError(f"method = {method!r}, expected one of {METHODS}")
         if m < 1:
             raise ValueError(f"m = {m}, expected >= 1 vote")
+        if not 0 <= teacher_topk <= MAX_TOPK:
+            raise ValueError(f"teacher_topk = {teacher_topk}, expected 0 (none) to {MAX_TOPK}")
+        self.teacher_topk = int(teacher_topk)
         self.judge, self.teacher, self.encode = judge, teacher, encode
         self.pusher, self.stats, self.method, self.m = pusher, stats, method, m
         self.vote_kwargs = dict(vote_kwargs or {})
@@ -385,13 +400,14 @@ class JudgeLoop:
         items = sorted(held.items, key=lambda item: item[0].turn_index)
         process = [float(j.reward) for _, _, j, _ in items if j is not None]
         self.stats.episodes += 1
-        for turn, next_state, judgement, teacher_logp in items:
+        for turn, next_state, judgement, teacher in items:
             if judgement is None:
                 out = lone_sample(turn, self.method, episode=True, outcome_reward=outcome_reward)
             else:
-                out = build_samples(turn, next_state, judgement, self.method, teacher_logp,
+                t_logp, t_topk = teacher or (None, None)
+                out = build_samples(turn, next_state, judgement, self.method, t_logp,
                                     episode=True, outcome_reward=outcome_reward,
-                                    step_rewards=process)
+                                    step_rewards=process, teacher_topk=t_topk)
             await self._emit(*out)
 
     async def _judged(self, turn: Turn, next_state: NextState,
@@ -405,28 +421,40 @@ class JudgeLoop:
                 self.judge, view, m=self.m, prm=self.method != "opd",
                 hint=self.method != "rl", **self.vote_kwargs)
             self.stats.count_judgement(verdict, has_prm=self.method != "opd")
-            teacher_logp = None
+            teacher = None
             if verdict.hint is not None:
-                teacher_logp = await self._teacher(turn, verdict.hint)
+                teacher = await self._teacher(turn, verdict.hint)
         if held is not None:
-            held.items.append((turn, next_state, verdict, teacher_logp))
+            held.items.append((turn, next_state, verdict, teacher))
             return
-        await self._emit(*build_samples(turn, next_state, verdict, self.method, teacher_logp))
+        t_logp, t_topk = teacher or (None, None)
+        await self._emit(*build_samples(turn, next_state, verdict, self.method, t_logp,
+                                        teacher_topk=t_topk))
 
     async def _teacher(self, turn: Turn, hint: str):
-        """Teacher log-probs of the turn's response under the hinted prompt, or None (logged;
-        counted by `build_samples` as teacher_failure)."""
+        """`(logp [R], top-K)` of the turn's response under the hinted prompt, top-K being None
+        or `(logp [R, K], ids [R, K])` when `teacher_topk` is set; None when the teacher failed
+        (logged; counted by `build_samples` as teacher_failure)."""
         from clawjax.rollout.judge import teacher_messages
         from clawjax.serving.client import ServingError
         from clawjax.serving.teacher import TeacherLogprobError
         try:
             prompt_ids = self.encode(teacher_messages(turn.messages, hint), turn.tools)
-            out = await self.teacher.teacher_logprobs(prompt_ids, turn.response_ids)
+            k = self.teacher_topk
+            out = await (self.teacher.teacher_logprobs(prompt_ids, turn.response_ids, top_k=k)
+                         if k else self.teacher.teacher_logprobs(prompt_ids, turn.response_ids))
             logp = np.asarray(out.logp, np.float32)
             if logp.shape != (len(turn.response_ids),) or not np.all(np.isfinite(logp)):
                 raise TeacherLogprobError(f"teacher log-probs of shape {logp.shape}, expected "
                                           f"({len(turn.response_ids)},) finite values")
-            return logp
+            if not k:
+                return logp, None
+            shape = (len(turn.response_ids), k)
+            if out.topk_logp is None or np.shape(out.topk_logp) != shape:
+                raise TeacherLogprobError(f"teacher top-K log-probs of shape "
+                                          f"{np.shape(out.topk_logp)}, expected {shape}")
+            return logp, (np.asarray(out.topk_logp, np.float32),
+                          np.asarray(out.topk_ids, np.int32))
         except (TeacherLogprobError, ServingError, ValueError) as e:
             log.warning("teacher log-probs for %s turn %d failed, OPD part dropped: %s",
                         turn.session_id, turn.turn_index, e)

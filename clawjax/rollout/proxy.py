@@ -287,7 +287,8 @@ async def expire_loop(proxy: Proxy, interval_s: float) -> None:
 class ProxyConfig:
     """Everything `python -m clawjax.rollout serve` configures (see `__main__.py` for the flags).
     `teacher_urls` empty = the policy fleet is the teacher (self-distillation); `prm_m` None =
-    the method's default (`clawjax.config.prm_m_for`: 3 for rl, else 1)."""
+    the method's default (`clawjax.config.prm_m_for`: 3 for rl, else 1); `teacher_topk` K > 0:
+    OPD samples carry the teacher's top-K log-probs and ids (SPEC §5)."""
     model_dir: str
     policy_urls: list[str]
     judge_url: str
@@ -297,6 +298,7 @@ class ProxyConfig:
     buffer_token: str | None = None
     method: str = "combine"
     prm_m: int | None = None
+    teacher_topk: int = 0
     api_key: str | None = None
     policy_api_key: str | None = None
     judge_api_key: str | None = None
@@ -367,6 +369,7 @@ async def start(config: ProxyConfig, host: str = "127.0.0.1", port: int = 0) -> 
                          pusher=pusher, stats=stats, method=config.method,
                          m=prm_m_for(config.method, config.prm_m),
                          concurrency=config.judge_concurrency,
+                         teacher_topk=config.teacher_topk,
                          vote_kwargs={"model": config.judge_model,
                                       "temperature": config.judge_temperature,
                                       "max_tokens": config.judge_max_tokens,
