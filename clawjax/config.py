@@ -138,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.server_platforms = ""  # JAX_PLATFORMS of the embedded server; "" = the trainer's
     c.rollout.lease_timeout_s = 30.0
     # K > 0: OPD samples also carry the teacher's top-K log-probs and ids per response token
-    c.rollout.teacher_topk = 0  # teacher top-K (SPEC §5) the proxy asks for; loss.topk_coef needs it
+    c.rollout.teacher_topk = 0  # teacher top-K per OPD token (SPEC §5); loss.topk_coef needs it
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 4  # evaluate every this many published versions
