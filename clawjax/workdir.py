@@ -27,7 +27,8 @@ from clawjax.config import ConfigError
 # left in place: the warm-start cache, earlier archives, a benchmark's own `run.log`, user files.
 RUN_ENTRIES = ("checkpoints", "buffer", "publish", "tensorboard", "logs", "metrics*.jsonl",
                "trained*.jsonl", "eval.jsonl", "summary.json", "sequential_summary.json",
-               "curve.png", "gate_probe.jsonl", "pids.json", "pids.json.tmp")
+               "curve.png", "gate_probe.jsonl", "pids.json", "pids.json.tmp",
+               "rejected.jsonl")
 ARCHIVE = "previous"
 
 

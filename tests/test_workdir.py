@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FILES = ["buffer/wal/LOCK", "buffer/wal/wal-000001.log", "checkpoints/10/state", "publish/v10/x",
              "tensorboard/events", "logs/server.log", "metrics.jsonl", "metrics.process1.jsonl",
              "trained.jsonl", "trained.process1.jsonl", "eval.jsonl", "summary.json",
-             "curve.png", "gate_probe.jsonl", "pids.json"]
+             "curve.png", "gate_probe.jsonl", "pids.json", "rejected.jsonl"]
 KEPT_FILES = ["warmstart/config.json", "run.log", "notes.txt", "previous/old/metrics.jsonl"]
 
 
