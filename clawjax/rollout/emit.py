@@ -312,11 +312,11 @@ class JudgeLoop:
     held until its `EpisodeEnd` (see the module docstring).
 
     Args: judge (an `SGLangClient` or anything with `chat_completions(body, timeout=)`),
-    teacher (anything with `teacher_logprobs(prompt_ids, response_ids)`, e.g. a `Fleet`),
-    encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats, method, m
-    (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls),
+    teacher (anything with `teacher_logprobs(prompt_ids, response_ids, top_k=)`, e.g. a
+    `Fleet`), encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats,
+    method, m (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge calls),
     teacher_topk (K > 0: OPD samples also carry the teacher's top-K log-probs and ids at each
-    response position, SPEC §5; the teacher is then called with `top_k=K`).
+    response position, SPEC §5).
     Only the judges a method uses are asked: `rl` skips the hint judge, `opd` the PRM.
     """
 
@@ -441,8 +441,7 @@ class JudgeLoop:
         try:
             prompt_ids = self.encode(teacher_messages(turn.messages, hint), turn.tools)
             k = self.teacher_topk
-            out = await (self.teacher.teacher_logprobs(prompt_ids, turn.response_ids, top_k=k)
-                         if k else self.teacher.teacher_logprobs(prompt_ids, turn.response_ids))
+            out = await self.teacher.teacher_logprobs(prompt_ids, turn.response_ids, top_k=k)
             logp = np.asarray(out.logp, np.float32)
             if logp.shape != (len(turn.response_ids),) or not np.all(np.isfinite(logp)):
                 raise TeacherLogprobError(f"teacher log-probs of shape {logp.shape}, expected "
