@@ -160,6 +160,16 @@ class TrainLoop:
         self._saved_step = -1  # the step of the newest checkpoint started by this process
         self._good_step = 0  # the step of the newest state the regression gate accepted
         self._good_state = None  # gate.rollback "memory": that state (a copy on device)
+        # gate.background: the publisher thread decides; the trainer thread acts on a refusal at
+        # its next step boundary (`settle_gate`). The lock guards the decision state: the
+        # epoch (bumped by each background rollback: a candidate of an older epoch descends
+        # from a refused one and is void), a refusal not yet acted on, and _good_step /
+        # _good_state while the publisher thread promotes an accepted candidate.
+        self.gate_in_background = bool(config.gate.background) and jax.process_count() == 1
+        self._gate_lock = threading.Lock()
+        self._gate_epoch = 0
+        self._gate_refused = None  # (GateDecision, candidate step)
+        self._gate_score_s = 0.0  # scoring the last decided candidate (either thread)
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
         if config.trainer.resume:
             self.restore()
@@ -306,6 +316,7 @@ class TrainLoop:
             opd_share=float(np.mean([s.has_teacher for s in samples])),
             staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),
             skipped_total=float(self.state.skipped), gate_refusals=float(self.gate_refusals),
+            gate_score_s=self._gate_score_s,
             **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},
             **self._thread_s,
         )
@@ -319,6 +330,18 @@ class TrainLoop:
         return metrics
 
     def run(self) -> None:
+        """Trains to `trainer.steps` (or a stop). With a background gate, the last candidate's
+        decision is awaited at the end: a refusal rolls back and training resumes (after a
+        stop it still rolls back, so the final checkpoint is never a refused trajectory)."""
+        while True:
+            self._run_steps()
+            rolled_back = self._settle_last_candidate()
+            if self.stopping or not rolled_back:
+                break
+        self.save_checkpoint()  # no-op when this step is already saved
+        self.checkpointer.wait()
+
+    def _run_steps(self) -> None:
         cfg = self.config
         skips_in_a_row = 0
         while self.step < cfg.trainer.steps and not self.stopping:
@@ -341,24 +364,35 @@ class TrainLoop:
                 self.source.set_policy_version(self.policy_version)
             after = time.perf_counter()
             self._thread_s["gate_s"] = 0.0
-            if self.step % cfg.checkpoint.every_steps == 0:
-                self.save_checkpoint()
-            self.maybe_publish()
+            if not self.settle_gate():  # a rollback leaves nothing new to save or publish
+                if self.step % cfg.checkpoint.every_steps == 0:
+                    self.save_checkpoint()
+                self.maybe_publish()
             self.checkpointer.poll()
             self._thread_s["after_step_s"] = time.perf_counter() - after
-        self.save_checkpoint()  # no-op when this step is already saved
-        self.checkpointer.wait()
+
+    def _settle_last_candidate(self) -> bool:
+        """Waits for a background gate's pending decision; True if it rolled back."""
+        if not self.gate_in_background or self.gate is None or self.publisher is None:
+            return False
+        self.publisher.wait()
+        return self.settle_gate()
 
     def maybe_publish(self) -> None:
         """Publishes every `publish.every_steps` steps, behind the regression gate: a candidate
         scoring worse than the serving policy by more than `gate.margin` is not published and
-        the trainer rolls back to the last published (good) state (`rollback`)."""
+        the trainer rolls back to the last published (good) state (`rollback`). With
+        `gate.background` the publisher thread scores the candidate while the trainer trains
+        on, and the rollback happens at the trainer's next step boundary (`settle_gate`)."""
         if self.publisher is None or self.step % self.config.publish.every_steps:
             return
-        if self.gate is not None:
+        check = None
+        if self.gate is not None and self.gate_in_background:
+            check = self._candidate_check()
+        elif self.gate is not None:
             scoring = time.perf_counter()
             decision = self.gate.check(self.state.params)
-            self._thread_s["gate_s"] = time.perf_counter() - scoring
+            self._thread_s["gate_s"] = self._gate_score_s = time.perf_counter() - scoring
             if not decision.passed:
                 self.gate_refusals += 1
                 log.warning("%s: rolling back to step %d", decision.describe(),
@@ -370,7 +404,57 @@ class TrainLoop:
                 self.save_checkpoint()  # the rollback target for a later refusal
             self._keep_good_state()
         self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
-                                     self.model_config, self.policy_version, force=True)
+                                     self.model_config, self.policy_version, force=True,
+                                     check=check)
+
+    def _candidate_check(self):
+        """The publisher-thread check of the current state as a candidate (`gate.background`).
+        What it needs is taken now, before the next update donates the state's buffers: a copy
+        of the parameters to score and, for `gate.rollback` "memory", of the whole state (the
+        rollback target if accepted); "checkpoint" saves the candidate now (a refusal's
+        rollback discards it). `gate_s` is this trainer-thread part."""
+        started = time.perf_counter()
+        step, epoch = self.step, self._gate_epoch
+        if self.config.gate.rollback == "memory":
+            candidate = jax.tree.map(lambda x: x.copy(), self.state)
+            params = candidate.params
+        else:
+            candidate, params = None, jax.tree.map(lambda x: x.copy(), self.state.params)
+            self.save_checkpoint()
+
+        def check() -> bool:
+            scoring = time.perf_counter()
+            decision = self.gate.check(params)
+            with self._gate_lock:
+                self._gate_score_s = time.perf_counter() - scoring
+                if epoch != self._gate_epoch or self._gate_refused is not None:
+                    return False  # trained on from a refused candidate
+                if not decision.passed:
+                    self._gate_refused = (decision, step)
+                    return False
+                self.gate.accept(params, decision.candidate)
+                self._good_step, self._good_state = step, candidate
+            return True
+
+        self._thread_s["gate_s"] = time.perf_counter() - started
+        return check
+
+    def settle_gate(self) -> bool:
+        """Acts on a background gate's refusal, if one came: rolls back to the last accepted
+        state (discarding every step trained since it). Returns whether it rolled back. The
+        trainer thread calls it at each step boundary; after `publisher.wait()` it settles
+        every candidate published so far."""
+        with self._gate_lock:
+            refused, self._gate_refused = self._gate_refused, None
+            if refused is None:
+                return False
+            self._gate_epoch += 1
+        decision, step = refused
+        self.gate_refusals += 1
+        log.warning("%s for step %d: rolling back to step %d", decision.describe(), step,
+                    self._good_step)
+        self.rollback()
+        return True
 
     def _keep_good_state(self) -> None:
         """The current state becomes the rollback target (`gate.rollback`: its checkpoint,

@@ -169,7 +169,8 @@ class Publisher:
         self._busy = False
         self._closed = False
         self._stats: dict[str, Any] = {
-            "published": 0, "coalesced": 0, "failed": 0, "server_update_failures": 0,
+            "published": 0, "coalesced": 0, "gated_out": 0, "failed": 0,
+            "server_update_failures": 0,
             "last_version": None, "last_step": None, "last_bytes": 0, "last_write_s": 0.0,
             "last_update_s": 0.0, "last_total_s": 0.0, "last_error": None,
             "last_update_results": {}}
@@ -179,10 +180,12 @@ class Publisher:
 
     # --- trainer side ------------------------------------------------------------------------
     def maybe_publish(self, step: int, model_or_state, config, policy_version: int,
-                      force: bool = False) -> bool:
+                      force: bool = False, check: Callable[[], bool] | None = None) -> bool:
         """Schedules a publish of `model_or_state` (an nnx model or `(graphdef, params)`) as
         `v<policy_version>` when `step` is due (or `force`). Returns whether one was scheduled;
-        never waits for disk or servers."""
+        never waits for disk or servers. `check`, when given, is called in the publisher thread
+        before anything is written: False drops this publish (counted as `gated_out`); a
+        publish coalesced away by a newer one is never checked."""
         if not force and (self.every_steps <= 0 or step % self.every_steps != 0):
             return False
         if isinstance(model_or_state, tuple):
@@ -192,7 +195,7 @@ class Publisher:
         snapshot = _snapshot(params, config, self.dtype)
         if not self.is_writer:
             return True
-        job = (step, graphdef, snapshot, config, int(policy_version))
+        job = (step, graphdef, snapshot, config, int(policy_version), check)
         with self._cv:
             if self._closed:
                 raise RuntimeError("Publisher is closed")
@@ -259,7 +262,11 @@ class Publisher:
                     self._busy = False
                     self._cv.notify_all()
 
-    def _publish(self, step, graphdef, snapshot, config, version: int) -> None:
+    def _publish(self, step, graphdef, snapshot, config, version: int, check) -> None:
+        if check is not None and not check():
+            with self._cv:
+                self._stats["gated_out"] += 1
+            return
         t0 = time.perf_counter()
         path = self.write_version(
             lambda staging: _write_snapshot(snapshot, graphdef, config, staging, self.dtype),

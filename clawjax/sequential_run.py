@@ -133,6 +133,7 @@ def run_sequential(config) -> dict:
             loop.maybe_publish()
             if loop.publisher is not None and not loop.publisher.wait(timeout=120):
                 log.warning("publish of step %d did not finish in 120s", loop.step)
+            loop.settle_gate()  # a background gate's refusal: back to the accepted state
             if loop.publisher is not None and \
                     loop.publisher.stats()["published"] > published_before:
                 if not wait_weight_version(http, stack.policy_url, str(loop.policy_version)):

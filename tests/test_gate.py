@@ -1,8 +1,11 @@
 """The regression gate: a corrupted candidate is refused, not published, and the trainer rolls
-back to the last good checkpoint; a healthy one is published."""
+back to the last good state; a healthy one is published. Both gate modes: scoring on the trainer
+thread (`gate.background=False`) and in the publisher thread, where the rollback happens at the
+trainer's next step boundary (`settle_gate`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -17,13 +20,17 @@ from sample_factory import make_samples
 from test_trainer import max_param_diff, params_of, tiny_config
 
 
-def gated_loop(tmp_path, rollback: str = "checkpoint") -> TrainLoop:
+MODES = [(rollback, background) for rollback in ("checkpoint", "memory")
+         for background in (False, True)]
+
+
+def gated_loop(tmp_path, rollback: str = "checkpoint", background: bool = True) -> TrainLoop:
     probe = tmp_path / "probe.jsonl"
     write_replay(str(probe), make_samples(6, seed=31, prefix="probe"))
     config = tiny_config(tmp_path / "run", **{
         "trainer.samples_per_step": 4, "trainer.lr": 1e-4, "publish.every_steps": 1,
         "publish.dtype": "float32", "gate.enabled": True, "gate.probe": str(probe),
-        "gate.margin": 0.5, "gate.rollback": rollback})
+        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": background})
     source = QueueSource()
     source.put(make_samples(16, seed=32))
     return TrainLoop(config, source=source)
@@ -34,6 +41,13 @@ def published(loop) -> list[str]:
     return sorted(d for d in os.listdir(loop.publisher.publish_dir) if d.startswith("v"))
 
 
+def publish(loop) -> None:
+    """A publish step's gate work, settled: the decision is acted on before returning."""
+    loop.maybe_publish()
+    loop.publisher.wait(timeout=60)
+    loop.settle_gate()
+
+
 def corrupt(loop) -> None:
     """A bad update: every weight knocked far off."""
     leaves, treedef = jax.tree.flatten(loop.state.params)
@@ -42,12 +56,12 @@ def corrupt(loop) -> None:
         p + 2.0 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
 
 
-@pytest.mark.parametrize("rollback", ["checkpoint", "memory"])
-def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path, rollback):
-    loop = gated_loop(tmp_path, rollback)
+@pytest.mark.parametrize("rollback,background", MODES)
+def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path, rollback, background):
+    loop = gated_loop(tmp_path, rollback, background)
     try:
         loop.train_step(loop.take_samples())
-        loop.maybe_publish()  # a healthy small step passes and is published as v1
+        publish(loop)  # a healthy small step passes and is published as v1
         assert loop.gate_refusals == 0 and published(loop) == ["v1"]
         # The serving score is the published candidate's (reused from the check, not rescored).
         assert loop.gate.serving_score == pytest.approx(loop.gate.score(loop.state.params),
@@ -59,7 +73,7 @@ def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path, rollback):
         decision = loop.gate.check(loop.state.params)
         assert not decision.passed and decision.candidate < decision.serving - 0.5
 
-        loop.maybe_publish()
+        publish(loop)
         assert loop.gate_refusals == 1
         assert published(loop) == ["v1"]  # nothing new reached the servers
         assert loop.step == 1  # rolled back to the published version
@@ -68,28 +82,29 @@ def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path, rollback):
         # step donates its input state: the kept copy must not be that buffer).
         loop.train_step(loop.take_samples())
         corrupt(loop)
-        loop.maybe_publish()
+        publish(loop)
         assert loop.gate_refusals == 2 and loop.step == 1
         assert max_param_diff(good, params_of(loop)) == 0.0
     finally:
         loop.close()
 
 
-@pytest.mark.parametrize("rollback", ["checkpoint", "memory"])
-def test_a_rollback_discards_the_abandoned_trajectorys_checkpoints(tmp_path, rollback):
+@pytest.mark.parametrize("rollback,background", MODES)
+def test_a_rollback_discards_the_abandoned_trajectorys_checkpoints(tmp_path, rollback,
+                                                                    background):
     """A checkpoint saved after the good state (here: step 2, corrupted) is deleted by the
     rollback, so a restart resumes from the good state, and training to step 2 again saves it
     (orbax refuses to save a step that exists)."""
-    loop = gated_loop(tmp_path, rollback)
+    loop = gated_loop(tmp_path, rollback, background)
     try:
         loop.train_step(loop.take_samples())
-        loop.maybe_publish()  # v1 accepted
+        publish(loop)  # v1 accepted
         loop.train_step(loop.take_samples())
         corrupt(loop)
         loop.save_checkpoint()  # e.g. the checkpoint.every_steps cadence, before the gate
         loop.checkpointer.wait()
         assert 2 in loop.checkpointer.all_steps()
-        loop.maybe_publish()
+        publish(loop)
         assert loop.gate_refusals == 1 and loop.step == 1
         assert max(loop.checkpointer.all_steps()) <= 1
         loop.train_step(loop.take_samples())
@@ -99,6 +114,63 @@ def test_a_rollback_discards_the_abandoned_trajectorys_checkpoints(tmp_path, rol
         with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
             steps = [json.loads(line)["step"] for line in f]
         assert steps == [1, 2]  # the discarded step's samples are cut from the log
+    finally:
+        loop.close()
+
+
+def test_a_background_refusal_discards_what_was_trained_on_top_of_it(tmp_path):
+    """The trainer trains on while the publisher thread scores: a refused candidate voids every
+    later candidate of its trajectory (not scored, not published, even one that would pass)
+    until the trainer settles, rolls back, and publishes from the good state again."""
+    loop = gated_loop(tmp_path, "memory", background=True)
+    try:
+        loop.train_step(loop.take_samples())
+        publish(loop)  # v1 accepted
+        good, good_params = params_of(loop), jax.tree.map(jnp.copy, loop.state.params)
+        loop.train_step(loop.take_samples())
+        corrupt(loop)
+        loop.maybe_publish()  # candidate 2, scored in the background
+        assert loop.publisher.wait(timeout=60)
+        assert loop.publisher.stats()["gated_out"] == 1 and loop.gate_refusals == 0
+        loop.train_step(loop.take_samples())  # step 3, on top of the refused candidate
+        loop.state = loop.state.replace(params=good_params)  # would pass the gate
+        loop.maybe_publish()
+        assert loop.publisher.wait(timeout=60)
+        assert loop.publisher.stats()["gated_out"] == 2  # void: its trajectory was refused
+        assert published(loop) == ["v1"]
+        assert loop.settle_gate() and not loop.settle_gate()  # one refusal, acted on once
+        assert loop.gate_refusals == 1 and loop.step == 1
+        assert max_param_diff(good, params_of(loop)) == 0.0
+        loop.train_step(loop.take_samples())
+        publish(loop)  # a healthy candidate of the new trajectory passes
+        assert loop.gate_refusals == 1 and published(loop) == ["v1", "v2"]
+    finally:
+        loop.close()
+
+
+def test_run_settles_a_refused_last_candidate_and_trains_back_to_the_step_count(tmp_path):
+    """A refusal that arrives after the last step still rolls back: `run` waits for the last
+    decision, then trains the discarded steps again, so it ends at `trainer.steps` on a state
+    the gate accepted."""
+    loop = gated_loop(tmp_path, "memory", background=True)
+    real_check, decisions = loop.gate.check, []
+
+    def refuse_the_second(params):  # the real gate's scores; the second verdict forced
+        decision = real_check(params)
+        decisions.append(decision)
+        return dataclasses.replace(decision, passed=len(decisions) != 2)
+
+    loop.gate.check = refuse_the_second
+    try:
+        with loop.config.unlocked():
+            loop.config.trainer.steps = 2
+        loop.run()
+        assert loop.step == 2 and loop.gate_refusals == 1 and len(decisions) == 3
+        assert published(loop) == ["v1", "v2"]
+        assert loop.checkpointer.latest_step() == 2
+        with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == [1, 2]  # the refused step 2's samples are cut from the log
     finally:
         loop.close()
 
@@ -113,10 +185,12 @@ def test_gate_passes_nan_free_candidates_only(tmp_path):
         loop.close()
 
 
-def test_the_trainer_thread_time_is_reported(tmp_path):
-    """`gate_s` (scoring the candidate after step 1) lands in step 2's row, inside
-    `after_step_s`; `take_wait_s` is each step's wait for samples."""
-    loop = gated_loop(tmp_path, "memory")
+@pytest.mark.parametrize("background", [False, True])
+def test_the_trainer_thread_time_is_reported(tmp_path, background):
+    """`gate_s` (the trainer thread's gate work after step 1: scoring the candidate, or copying
+    it for the publisher thread to score) lands in step 2's row, inside `after_step_s`;
+    `take_wait_s` is each step's wait for samples."""
+    loop = gated_loop(tmp_path, "memory", background)
     try:
         with loop.config.unlocked():
             loop.config.trainer.steps = 2
@@ -128,4 +202,6 @@ def test_the_trainer_thread_time_is_reported(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["after_step_s"] == 0.0 and rows[0]["gate_s"] == 0.0  # nothing before step 1
     assert 0.0 < rows[1]["gate_s"] <= rows[1]["after_step_s"]
+    if not background:  # scored on the trainer thread: all of its gate time
+        assert rows[1]["gate_score_s"] == rows[1]["gate_s"]
     assert all(r["take_wait_s"] >= 0.0 for r in rows)
