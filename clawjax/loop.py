@@ -95,6 +95,13 @@ def make_gate(config, graphdef, vocab_size: int):
                           chunk=config.loss.logp_chunk)
 
 
+def _cache_size(jitted) -> int:
+    """How many shape signatures `jitted` (a `jax.jit` function) has compiled (0 where this
+    JAX does not say)."""
+    size = getattr(jitted, "_cache_size", None)
+    return int(size()) if callable(size) else 0
+
+
 class TrainLoop:
     """Owns the train state and drives `trainer.steps` updates from a sample source."""
 
@@ -303,7 +310,11 @@ class TrainLoop:
         start = time.perf_counter()
         version_before = self.policy_version
         stack = self.pack(group_norm.normalize_rewards(samples, self.config.loss.group_norm))
+        shapes_known = _cache_size(self._step)
         self.state, metrics = self._step(self.state, stack, self.ref_params)
+        # 1 when this step's shapes (rows, score capacity) were new to the jitted step: its
+        # step_time_s includes tracing and compiling (a one-off stall per shape).
+        compiled = float(_cache_size(self._step) > shapes_known)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
         version = self.policy_version
@@ -311,7 +322,7 @@ class TrainLoop:
         metrics.update(
             samples=len(samples), tokens=int(sum(len(s.tokens) for s in samples)),
             tokens_per_s=sum(len(s.tokens) for s in samples) / max(elapsed, 1e-9),
-            step_time_s=elapsed, policy_version=version,
+            step_time_s=elapsed, compiled=compiled, policy_version=version,
             reward_mean=float(np.mean([s.reward for s in samples])),
             opd_share=float(np.mean([s.has_teacher for s in samples])),
             staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),

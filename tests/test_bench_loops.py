@@ -70,6 +70,25 @@ def test_trained_rate_leaves_out_the_first_step(tmp_path):
     assert rate["per_min"] == pytest.approx(60.0 * 24 / 60.0)
 
 
+def test_steady_figures_leave_out_the_steps_that_compiled(tmp_path):
+    """Step 3 met a new shape (12 s, mostly compiling): the steady rate and phases drop its
+    samples and its interval; the plain figures keep them."""
+    rows = [{"step": 1, "time": 100.0, "samples": 16, "compiled": 1.0},
+            {"step": 2, "time": 102.0, "samples": 16, "compiled": 0.0},
+            {"step": 3, "time": 114.0, "samples": 16, "compiled": 1.0},
+            {"step": 4, "time": 116.0, "samples": 8, "compiled": 0.0}]
+    for r in rows:
+        r.update(rollout_s=1.0, step_time_s=12.0 if r["step"] == 3 else 0.5, publish_wait_s=0.5)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rate = _runs.trained_rate(str(tmp_path))  # timed: steps 2-4 (the first is start-up)
+    assert rate["per_min"] == pytest.approx(60.0 * 40 / 16.0)
+    assert rate["compile_steps"] == 1 and rate["steady_seconds"] == pytest.approx(4.0)
+    assert rate["steady_per_min"] == pytest.approx(60.0 * 24 / 4.0)
+    assert _runs.phase_seconds(str(tmp_path))["train"] == pytest.approx(13.0 / 3)
+    assert _runs.phase_seconds(str(tmp_path), steady=True) == pytest.approx(
+        {"rollout": 1.0, "train": 0.5, "publish": 0.5})
+
+
 def test_phase_seconds_and_the_overlap_bound_by_hand(tmp_path):
     rows = [{"step": 1, "rollout_s": 9.0, "step_time_s": 9.0, "publish_wait_s": 9.0},
             {"step": 2, "rollout_s": 0.3, "step_time_s": 0.1, "publish_wait_s": 0.2},
@@ -146,4 +165,15 @@ def test_bench_async_quick(bench_root):
         seq = json.loads((tmp_path / f"sequential-{i}" / "sequential_summary.json").read_text())
         assert seq["steps"] == 3
     assert re.search(r"perfect overlap of them would give at most [0-9.]+x", out)
+    # The steady figures: every step's `compiled` flag is read (a missing one would count as 0).
+    for pair in pairs:
+        for mode in ("concurrent", "sequential"):
+            rows = [json.loads(line) for line in
+                    (tmp_path / f"{mode}-{pairs.index(pair) + 1}" / "metrics.jsonl").open()]
+            assert rows[0]["compiled"] == 1.0 and all(r["compiled"] in (0.0, 1.0) for r in rows)
+        steady = pair["steady_sequential_phases_s"]
+        assert pair["steady_overlap_bound"] == pytest.approx(
+            sum(steady.values()) / max(steady.values()))
+    assert re.search(r"without the \d+ timed step\(s\) that compiled a new shape .* "
+                     r"concurrent / sequential ([0-9.]+|n/a)x", out)
     assert re.search(r"keeps [0-9.]+ of \d+ cores busy: .* at most [0-9.]+x", out)

@@ -139,6 +139,17 @@ def test_non_finite_gradient_skips_the_update_and_counts_it(tmp_path):
     assert max_param_diff(before, params_of(loop)) == 0.0
 
 
+def test_a_step_that_meets_a_new_shape_is_flagged_compiled(tmp_path):
+    """`compiled` (the bench leaves such steps out of its steady rate): the first step, and a
+    step whose packed rows outnumber every earlier one's; not a repeat of known shapes."""
+    loop = TrainLoop(tiny_config(tmp_path / "shapes"), source=QueueSource())
+    few = make_samples(4, seed=10)
+    many = make_samples(24, seed=11, prefix="many", min_len=100, max_len=120)
+    assert loop.pack(many).tokens.shape[1] > loop.pack(few).tokens.shape[1]  # more rows
+    flags = [loop.train_step(batch)["compiled"] for batch in (few, few, many, few)]
+    assert flags == [1.0, 0.0, 1.0, 0.0]
+
+
 def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
     good = make_samples(4, seed=5)
     nan_logp = make_samples(1, seed=6, prefix="nan")[0]

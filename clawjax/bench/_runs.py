@@ -99,24 +99,34 @@ def trained_rate(workdir: str) -> dict:
     backlog the concurrent agents build up meanwhile (it would make the next steps look fast).
     Rate = samples of rows k+1.. / (time of the last row - time of row k), k = skipped steps.
     Returns {"samples", "seconds", "per_min", "steps" (timed), "skipped", "t0", "t1"} (t0, t1:
-    the window's `time.time()` bounds)."""
+    the window's `time.time()` bounds), and the same window without the timed steps that met a
+    new shape (`compiled` = 1: the step's time is mostly XLA compiling, a one-off per shape;
+    their samples and their intervals left out): "compile_steps", "steady_seconds",
+    "steady_per_min" (None when every timed step compiled)."""
     rows, skip = metrics_rows(workdir)
     if len(rows) < 2:
         raise ValueError(f"{workdir}/metrics.jsonl has {len(rows)} rows, expected >= 2")
     samples = sum(r["samples"] for r in rows[skip:])
     seconds = rows[-1]["time"] - rows[skip - 1]["time"]
+    intervals = list(zip(rows[skip - 1:], rows[skip:]))  # (previous row, timed row)
+    kept = [(a, b) for a, b in intervals if not b.get("compiled")]
+    steady_seconds = sum(b["time"] - a["time"] for a, b in kept)
+    steady_samples = sum(b["samples"] for _, b in kept)
     return {"samples": int(samples), "seconds": seconds, "per_min": 60.0 * samples / seconds,
             "steps": len(rows) - skip, "skipped": skip, "t0": rows[skip - 1]["time"],
-            "t1": rows[-1]["time"]}
+            "t1": rows[-1]["time"], "compile_steps": len(intervals) - len(kept),
+            "steady_seconds": steady_seconds,
+            "steady_per_min": 60.0 * steady_samples / steady_seconds if kept else None}
 
 
-def phase_seconds(workdir: str) -> dict:
+def phase_seconds(workdir: str, steady: bool = False) -> dict:
     """Mean seconds per step of each phase of a `clawjax.sequential_run` (`metrics.jsonl` rows
     after the same skipped quarter as `trained_rate`): {"rollout", "train", "publish"}, where
     rollout = serve + judge (`rollout_s`), train = `step_time_s`, publish = the gated publish
-    and the wait for the server's new version (`publish_wait_s`)."""
+    and the wait for the server's new version (`publish_wait_s`). `steady`: without the steps
+    that compiled a new shape (as `trained_rate`'s steady figures)."""
     rows, skip = metrics_rows(workdir)
-    rows = rows[skip:]
+    rows = [r for r in rows[skip:] if not (steady and r.get("compiled"))]
     if not rows:
         raise ValueError(f"{workdir}/metrics.jsonl has too few rows for phase times")
     mean = lambda key: sum(float(r.get(key, 0.0)) for r in rows) / len(rows)

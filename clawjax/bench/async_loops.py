@@ -6,7 +6,10 @@ Both runs: the same config and overrides, the same step budget, one shared warm 
 machine one after the other; `--repeats` pairs of them (the modes alternating in time), and the
 reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is
 read the same way from each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of
-the steps — start-up, compilation and the backlog built meanwhile — is left out). Periodic
+the steps — start-up, compilation and the backlog built meanwhile — is left out). A step that
+meets a new batch shape later (more rows, a larger score capacity) compiles again, seconds in a
+window of a few: a second "steady" ratio and overlap bound leave the steps flagged `compiled`
+out of both runs (their samples and their time), the rate a long-running loop settles at. Periodic
 held-out evaluation is pushed out of both runs (`eval.every_steps` huge; it is not one of the
 four loops), except that the default run's evaluator still scores the first published version
 once (the warm start's version is not a number, so any new version is due): that evaluation
@@ -65,10 +68,13 @@ def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | Non
             out[mode].update(cores_busy=busy,
                              cpu_ms_per_sample=1e3 * busy * rate["seconds"] / rate["samples"])
     out["ratio"] = out["concurrent"]["per_min"] / out["sequential"]["per_min"]
-    phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag))
-    out["sequential_phases_s"] = phases
-    # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
-    out["overlap_bound"] = sum(phases.values()) / max(phases.values())
+    steady = out["concurrent"]["steady_per_min"], out["sequential"]["steady_per_min"]
+    out["steady_ratio"] = steady[0] / steady[1] if None not in steady else None
+    for key, steady_only in (("", False), ("steady_", True)):
+        phases = _runs.phase_seconds(os.path.join(root, "sequential" + tag), steady_only)
+        out[key + "sequential_phases_s"] = phases
+        # Perfect overlap would make a step as long as its longest phase (on unlimited cores).
+        out[key + "overlap_bound"] = sum(phases.values()) / max(phases.values())
     out["cores"] = _cpu.usable_cores()
     busy = out["sequential"]["cores_busy"]
     out["cpu_bound"] = out["cores"] / max(busy, 1e-9) if busy is not None else None
@@ -92,6 +98,8 @@ def measure(root: str, steps: int, quick: bool, repeats: int = 1,
             "server_platforms": server_platforms or platforms or "default",
             "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
+            "steady_ratio": _median_or_none(p["steady_ratio"] for p in pairs),
+            "steady_overlap_bound": statistics.median(p["steady_overlap_bound"] for p in pairs),
             "cpu_bound": _median_or_none(p["cpu_bound"] for p in pairs)}
 
 
@@ -155,6 +163,14 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
           + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x "
           "(median over pairs)")
+    compiles = sum(p[m]["compile_steps"] for p in pairs for m in ("concurrent", "sequential"))
+    steady_phases = {name: statistics.median(p["steady_sequential_phases_s"][name] for p in pairs)
+                     for name in pairs[0]["steady_sequential_phases_s"]}
+    print(f"without the {compiles} timed step(s) that compiled a new shape (a one-off per shape; "
+          f"their samples and time left out): concurrent / sequential "
+          f"{_fmt(result['steady_ratio'], '.2f')}x; phases "
+          + ", ".join(f"{name} {sec:.3f}" for name, sec in steady_phases.items())
+          + f", overlap bound {result['steady_overlap_bound']:.2f}x (medians over pairs)")
     busy = _median_or_none(p["sequential"]["cores_busy"] for p in pairs)
     if busy is None:
         print("cores busy: not measured (CPU times are read from /proc, Linux only)")
