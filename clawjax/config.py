@@ -172,8 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.gate.rollback = "checkpoint"  # where the last accepted state is kept: checkpoint | memory
     # True: the publisher thread scores each candidate while the trainer trains on; a refusal
     # rolls the trainer back at its next step boundary (the steps trained on top of the refused
-    # candidate are discarded too). False, or several processes (the scoring is a collective):
-    # the trainer thread scores and rolls back before its next update.
+    # candidate are discarded too; with rollback "memory" a candidate in flight holds one more
+    # copy of the state). False, or several processes (the scoring is a collective): the
+    # trainer thread scores and rolls back before its next update.
     c.gate.background = True  # score candidates off the trainer thread
 
     c.distributed = ml_collections.ConfigDict()  # multi-host (clawjax/distributed.py)
