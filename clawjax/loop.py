@@ -95,6 +95,12 @@ def make_gate(config, graphdef, vocab_size: int):
                           chunk=config.loss.logp_chunk)
 
 
+def _device_copy(tree):
+    """A copy of every array of `tree` in new buffers on the same devices: it survives the
+    train step donating the originals (the gate's candidate and rollback target)."""
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
 def _cache_size(jitted) -> int:
     """How many shape signatures `jitted` (a `jax.jit` function) has compiled (0 where this
     JAX does not say)."""
@@ -427,10 +433,10 @@ class TrainLoop:
         started = time.perf_counter()
         step, epoch = self.step, self._gate_epoch
         if self.config.gate.rollback == "memory":
-            candidate = jax.tree.map(lambda x: x.copy(), self.state)
+            candidate = _device_copy(self.state)
             params = candidate.params
         else:
-            candidate, params = None, jax.tree.map(lambda x: x.copy(), self.state.params)
+            candidate, params = None, _device_copy(self.state.params)
             self.save_checkpoint()
 
         def check() -> bool:
@@ -472,7 +478,7 @@ class TrainLoop:
         already saved, or an on-device copy the train step cannot donate away)."""
         self._good_step = self.step
         if self.config.gate.rollback == "memory":
-            self._good_state = jax.tree.map(lambda x: x.copy(), self.state)
+            self._good_state = _device_copy(self.state)
 
     def rollback(self) -> None:
         """Back to the last state the gate accepted. Checkpoints newer than it are deleted
@@ -482,7 +488,7 @@ class TrainLoop:
         if self._good_state is None:
             self.restore(self._good_step)
             return
-        self.state = jax.tree.map(lambda x: x.copy(), self._good_state)
+        self.state = _device_copy(self._good_state)
         self._truncate_trained_log(self._good_step)
         # A later save of this step number must not be skipped if it is no longer on disk.
         self._saved_step = (self._good_step if self._good_step in self.checkpointer.all_steps()

@@ -108,6 +108,11 @@ def _median_or_none(values):
     return None if None in values else statistics.median(values)
 
 
+def _median_phases(pairs: list[dict], key: str) -> dict:
+    """{phase: the median over pairs of `pair[key][phase]`} (`key`: a phase-times entry)."""
+    return {name: statistics.median(p[key][name] for p in pairs) for name in pairs[0][key]}
+
+
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -157,15 +162,13 @@ def main(argv: list[str]) -> int:
     ratio = result["ratio"]
     print(f"concurrent / sequential: {ratio:.2f}x, the median of {repeats} pair(s) (target "
           f">= 2x: {'met' if ratio >= 2.0 else 'not met'})")
-    phases = {name: statistics.median(p["sequential_phases_s"][name] for p in pairs)
-              for name in pairs[0]["sequential_phases_s"]}
+    phases = _median_phases(pairs, "sequential_phases_s")
     print("sequential phases, median of the mean s per step: "
           + ", ".join(f"{name} {sec:.3f}" for name, sec in phases.items())
           + f"; perfect overlap of them would give at most {result['overlap_bound']:.2f}x "
           "(median over pairs)")
     compiles = sum(p[m]["compile_steps"] for p in pairs for m in ("concurrent", "sequential"))
-    steady_phases = {name: statistics.median(p["steady_sequential_phases_s"][name] for p in pairs)
-                     for name in pairs[0]["steady_sequential_phases_s"]}
+    steady_phases = _median_phases(pairs, "steady_sequential_phases_s")
     print(f"without the {compiles} timed step(s) that compiled a new shape (a one-off per shape; "
           f"their samples and time left out): concurrent / sequential "
           f"{_fmt(result['steady_ratio'], '.2f')}x; phases "
