@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.workdir = "workdir"
     c.method = "combine"
     c.replay = ""  # JSONL of samples; "" = the gRPC buffer if buffer.address, else in-process
+    c.compile_cache_dir = "auto"  # XLA executables kept for the next run: "auto" = <workdir>/xla_cache, "" = off, else a dir
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF checkpoint directory; "" = random init from model.hf_config
@@ -225,6 +226,8 @@ def validate(config) -> None:
     """Raises `ConfigError` naming the first key whose value is out of its domain."""
     c = config
     _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
+    _check(isinstance(c.compile_cache_dir, str), "compile_cache_dir", c.compile_cache_dir,
+           "a directory, 'auto' (<workdir>/xla_cache) or '' (off)")
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", c.model.dtype,
            "'float32' or 'bfloat16'")
     _check(c.model.attention in ATTENTION_IMPLEMENTATIONS, "model.attention", c.model.attention,

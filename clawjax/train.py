@@ -8,7 +8,9 @@ Each step: take `samples_per_step` samples → validate (rejections are counted 
 silent) → pack into `TokenBatch` rows → one jitted, sharded update → metrics. Every
 `checkpoint.every_steps` (and at the end, and on SIGTERM / Ctrl-C) the train state is saved with
 orbax; samples whose update a checkpoint holds are acknowledged to their source only once that
-checkpoint is committed, so after a crash nothing is trained twice or lost.
+checkpoint is committed, so after a crash nothing is trained twice or lost. Compiled
+executables are kept in `<workdir>/xla_cache` (`config.compile_cache_dir`), so a second run or a
+restarted process loads what an earlier one compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 
 from absl import app
 from ml_collections import config_flags
+
+from clawjax import compile_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", default=None, help_string="a config file, configs/NAME.py (default: configs/default.py)",
@@ -54,6 +58,7 @@ def main(argv) -> int:
     del argv
     quiet_logging()
     config = _CONFIG.value
+    compile_cache.enable(compile_cache.resolve(config))  # before the first compilation
     __import__("clawjax.distributed").distributed.maybe_initialize(config)  # before any JAX op
     if config.rollout.local:  # the whole loop on this machine (configs/default.py)
         from clawjax.default_run import run_default

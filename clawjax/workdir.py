@@ -11,7 +11,8 @@ the first run's last policy (seen: staleness -48 on the new run's first steps).
   (`require_fresh`): nothing is changed, and the error says how to continue or start afresh.
 - The local default run (`clawjax.default_run.start_local`) moves an earlier run's files aside
   instead (`archive_previous_run`), into `workdir/previous/<UTC time>/`: nothing is deleted,
-  and the warm-start cache (`warmstart/`) stays where the new run finds it.
+  and the warm-start cache (`warmstart/`) and the compilation cache (`xla_cache/`,
+  `clawjax.compile_cache`) stay where the new run finds them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from clawjax.buffer import wal
 from clawjax.config import ConfigError
 
 # Names (glob patterns) of what one run writes directly under its workdir. Everything else is
-# left in place: the warm-start cache, earlier archives, a benchmark's own `run.log`, user files.
+# left in place: the warm-start and compilation caches, earlier archives, a benchmark's own
+# `run.log`, user files.
 RUN_ENTRIES = ("checkpoints", "buffer", "publish", "tensorboard", "logs", "metrics*.jsonl",
                "trained*.jsonl", "eval.jsonl", "summary.json", "sequential_summary.json",
                "curve.png", "gate_probe.jsonl", "pids.json", "pids.json.tmp",

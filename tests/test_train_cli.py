@@ -1,5 +1,6 @@
-"""`python -m clawjax.train` as a user runs it: replay training, SIGKILL + exact resume, config
-errors that name the key."""
+"""`python -m clawjax.train` as a user runs it: replay training, SIGKILL + exact resume (the
+resumed process loading the killed one's compiled executables), config errors that name the
+key."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def env():
     e = dict(os.environ)
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     e["JAX_PLATFORMS"] = "cpu"
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # keep every compile in xla_cache
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
     return e
 
 
@@ -60,6 +63,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert ckpt.exists(), "the run never reached its step-6 checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The resumed process loads what the killed one compiled (<workdir>/xla_cache); the parity
+    # check below covers those loaded executables too.
+    assert os.listdir(broken / "xla_cache")
     subprocess.run(train_cmd(broken, replay, 9, "--config.trainer.resume=True"), cwd=ROOT,
                    env=env(), check=True, capture_output=True)
 
