@@ -14,9 +14,9 @@ from clawjax.config import base_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One process: enable the cache, compile and run a function, report JAX's cache-hit events,
-# the result and what a child process would inherit.
+# the result and the cache directory of a child process it starts afterwards.
 _PROCESS = r"""
-import json, os, sys
+import json, os, subprocess, sys
 import jax, jax.numpy as jnp
 from clawjax import compile_cache
 from jax._src import monitoring
@@ -26,8 +26,9 @@ monitoring.register_event_listener(
 compile_cache.enable(sys.argv[1])
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)
 out = f(jnp.arange(64.0).reshape(8, 8) / 64)
-print(json.dumps({"hits": len(hits), "out": [float(v) for v in out],
-                  "env": os.environ.get(compile_cache.ENV)}))
+child = subprocess.run([sys.executable, "-c", "import jax; print(jax.config.jax_compilation_cache_dir)"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+print(json.dumps({"hits": len(hits), "out": [float(v) for v in out], "child": child}))
 """
 
 
@@ -43,7 +44,7 @@ def _run(cache: str) -> dict:
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     cache = str(tmp_path / "cache")
     first = _run(cache)
-    assert first["hits"] == 0 and first["env"] == cache  # children would share it
+    assert first["hits"] == 0 and first["child"] == cache  # its children share the cache
     written = sorted(os.listdir(cache))
     assert written, "the first process left nothing in the cache"
     second = _run(cache)
