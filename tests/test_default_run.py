@@ -120,8 +120,11 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
     assert len(ids) == len(set(ids)) == 14 * 8
 
     # Everything the run wrote at the top of its workdir is either a run's own file (moved aside
-    # by the next new run) or the warm-start cache (kept for it).
-    assert set(os.listdir(workdir)) - set(workdir_lib.run_entries(str(workdir))) == {"warmstart"}
+    # by the next new run) or one of the caches kept for it: the warm start and the compiled
+    # executables (the restarted processes above loaded theirs from it).
+    kept = set(os.listdir(workdir)) - set(workdir_lib.run_entries(str(workdir)))
+    assert kept == {"warmstart", "xla_cache"}
+    assert os.listdir(workdir / "xla_cache")  # the train step compiles for seconds: kept
     # A new run in the same workdir (no resume), as a user re-running the command: the earlier
     # run's files go aside, and nothing of it is trained or logged again. Without the move the
     # new run trained the samples left in the earlier run's buffer, made by its last policy
