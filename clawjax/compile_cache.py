@@ -7,6 +7,10 @@ run leaves in place when it moves an earlier run's files aside (like `warmstart/
 cache off; anything else is the directory (several runs or hosts may share one). JAX keeps only
 compilations that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by default).
 
+The directory only grows (one file per distinct compiled program): delete it to start afresh.
+An entry that cannot be loaded (e.g. its writer was killed mid-write: entries are compressed,
+so a truncated one fails to decompress) costs a warning and a compile.
+
 `enable` must run before the process's first compilation. It also exports
 `JAX_COMPILATION_CACHE_DIR`, so that the processes the run starts afterwards (the local stack's
 server and evaluator) share the cache without being told.
