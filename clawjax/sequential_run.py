@@ -161,10 +161,13 @@ def run_sequential(config) -> dict:
 
 def main(argv) -> int:
     del argv
+    from clawjax import compile_cache
     from clawjax.train import _CONFIG, quiet_logging
 
     quiet_logging()
-    run_sequential(_CONFIG.value)
+    config = _CONFIG.value
+    compile_cache.enable(compile_cache.resolve(config))  # as `python -m clawjax.train` does
+    run_sequential(config)
     return 0
 
 

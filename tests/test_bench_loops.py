@@ -171,6 +171,8 @@ def test_bench_async_quick(bench_root):
             rows = [json.loads(line) for line in
                     (tmp_path / f"{mode}-{pairs.index(pair) + 1}" / "metrics.jsonl").open()]
             assert rows[0]["compiled"] == 1.0 and all(r["compiled"] in (0.0, 1.0) for r in rows)
+            # Both modes compile on the same footing: each into its own, initially empty cache.
+            assert (tmp_path / f"{mode}-{pairs.index(pair) + 1}" / "xla_cache").is_dir()
         steady = pair["steady_sequential_phases_s"]
         assert pair["steady_overlap_bound"] == pytest.approx(
             sum(steady.values()) / max(steady.values()))

@@ -2,8 +2,8 @@
 (the default run, `python -m clawjax.train`) vs the same components in strict sequence
 (`python -m clawjax.sequential_run`: serve → judge → train → publish, nothing overlapping).
 
-Both runs: the same config and overrides, the same step budget, one shared warm start, on this
-machine one after the other; `--repeats` pairs of them (the modes alternating in time), and the
+Both runs: the same config and overrides, the same step budget, one shared warm start, each its
+own compilation cache starting empty (`<workdir>/xla_cache`), on this machine one after the other; `--repeats` pairs of them (the modes alternating in time), and the
 reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is
 read the same way from each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of
 the steps — start-up, compilation and the backlog built meanwhile — is left out). A step that
