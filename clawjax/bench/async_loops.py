@@ -3,8 +3,9 @@
 (`python -m clawjax.sequential_run`: serve → judge → train → publish, nothing overlapping).
 
 Both runs: the same config and overrides, the same step budget, one shared warm start, each its
-own compilation cache starting empty (`<workdir>/xla_cache`), on this machine one after the other; `--repeats` pairs of them (the modes alternating in time), and the
-reported ratio is the median of the pairs' ratios (single runs vary by ±20% here). The rate is
+own compilation cache starting empty (`<workdir>/xla_cache`), on this machine one after the
+other; `--repeats` pairs of them (the modes alternating in time), and the reported ratio is the
+median of the pairs' ratios (single runs vary by ±20% here). The rate is
 read the same way from each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of
 the steps — start-up, compilation and the backlog built meanwhile — is left out). A step that
 meets a new batch shape later (more rows, a larger score capacity) compiles again, seconds in a
