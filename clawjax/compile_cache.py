@@ -4,8 +4,9 @@ prefill and decode buckets and its evaluator instead of compiling them again.
 
 `config.compile_cache_dir`: "auto" (the default) is `<workdir>/xla_cache`, which a new local
 run leaves in place when it moves an earlier run's files aside (like `warmstart/`); "" turns the
-cache off; anything else is the directory (several runs or hosts may share one). JAX keeps only
-compilations that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by default).
+cache off; anything else is the directory (several runs or hosts may share one; a URL such as
+`gs://bucket/xla_cache` is passed to JAX as it is). JAX keeps only compilations that took at
+least `jax_persistent_cache_min_compile_time_secs` (1 s by default).
 
 The directory only grows (one file per distinct compiled program): delete it to start afresh.
 An entry that cannot be loaded (e.g. its writer was killed mid-write: entries are compressed,
@@ -31,6 +32,8 @@ def resolve(config) -> str | None:
     if not value:
         return None
     path = os.path.join(config.workdir, SUBDIR) if value == AUTO else value
+    if "://" in path:  # e.g. gs://bucket/xla_cache, which JAX reads and writes itself
+        return path
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -41,7 +44,8 @@ def enable(path: str | None, environ=os.environ) -> str | None:
         return None
     import jax
 
-    os.makedirs(path, exist_ok=True)
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     environ[ENV] = path
     return path

@@ -63,4 +63,6 @@ def test_resolve_auto_off_and_explicit(tmp_path):
     assert compile_cache.enable(None) is None
     c.compile_cache_dir = "~/shared-xla"
     assert compile_cache.resolve(c) == os.path.join(os.path.expanduser("~"), "shared-xla")
+    c.compile_cache_dir = "gs://bucket/xla"  # a URL is JAX's to open, not a local path
+    assert compile_cache.resolve(c) == "gs://bucket/xla"
 
