@@ -19,9 +19,8 @@ _PROCESS = r"""
 import json, os, subprocess, sys
 import jax, jax.numpy as jnp
 from clawjax import compile_cache
-from jax._src import monitoring
 hits = []
-monitoring.register_event_listener(
+jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
 compile_cache.enable(sys.argv[1])
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)

@@ -356,11 +356,20 @@ def test_directory_without_tokenizer_and_api_key(tmp_path, hf_a):
         srv.stop()
 
 
-def test_client_that_goes_away_frees_its_slot(server, tokenizer):
-    """A streaming client reads one token and hangs up; the engine is paused right after
-    that token so the request still holds its slot (no race with a fast machine finishing
-    all tokens first). The disconnect must abort it and free the slot."""
-    before = server.ctx.engine.stats().get("finished_abort", 0)
+def test_client_that_goes_away_frees_its_slot(server, tokenizer, monkeypatch):
+    """A streaming client reads one token and hangs up. The engine pauses itself right after
+    the prefill that made that token, so the request still holds its slot however slowly the
+    client reads (pausing from the client raced a loaded machine, whose engine had finished
+    every token first). The disconnect must abort it and free the slot."""
+    engine = server.ctx.engine
+    before = engine.stats().get("finished_abort", 0)
+    prefill = engine._run_prefill
+
+    def prefill_then_pause(admitted):
+        prefill(admitted)
+        engine.pause()
+
+    monkeypatch.setattr(engine, "_run_prefill", prefill_then_pause)
     prompt = tokenizer.encode("bye")
     body = {"input_ids": prompt, "stream": True,
             "sampling_params": {"max_new_tokens": 256 - len(prompt), "ignore_eos": True}}
@@ -368,7 +377,6 @@ def test_client_that_goes_away_frees_its_slot(server, tokenizer):
         with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as resp:
             assert resp.status_code == 200
             first = next(line for line in resp.iter_lines() if line.startswith("data: "))
-            server.ctx.engine.pause()
             assert json.loads(first[len("data: "):])["meta_info"]["finish_reason"] is None
             assert server.ctx.engine.stats()["running"] == 1
         deadline = time.monotonic() + 30
