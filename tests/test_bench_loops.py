@@ -166,13 +166,13 @@ def test_bench_async_quick(bench_root):
         assert seq["steps"] == 3
     assert re.search(r"perfect overlap of them would give at most [0-9.]+x", out)
     # The steady figures: every step's `compiled` flag is read (a missing one would count as 0).
-    for pair in pairs:
+    for i, pair in enumerate(pairs, 1):
         for mode in ("concurrent", "sequential"):
-            rows = [json.loads(line) for line in
-                    (tmp_path / f"{mode}-{pairs.index(pair) + 1}" / "metrics.jsonl").open()]
+            run_dir = tmp_path / f"{mode}-{i}"
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
             assert rows[0]["compiled"] == 1.0 and all(r["compiled"] in (0.0, 1.0) for r in rows)
             # Both modes compile on the same footing: each into its own, initially empty cache.
-            assert (tmp_path / f"{mode}-{pairs.index(pair) + 1}" / "xla_cache").is_dir()
+            assert (run_dir / "xla_cache").is_dir()
         steady = pair["steady_sequential_phases_s"]
         assert pair["steady_overlap_bound"] == pytest.approx(
             sum(steady.values()) / max(steady.values()))

@@ -315,8 +315,8 @@ class JudgeLoop:
     teacher (anything with `teacher_logprobs(prompt_ids, response_ids, top_k=)`, e.g. a
     `Fleet`), encode (`(messages, tools) -> prompt ids`, the chat template), pusher, stats,
     method, m (votes per judge), vote_kwargs (model, temperature, max_tokens, timeout of judge
-    calls), teacher_topk (K > 0: OPD samples also carry the teacher's top-K log-probs and ids at each
-    response position, SPEC §5).
+    calls), teacher_topk (K > 0: OPD samples also carry the teacher's top-K log-probs and ids at
+    each response position, SPEC §5).
     Only the judges a method uses are asked: `rl` skips the hint judge, `opd` the PRM.
     """
 
