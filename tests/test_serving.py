@@ -357,33 +357,45 @@ def test_directory_without_tokenizer_and_api_key(tmp_path, hf_a):
 
 
 def test_client_that_goes_away_frees_its_slot(server, tokenizer, monkeypatch):
-    """A streaming client reads one token and hangs up. The engine pauses itself right after
-    the prefill that made that token, so the request still holds its slot however slowly the
-    client reads (pausing from the client raced a loaded machine, whose engine had finished
-    every token first). The disconnect must abort it and free the slot."""
+    """A streaming client reads one token and hangs up; the disconnect must abort the request
+    and free its slot. Decode steps wait at a gate the test opens only once the server has
+    called `abort`, so the request can neither finish its 253 tokens first nor be reaped
+    before the client has read its token, however loaded the machine. (Two earlier versions
+    raced: pausing from the client let the engine finish first, and pausing from the engine
+    thread could land after the test's resume. The line iterator is kept alive because
+    dropping it closes the connection at once.)"""
     engine = server.ctx.engine
     before = engine.stats().get("finished_abort", 0)
-    prefill = engine._run_prefill
+    gate, aborted = threading.Event(), threading.Event()
+    decode, abort = engine._run_decode, engine.abort
 
-    def prefill_then_pause(admitted):
-        prefill(admitted)
-        engine.pause()
+    def gated_decode(reqs):
+        gate.wait(60)
+        decode(reqs)
 
-    monkeypatch.setattr(engine, "_run_prefill", prefill_then_pause)
+    def observed_abort(rid=None, message="aborted"):
+        n = abort(rid, message)
+        aborted.set()
+        return n
+
+    monkeypatch.setattr(engine, "_run_decode", gated_decode)
+    monkeypatch.setattr(engine, "abort", observed_abort)
     prompt = tokenizer.encode("bye")
     body = {"input_ids": prompt, "stream": True,
             "sampling_params": {"max_new_tokens": 256 - len(prompt), "ignore_eos": True}}
     try:
         with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as resp:
             assert resp.status_code == 200
-            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[len("data: "):])["meta_info"]["finish_reason"] is None
-            assert server.ctx.engine.stats()["running"] == 1
+            assert engine.stats()["running"] == 1 and not aborted.is_set()
+        assert aborted.wait(30), "the server did not abort the request of a client that left"
+        gate.set()
         deadline = time.monotonic() + 30
-        while server.ctx.engine.stats().get("finished_abort", 0) == before and \
-                time.monotonic() < deadline:
+        while engine.stats().get("finished_abort", 0) == before and time.monotonic() < deadline:
             time.sleep(0.02)
-        stats = server.ctx.engine.stats()
+        stats = engine.stats()
     finally:
-        server.ctx.engine.resume()
+        gate.set()
     assert stats.get("finished_abort", 0) == before + 1 and stats["running"] == 0
