@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.workdir = "workdir"
     c.method = "combine"
     c.replay = ""  # JSONL of samples; "" = the gRPC buffer if buffer.address, else in-process
-    c.compile_cache_dir = "auto"  # XLA executables kept for the next run: "auto" = <workdir>/xla_cache, "" = off, else a dir
+    c.compile_cache_dir = "auto"  # XLA cache: "auto" = <workdir>/xla_cache, "" = off, else a dir
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF checkpoint directory; "" = random init from model.hf_config

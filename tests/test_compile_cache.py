@@ -25,8 +25,9 @@ jax.monitoring.register_event_listener(
 compile_cache.enable(sys.argv[1])
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)
 out = f(jnp.arange(64.0).reshape(8, 8) / 64)
-child = subprocess.run([sys.executable, "-c", "import jax; print(jax.config.jax_compilation_cache_dir)"],
-                       capture_output=True, text=True, check=True).stdout.strip()
+probe = "import jax; print(jax.config.jax_compilation_cache_dir)"
+child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       check=True).stdout.strip()
 print(json.dumps({"hits": len(hits), "out": [float(v) for v in out], "child": child}))
 """
 
@@ -64,4 +65,3 @@ def test_resolve_auto_off_and_explicit(tmp_path):
     assert compile_cache.resolve(c) == os.path.join(os.path.expanduser("~"), "shared-xla")
     c.compile_cache_dir = "gs://bucket/xla"  # a URL is JAX's to open, not a local path
     assert compile_cache.resolve(c) == "gs://bucket/xla"
-

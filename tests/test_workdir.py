@@ -23,7 +23,8 @@ RUN_FILES = ["buffer/wal/LOCK", "buffer/wal/wal-000001.log", "checkpoints/10/sta
              "tensorboard/events", "logs/server.log", "metrics.jsonl", "metrics.process1.jsonl",
              "trained.jsonl", "trained.process1.jsonl", "eval.jsonl", "summary.json",
              "curve.png", "gate_probe.jsonl", "pids.json", "rejected.jsonl"]
-KEPT_FILES = ["warmstart/config.json", "xla_cache/jit_step-cache", "run.log", "notes.txt", "previous/old/metrics.jsonl"]
+KEPT_FILES = ["warmstart/config.json", "xla_cache/jit_step-cache", "run.log", "notes.txt",
+              "previous/old/metrics.jsonl"]
 
 
 def make_files(root, names):

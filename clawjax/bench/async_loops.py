@@ -5,16 +5,15 @@
 Both runs: the same config and overrides, the same step budget, one shared warm start, each its
 own compilation cache starting empty (`<workdir>/xla_cache`), on this machine one after the
 other; `--repeats` pairs of them (the modes alternating in time), and the reported ratio is the
-median of the pairs' ratios (single runs vary by ±20% here). The rate is
-read the same way from each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of
-the steps — start-up, compilation and the backlog built meanwhile — is left out). A step that
-meets a new batch shape later (more rows, a larger score capacity) compiles again, seconds in a
-window of a few: a second "steady" ratio and overlap bound leave the steps flagged `compiled`
-out of both runs (their samples and their time), the rate a long-running loop settles at. Periodic
-held-out evaluation is pushed out of both runs (`eval.every_steps` huge; it is not one of the
-four loops), except that the default run's evaluator still scores the first published version
-once (the warm start's version is not a number, so any new version is due): that evaluation
-counts against the concurrent rate.
+median of the pairs' ratios (single runs vary by ±20% here). The rate is read the same way from
+each run's `metrics.jsonl` (`_runs.trained_rate`: the first quarter of the steps — start-up,
+compilation and the backlog built meanwhile — is left out). A step that meets a new batch shape
+later (more rows, a larger score capacity) compiles again, seconds in a window of a few: a second
+"steady" ratio and overlap bound leave the steps flagged `compiled` out of both runs (their samples
+and their time), the rate a long-running loop settles at. Periodic held-out evaluation is pushed
+out of both runs (`eval.every_steps` huge; it is not one of the four loops), except that the
+default run's evaluator still scores the first published version once (the warm start's version is
+not a number, so any new version is due): that evaluation counts against the concurrent rate.
 
 Two bounds on what overlapping the loops can gain, both read from the sequential run:
 - overlap: (sum of its phase times: rollout, train, publish) / (the longest phase), reached
