@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from clawjax.bench import _runs, methods
+from clawjax.bench import _runs, async_loops, methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +98,25 @@ def test_phase_seconds_and_the_overlap_bound_by_hand(tmp_path):
     assert phases == pytest.approx({"rollout": 0.4, "train": 0.1, "publish": 0.1})
 
 
+def test_bench_async_refuses_a_bad_config_override(capsys):
+    """Anything but a known, non-reserved `--config.KEY=VALUE` is refused before a run starts,
+    with the argument named."""
+    assert async_loops.config_overrides(["--config.rollout.agents=16"]) == \
+        ["--config.rollout.agents=16"]
+    for arg, reason in (("--agents=16", "expected --config.KEY=VALUE"),
+                        ("--config.rollout.agnets=16", "'rollout.agnets' is not in"),
+                        ("--config.rollout.agents.x=1", "'rollout.agents.x' is not in"),
+                        ("--config.trainer.steps=5", "set by the bench itself"),
+                        ("--config.workdir=/tmp/x", "set by the bench itself"),
+                        ("--config.rollout.agents", "expected --config.KEY=VALUE")):
+        with pytest.raises(SystemExit) as exit_info:
+            async_loops.main(["--workdir", "/nonexistent/never-created", arg])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert repr(arg) in err and reason in err, err
+    assert not os.path.exists("/nonexistent/never-created")
+
+
 # The two whole-loop bench smoke runs start 4 servers per run (7 runs): marked slow, ~2.3 min
 # together on 2 idle cores, so they run in the suite; CLAWJAX_BENCH_SMOKE=0 skips them.
 needs_opt_in = pytest.mark.skipif(os.environ.get("CLAWJAX_BENCH_SMOKE") == "0",
@@ -132,7 +151,7 @@ def test_bench_methods_quick(bench_root):
 def test_bench_async_quick(bench_root):
     tmp_path = bench_root
     out = bench("async", "--quick", "--steps", "3", "--repeats", "2", "--workdir",
-                str(tmp_path))
+                str(tmp_path), "--config.rollout.agents=3")
     rows = table_rows(out, "pair")
     assert [(r[0], r[1]) for r in rows] == [("1", "concurrent"), ("1", "sequential"),
                                             ("2", "concurrent"), ("2", "sequential")]
@@ -161,6 +180,16 @@ def test_bench_async_quick(bench_root):
         assert pair["cpu_bound"] == pytest.approx(pair["cores"]
                                                   / pair["sequential"]["cores_busy"])
     assert result["ratio"] == pytest.approx((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2)
+    # A --config override reaches both runs of every pair, after the bench's own (so it wins
+    # over --quick's rollout.agents=4).
+    assert result["overrides"][-1] == "--config.rollout.agents=3"
+    assert "overrides: --config.rollout.agents=3" in out
+    for i in (1, 2):
+        for mode in ("concurrent", "sequential"):
+            command = (tmp_path / f"{mode}-{i}" / "run.log").read_text().splitlines()[0]
+            args = command.split()
+            assert args[0] == "$" and args[-1] == "--config.rollout.agents=3", command
+            assert args.index("--config.rollout.agents=4") < len(args) - 1
     for i in (1, 2):
         seq = json.loads((tmp_path / f"sequential-{i}" / "sequential_summary.json").read_text())
         assert seq["steps"] == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
                timeout_s: float | None = None, cpu_trace: list | None = None,
                platforms: str | None = "cpu") -> float:
     """Runs `python -m module --config.workdir=workdir *overrides` with the shared warm start;
-    output goes to `workdir/run.log`. Returns wall seconds; raises on a non-zero exit. With a
+    output goes to `workdir/run.log`, after a first line `$ <the command>`. Returns wall seconds; raises on a non-zero exit. With a
     `cpu_trace` list, the run's `_cpu.CpuTrace` (CPU seconds of its whole process tree over
     time) is appended to it where the OS exposes them (`_cpu.available()`). `platforms` is the
     run's JAX_PLATFORMS (every process of it: server, trainer, evaluator); None leaves JAX its
@@ -64,6 +65,8 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
     log_path = os.path.join(workdir, "run.log")
     start = time.monotonic()
     with open(log_path, "w") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")  # the run's command line, to reproduce it
+        log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         trace = (_cpu.CpuTrace(proc.pid).start()
                  if cpu_trace is not None and _cpu.available() else None)

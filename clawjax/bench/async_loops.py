@@ -25,6 +25,7 @@ Two bounds on what overlapping the loops can gain, both read from the sequential
 
     python -m clawjax.bench async [--steps 60] [--repeats 3] [--workdir bench/async] [--quick]
                                   [--platforms cpu|default|cuda|...] [--server-platforms P]
+                                  [--config.KEY=VALUE ...]
 
 `--platforms` (JAX_PLATFORMS of every process; default cpu): `default` leaves JAX its choice, so
 on a GPU host the server, trainer and evaluator processes share the GPU (each allocating on
@@ -32,6 +33,12 @@ demand) and only the agents, proxy, judge and buffer stay on the CPU. `--server-
 the policy server its own (`rollout.server_platforms`): `--platforms cpu --server-platforms cuda`
 serves on the GPU and trains on the CPU, serving and training on separate devices as a fleet and
 a trainer are, with no two processes taking turns on one GPU.
+
+`--config.KEY=VALUE` overrides of `configs/default.py` go to both runs of every pair alike (after
+the bench's own), e.g. `--config.rollout.agents=16`: more simulated users, so that a GPU server
+decodes more sequences per step (its `rollout.max_batch` slots) and the rollout phase is a smaller
+share of a sequential step. `--steps` sets `trainer.steps`, `--workdir` each run's workdir, and
+periodic evaluation stays off: those keys are refused here.
 """
 
 from __future__ import annotations
@@ -39,12 +46,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 
 from clawjax.bench import _cpu, _runs
+from clawjax.configs import default as default_config
 from clawjax.bench.common import print_table
 
 NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
+RESERVED_KEYS = ("workdir", "trainer.steps", "eval.every_steps", "trainer.progress")
+
+
+def config_overrides(args: list[str]) -> list[str]:
+    """Validates `--config.KEY=VALUE` arguments against `configs/default.py` (both runs' config):
+    returns them unchanged; raises ValueError naming the argument for anything else, an unknown
+    key, or a key the bench sets itself (`RESERVED_KEYS`). The value is parsed by the runs."""
+    config = default_config.get_config()
+    for arg in args:
+        match = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", arg, re.S)
+        if match is None:
+            raise ValueError(f"argument {arg!r}: expected --config.KEY=VALUE (an override of "
+                             "configs/default.py for both runs) or one of the options above")
+        key = match.group(1)
+        if key in RESERVED_KEYS:
+            raise ValueError(f"argument {arg!r}: config key {key!r} is set by the bench itself "
+                             "(--workdir, --steps; periodic evaluation stays off)")
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                raise ValueError(f"argument {arg!r}: config key {key!r} is not in "
+                                 "configs/default.py")
+            node = node[part]
+    return list(args)
 
 
 def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | None = "cpu") -> dict:
@@ -82,20 +115,23 @@ def measure_pair(root: str, tag: str, overrides: list[str], platforms: str | Non
 
 
 def measure(root: str, steps: int, quick: bool, repeats: int = 1,
-            platforms: str | None = "cpu", server_platforms: str = "") -> dict:
+            platforms: str | None = "cpu", server_platforms: str = "",
+            extra_overrides: tuple[str, ...] = ()) -> dict:
     """`repeats` pairs of runs under `root` (pair i in `concurrent-i` / `sequential-i`), the
     modes alternating in time so that load changes on a shared machine hit both; returns
     {"pairs": [measure_pair result, ...], "ratio": the median ratio, and the median
     "overlap_bound" and "cpu_bound" (None where CPU times are not measured)}.
-    `server_platforms`: `rollout.server_platforms` of both runs ("" = `platforms`)."""
+    `server_platforms`: `rollout.server_platforms` of both runs ("" = `platforms`).
+    `extra_overrides`: `--config.KEY=VALUE` for both runs, after the bench's own (they win)."""
     quick_overrides = [o for o in (_runs.QUICK_OVERRIDES if quick else ())
                        if not o.startswith("--config.eval.every_steps=")]
     overrides = [*quick_overrides, NO_PERIODIC_EVAL, f"--config.trainer.steps={steps}",
                  *([f"--config.rollout.server_platforms={server_platforms}"]
-                   if server_platforms else [])]
+                   if server_platforms else []), *extra_overrides]
     pairs = [measure_pair(root, f"-{i + 1}", overrides, platforms) for i in range(repeats)]
     return {"pairs": pairs, "platforms": platforms or "default",
             "server_platforms": server_platforms or platforms or "default",
+            "overrides": overrides,
             "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
             "steady_ratio": _median_or_none(p["steady_ratio"] for p in pairs),
@@ -135,7 +171,11 @@ def main(argv: list[str]) -> int:
                         help="JAX_PLATFORMS of the policy server alone (rollout.server_platforms; "
                              "default: --platforms'), e.g. cuda with --platforms cpu: serving and "
                              "training on separate devices")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    try:
+        extra = config_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
     steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if steps < 2:
@@ -144,11 +184,13 @@ def main(argv: list[str]) -> int:
         parser.error(f"--repeats {repeats}: expected >= 1")
     root = os.path.abspath(args.workdir)
     platforms = None if args.platforms == "default" else args.platforms
-    result = measure(root, steps, args.quick, repeats, platforms, args.server_platforms)
+    result = measure(root, steps, args.quick, repeats, platforms, args.server_platforms,
+                     tuple(extra))
     pairs = result["pairs"]
     print(f"\nbench async: {steps} steps per run, {repeats} pair(s) of runs, same config, "
           f"same machine, JAX platforms: {args.platforms}, policy server's: "
-          f"{args.server_platforms or args.platforms}")
+          f"{args.server_platforms or args.platforms}"
+          + (f", overrides: {' '.join(extra)}" if extra else ""))
     print(f"(rates over the last {pairs[0]['concurrent']['steps']} steps of each run: the first "
           f"{pairs[0]['concurrent']['skipped']} are start-up)")
     rows = [[i + 1, mode, r["steps"], r["samples"], f"{r['seconds']:.1f}", f"{r['per_min']:.1f}",
