@@ -1,7 +1,7 @@
 """The whole OpenClaw-RL loop on one machine — what `python -m clawjax.train` runs by default.
 
     warm start (cached) → LocalStack: buffer, policy server, rule judge, proxy (processes)
-                        → AgentPool: N simulated users talking to the proxy (thread)
+                        → AgentPool: N simulated users talking to the proxy (process)
                         → Evaluator: held-out score of each new serving version (thread)
                         → TrainLoop: buffer → jitted step → checkpoint → gate → publish (main)
 
@@ -12,27 +12,21 @@ every per-step metric, the held-out score among them.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import os
-import random
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from clawjax import config as config_lib
 from clawjax import default_task, report, warmstart
 from clawjax import workdir as workdir_lib
-from clawjax.buffer.client import BufferClient
 from clawjax.evaluate import Evaluator
 from clawjax.local_stack import LocalStack, share_accelerator
 from clawjax.loop import TrainLoop
-from clawjax.rollout.envs import env_for_task
-from clawjax.rollout.runner import run_episodes_async
+from clawjax.rollout.agents import AgentStats
 from clawjax.sample import Sample
 from clawjax.serving.client import ServingError
 
@@ -53,94 +47,55 @@ def backlog_limit(config) -> int | None:
     return steps * config.trainer.samples_per_step
 
 
-def wait_for_room(queued, limit: int, stop: threading.Event, poll_s: float = 0.05) -> float:
-    """Blocks while `queued()` (the buffer's queued-sample count) is >= `limit`, or until `stop`
-    is set; returns the seconds waited. A failing `queued()` ends the wait (agents must not
-    stall on a restarting buffer: the trainer's staleness bound still protects training)."""
-    start = time.monotonic()
-    while not stop.is_set():
-        try:
-            if queued() < limit:
-                break
-        except Exception as e:  # noqa: BLE001 - any failure: stop throttling, log it
-            log.warning("agents: buffer stats failed (%s); not waiting", e)
-            break
-        stop.wait(poll_s)
-    return time.monotonic() - start
-
-
 class AgentPool:
-    """Simulated users with the default task's hidden preference, `concurrency` sessions at a
-    time through the proxy, cycling over the training tasks in a seeded shuffled order.
+    """The simulated users with the default task's hidden preference: `concurrency` sessions at
+    a time through the proxy, cycling over the training tasks in a seeded shuffled order, in
+    their own supervised process (`clawjax.rollout.agents`, a child of `stack`: restarted if it
+    dies, its log in `logs/agents.log`).
 
-    With `buffer_address` and `max_queued`, a round of episodes starts only while the buffer
-    holds fewer than `max_queued` queued samples (`backlog_limit`): backpressure from the
-    trainer. `waited_s` counts the seconds the agents spent waiting for it."""
+    With `max_queued`, a round of episodes starts only while the buffer holds fewer than
+    `max_queued` queued samples (`backlog_limit`): backpressure from the trainer. `stats()`
+    reads the process's counters (episodes, errors, seconds waited for room in the buffer)."""
 
-    def __init__(self, proxy_url: str, tasks: list[dict], *, concurrency: int, seed: int,
-                 temperature: float, max_tokens: int, buffer_address: str | None = None,
-                 max_queued: int | None = None):
-        self.proxy_url, self.tasks = proxy_url, list(tasks)
+    NAME = "agents"
+
+    def __init__(self, stack: LocalStack, tasks: list[dict], *, concurrency: int, seed: int,
+                 temperature: float, max_tokens: int, max_queued: int | None = None):
+        self.stack, self.tasks = stack, list(tasks)
         self.concurrency, self.seed = concurrency, seed
-        self.sampling = {"temperature": temperature, "max_tokens": max_tokens}
-        self.buffer_address, self.max_queued = buffer_address, max_queued
-        self.episodes = 0
-        self.errors = 0
-        self.waited_s = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.temperature, self.max_tokens, self.max_queued = temperature, max_tokens, max_queued
+        self.tasks_path = os.path.join(stack.logs, "agent_tasks.jsonl")
+        self.stats_path = os.path.join(stack.logs, "agent_stats.json")
         self._started = time.monotonic()
-
-    def _run(self) -> None:
-        rng = random.Random(self.seed)
-        round_index = 0
-        # A short retry budget: while the buffer restarts, stats() fails within seconds and
-        # wait_for_room lets the agents go on (the default budget would hold them 120 s).
-        buffer = (BufferClient(self.buffer_address, retry_budget_s=5.0)
-                  if self.buffer_address and self.max_queued else None)
-        # One pool for the environments' calls across all rounds (not new threads per round).
-        executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="env")
-        try:
-            while not self._stop.is_set():
-                if buffer is not None:
-                    self.waited_s += wait_for_room(lambda: buffer.stats()["queued"],
-                                                   self.max_queued, self._stop)
-                    if self._stop.is_set():
-                        break
-                batch = rng.sample(self.tasks, min(len(self.tasks), self.concurrency * 2))
-                pairs = [(env_for_task(t), t) for t in batch]
-                try:
-                    results = asyncio.run(run_episodes_async(
-                        self.proxy_url, pairs, concurrency=self.concurrency, max_turns=1,
-                        sampling=self.sampling,
-                        session_prefix=f"agents-{self.seed}-{round_index}", timeout_s=60.0,
-                        executor=executor))
-                except (httpx.HTTPError, OSError) as e:
-                    log.warning("agent round failed: %s", e)
-                    self.errors += 1
-                    self._stop.wait(1.0)
-                    continue
-                self.episodes += len(results)
-                self.errors += sum(r.error is not None for r in results)
-                round_index += 1
-        finally:
-            executor.shutdown(wait=False)
-            if buffer is not None:
-                buffer.close()
-
-    def rate(self) -> float:
-        return self.episodes / max(time.monotonic() - self._started, 1e-9)
 
     def start(self) -> "AgentPool":
+        with open(self.tasks_path, "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in self.tasks)
+        if os.path.exists(self.stats_path):
+            os.remove(self.stats_path)  # a resumed run's counters start again
+        args = ["clawjax.rollout.agents", "--proxy-url", self.stack.proxy_url,
+                "--tasks", self.tasks_path, "--stats", self.stats_path,
+                "--concurrency", str(self.concurrency), "--seed", str(self.seed),
+                "--temperature", repr(float(self.temperature)),
+                "--max-tokens", str(self.max_tokens)]
+        if self.max_queued:
+            args += ["--buffer", self.stack.buffer_address,
+                     "--max-queued", str(self.max_queued)]
         self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="agents", daemon=True)
-        self._thread.start()
+        self.stack.start_child(self.NAME, args, r"READY (agents)")
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=120)
+        """Stops the process after its round in flight (no-op when not running)."""
+        self.stack.stop_child(self.NAME)
+
+    def stats(self) -> AgentStats:
+        return AgentStats.read(self.stats_path)
+
+    def rate(self, stats: AgentStats | None = None) -> float:
+        """Episodes per second since `start()`."""
+        episodes = (stats or self.stats()).episodes
+        return episodes / max(time.monotonic() - self._started, 1e-9)
 
 
 PROBE_TASKS = 32  # training prompts set aside as the regression gate's probe
@@ -189,8 +144,9 @@ def step_metrics(stack: LocalStack, agents: AgentPool, evaluator: Evaluator,
                  client: httpx.Client | None = None) -> dict:
     """What the user sees per step besides the trainer's own numbers (DESIGN.md: no silent
     drops): loop rates, judge votes, hint share, emitted kinds, drops by reason, restarts."""
-    out: dict = {"agent_episodes_per_s": agents.rate(), "agent_episodes": agents.episodes,
-                 "agent_wait_s": agents.waited_s}
+    counts = agents.stats()
+    out: dict = {"agent_episodes_per_s": agents.rate(counts), "agent_episodes": counts.episodes,
+                 "agent_wait_s": counts.waited_s}
     stats = proxy_stats(stack.proxy_url, client)
     for group in ("drops", "emitted", "votes"):
         for key, value in stats.get(group, {}).items():
@@ -262,10 +218,9 @@ def run_default(config) -> dict:
                           samples_per_task=config.eval.samples_per_task,
                           temperature=config.rollout.temperature,
                           max_tokens=config.rollout.max_tokens)
-    agents = AgentPool(stack.proxy_url, run.train_tasks, concurrency=config.rollout.agents,
+    agents = AgentPool(stack, run.train_tasks, concurrency=config.rollout.agents,
                        seed=config.trainer.seed, temperature=config.rollout.temperature,
-                       max_tokens=config.rollout.max_tokens,
-                       buffer_address=stack.buffer_address, max_queued=backlog_limit(config))
+                       max_tokens=config.rollout.max_tokens, max_queued=backlog_limit(config))
     loop = None
     stats_client = httpx.Client()
     try:

@@ -142,13 +142,15 @@ class LocalStack:
         self.max_batch, self.lease_timeout_s = max_batch, lease_timeout_s
         self.server_platforms, self.teacher_topk = server_platforms, teacher_topk
         self.children: dict[str, Child] = {}
+        self._children_lock = threading.Lock()  # held while a child is added, removed, restarted
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
 
     def _child(self, name: str, args: list[str], ready: str,
                env: dict[str, str] | None = None) -> str:
         child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"), env or {})
-        self.children[name] = child
+        with self._children_lock:
+            self.children[name] = child
         for attempt in range(3):  # a previous run's child may still be releasing its files
             try:
                 address = child.start()
@@ -163,7 +165,8 @@ class LocalStack:
 
     def _write_pids(self) -> None:
         """`workdir/pids.json`: the current process id of every child (for operators, tests)."""
-        pids = {name: c.proc.pid for name, c in self.children.items() if c.proc is not None}
+        pids = {name: c.proc.pid for name, c in list(self.children.items())
+                if c.proc is not None}
         tmp = os.path.join(self.workdir, "pids.json.tmp")
         with open(tmp, "w") as f:
             json.dump(pids, f)
@@ -196,25 +199,45 @@ class LocalStack:
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):
-            for child in self.children.values():
-                if child.alive() or self._stop.is_set():
-                    continue
-                log.warning("%s exited (code %s): restarting on %s", child.name,
-                            child.proc.returncode, child.address)
-                try:
-                    child.start()
-                    child.restarts += 1
-                    self._write_pids()
-                except RuntimeError as e:
-                    log.error("%s", e)
+            for name, child in list(self.children.items()):
+                with self._children_lock:  # not one that `stop_child` is taking away
+                    if self.children.get(name) is not child or child.alive() \
+                            or self._stop.is_set():
+                        continue
+                    log.warning("%s exited (code %s): restarting on %s", child.name,
+                                child.proc.returncode, child.address)
+                    try:
+                        child.start()
+                        child.restarts += 1
+                        self._write_pids()
+                    except RuntimeError as e:
+                        log.error("%s", e)
+
+    def start_child(self, name: str, args: list[str], ready: str) -> str:
+        """Starts one more supervised child after `start()` (`python -m *args`, its log in
+        `logs/NAME.log`, `ready`: a regex whose group 1 is what it reports once serving);
+        returns that group. The default run starts its simulated agents this way."""
+        if name in self.children:
+            raise ValueError(f"child name {name!r}: already running, expected a new name")
+        return self._child(name, args, ready)
+
+    def stop_child(self, name: str) -> None:
+        """Stops a child and takes it out of supervision (not restarted, not in `pids.json`
+        or `restarts()` any more); a no-op for a name not running."""
+        with self._children_lock:
+            child = self.children.pop(name, None)
+        if child is not None:
+            child.stop()
+            self._write_pids()
 
     def restarts(self) -> dict[str, int]:
-        return {name: c.restarts for name, c in self.children.items()}
+        return {name: c.restarts for name, c in list(self.children.items())}
 
     def stop(self) -> None:
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join()
-        for name in ("proxy", "judge", "server", "buffer"):  # upstream first: nothing in flight
-            if name in self.children:
-                self.children[name].stop()
+        # The last started first: agents, proxy, judge, server, buffer (upstream first, so
+        # that nothing is in flight towards a stopped process).
+        for name in reversed(list(self.children)):
+            self.children[name].stop()

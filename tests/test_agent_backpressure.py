@@ -12,7 +12,8 @@ import pytest
 
 from clawjax.buffer import BufferClient, BufferServer
 from clawjax.config import base_config
-from clawjax.default_run import backlog_limit, wait_for_room
+from clawjax.default_run import backlog_limit
+from clawjax.rollout.agents import wait_for_room
 from clawjax.sample import Sample
 
 
