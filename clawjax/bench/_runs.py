@@ -46,12 +46,13 @@ def run_module(module: str, root: str, workdir: str, overrides: list[str],
                timeout_s: float | None = None, cpu_trace: list | None = None,
                platforms: str | None = "cpu") -> float:
     """Runs `python -m module --config.workdir=workdir *overrides` with the shared warm start;
-    output goes to `workdir/run.log`, after a first line `$ <the command>`. Returns wall seconds; raises on a non-zero exit. With a
-    `cpu_trace` list, the run's `_cpu.CpuTrace` (CPU seconds of its whole process tree over
-    time) is appended to it where the OS exposes them (`_cpu.available()`). `platforms` is the
-    run's JAX_PLATFORMS (every process of it: server, trainer, evaluator); None leaves JAX its
-    own choice (a GPU where there is one; then each process allocates GPU memory on demand
-    instead of taking 75% of it at start, so that the processes can share the card)."""
+    output goes to `workdir/run.log`, after a first line `$ <the command>`. Returns wall
+    seconds; raises on a non-zero exit. With a `cpu_trace` list, the run's `_cpu.CpuTrace` (CPU
+    seconds of its whole process tree over time) is appended to it where the OS exposes them
+    (`_cpu.available()`). `platforms` is the run's JAX_PLATFORMS (every process of it: server,
+    trainer, evaluator); None leaves JAX its own choice (a GPU where there is one; then each
+    process allocates GPU memory on demand instead of taking 75% of it at start, so that the
+    processes can share the card)."""
     share_warmstart(root, workdir)
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -50,8 +50,8 @@ import re
 import statistics
 
 from clawjax.bench import _cpu, _runs
-from clawjax.configs import default as default_config
 from clawjax.bench.common import print_table
+from clawjax.configs import default as default_config
 
 NO_PERIODIC_EVAL = "--config.eval.every_steps=1000000"
 RESERVED_KEYS = ("workdir", "trainer.steps", "eval.every_steps", "trainer.progress")
