@@ -16,3 +16,13 @@ def test_bench_buffer_smoke():
     assert re.search(r"lease latency \(Lease RPC\)\s+p50\s+\d+\.\d+ ms\s+p99\s+\d+\.\d+ ms",
                      out.stdout), out.stdout
     assert "echo (bare gRPC" in out.stdout and "disk write + fdatasync" in out.stdout
+
+
+def test_bench_compaction_smoke():
+    out = subprocess.run(
+        [sys.executable, "-m", "clawjax.bench", "compaction", "--finished", "3000", "--new", "100",
+         "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"ratio with 3,000 finished ids / without: \d+\.\d\dx", out.stdout), out.stdout
+    assert re.search(r"history\s+3,000 finished ids before .* done\.log 0\.\d MB", out.stdout), \
+        out.stdout

@@ -1,17 +1,27 @@
-"""What a compacted WAL segment carries over from the sealed segments it replaces.
+"""What a compaction of sealed WAL segments keeps, and which finished ids it hands to the done
+log (`done.log`, `DoneLog`).
 
-Pure function of the records and the set of finished ids: the last POLICY record, one DONE list
-of every finished id seen (so pushes of them stay duplicates forever), and every PUSH whose id is
-not finished, in their original order. Replaying the result gives the same store state as
-replaying the originals (tests/test_buffer_wal.py).
+Pure function of the records and the set of finished ids. The compacted segment carries the last
+POLICY record and every PUSH whose id is not finished, in their original order; nothing else.
+The finished ids the compacted segments mention (their DONE records, and the ids of the dead
+PUSH records) go to the done log, which the store makes durable before the segments that held
+them are replaced. Each finished id is so written to the done log once, by the compaction that
+removes its records, and is never rewritten: a compaction costs what the segments it reads
+hold, not what the buffer ever finished (the WAL used to carry one DONE list of every finished
+id, rewritten by every compaction).
+
+Replaying the done log and then the compacted WAL gives the same store state as replaying the
+originals (tests/test_buffer_wal.py).
 """
 
 from __future__ import annotations
 
-from typing import Container
+import os
+import pathlib
+from typing import Container, Iterable, NamedTuple
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer.wal import RecordType, push_id
+from clawjax.buffer.wal import AppendOnlyLog, RecordType, push_id
 
 DONE_CHUNK = 50_000  # ids per DONE record
 
@@ -21,24 +31,47 @@ def ids_payload(ids) -> bytes:
     return pb.SampleIds(sample_ids=list(ids)).SerializeToString()
 
 
-def carry_over(records: list[tuple[int, bytes]], done: Container[str]
-               ) -> list[tuple[int, bytes]]:
-    """Records for the compacted segment. `done` must only hold ids whose DONE record is
-    durable; a PUSH of any other id is kept."""
-    policy, done_ids, pushes = None, {}, []
+class Compacted(NamedTuple):
+    """`records` for the compacted segment; `finished` ids for the done log (no repeats)."""
+    records: list[tuple[int, bytes]]
+    finished: list[str]
+
+
+def carry_over(records: list[tuple[int, bytes]], done: Container[str]) -> Compacted:
+    """Splits sealed segments' records. `done` must only hold ids whose DONE record is durable
+    (in the WAL or the done log); a PUSH of any other id is kept. `done` is only tested for
+    membership, so the store's live set may be passed (ids only ever join it)."""
+    policy, finished, pushes = None, {}, []
     for rtype, payload in records:
         if rtype == RecordType.PUSH:
             sid = push_id(payload)
             if sid in done:
-                done_ids[sid] = None
+                finished[sid] = None
             else:
                 pushes.append((rtype, payload))
         elif rtype == RecordType.DONE:
-            done_ids.update(dict.fromkeys(pb.SampleIds.FromString(payload).sample_ids))
+            finished.update(dict.fromkeys(pb.SampleIds.FromString(payload).sample_ids))
         elif rtype == RecordType.POLICY:
             policy = payload
-    ids = list(done_ids)
-    out = [] if policy is None else [(RecordType.POLICY, policy)]
-    out += [(RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK]))
-            for i in range(0, len(ids), DONE_CHUNK)]
-    return out + pushes
+    kept = [] if policy is None else [(RecordType.POLICY, policy)]
+    return Compacted(kept + pushes, list(finished))
+
+
+class DoneLog(AppendOnlyLog):
+    """`dir/done.log`: ids finished for good (acked or moved aside) whose DONE records a
+    compaction removed from the WAL; DONE records (`SampleIds`) of at most `DONE_CHUNK` ids.
+    Read once on open (before the WAL replay); appended by compactions."""
+
+    def __init__(self, directory: str | os.PathLike, fsync: bool = True):
+        super().__init__(pathlib.Path(directory) / "done.log", fsync=fsync)
+
+    def append(self, ids: Iterable[str]) -> None:
+        """Appends ids durably (returns once fsynced)."""
+        ids = list(ids)
+        self.append_records((RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK]))
+                            for i in range(0, len(ids), DONE_CHUNK))
+
+    def ids(self) -> list[str]:
+        """Every id recorded, in order."""
+        return [sid for rtype, payload in self.records() if rtype == RecordType.DONE
+                for sid in pb.SampleIds.FromString(payload).sample_ids]

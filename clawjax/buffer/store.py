@@ -6,7 +6,10 @@ Every sample the store holds is in exactly one state:
   leased    handed to a consumer until `deadline` (monotonic seconds); invisible to others
   finishing being acked or moved aside (the DONE record is being made durable)
 and once the DONE record is durable its id moves to `_done` for good (pushes of it are ignored
-as duplicates forever; the id set is the only thing that grows without an ack-compaction bound).
+as duplicates forever). Compaction moves finished ids out of the WAL into `done.log`, written
+once per id and never rewritten; the in-memory id set and that file are the only things that
+grow with the number of samples ever finished (about 100 bytes of memory and the id's length +
+2 bytes of disk per id).
 
 Invariants:
 - `push` returns only after every new sample is in the WAL and fsynced; a duplicate of an id whose
@@ -28,7 +31,7 @@ import threading
 import time
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer.compaction import DONE_CHUNK, carry_over, ids_payload
+from clawjax.buffer.compaction import DONE_CHUNK, DoneLog, carry_over, ids_payload
 from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ class Store:
         self._compacted_upto = 0
         self.wal = WriteAheadLog(directory, segment_bytes=segment_bytes, fsync=fsync)
         self.stale_log = StaleLog(directory, fsync=fsync)
+        self.done_log = DoneLog(directory, fsync=fsync)
         self._replay()
         self._stop = threading.Event()
         self._compactor = threading.Thread(target=self._compact_loop, name="wal-compactor",
@@ -101,6 +105,7 @@ class Store:
 
     # ------------------------------------------------------------------ recovery
     def _replay(self) -> None:
+        self._done.update(self.done_log.ids())  # first: their PUSH records may still be in the WAL
         for seg, rtype, payload in self.wal.replay():
             if rtype == RecordType.PUSH:
                 sid, version, data = decode_push(payload)
@@ -402,9 +407,14 @@ class Store:
                 live = sum(e.wal_bytes for e in self._entries.values() if e.seg <= sealed[-1])
             if live > size // 2:
                 return 0
-        with self._cv:  # the done set is only read here; ids join it after their DONE is durable
-            done = frozenset(self._done)
-        reclaimed = self.wal.compact(lambda records: carry_over(records, done))
+        def keep(records):
+            # The live done set, not a copy (ids join it only once their DONE is durable), and
+            # the finished ids made durable in done.log before the segments holding them go.
+            compacted = carry_over(records, self._done)
+            self.done_log.append(compacted.finished)
+            return compacted.records
+
+        reclaimed = self.wal.compact(keep)
         self._compacted_upto = sealed[-1]
         log.info("WAL compaction reclaimed %d bytes", reclaimed)
         return reclaimed

@@ -366,8 +366,10 @@ class WriteAheadLog:
         """Rewrites all sealed segments as one. `keep` gets their records in order (payloads as
         memoryviews of the memory-mapped files) and returns the records to carry over; of the
         PUSH records it returns, each checksum is verified before it is copied (the others are
-        dropped unread: compaction touches a dead sample's record header only). Returns the
-        bytes reclaimed (0 when nothing is sealed)."""
+        dropped unread: compaction touches a dead sample's record header only). `keep` runs
+        before anything is written, so it may first make durable elsewhere what the dropped
+        records carried (the store's done log). Returns the bytes reclaimed (0 when nothing is
+        sealed)."""
         with self._compact_lock:
             segs = self.sealed()
             if not segs:
@@ -410,33 +412,66 @@ class WriteAheadLog:
             return before - after
 
 
-class StaleLog:
-    """`dir/stale.log`: samples moved aside as too stale, kept for inspection (PUSH records in
-    the WAL's record format, appended and fsynced synchronously, never compacted)."""
+class AppendOnlyLog:
+    """A file of records in the WAL's format (after `MAGIC`), appended and fsynced under a lock,
+    never compacted. On open a torn or corrupt tail is truncated at the first bad record (as for
+    the WAL's active segment); a missing file is created durably (file and directory fsynced,
+    with `fsync`)."""
 
-    def __init__(self, directory: str | os.PathLike, fsync: bool = True):
-        self.path = pathlib.Path(directory) / "stale.log"
+    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+        self.path = pathlib.Path(path)
         self.fsync = fsync
         self._lock = threading.Lock()
         if self.path.exists():
             _, end, problem = read_records(self.path, copy=False)
             if problem is not None:
+                log.warning("%s: %s; truncating the torn tail", self.path, problem)
                 with open(self.path, "r+b") as f:
                     if end == 0:
                         f.write(MAGIC)
                         end = len(MAGIC)
                     f.truncate(end)
+                    f.flush()
+                    if fsync:
+                        os.fsync(f.fileno())
         else:
-            self.path.write_bytes(MAGIC)
+            with open(self.path, "wb") as f:
+                f.write(MAGIC)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            if fsync:
+                _fsync_dir(self.path.parent)
 
-    def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:
-        """Appends (sample_id, policy_version, serialized Sample) triples durably."""
-        data = b"".join(encode_record(RecordType.PUSH, encode_push(*item)) for item in items)
+    def append_records(self, records: Iterable[tuple[int, bytes]]) -> None:
+        """Appends (type, payload) records; durable on return (with `fsync`)."""
+        data = b"".join(encode_record(rtype, payload) for rtype, payload in records)
+        if not data:
+            return
         with self._lock, open(self.path, "ab") as f:
             f.write(data)
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+
+    def records(self) -> list[tuple[int, bytes]]:
+        """Every good record, in order."""
+        records, _, _ = read_records(self.path)
+        return records
+
+    def disk_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+class StaleLog(AppendOnlyLog):
+    """`dir/stale.log`: samples moved aside as too stale, kept for inspection (PUSH records)."""
+
+    def __init__(self, directory: str | os.PathLike, fsync: bool = True):
+        super().__init__(pathlib.Path(directory) / "stale.log", fsync=fsync)
+
+    def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        """Appends (sample_id, policy_version, serialized Sample) triples durably."""
+        self.append_records((RecordType.PUSH, encode_push(*item)) for item in items)
 
 
 def read_stale(directory: str | os.PathLike) -> list[tuple[str, int, bytes]]:
