@@ -7,11 +7,10 @@ The finished ids the compacted segments mention (their DONE records, and the ids
 PUSH records) go to the done log, which the store makes durable before the segments that held
 them are replaced. Each finished id is so written to the done log once, by the compaction that
 removes its records, and is never rewritten: a compaction costs what the segments it reads
-hold, not what the buffer ever finished (the WAL used to carry one DONE list of every finished
-id, rewritten by every compaction).
+hold, not what the buffer ever finished.
 
 Replaying the done log and then the compacted WAL gives the same store state as replaying the
-originals (tests/test_buffer_wal.py).
+originals (tests/test_buffer_compaction.py).
 """
 
 from __future__ import annotations
@@ -29,6 +28,12 @@ DONE_CHUNK = 50_000  # ids per DONE record
 def ids_payload(ids) -> bytes:
     """DONE payload: a serialized `SampleIds`."""
     return pb.SampleIds(sample_ids=list(ids)).SerializeToString()
+
+
+def done_records(ids: list[str]) -> list[tuple[int, bytes]]:
+    """DONE records for `ids`, at most `DONE_CHUNK` ids each (none for no ids)."""
+    return [(RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK]))
+            for i in range(0, len(ids), DONE_CHUNK)]
 
 
 class Compacted(NamedTuple):
@@ -67,9 +72,7 @@ class DoneLog(AppendOnlyLog):
 
     def append(self, ids: Iterable[str]) -> None:
         """Appends ids durably (returns once fsynced)."""
-        ids = list(ids)
-        self.append_records((RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK]))
-                            for i in range(0, len(ids), DONE_CHUNK))
+        self.append_records(done_records(list(ids)))
 
     def ids(self) -> list[str]:
         """Every id recorded, in order."""

@@ -31,7 +31,7 @@ import threading
 import time
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer.compaction import DONE_CHUNK, DoneLog, carry_over, ids_payload
+from clawjax.buffer.compaction import DoneLog, carry_over, done_records
 from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
@@ -333,8 +333,7 @@ class Store:
         """Makes DONE for `fin` (all FINISHING) durable, then forgets their payloads."""
         event = self._finishing[fin[0]]
         try:
-            self.wal.append([(RecordType.DONE, ids_payload(fin[i:i + DONE_CHUNK]))
-                             for i in range(0, len(fin), DONE_CHUNK)])
+            self.wal.append(done_records(fin))
         except BaseException:
             with self._cv:  # not durable: they stay deliverable
                 for sid in fin:

@@ -141,6 +141,21 @@ def scan_records(data, verify_push: bool = True
     return records, off, None, crcs
 
 
+def truncate_torn_tail(path: pathlib.Path, end: int, problem: str, fsync: bool = True) -> None:
+    """Cuts a record file at `end`, the end of its last good record (`read_records`), after
+    logging `problem`; a file without even a good `MAGIC` is left holding just `MAGIC`."""
+    log.warning("%s: %s; truncating the torn tail (%d bytes)", path, problem,
+                path.stat().st_size - end)
+    with open(path, "r+b") as f:
+        if end == 0:
+            f.write(MAGIC)
+            end = len(MAGIC)
+        f.truncate(end)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
 def _fsync_dir(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -266,16 +281,7 @@ class WriteAheadLog:
             if problem is not None:
                 if i != len(segs) - 1:
                     raise WalCorruptError(f"{path}: {problem}; a sealed segment is damaged")
-                size = path.stat().st_size
-                log.warning("WAL %s: %s; truncating the torn tail (%d bytes)", path, problem,
-                            size - end)
-                with open(path, "r+b") as f:
-                    if end == 0:
-                        f.write(MAGIC)
-                        end = len(MAGIC)
-                    f.truncate(end)
-                    f.flush()
-                    os.fsync(f.fileno())
+                truncate_torn_tail(path, end, problem)
             for rtype, payload in records:
                 yield n, rtype, payload
         self._open_active(segs[-1] if segs else 1, create=not segs)
@@ -425,15 +431,7 @@ class AppendOnlyLog:
         if self.path.exists():
             _, end, problem = read_records(self.path, copy=False)
             if problem is not None:
-                log.warning("%s: %s; truncating the torn tail", self.path, problem)
-                with open(self.path, "r+b") as f:
-                    if end == 0:
-                        f.write(MAGIC)
-                        end = len(MAGIC)
-                    f.truncate(end)
-                    f.flush()
-                    if fsync:
-                        os.fsync(f.fileno())
+                truncate_torn_tail(self.path, end, problem, fsync=fsync)
         else:
             with open(self.path, "wb") as f:
                 f.write(MAGIC)
