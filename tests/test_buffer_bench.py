@@ -26,3 +26,13 @@ def test_bench_compaction_smoke():
     assert re.search(r"ratio with 3,000 finished ids / without: \d+\.\d\dx", out.stdout), out.stdout
     assert re.search(r"history\s+3,000 finished ids before .* done\.log 0\.\d MB", out.stdout), \
         out.stdout
+
+
+def test_bench_doneset_smoke():
+    out = subprocess.run(
+        [sys.executable, "-m", "clawjax.bench", "doneset", "--ids", "60000", "--calls", "20"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"ratio memory DoneSet / set: \d+\.\d\dx; ratio push check time DoneSet / "
+                     r"set: \d+\.\d\dx", out.stdout), out.stdout
+    assert re.search(r"one consolidation of [\d,]+ recent ids into 60,000", out.stdout), out.stdout

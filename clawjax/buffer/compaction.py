@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Container, Iterable, NamedTuple
+from typing import Container, Iterable, Iterator, NamedTuple
 
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.wal import AppendOnlyLog, RecordType, push_id
@@ -45,12 +45,16 @@ class Compacted(NamedTuple):
 def carry_over(records: list[tuple[int, bytes]], done: Container[str]) -> Compacted:
     """Splits sealed segments' records. `done` must only hold ids whose DONE record is durable
     (in the WAL or the done log); a PUSH of any other id is kept. `done` is only tested for
-    membership, so the store's live set may be passed (ids only ever join it)."""
+    membership (all PUSH ids in one `contains_many` call when it has one, as `DoneSet` does),
+    so the store's live set may be passed (ids only ever join it)."""
+    ids = [push_id(payload) for rtype, payload in records if rtype == RecordType.PUSH]
+    members = iter(zip(ids, done.contains_many(ids) if hasattr(done, "contains_many")
+                       else [sid in done for sid in ids]))
     policy, finished, pushes = None, {}, []
     for rtype, payload in records:
         if rtype == RecordType.PUSH:
-            sid = push_id(payload)
-            if sid in done:
+            sid, is_done = next(members)
+            if is_done:
                 finished[sid] = None
             else:
                 pushes.append((rtype, payload))
@@ -58,8 +62,8 @@ def carry_over(records: list[tuple[int, bytes]], done: Container[str]) -> Compac
             finished.update(dict.fromkeys(pb.SampleIds.FromString(payload).sample_ids))
         elif rtype == RecordType.POLICY:
             policy = payload
-    kept = [] if policy is None else [(RecordType.POLICY, policy)]
-    return Compacted(kept + pushes, list(finished))
+    kept = ([] if policy is None else [(RecordType.POLICY, policy)]) + pushes
+    return Compacted(kept, list(finished))
 
 
 class DoneLog(AppendOnlyLog):
@@ -74,7 +78,12 @@ class DoneLog(AppendOnlyLog):
         """Appends ids durably (returns once fsynced)."""
         self.append_records(done_records(list(ids)))
 
+    def id_chunks(self) -> Iterator[list[str]]:
+        """The ids recorded, in order, one DONE record (at most `DONE_CHUNK` ids) at a time."""
+        for rtype, payload in self.records():
+            if rtype == RecordType.DONE:
+                yield list(pb.SampleIds.FromString(payload).sample_ids)
+
     def ids(self) -> list[str]:
         """Every id recorded, in order."""
-        return [sid for rtype, payload in self.records() if rtype == RecordType.DONE
-                for sid in pb.SampleIds.FromString(payload).sample_ids]
+        return [sid for chunk in self.id_chunks() for sid in chunk]

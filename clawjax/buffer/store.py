@@ -7,8 +7,8 @@ Every sample the store holds is in exactly one state:
   finishing being acked or moved aside (the DONE record is being made durable)
 and once the DONE record is durable its id moves to `_done` for good (pushes of it are ignored
 as duplicates forever). Compaction moves finished ids out of the WAL into `done.log`, written
-once per id and never rewritten; the in-memory id set and that file are the only things that
-grow with the number of samples ever finished (about 100 bytes of memory and the id's length +
+once per id and never rewritten; the in-memory `DoneSet` and that file are the only things that
+grow with the number of samples ever finished (about 16-22 bytes of memory and the id's length +
 2 bytes of disk per id).
 
 Invariants:
@@ -32,6 +32,7 @@ import time
 
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.compaction import DoneLog, carry_over, done_records
+from clawjax.buffer.done_set import DoneSet
 from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Store:
         self._cv = threading.Condition()
         self._entries: dict[str, _Entry] = {}
         self._ready: collections.deque[str] = collections.deque()
-        self._done: set[str] = set()
+        self._done = DoneSet()
         self._inflight: dict[str, threading.Event] = {}    # pushes being made durable
         self._finishing: dict[str, threading.Event] = {}   # DONE records being made durable
         self._heap: list[tuple[float, int, str]] = []
@@ -105,18 +106,31 @@ class Store:
 
     # ------------------------------------------------------------------ recovery
     def _replay(self) -> None:
-        self._done.update(self.done_log.ids())  # first: their PUSH records may still be in the WAL
+        """A live sample is the first PUSH of an id that no DONE record (in done.log or the WAL)
+        names. A push of a finished id is refused before it is logged, so an id's PUSH records
+        all precede its DONE in the WAL: a DONE drops the entries it names as it is read, and
+        the ids of done.log (whose PUSH records a crash inside a compaction can leave in the
+        WAL) are dropped once, at the end, in one `contains_many`."""
+        for ids in self.done_log.id_chunks():
+            self._done.update(ids)
+            self._done.consolidate()
         for seg, rtype, payload in self.wal.replay():
             if rtype == RecordType.PUSH:
                 sid, version, data = decode_push(payload)
-                if sid not in self._done and sid not in self._entries:
+                if sid not in self._entries:
                     self._entries[sid] = _Entry(data, version, seg)
             elif rtype == RecordType.DONE:
-                for sid in pb.SampleIds.FromString(payload).sample_ids:
+                ids = pb.SampleIds.FromString(payload).sample_ids
+                for sid in ids:
                     self._entries.pop(sid, None)
-                    self._done.add(sid)
+                self._done.update(ids)
+                self._done.consolidate()
             elif rtype == RecordType.POLICY:
                 self.policy_version = pb.PolicyVersion.FromString(payload).version
+        ids = list(self._entries)
+        for sid, finished in zip(ids, self._done.contains_many(ids)):
+            if finished:
+                del self._entries[sid]
         self._ready.extend(self._entries)
         self.queued = len(self._entries)
         self.bytes = sum(len(e.data) for e in self._entries.values())
@@ -131,7 +145,7 @@ class Store:
         new, waits, dup, seen = [], [], 0, set()
         with self._cv:
             for sid, version, data in items:
-                if sid in seen or sid in self._done or sid in self._entries:
+                if sid in seen or sid in self._entries:
                     dup += 1
                 elif sid in self._inflight:
                     dup += 1
@@ -139,6 +153,10 @@ class Store:
                 else:
                     new.append((sid, version, data))
                 seen.add(sid)
+            finished = self._done.contains_many([sid for sid, _, _ in new])
+            if any(finished):
+                dup += sum(finished)
+                new = [item for item, done in zip(new, finished) if not done]
             need = sum(len(d) for _, _, d in new)
             if need > self.max_bytes:
                 raise BatchTooLarge(f"push of {need} bytes, expected at most max_bytes="
@@ -348,7 +366,7 @@ class Store:
             for sid in fin:
                 del self._finishing[sid]
                 self.bytes -= len(self._entries.pop(sid).data)
-                self._done.add(sid)
+            self._done.update(fin)
             self.counters[counter] += len(fin)
             self._cv.notify_all()
         event.set()
@@ -421,6 +439,7 @@ class Store:
     def _compact_loop(self) -> None:
         while not self._stop.wait(self.compact_interval_s):
             try:
+                self._done.consolidate()
                 self.maybe_compact()
             except Exception:  # keep serving; the next round retries
                 log.exception("WAL compaction failed")

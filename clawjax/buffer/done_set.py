@@ -1,0 +1,152 @@
+"""`DoneSet`: the ids a buffer has finished for good, held as 128-bit digests in sorted arrays.
+
+A buffer must ignore a repeated push of any id it ever finished, for as long as it runs, so this
+set only grows. A Python `set[str]` of session/turn ids costs about 107 bytes per id (the str
+and its slot); a `DoneSet` costs 16 bytes per id in its sorted arrays plus a small set of
+recent digests, which `consolidate` merges in (`python -m clawjax.bench doneset` measures both).
+
+Layout:
+  `_recent`  set of 16-byte blake2b digests added since the last consolidation
+  `_sorted`  (hi, lo): two `[N]` uint64 arrays, the digests' two little-endian halves, sorted
+             by (hi, lo), no repeats; replaced as a whole (one tuple), never changed in place
+
+Membership is by digest: two different ids collide with probability 2^-128 per pair (for 10^12
+ids, about 10^-15 in all), so a digest match is taken as the same id.
+
+Thread safety: `add`/`update` and `consolidate` may run in different threads; `consolidate`
+serializes with itself. Readers take no lock: a consolidation publishes the new arrays before
+it drops their digests from `_recent`, so a reader that checks `_recent` first and the arrays
+second never misses an id that was added before its call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from typing import Iterable
+
+import numpy as np
+
+_EMPTY = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+_DIGEST_OBJECT_BYTES = sys.getsizeof(bytes(16))   # one recent digest (a bytes object)
+
+# `consolidate` merges when the recent digests reach max(MIN_RECENT, len(sorted) // GROWTH):
+# each merge copies the arrays once, so merges cost O(1) amortized per id, and the recent set
+# adds at most about 1/GROWTH of the arrays' ids (at ~90 bytes each) on top of 16 bytes per id.
+MIN_RECENT = 50_000
+GROWTH = 16
+
+
+def digests(ids: Iterable[str]) -> list[bytes]:
+    """The 16-byte blake2b digest of each id's UTF-8 bytes (one list comprehension: a restart
+    digests every finished id once)."""
+    blake2b = hashlib.blake2b
+    return [blake2b(sid.encode("utf-8", "surrogatepass"), digest_size=16).digest() for sid in ids]
+
+
+def digest(sample_id: str) -> bytes:
+    """`digests` of one id."""
+    return digests((sample_id,))[0]
+
+
+def _halves(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """[M] digests → (hi, lo) `[M]` uint64 arrays (views of one buffer), in the same order."""
+    halves = np.frombuffer(b"".join(keys), dtype="<u8")
+    return halves[0::2], halves[1::2]
+
+
+def _positions(hi: np.ndarray, lo: np.ndarray, qhi: np.ndarray, qlo: np.ndarray) -> np.ndarray:
+    """For each query (qhi, qlo): the first index i of the (hi, lo)-sorted arrays with
+    (hi[i], lo[i]) >= the query (len(hi) when none). Ties on hi (rare) are stepped through."""
+    pos = np.searchsorted(hi, qhi, side="left")
+    n = hi.shape[0]
+    step = pos < n
+    step[step] &= (hi[pos[step]] == qhi[step]) & (lo[pos[step]] < qlo[step])
+    while step.any():
+        pos[step] += 1
+        step &= pos < n
+        step[step] &= (hi[pos[step]] == qhi[step]) & (lo[pos[step]] < qlo[step])
+    return pos
+
+
+def _matches(hi: np.ndarray, lo: np.ndarray, qhi: np.ndarray, qlo: np.ndarray) -> np.ndarray:
+    """`[M]` bool: query m is a key of the non-empty (hi, lo)-sorted arrays. The common case
+    (no key shares a query's hi with a smaller lo) takes one search and no stepping."""
+    at = np.minimum(np.searchsorted(hi, qhi, side="left"), hi.shape[0] - 1)
+    same_hi = hi[at] == qhi        # False wherever the search ran off the end (hi[-1] < qhi)
+    if (same_hi & (lo[at] < qlo)).any():
+        at = np.minimum(_positions(hi, lo, qhi, qlo), hi.shape[0] - 1)
+        same_hi = hi[at] == qhi
+    return same_hi & (lo[at] == qlo)
+
+
+class DoneSet:
+    """A grow-only set of sample ids: `in`, `contains_many`, `add`, `update`, `len`."""
+
+    def __init__(self, ids: Iterable[str] = ()):
+        self._recent: set[bytes] = set()
+        self._sorted: tuple[np.ndarray, np.ndarray] = _EMPTY
+        self._merge_lock = threading.Lock()
+        self.update(ids)
+        self.consolidate(force=True)
+
+    def add(self, sample_id: str) -> None:
+        self._recent.update(digests((sample_id,)))
+
+    def update(self, ids: Iterable[str]) -> None:
+        self._recent.update(digests(ids))
+
+    def __contains__(self, sample_id: object) -> bool:
+        if not isinstance(sample_id, str):
+            return False
+        return self.contains_many([sample_id])[0]
+
+    def contains_many(self, ids: list[str]) -> list[bool]:
+        """Membership of each id, in order (one vectorized search of the sorted arrays)."""
+        if not ids:
+            return []
+        queries = digests(ids)
+        recent = self._recent          # read before the arrays (see the module docstring)
+        found = [d in recent for d in queries]
+        hi, lo = self._sorted
+        if hi.shape[0] and not all(found):
+            hit = _matches(hi, lo, *_halves(queries)).tolist()
+            found = [a or b for a, b in zip(found, hit)]
+        return found
+
+    def __len__(self) -> int:
+        """Distinct ids (a digest both recent and sorted, mid-consolidation, counts once)."""
+        recent = list(self._recent)
+        hi, lo = self._sorted
+        if not recent or not hi.shape[0]:
+            return len(recent) + hi.shape[0]
+        return hi.shape[0] + int((~_matches(hi, lo, *_halves(recent))).sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the sorted arrays plus the recent digests and their set's table."""
+        hi, lo = self._sorted
+        recent = self._recent
+        return hi.nbytes + lo.nbytes + sys.getsizeof(recent) + len(recent) * _DIGEST_OBJECT_BYTES
+
+    def consolidate(self, force: bool = False) -> int:
+        """Merges the recent digests into the sorted arrays when there are enough of them
+        (max(`MIN_RECENT`, len(sorted) // `GROWTH`)) or `force`; returns how many it merged.
+        O(N + M log M) for N sorted and M recent; runs outside any caller's lock."""
+        with self._merge_lock:
+            hi, lo = self._sorted
+            if not self._recent or (not force and
+                                    len(self._recent) < max(MIN_RECENT, hi.shape[0] // GROWTH)):
+                return 0
+            frozen = list(self._recent)   # one C call under the GIL: a consistent snapshot
+            qhi, qlo = _halves(frozen)
+            order = np.lexsort((qlo, qhi))
+            qhi, qlo = qhi[order], qlo[order]
+            if hi.shape[0]:   # digests already sorted are dropped (`frozen` has no repeats)
+                new = ~_matches(hi, lo, qhi, qlo)
+                qhi, qlo = qhi[new], qlo[new]
+            pos = _positions(hi, lo, qhi, qlo)
+            self._sorted = (np.insert(hi, pos, qhi), np.insert(lo, pos, qlo))
+            self._recent.difference_update(frozen)
+            return len(frozen)
