@@ -62,8 +62,8 @@ def carry_over(records: list[tuple[int, bytes]], done: Container[str]) -> Compac
             finished.update(dict.fromkeys(pb.SampleIds.FromString(payload).sample_ids))
         elif rtype == RecordType.POLICY:
             policy = payload
-    kept = ([] if policy is None else [(RecordType.POLICY, policy)]) + pushes
-    return Compacted(kept, list(finished))
+    kept = [] if policy is None else [(RecordType.POLICY, policy)]
+    return Compacted(kept + pushes, list(finished))
 
 
 class DoneLog(AppendOnlyLog):
