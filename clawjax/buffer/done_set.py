@@ -60,25 +60,31 @@ def _positions(hi: np.ndarray, lo: np.ndarray, qhi: np.ndarray, qlo: np.ndarray)
     """For each query (qhi, qlo): the first index i of the (hi, lo)-sorted arrays with
     (hi[i], lo[i]) >= the query (len(hi) when none). Ties on hi (rare) are stepped through."""
     pos = np.searchsorted(hi, qhi, side="left")
-    n = hi.shape[0]
-    step = pos < n
-    step[step] &= (hi[pos[step]] == qhi[step]) & (lo[pos[step]] < qlo[step])
-    while step.any():
-        pos[step] += 1
-        step &= pos < n
+    step = np.ones(pos.shape[0], bool)
+    while True:
+        step &= pos < hi.shape[0]
         step[step] &= (hi[pos[step]] == qhi[step]) & (lo[pos[step]] < qlo[step])
-    return pos
+        if not step.any():
+            return pos
+        pos[step] += 1
+
+
+def _found_at(hi: np.ndarray, lo: np.ndarray, pos: np.ndarray, qhi: np.ndarray,
+              qlo: np.ndarray) -> np.ndarray:
+    """`[M]` bool: the key at `pos` of the non-empty sorted arrays is the query (False where
+    `pos` is len(hi): that key would be past the end)."""
+    at = np.minimum(pos, hi.shape[0] - 1)
+    return (pos < hi.shape[0]) & (hi[at] == qhi) & (lo[at] == qlo)
 
 
 def _matches(hi: np.ndarray, lo: np.ndarray, qhi: np.ndarray, qlo: np.ndarray) -> np.ndarray:
     """`[M]` bool: query m is a key of the non-empty (hi, lo)-sorted arrays. The common case
     (no key shares a query's hi with a smaller lo) takes one search and no stepping."""
-    at = np.minimum(np.searchsorted(hi, qhi, side="left"), hi.shape[0] - 1)
-    same_hi = hi[at] == qhi        # False wherever the search ran off the end (hi[-1] < qhi)
-    if (same_hi & (lo[at] < qlo)).any():
-        at = np.minimum(_positions(hi, lo, qhi, qlo), hi.shape[0] - 1)
-        same_hi = hi[at] == qhi
-    return same_hi & (lo[at] == qlo)
+    pos = np.searchsorted(hi, qhi, side="left")
+    at = np.minimum(pos, hi.shape[0] - 1)
+    if ((hi[at] == qhi) & (lo[at] < qlo)).any():
+        pos = _positions(hi, lo, qhi, qlo)
+    return _found_at(hi, lo, pos, qhi, qlo)
 
 
 class DoneSet:
@@ -143,10 +149,10 @@ class DoneSet:
             qhi, qlo = _halves(frozen)
             order = np.lexsort((qlo, qhi))
             qhi, qlo = qhi[order], qlo[order]
-            if hi.shape[0]:   # digests already sorted are dropped (`frozen` has no repeats)
-                new = ~_matches(hi, lo, qhi, qlo)
-                qhi, qlo = qhi[new], qlo[new]
             pos = _positions(hi, lo, qhi, qlo)
+            if hi.shape[0]:   # digests already sorted are dropped (`frozen` has no repeats)
+                new = ~_found_at(hi, lo, pos, qhi, qlo)
+                pos, qhi, qlo = pos[new], qhi[new], qlo[new]
             self._sorted = (np.insert(hi, pos, qhi), np.insert(lo, pos, qlo))
             self._recent.difference_update(frozen)
             return len(frozen)
