@@ -36,3 +36,8 @@ def test_bench_doneset_smoke():
     assert re.search(r"ratio memory DoneSet / set: \d+\.\d\dx; ratio push check time DoneSet / "
                      r"set: \d+\.\d\dx", out.stdout), out.stdout
     assert re.search(r"one consolidation of [\d,]+ recent ids into 60,000", out.stdout), out.stdout
+    assert re.search(r"restart, 60,000 finished ids from done.log: stored digests \d+\.\d+ s, "
+                     r"ids hashed \d+\.\d+ s, python set of the ids \d+\.\d+ s",
+                     out.stdout), out.stdout
+    assert re.search(r"ratio restart stored digests / ids hashed: \d+\.\d\dx",
+                     out.stdout), out.stdout

@@ -9,6 +9,7 @@ import pytest
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import wal as wal_mod
 from clawjax.buffer.compaction import DoneLog, carry_over, ids_payload
+from clawjax.buffer.done_set import digests
 from clawjax.buffer.store import Store
 from clawjax.buffer.wal import RecordType, encode_push, read_records
 
@@ -119,6 +120,47 @@ def test_done_log_truncates_a_torn_tail_and_keeps_what_came_before(tmp_path):
     assert log.ids() == ["x1", "x2"]
     log.append(["z1"])
     assert DoneLog(tmp_path).ids() == ["x1", "x2", "z1"]
+
+
+def test_done_log_stores_each_ids_digest_and_reads_older_records_by_hashing(tmp_path):
+    """New records carry the ids' digests (read back without hashing); records written before
+    digests were stored (plain `SampleIds`) are hashed when read; both in one file, in order."""
+    log = DoneLog(tmp_path)
+    log.append_records([(RecordType.DONE, ids_payload(["old-1", "old-2"]))])   # older format
+    log.append(["new-1", "new-2", "new-3"])
+    log = DoneLog(tmp_path)
+    (_, old), (_, new) = log.records()
+    stored = pb.DoneIds.FromString(new)
+    assert list(stored.sample_ids) == ["new-1", "new-2", "new-3"]
+    assert stored.digests == b"".join(digests(["new-1", "new-2", "new-3"]))
+    assert pb.DoneIds.FromString(old).digests == b""
+    assert list(pb.SampleIds.FromString(new).sample_ids) == ["new-1", "new-2", "new-3"]
+    assert log.ids() == ["old-1", "old-2", "new-1", "new-2", "new-3"]
+    assert list(log.key_chunks()) == [b"".join(digests(["old-1", "old-2"])), stored.digests]
+
+
+def test_done_log_key_chunks_trust_the_stored_digests_and_refuse_partial_keys(tmp_path):
+    """`key_chunks` reads a record's digests, not its ids (a hand-made record whose digests are
+    another id's shows which was read); digests that are not whole keys are refused by name."""
+    log = DoneLog(tmp_path)
+    log.append_records([(RecordType.DONE, pb.DoneIds(
+        sample_ids=["a"], digests=b"".join(digests(["b"]))).SerializeToString())])
+    assert list(log.key_chunks()) == [b"".join(digests(["b"]))]
+    log.append_records([(RecordType.DONE, pb.DoneIds(
+        sample_ids=["c"], digests=b"\x01" * 15).SerializeToString())])
+    with pytest.raises(ValueError, match=r"done.log record 1: digests of 15 bytes, expected 16 "
+                                         r"bytes per id"):
+        list(log.key_chunks())
+
+
+def test_a_store_restarts_on_a_done_log_written_before_digests_were_stored(tmp_path):
+    DoneLog(tmp_path).append_records([(RecordType.DONE, ids_payload(["old-1", "old-2"]))])
+    store = Store(tmp_path, compact_interval_s=3600)
+    try:
+        assert len(store._done) == 2
+        assert store.push([("old-1", 0, b"again"), ("new", 0, b"x")]) == (1, 1)
+    finally:
+        store.close()
 
 
 def test_a_wal_that_holds_done_lists_in_sealed_segments_still_replays_and_compacts(tmp_path):

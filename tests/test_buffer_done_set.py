@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clawjax.buffer import done_set
-from clawjax.buffer.done_set import DoneSet, _positions, digest
+from clawjax.buffer.done_set import DoneSet, _positions, _sorted_unique, digest, digests
 from clawjax.buffer.store import Store
 
 
@@ -82,6 +82,64 @@ def test_consolidation_merges_keys_that_tie_on_the_high_half(monkeypatch):
     assert set(hi.tolist()) == {int.from_bytes(b"\x07" * 8, "little")}
     assert lo.tolist() == sorted(lo.tolist()) and len(set(lo.tolist())) == 30
     assert done.contains_many(ids) == [True] * 30 + [False] * 10
+
+
+def _key(hi: int, lo: int) -> bytes:
+    """A hand-made 16-byte digest with the given halves (little-endian, as the arrays read them)."""
+    return hi.to_bytes(8, "little") + lo.to_bytes(8, "little")
+
+
+def test_sorted_unique_orders_by_both_halves_and_drops_repeats():
+    rng = random.Random(3)
+    for n in (0, 1, 2, 50, 400):
+        # few distinct `hi` values: ties on the high half and whole repeats in every case
+        keys = [(rng.randrange(4) * 2**61, rng.randrange(6) * 2**60) for _ in range(n)]
+        hi = np.array([k[0] for k in keys], np.uint64)
+        lo = np.array([k[1] for k in keys], np.uint64)
+        out_hi, out_lo = _sorted_unique(hi, lo)
+        assert list(zip(out_hi.tolist(), out_lo.tolist())) == sorted(set(keys))
+    hi = np.array([rng.randrange(2**64) for _ in range(300)], np.uint64)   # distinct highs
+    lo = np.array([rng.randrange(2**64) for _ in range(300)], np.uint64)
+    out_hi, out_lo = _sorted_unique(hi, lo)
+    assert list(zip(out_hi.tolist(), out_lo.tolist())) == sorted(zip(hi.tolist(), lo.tolist()))
+
+
+def test_merge_packed_loads_stored_digests_as_the_ids_would_be_added(small_merges):
+    """Packed digests in chunks (repeats within and across them, ids already sorted and still
+    recent) give the same set as adding the ids; nothing is left in the recent set by them."""
+    rng = random.Random(4)
+    pool = _ids(rng, 500)
+    done = DoneSet(pool[:100])                 # sorted
+    done.update(pool[100:130])                 # recent
+    batches = [rng.sample(pool[50:400], 60) for _ in range(8)] + [pool[380:400] * 2]
+    chunks = [b"".join(digests(batch)) for batch in batches]
+    loaded = set(pool[:130]).union(*batches)
+    recent_before = set(done._recent)
+    assert done.merge_packed(iter(chunks)) == sum(len(c) // 16 for c in chunks)
+    assert done._recent == recent_before
+    assert done.contains_many(pool) == [sid in loaded for sid in pool]
+    assert len(done) == len(loaded)
+    hi, lo = done._sorted
+    keys = list(zip(hi.tolist(), lo.tolist()))
+    assert keys == sorted(set(keys))
+    assert done.merge_packed([]) == 0 and len(done) == len(loaded)
+
+
+def test_merge_packed_keeps_keys_that_tie_on_the_high_half_in_order():
+    done = DoneSet()
+    assert done.merge_packed([_key(5, 8) + _key(5, 2), _key(1, 0) + _key(5, 2) + _key(9, 0)]) == 5
+    done.merge_packed([_key(5, 4) + _key(5, 9) + _key(5, 8)])
+    hi, lo = done._sorted
+    assert list(zip(hi.tolist(), lo.tolist())) == [(1, 0), (5, 2), (5, 4), (5, 8), (5, 9), (9, 0)]
+    assert done.contains_digests([_key(5, 4), _key(5, 5), _key(9, 0), _key(0, 0)]) == [
+        True, False, True, False]
+
+
+def test_merge_packed_refuses_digests_that_are_not_whole_keys():
+    done = DoneSet(["a"])
+    with pytest.raises(ValueError, match="packed digests of 31 bytes, expected a multiple of 16"):
+        done.merge_packed([_key(1, 1), b"x" * 15])
+    assert len(done) == 1 and "a" in done
 
 
 def test_readers_never_miss_an_id_while_consolidations_run(monkeypatch):
@@ -156,5 +214,29 @@ def test_store_ignores_pushes_of_finished_ids_across_restarts_and_compactions(tm
         assert store.push([(sid, 0, b"x" * 100) for sid in acked]) == (0, 80)
         live = sorted(sid for sid, _ in store.lease(1000))
         assert live == sorted(f"s{i}" for i in range(80, 130))
+    finally:
+        store.close()
+
+
+def test_a_push_while_an_ack_joins_the_finished_set_is_a_duplicate(tmp_path):
+    """An acked id joins the finished set outside the store's lock, before it leaves the
+    entries: a push of it in that window (run here from inside the join) is a duplicate, on
+    either side of the join, and is not queued again."""
+    store = Store(tmp_path, compact_interval_s=3600)
+    try:
+        store.push([("a", 0, b"x"), ("b", 0, b"y")])
+        seen = []
+        join = store._done.update
+
+        def update_with_pushes(ids):
+            seen.append(store.push([("a", 0, b"again")]))
+            join(ids)
+            seen.append(store.push([("a", 0, b"again")]))
+
+        store._done.update = update_with_pushes
+        assert store.ack(["a"]) == (1, 0)
+        assert seen == [(0, 1), (0, 1)]
+        assert [sid for sid, _ in store.lease(10)] == ["b"]
+        assert store.push([("a", 0, b"again")]) == (0, 1)
     finally:
         store.close()

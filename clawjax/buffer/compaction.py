@@ -20,6 +20,7 @@ import pathlib
 from typing import Container, Iterable, Iterator, NamedTuple
 
 from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer.done_set import digests
 from clawjax.buffer.wal import AppendOnlyLog, RecordType, push_id
 
 DONE_CHUNK = 50_000  # ids per DONE record
@@ -68,15 +69,40 @@ def carry_over(records: list[tuple[int, bytes]], done: Container[str]) -> Compac
 
 class DoneLog(AppendOnlyLog):
     """`dir/done.log`: ids finished for good (acked or moved aside) whose DONE records a
-    compaction removed from the WAL; DONE records (`SampleIds`) of at most `DONE_CHUNK` ids.
-    Read once on open (before the WAL replay); appended by compactions."""
+    compaction removed from the WAL. DONE records of at most `DONE_CHUNK` ids, each a `DoneIds`:
+    the ids and their packed 16-byte digests (`done_set.digests`, 16 bytes per id on disk), so
+    a restart loads the digests (`key_chunks`) and hashes nothing. Records written before the
+    digests were stored are plain `SampleIds` and are hashed when read. Read on open (before
+    the WAL replay); appended by compactions."""
 
     def __init__(self, directory: str | os.PathLike, fsync: bool = True):
         super().__init__(pathlib.Path(directory) / "done.log", fsync=fsync)
 
     def append(self, ids: Iterable[str]) -> None:
-        """Appends ids durably (returns once fsynced)."""
-        self.append_records(done_records(list(ids)))
+        """Appends ids and their digests durably (returns once fsynced)."""
+        ids = list(ids)
+        self.append_records(
+            (RecordType.DONE, pb.DoneIds(sample_ids=chunk,
+                                         digests=b"".join(digests(chunk))).SerializeToString())
+            for chunk in (ids[i:i + DONE_CHUNK] for i in range(0, len(ids), DONE_CHUNK)))
+
+    def key_chunks(self) -> Iterator[bytes]:
+        """The recorded ids' packed 16-byte digests, one DONE record at a time, in order. A
+        record's stored digests are taken as they are; a record without them (written before
+        they were stored) has its ids hashed. Raises ValueError naming the record when its
+        digests are not whole 16-byte keys (records are checksummed, so only a writer's bug
+        could do that)."""
+        for index, (rtype, payload) in enumerate(self.records()):
+            if rtype != RecordType.DONE:
+                continue
+            packed = pb.DoneDigests.FromString(payload).digests
+            if not packed:
+                yield b"".join(digests(pb.SampleIds.FromString(payload).sample_ids))
+                continue
+            if len(packed) % 16:
+                raise ValueError(f"{self.path} record {index}: digests of {len(packed)} bytes, "
+                                 "expected 16 bytes per id")
+            yield packed
 
     def id_chunks(self) -> Iterator[list[str]]:
         """The ids recorded, in order, one DONE record (at most `DONE_CHUNK` ids) at a time."""

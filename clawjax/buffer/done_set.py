@@ -4,6 +4,7 @@ A buffer must ignore a repeated push of any id it ever finished, for as long as 
 set only grows. A Python `set[str]` of session/turn ids costs about 107 bytes per id (the str
 and its slot); a `DoneSet` costs 16 bytes per id in its sorted arrays plus a small set of
 recent digests, which `consolidate` merges in (`python -m clawjax.bench doneset` measures both).
+A restart loads the digests done.log stores with `merge_packed`, without hashing an id.
 
 Layout:
   `_recent`  set of 16-byte blake2b digests added since the last consolidation
@@ -11,7 +12,9 @@ Layout:
              by (hi, lo), no repeats; replaced as a whole (one tuple), never changed in place
 
 Membership is by digest: two different ids collide with probability 2^-128 per pair (for 10^12
-ids, about 10^-15 in all), so a digest match is taken as the same id.
+ids, about 10^-15 in all), so a digest match is taken as the same id. The digest is part of
+done.log's format (`DoneIds.digests`): blake2b with a 16-byte digest over the id's UTF-8 bytes
+(lone surrogates passed through); changing it would make stored digests miss.
 
 Thread safety: `add`/`update` and `consolidate` may run in different threads; `consolidate`
 serializes with itself. Readers take no lock: a consolidation publishes the new arrays before
@@ -50,10 +53,35 @@ def digest(sample_id: str) -> bytes:
     return digests((sample_id,))[0]
 
 
+def _split(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """M packed 16-byte digests → (hi, lo) `[M]` uint64 arrays (views of one buffer), in order."""
+    if len(packed) % 16:
+        raise ValueError(f"packed digests of {len(packed)} bytes, expected a multiple of 16")
+    halves = np.frombuffer(packed, dtype="<u8")
+    return halves[0::2], halves[1::2]
+
+
 def _halves(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """[M] digests → (hi, lo) `[M]` uint64 arrays (views of one buffer), in the same order."""
-    halves = np.frombuffer(b"".join(keys), dtype="<u8")
-    return halves[0::2], halves[1::2]
+    return _split(b"".join(keys))
+
+
+def _sorted_unique(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hi, lo) `[M]` → the distinct keys sorted by (hi, lo), as new arrays. One argsort of `hi`;
+    a lexsort of both halves only when two keys share a `hi` (for M random digests, with
+    probability about M^2 / 2^65), so the common case sorts one array, not two."""
+    order = np.argsort(hi)
+    hi, lo = hi[order], lo[order]
+    same_hi = hi[1:] == hi[:-1]
+    if same_hi.any():
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+        same_hi = hi[1:] == hi[:-1]
+    repeat = same_hi & (lo[1:] == lo[:-1])
+    if repeat.any():
+        keep = np.concatenate(([True], ~repeat))
+        hi, lo = hi[keep], lo[keep]
+    return hi, lo
 
 
 def _positions(hi: np.ndarray, lo: np.ndarray, qhi: np.ndarray, qlo: np.ndarray) -> np.ndarray:
@@ -110,9 +138,13 @@ class DoneSet:
 
     def contains_many(self, ids: list[str]) -> list[bool]:
         """Membership of each id, in order (one vectorized search of the sorted arrays)."""
-        if not ids:
+        return self.contains_digests(digests(ids))
+
+    def contains_digests(self, queries: list[bytes]) -> list[bool]:
+        """`contains_many` of ids already digested (`digests(ids)`): a caller can hash outside
+        its own lock and search inside it."""
+        if not queries:
             return []
-        queries = digests(ids)
         recent = self._recent          # read before the arrays (see the module docstring)
         found = [d in recent for d in queries]
         hi, lo = self._sorted
@@ -146,13 +178,29 @@ class DoneSet:
                                     len(self._recent) < max(MIN_RECENT, hi.shape[0] // GROWTH)):
                 return 0
             frozen = list(self._recent)   # one C call under the GIL: a consistent snapshot
-            qhi, qlo = _halves(frozen)
-            order = np.lexsort((qlo, qhi))
-            qhi, qlo = qhi[order], qlo[order]
-            pos = _positions(hi, lo, qhi, qlo)
-            if hi.shape[0]:   # digests already sorted are dropped (`frozen` has no repeats)
-                new = ~_found_at(hi, lo, pos, qhi, qlo)
-                pos, qhi, qlo = pos[new], qhi[new], qlo[new]
-            self._sorted = (np.insert(hi, pos, qhi), np.insert(lo, pos, qlo))
+            self._merge(*_halves(frozen))
             self._recent.difference_update(frozen)
             return len(frozen)
+
+    def merge_packed(self, chunks: Iterable[bytes]) -> int:
+        """Merges packed 16-byte digests (done.log's `DoneIds.digests`, any number of chunks)
+        straight into the sorted arrays: one sort of them all and one merge, no per-id Python
+        objects (a restart's bulk load). Returns how many digests it read (repeats included).
+        Raises ValueError for a chunk whose length is not a multiple of 16."""
+        packed = b"".join(chunks)
+        qhi, qlo = _split(packed)
+        if qhi.shape[0]:
+            with self._merge_lock:
+                self._merge(qhi, qlo)
+        return qhi.shape[0]
+
+    def _merge(self, qhi: np.ndarray, qlo: np.ndarray) -> None:
+        """Publishes the sorted arrays with keys (qhi, qlo) `[M]` added (any order, repeats
+        allowed). O(N + M log M) for N sorted keys. Caller holds `_merge_lock`."""
+        qhi, qlo = _sorted_unique(qhi, qlo)
+        hi, lo = self._sorted
+        pos = _positions(hi, lo, qhi, qlo)
+        if hi.shape[0]:   # keys already sorted are dropped
+            new = ~_found_at(hi, lo, pos, qhi, qlo)
+            pos, qhi, qlo = pos[new], qhi[new], qlo[new]
+        self._sorted = (np.insert(hi, pos, qhi), np.insert(lo, pos, qlo))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lawjax/buffer/rollout.proto\x12\x0e\x63lawjax.buffer\"\x1c\n\nFloatArray\x12\x0e\n\x06values\x18\x01 \x03(\x02\",\n\x04TopK\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0c\n\x04logp\x18\x02 \x03(\x02\x12\x0b\n\x03ids\x18\x03 \x03(\x0f\"\xda\x03\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nturn_index\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x04\x12\x0e\n\x06tokens\x18\x06 \x03(\x0f\x12\x14\n\x0cresponse_len\x18\x07 \x01(\r\x12\x11\n\tloss_mask\x18\x08 \x03(\x02\x12\x14\n\x0crollout_logp\x18\t \x03(\x02\x12\x0e\n\x06reward\x18\n \x01(\x01\x12\x30\n\x0cstep_rewards\x18\x0b \x01(\x0b\x32\x1a.clawjax.buffer.FloatArray\x12\x30\n\x0cteacher_logp\x18\x0c \x01(\x0b\x32\x1a.clawjax.buffer.FloatArray\x12*\n\x0cteacher_topk\x18\r \x01(\x0b\x32\x14.clawjax.buffer.TopK\x12\x0c\n\x04kind\x18\x0e \x01(\t\x12\x36\n\x08metadata\x18\x0f \x03(\x0b\x32$.clawjax.buffer.Sample.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x0bPushRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.clawjax.buffer.Sample\"4\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"6\n\x0cLeaseRequest\x12\x13\n\x0bmax_samples\x18\x01 \x01(\r\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"8\n\rLeaseResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.clawjax.buffer.Sample\"&\n\rStreamRequest\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\"\x1f\n\tSampleIds\x12\x12\n\nsample_ids\x18\x01 \x03(\t\"-\n\x0b\x41\x63kResponse\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\"1\n\x0cNackResponse\x12\x10\n\x08requeued\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\"A\n\x12\x45xtendLeaseRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x17\n\x0flease_timeout_s\x18\x02 \x01(\x01\"5\n\x13\x45xtendLeaseResponse\x12\x10\n\x08\x65xtended\x18\x01 \x03(\t\x12\x0c\n\x04lost\x18\x02 \x03(\t\" \n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\"@\n\x18SetPolicyVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bmoved_stale\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9a\x03\n\rStatsResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x0e\n\x06leased\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63ked_total\x18\x03 \x01(\x04\x12\x14\n\x0cpushed_total\x18\x04 \x01(\x04\x12\x18\n\x10\x64uplicates_total\x18\x05 \x01(\x04\x12\x13\n\x0bstale_total\x18\x06 \x01(\x04\x12\x16\n\x0erejected_total\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x16\n\x0epolicy_version\x18\t \x01(\x04\x12\x11\n\tmax_bytes\x18\n \x01(\x04\x12\x14\n\x0cnacked_total\x18\x0b \x01(\x04\x12\x15\n\rexpired_total\x18\x0c \x01(\x04\x12\x11\n\twal_bytes\x18\r \x01(\x04\x12\x14\n\x0cwal_segments\x18\x0e \x01(\x04\x12\x19\n\x11\x63ompactions_total\x18\x0f \x01(\x04\x12\x14\n\x0c\x66syncs_total\x18\x10 \x01(\x04\x12\x1a\n\x12\x62\x61\x63kpressure_total\x18\x11 \x01(\x04\x12\x1a\n\x12unknown_acks_total\x18\x12 \x01(\x04\x32\xdd\x04\n\rRolloutBuffer\x12\x41\n\x04Push\x12\x1b.clawjax.buffer.PushRequest\x1a\x1c.clawjax.buffer.PushResponse\x12\x44\n\x05Lease\x12\x1c.clawjax.buffer.LeaseRequest\x1a\x1d.clawjax.buffer.LeaseResponse\x12H\n\x06Stream\x12\x1d.clawjax.buffer.StreamRequest\x1a\x1d.clawjax.buffer.LeaseResponse0\x01\x12=\n\x03\x41\x63k\x12\x19.clawjax.buffer.SampleIds\x1a\x1b.clawjax.buffer.AckResponse\x12?\n\x04Nack\x12\x19.clawjax.buffer.SampleIds\x1a\x1c.clawjax.buffer.NackResponse\x12V\n\x0b\x45xtendLease\x12\".clawjax.buffer.ExtendLeaseRequest\x1a#.clawjax.buffer.ExtendLeaseResponse\x12[\n\x10SetPolicyVersion\x12\x1d.clawjax.buffer.PolicyVersion\x1a(.clawjax.buffer.SetPolicyVersionResponse\x12\x44\n\x05Stats\x12\x1c.clawjax.buffer.StatsRequest\x1a\x1d.clawjax.buffer.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lawjax/buffer/rollout.proto\x12\x0e\x63lawjax.buffer\"\x1c\n\nFloatArray\x12\x0e\n\x06values\x18\x01 \x03(\x02\",\n\x04TopK\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0c\n\x04logp\x18\x02 \x03(\x02\x12\x0b\n\x03ids\x18\x03 \x03(\x0f\"\xda\x03\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nturn_index\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x04\x12\x0e\n\x06tokens\x18\x06 \x03(\x0f\x12\x14\n\x0cresponse_len\x18\x07 \x01(\r\x12\x11\n\tloss_mask\x18\x08 \x03(\x02\x12\x14\n\x0crollout_logp\x18\t \x03(\x02\x12\x0e\n\x06reward\x18\n \x01(\x01\x12\x30\n\x0cstep_rewards\x18\x0b \x01(\x0b\x32\x1a.clawjax.buffer.FloatArray\x12\x30\n\x0cteacher_logp\x18\x0c \x01(\x0b\x32\x1a.clawjax.buffer.FloatArray\x12*\n\x0cteacher_topk\x18\r \x01(\x0b\x32\x14.clawjax.buffer.TopK\x12\x0c\n\x04kind\x18\x0e \x01(\t\x12\x36\n\x08metadata\x18\x0f \x03(\x0b\x32$.clawjax.buffer.Sample.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x0bPushRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.clawjax.buffer.Sample\"4\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"6\n\x0cLeaseRequest\x12\x13\n\x0bmax_samples\x18\x01 \x01(\r\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"8\n\rLeaseResponse\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.clawjax.buffer.Sample\"&\n\rStreamRequest\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\"\x1f\n\tSampleIds\x12\x12\n\nsample_ids\x18\x01 \x03(\t\".\n\x07\x44oneIds\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\"\x1e\n\x0b\x44oneDigests\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\"-\n\x0b\x41\x63kResponse\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\"1\n\x0cNackResponse\x12\x10\n\x08requeued\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\"A\n\x12\x45xtendLeaseRequest\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x17\n\x0flease_timeout_s\x18\x02 \x01(\x01\"5\n\x13\x45xtendLeaseResponse\x12\x10\n\x08\x65xtended\x18\x01 \x03(\t\x12\x0c\n\x04lost\x18\x02 \x03(\t\" \n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\"@\n\x18SetPolicyVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bmoved_stale\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9a\x03\n\rStatsResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x0e\n\x06leased\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63ked_total\x18\x03 \x01(\x04\x12\x14\n\x0cpushed_total\x18\x04 \x01(\x04\x12\x18\n\x10\x64uplicates_total\x18\x05 \x01(\x04\x12\x13\n\x0bstale_total\x18\x06 \x01(\x04\x12\x16\n\x0erejected_total\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x16\n\x0epolicy_version\x18\t \x01(\x04\x12\x11\n\tmax_bytes\x18\n \x01(\x04\x12\x14\n\x0cnacked_total\x18\x0b \x01(\x04\x12\x15\n\rexpired_total\x18\x0c \x01(\x04\x12\x11\n\twal_bytes\x18\r \x01(\x04\x12\x14\n\x0cwal_segments\x18\x0e \x01(\x04\x12\x19\n\x11\x63ompactions_total\x18\x0f \x01(\x04\x12\x14\n\x0c\x66syncs_total\x18\x10 \x01(\x04\x12\x1a\n\x12\x62\x61\x63kpressure_total\x18\x11 \x01(\x04\x12\x1a\n\x12unknown_acks_total\x18\x12 \x01(\x04\x32\xdd\x04\n\rRolloutBuffer\x12\x41\n\x04Push\x12\x1b.clawjax.buffer.PushRequest\x1a\x1c.clawjax.buffer.PushResponse\x12\x44\n\x05Lease\x12\x1c.clawjax.buffer.LeaseRequest\x1a\x1d.clawjax.buffer.LeaseResponse\x12H\n\x06Stream\x12\x1d.clawjax.buffer.StreamRequest\x1a\x1d.clawjax.buffer.LeaseResponse0\x01\x12=\n\x03\x41\x63k\x12\x19.clawjax.buffer.SampleIds\x1a\x1b.clawjax.buffer.AckResponse\x12?\n\x04Nack\x12\x19.clawjax.buffer.SampleIds\x1a\x1c.clawjax.buffer.NackResponse\x12V\n\x0b\x45xtendLease\x12\".clawjax.buffer.ExtendLeaseRequest\x1a#.clawjax.buffer.ExtendLeaseResponse\x12[\n\x10SetPolicyVersion\x12\x1d.clawjax.buffer.PolicyVersion\x1a(.clawjax.buffer.SetPolicyVersionResponse\x12\x44\n\x05Stats\x12\x1c.clawjax.buffer.StatsRequest\x1a\x1d.clawjax.buffer.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,22 +53,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREQUEST']._serialized_end=863
   _globals['_SAMPLEIDS']._serialized_start=865
   _globals['_SAMPLEIDS']._serialized_end=896
-  _globals['_ACKRESPONSE']._serialized_start=898
-  _globals['_ACKRESPONSE']._serialized_end=943
-  _globals['_NACKRESPONSE']._serialized_start=945
-  _globals['_NACKRESPONSE']._serialized_end=994
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=996
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=1061
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=1063
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=1116
-  _globals['_POLICYVERSION']._serialized_start=1118
-  _globals['_POLICYVERSION']._serialized_end=1150
-  _globals['_SETPOLICYVERSIONRESPONSE']._serialized_start=1152
-  _globals['_SETPOLICYVERSIONRESPONSE']._serialized_end=1216
-  _globals['_STATSREQUEST']._serialized_start=1218
-  _globals['_STATSREQUEST']._serialized_end=1232
-  _globals['_STATSRESPONSE']._serialized_start=1235
-  _globals['_STATSRESPONSE']._serialized_end=1645
-  _globals['_ROLLOUTBUFFER']._serialized_start=1648
-  _globals['_ROLLOUTBUFFER']._serialized_end=2253
+  _globals['_DONEIDS']._serialized_start=898
+  _globals['_DONEIDS']._serialized_end=944
+  _globals['_DONEDIGESTS']._serialized_start=946
+  _globals['_DONEDIGESTS']._serialized_end=976
+  _globals['_ACKRESPONSE']._serialized_start=978
+  _globals['_ACKRESPONSE']._serialized_end=1023
+  _globals['_NACKRESPONSE']._serialized_start=1025
+  _globals['_NACKRESPONSE']._serialized_end=1074
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1076
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1141
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1143
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1196
+  _globals['_POLICYVERSION']._serialized_start=1198
+  _globals['_POLICYVERSION']._serialized_end=1230
+  _globals['_SETPOLICYVERSIONRESPONSE']._serialized_start=1232
+  _globals['_SETPOLICYVERSIONRESPONSE']._serialized_end=1296
+  _globals['_STATSREQUEST']._serialized_start=1298
+  _globals['_STATSREQUEST']._serialized_end=1312
+  _globals['_STATSRESPONSE']._serialized_start=1315
+  _globals['_STATSRESPONSE']._serialized_end=1725
+  _globals['_ROLLOUTBUFFER']._serialized_start=1728
+  _globals['_ROLLOUTBUFFER']._serialized_end=2333
 # @@protoc_insertion_point(module_scope)

@@ -6,10 +6,11 @@ Every sample the store holds is in exactly one state:
   leased    handed to a consumer until `deadline` (monotonic seconds); invisible to others
   finishing being acked or moved aside (the DONE record is being made durable)
 and once the DONE record is durable its id moves to `_done` for good (pushes of it are ignored
-as duplicates forever). Compaction moves finished ids out of the WAL into `done.log`, written
+as duplicates forever; it joins `_done` just before it leaves `_entries`, so a push never finds
+it in neither). Compaction moves finished ids out of the WAL into `done.log`, written
 once per id and never rewritten; the in-memory `DoneSet` and that file are the only things that
 grow with the number of samples ever finished (about 16-22 bytes of memory and the id's length +
-2 bytes of disk per id).
+18 bytes of disk per id: the id and its 16-byte digest, which a restart loads without hashing).
 
 Invariants:
 - `push` returns only after every new sample is in the WAL and fsynced; a duplicate of an id whose
@@ -32,7 +33,7 @@ import time
 
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.compaction import DoneLog, carry_over, done_records
-from clawjax.buffer.done_set import DoneSet
+from clawjax.buffer.done_set import DoneSet, digests
 from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,9 @@ class Store:
         names. A push of a finished id is refused before it is logged, so an id's PUSH records
         all precede its DONE in the WAL: a DONE drops the entries it names as it is read, and
         the ids of done.log (whose PUSH records a crash inside a compaction can leave in the
-        WAL) are dropped once, at the end, in one `contains_many`."""
-        for ids in self.done_log.id_chunks():
-            self._done.update(ids)
-            self._done.consolidate()
+        WAL) are dropped once, at the end, in one `contains_many`. done.log's stored digests
+        go into the finished set in one bulk merge (`DoneSet.merge_packed`)."""
+        self._done.merge_packed(self.done_log.key_chunks())
         for seg, rtype, payload in self.wal.replay():
             if rtype == RecordType.PUSH:
                 sid, version, data = decode_push(payload)
@@ -142,18 +142,21 @@ class Store:
         """Durably adds (sample_id, policy_version, serialized Sample) items; returns
         (accepted, duplicates). All or nothing: raises `BufferFull` / `BatchTooLarge` before
         anything is written."""
-        new, waits, dup, seen = [], [], 0, set()
+        new, keys, waits, dup, seen = [], [], [], 0, set()
+        item_keys = digests([sid for sid, _, _ in items])   # hashed before taking the lock
         with self._cv:
-            for sid, version, data in items:
+            for item, key in zip(items, item_keys):
+                sid = item[0]
                 if sid in seen or sid in self._entries:
                     dup += 1
                 elif sid in self._inflight:
                     dup += 1
                     waits.append((sid, self._inflight[sid]))
                 else:
-                    new.append((sid, version, data))
+                    new.append(item)
+                    keys.append(key)
                 seen.add(sid)
-            finished = self._done.contains_many([sid for sid, _, _ in new])
+            finished = self._done.contains_digests(keys)
             if any(finished):
                 dup += sum(finished)
                 new = [item for item, done in zip(new, finished) if not done]
@@ -362,11 +365,13 @@ class Store:
                 self._cv.notify_all()
             event.set()
             raise
+        # Durable, so finished for good; joined outside the lock (hashing is the cost): until
+        # the block below, a push of these ids still finds them in `_entries`, a duplicate too.
+        self._done.update(fin)
         with self._cv:
             for sid in fin:
                 del self._finishing[sid]
                 self.bytes -= len(self._entries.pop(sid).data)
-            self._done.update(fin)
             self.counters[counter] += len(fin)
             self._cv.notify_all()
         event.set()
