@@ -6,8 +6,9 @@ embedded policy server (`python -m clawjax.serve`), the rule judge
 serve`). A supervisor thread restarts any child that dies, on the same port (the buffer on the
 same directory, so nothing acknowledged is lost), and counts the restarts. Children get SIGTERM
 when this process dies (Linux `PR_SET_PDEATHSIG`), so a killed trainer leaves no orphans.
-(`os.fork()` + exec with a `preexec_fn` is safe here even though JAX is multithreaded: the child
-only calls prctl and then execs.)
+(`os.fork()` + exec with a `preexec_fn` is safe here even though JAX is multithreaded: libc's
+prctl is looked up once, in this process, so the child only calls it and then execs.) The
+supervisor survives any failure to restart a child: it logs the error and tries again.
 """
 
 from __future__ import annotations
@@ -55,11 +56,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def _libc_prctl():
+    """libc's prctl, or None where there is none (not Linux)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: children are stopped by `stop()` only
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child before exec: SIGTERM when the thread that started it dies. Only
+    calls the prctl bound at import (no library loading between fork and exec)."""
+    if _PRCTL is not None:   # else children are stopped by `stop()` only
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -77,16 +89,15 @@ class Child:
     restarts: int = 0
 
     def start(self, timeout_s: float = 180.0) -> str:
-        log_file = open(self.log_path, "a")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-        self.proc = subprocess.Popen([sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
-                                     stderr=log_file, text=True, env=env,
-                                     preexec_fn=_die_with_parent,
-                                     # Own session: a terminal's Ctrl-C reaches the trainer
-                                     # only, which then stops the children in order.
-                                     start_new_session=True)
-        log_file.close()
+        with open(self.log_path, "a") as log_file:   # the child holds its own copy
+            self.proc = subprocess.Popen([sys.executable, "-m", *self.args],
+                                         stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                         env=env, preexec_fn=_die_with_parent,
+                                         # Own session: a terminal's Ctrl-C reaches the
+                                         # trainer only, which then stops the children in order.
+                                         start_new_session=True)
         pattern = re.compile(self.ready)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -143,6 +154,7 @@ class LocalStack:
         self.server_platforms, self.teacher_topk = server_platforms, teacher_topk
         self.children: dict[str, Child] = {}
         self._children_lock = threading.Lock()  # held while a child is added, removed, restarted
+        self._pids_lock = threading.Lock()      # one writer of pids.json (and its .tmp) at a time
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
 
@@ -165,12 +177,13 @@ class LocalStack:
 
     def _write_pids(self) -> None:
         """`workdir/pids.json`: the current process id of every child (for operators, tests)."""
-        pids = {name: c.proc.pid for name, c in list(self.children.items())
-                if c.proc is not None}
-        tmp = os.path.join(self.workdir, "pids.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(pids, f)
-        os.replace(tmp, os.path.join(self.workdir, "pids.json"))
+        with self._pids_lock:
+            pids = {name: c.proc.pid for name, c in list(self.children.items())
+                    if c.proc is not None}
+            tmp = os.path.join(self.workdir, "pids.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(pids, f)
+            os.replace(tmp, os.path.join(self.workdir, "pids.json"))
 
     def start(self) -> "LocalStack":
         ready_url = r"READY (http://\S+)"
@@ -210,8 +223,10 @@ class LocalStack:
                         child.start()
                         child.restarts += 1
                         self._write_pids()
-                    except RuntimeError as e:
+                    except RuntimeError as e:   # it did not come up: its log's tail says why
                         log.error("%s", e)
+                    except Exception:   # fork, exec, pipes: tried again next round, never fatal
+                        log.exception("restarting %s failed; trying again", child.name)
 
     def start_child(self, name: str, args: list[str], ready: str) -> str:
         """Starts one more supervised child after `start()` (`python -m *args`, its log in

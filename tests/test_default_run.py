@@ -18,6 +18,18 @@ from clawjax.local_stack import USER_MEMORY_SETTINGS
 from clawjax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RUNS: list[subprocess.Popen] = []   # every run a test started, killed when the test ends
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A failed test must not leave its run (and the run's children) on the suite's cores."""
+    yield
+    while _RUNS:
+        proc = _RUNS.pop()
+        if proc.poll() is None:
+            proc.kill()   # its children get SIGTERM (parent-death signal)
+            proc.communicate()
 
 
 def short_run(workdir, *extra):
@@ -32,8 +44,10 @@ def short_run(workdir, *extra):
            "--config.eval.every_steps=2",
            "--config.publish.every_steps=2", "--config.checkpoint.every_steps=2",
            "--config.trainer.progress=False", "--config.rollout.agents=4", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    _RUNS.append(proc)
+    return proc
 
 
 def trained_ids(workdir) -> list[str]:
@@ -80,7 +94,9 @@ def test_default_loop_end_to_end_with_killed_and_restarted_loops(tmp_path):
                     break
             time.sleep(0.2)
         else:
-            raise AssertionError(f"{name} was not restarted")
+            proc.kill()
+            raise AssertionError(f"{name} was not restarted; the run's output:\n"
+                                 f"{proc.communicate()[0][-4000:]}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     assert "clawjax default run — summary" in out

@@ -1,12 +1,17 @@
 """clawjax.local_stack: a child's environment overlay (how the policy server gets its own
-JAX_PLATFORMS under `rollout.server_platforms`)."""
+JAX_PLATFORMS under `rollout.server_platforms`), and a supervisor that outlives a failed
+restart."""
 
+import json
 import os
-import sys
+import signal
+import subprocess
+import time
 
 import pytest
 
 from clawjax import config as config_lib
+from clawjax import local_stack
 from clawjax.local_stack import Child, LocalStack
 
 PROBE = '''import os
@@ -94,3 +99,37 @@ def test_server_platforms_are_validated(value, ok):
     else:
         with pytest.raises(config_lib.ConfigError, match="rollout.server_platforms"):
             config_lib.validate(config)
+
+
+def test_the_supervisor_outlives_a_restart_that_fails_to_fork(tmp_path, monkeypatch):
+    """A restart whose Popen raises (here OSError, as a failed fork does; not the RuntimeError of
+    a child that did not come up) is logged and tried again: the child comes back, the
+    supervisor thread lives on, and the failed attempt is not counted as a restart."""
+    with monkeypatch.context() as patch:  # the four stack processes are not under test here
+        patch.setattr(LocalStack, "_child", lambda self, name, args, ready, env=None: "x:1")
+        stack = LocalStack(str(tmp_path), "model").start()
+    (tmp_path / "sleeper.py").write_text(
+        "import time\nprint('READY sleeper', flush=True)\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    real_popen, failures = subprocess.Popen, []
+
+    def popen_failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise BlockingIOError(11, "Resource temporarily unavailable (fork)")
+        return real_popen(*args, **kwargs)
+
+    try:
+        stack.start_child("sleeper", ["sleeper"], r"READY (sleeper)")
+        pids = lambda: json.loads((tmp_path / "pids.json").read_text())
+        first = pids()["sleeper"]
+        monkeypatch.setattr(local_stack.subprocess, "Popen", popen_failing_once)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while pids().get("sleeper") in (None, first) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert failures == [1]
+        assert pids()["sleeper"] != first and stack.restarts() == {"sleeper": 1}
+        assert stack._supervisor.is_alive()
+    finally:
+        stack.stop()
