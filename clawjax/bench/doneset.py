@@ -23,9 +23,8 @@ import tracemalloc
 import numpy as np
 
 from clawjax.buffer import done_set
-from clawjax.buffer.compaction import DONE_CHUNK, DoneLog, ids_payload
+from clawjax.buffer.compaction import DoneLog, done_records
 from clawjax.buffer.done_set import DoneSet
-from clawjax.buffer.wal import RecordType
 
 
 def session_ids(start: int, stop: int):
@@ -63,8 +62,7 @@ def restart_loads(n: int) -> dict[str, float]:
     ids = list(session_ids(0, n))
     with tempfile.TemporaryDirectory() as stored_dir, tempfile.TemporaryDirectory() as ids_dir:
         DoneLog(stored_dir, fsync=False).append(ids)
-        DoneLog(ids_dir, fsync=False).append_records(
-            (RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK])) for i in range(0, n, DONE_CHUNK))
+        DoneLog(ids_dir, fsync=False).append_records(done_records(ids))   # no digests
         del ids
         loads = {"stored": lambda: DoneSet().merge_packed(DoneLog(stored_dir).key_chunks()),
                  "hashed": lambda: DoneSet().merge_packed(DoneLog(ids_dir).key_chunks()),

@@ -31,9 +31,16 @@ def ids_payload(ids) -> bytes:
     return pb.SampleIds(sample_ids=list(ids)).SerializeToString()
 
 
-def done_records(ids: list[str]) -> list[tuple[int, bytes]]:
-    """DONE records for `ids`, at most `DONE_CHUNK` ids each (none for no ids)."""
-    return [(RecordType.DONE, ids_payload(ids[i:i + DONE_CHUNK]))
+def done_ids_payload(ids: list[str]) -> bytes:
+    """done.log's DONE payload: a serialized `DoneIds`, the ids and their packed digests."""
+    return pb.DoneIds(sample_ids=ids, digests=b"".join(digests(ids))).SerializeToString()
+
+
+def done_records(ids: list[str], with_digests: bool = False) -> list[tuple[int, bytes]]:
+    """DONE records for `ids`, at most `DONE_CHUNK` ids each (none for no ids): `SampleIds`
+    payloads (the WAL's), or with `with_digests` `DoneIds` payloads (done.log's)."""
+    payload = done_ids_payload if with_digests else ids_payload
+    return [(RecordType.DONE, payload(ids[i:i + DONE_CHUNK]))
             for i in range(0, len(ids), DONE_CHUNK)]
 
 
@@ -80,11 +87,7 @@ class DoneLog(AppendOnlyLog):
 
     def append(self, ids: Iterable[str]) -> None:
         """Appends ids and their digests durably (returns once fsynced)."""
-        ids = list(ids)
-        self.append_records(
-            (RecordType.DONE, pb.DoneIds(sample_ids=chunk,
-                                         digests=b"".join(digests(chunk))).SerializeToString())
-            for chunk in (ids[i:i + DONE_CHUNK] for i in range(0, len(ids), DONE_CHUNK)))
+        self.append_records(done_records(list(ids), with_digests=True))
 
     def key_chunks(self) -> Iterator[bytes]:
         """The recorded ids' packed 16-byte digests, one DONE record at a time, in order. A
