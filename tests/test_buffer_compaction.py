@@ -122,6 +122,26 @@ def test_done_log_truncates_a_torn_tail_and_keeps_what_came_before(tmp_path):
     assert DoneLog(tmp_path).ids() == ["x1", "x2", "z1"]
 
 
+def test_done_log_is_read_from_disk_once_at_start_up_and_again_after_an_append(
+        tmp_path, monkeypatch):
+    """The records read on open (tail check) serve the first `records()`; an append in
+    between, or a second call, reads the file again, so nothing appended is missed."""
+    DoneLog(tmp_path).append(["a1", "a2"])
+    reads = []
+    real = wal_mod.read_records
+    monkeypatch.setattr(wal_mod, "read_records",
+                        lambda path, copy=True: reads.append(path) or real(path, copy))
+    log = DoneLog(tmp_path)
+    assert list(log.key_chunks()) == [b"".join(digests(["a1", "a2"]))]
+    assert len(reads) == 1
+    assert log.ids() == ["a1", "a2"]
+    assert len(reads) == 2
+    log = DoneLog(tmp_path)
+    log.append(["b1"])
+    assert log.ids() == ["a1", "a2", "b1"]
+    assert len(reads) == 4
+
+
 def test_done_log_stores_each_ids_digest_and_reads_older_records_by_hashing(tmp_path):
     """New records carry the ids' digests (read back without hashing); records written before
     digests were stored (plain `SampleIds`) are hashed when read; both in one file, in order."""

@@ -80,10 +80,11 @@ class DoneLog(AppendOnlyLog):
     the ids and their packed 16-byte digests (`done_set.digests`, 16 bytes per id on disk), so
     a restart loads the digests (`key_chunks`) and hashes nothing. Records written before the
     digests were stored are plain `SampleIds` and are hashed when read. Read on open (before
-    the WAL replay); appended by compactions."""
+    the WAL replay, from the bytes read on open: the file is read once); appended by
+    compactions."""
 
     def __init__(self, directory: str | os.PathLike, fsync: bool = True):
-        super().__init__(pathlib.Path(directory) / "done.log", fsync=fsync)
+        super().__init__(pathlib.Path(directory) / "done.log", fsync=fsync, keep_opened=True)
 
     def append(self, ids: Iterable[str]) -> None:
         """Appends ids and their digests durably (returns once fsynced)."""

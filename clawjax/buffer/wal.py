@@ -422,16 +422,23 @@ class AppendOnlyLog:
     """A file of records in the WAL's format (after `MAGIC`), appended and fsynced under a lock,
     never compacted. On open a torn or corrupt tail is truncated at the first bad record (as for
     the WAL's active segment); a missing file is created durably (file and directory fsynced,
-    with `fsync`)."""
+    with `fsync`).
 
-    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+    With `keep_opened`, the records read on open are kept (zero-copy views of the file's bytes)
+    and handed to the first `records()` call, if nothing was appended in between, so a log read
+    once at start-up (done.log) is read from disk once; the first `records()` releases them."""
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = True, keep_opened: bool = False):
         self.path = pathlib.Path(path)
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._opened: list[tuple[int, memoryview]] | None = None
         if self.path.exists():
-            _, end, problem = read_records(self.path, copy=False)
+            records, end, problem = read_records(self.path, copy=False)
             if problem is not None:
                 truncate_torn_tail(self.path, end, problem, fsync=fsync)
+            if keep_opened:
+                self._opened = records
         else:
             with open(self.path, "wb") as f:
                 f.write(MAGIC)
@@ -447,13 +454,19 @@ class AppendOnlyLog:
         if not data:
             return
         with self._lock, open(self.path, "ab") as f:
+            self._opened = None
             f.write(data)
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
 
-    def records(self) -> list[tuple[int, bytes]]:
-        """Every good record, in order."""
+    def records(self) -> list[tuple[int, bytes | memoryview]]:
+        """Every good record, in order (payloads bytes, or memoryviews the first time with
+        `keep_opened`)."""
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is not None:
+            return opened
         records, _, _ = read_records(self.path)
         return records
 
