@@ -139,6 +139,19 @@ class BufferServer:
     def start(self) -> int:
         """Recovers the store from `dir`, binds, serves; returns the bound port."""
         self.store = Store(self.dir, **self._store_kwargs)
+        try:
+            return self._serve()
+        except BaseException:
+            # Nothing is served: release the store (its WAL lock, its compactor) and the server.
+            if self._server is not None:
+                self._server.stop(None)
+                self._server = None
+            self.store.close()
+            self.store = None
+            raise
+
+    def _serve(self) -> int:
+        """Binds and starts the gRPC server over the opened store; returns the bound port."""
         options = [("grpc.max_receive_message_length", self.max_message_bytes),
                    ("grpc.max_send_message_length", self.max_message_bytes)]
         interceptors = [_TokenAuth(self.token)] if self.token else []
@@ -154,8 +167,7 @@ class BufferServer:
             port = self._server.add_secure_port(target, creds)
         else:
             port = self._server.add_insecure_port(target)
-        if not port:
-            self.store.close()
+        if not port:   # older grpc returns 0, newer raises RuntimeError
             raise OSError(f"could not bind {target}")
         self.port = port
         if self.token and self._tls is None and not is_loopback(self.host):

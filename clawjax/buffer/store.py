@@ -95,6 +95,8 @@ class Store:
         self.policy_version = 0
         self.counters = collections.Counter()
         self._compacted_upto = 0
+        self._closed = False   # set by close(): waiting leases and slot waits return at once
+        self._policy_lock = threading.Lock()   # orders policy announcements: WAL == memory
         self.wal = WriteAheadLog(directory, segment_bytes=segment_bytes, fsync=fsync)
         self.stale_log = StaleLog(directory, fsync=fsync)
         self.done_log = DoneLog(directory, fsync=fsync)
@@ -172,18 +174,21 @@ class Store:
             event = threading.Event()
             for sid, _, _ in new:
                 self._inflight[sid] = event
-        seg, ok = 0, False
+        seg, ok, kept = 0, False, []
         try:
             if new:
                 seg = self.wal.append([(RecordType.PUSH, encode_push(*item)) for item in new])
+                # Own copies: a view into the request would keep all of it (its duplicates,
+                # its acked siblings) alive for as long as one sample of it is held.
+                kept = [bytes(data) for _, _, data in new]
             ok = True
         finally:
             with self._cv:
                 self._reserved -= need
-                for sid, version, data in new:
+                for i, (sid, version, _) in enumerate(new):
                     del self._inflight[sid]
                     if ok:
-                        self._entries[sid] = _Entry(data, version, seg)
+                        self._entries[sid] = _Entry(kept[i], version, seg)
                         self._ready.append(sid)
                 if ok:
                     self.queued += len(new)
@@ -245,7 +250,7 @@ class Store:
             out, stale, stale_event = [], [], threading.Event()
             with self._cv:
                 self._expire_locked(time.monotonic())
-                while self.queued == 0 and time.monotonic() < until:
+                while self.queued == 0 and time.monotonic() < until and not self._closed:
                     self._wait_locked(until)
                 deadline, size = time.monotonic() + self.lease_timeout_s, 0
                 while self._ready and len(out) < max_samples:
@@ -270,8 +275,12 @@ class Store:
                 if owner is not None and out:
                     self._owners[owner] += len(out)
             if stale:
-                self._move_aside(stale)
-            if out or not stale or time.monotonic() >= until:
+                try:
+                    self._move_aside(stale)
+                except Exception:  # noqa: BLE001 - they are queued again; the leased go out
+                    log.exception("moving %d stale samples aside failed", len(stale))
+                    return out
+            if out or not stale or time.monotonic() >= until or self._closed:
                 return out
 
     def in_flight(self, owner: str) -> int:
@@ -285,7 +294,7 @@ class Store:
         with self._cv:
             self._expire_locked(time.monotonic())
             while self._owners.get(owner, 0) >= max_in_flight:
-                if time.monotonic() >= until:
+                if time.monotonic() >= until or self._closed:
                     return False
                 self._wait_locked(until)
             return True
@@ -329,9 +338,10 @@ class Store:
         return requeued, unknown
 
     # ------------------------------------------------------------------ finishing
-    def _begin_finish_locked(self, ids) -> tuple[list[str], int, list[threading.Event]]:
-        """Marks held ids FINISHING; returns (them, count of ids not held, events of ids that
-        another call is finishing right now: wait on them before reporting durability)."""
+    def _begin_finish_locked(self, ids
+                             ) -> tuple[list[str], int, list[tuple[str, threading.Event]]]:
+        """Marks held ids FINISHING; returns (them, count of ids not held, (id, event) of ids
+        that another call is finishing right now: wait on them before reporting durability)."""
         fin, unknown, waits = [], 0, []
         event = threading.Event()
         for sid in dict.fromkeys(ids):
@@ -339,7 +349,7 @@ class Store:
             if e is None or e.state == FINISHING:
                 unknown += 1
                 if e is not None:
-                    waits.append(self._finishing[sid])
+                    waits.append((sid, self._finishing[sid]))
                 continue
             if e.state == LEASED:
                 self._unlease_locked(e)
@@ -356,14 +366,7 @@ class Store:
         try:
             self.wal.append(done_records(fin))
         except BaseException:
-            with self._cv:  # not durable: they stay deliverable
-                for sid in fin:
-                    del self._finishing[sid]
-                    self._entries[sid].state = QUEUED
-                    self._ready.appendleft(sid)
-                self.queued += len(fin)
-                self._cv.notify_all()
-            event.set()
+            self._undo_finish(fin)
             raise
         # Durable, so finished for good; joined outside the lock (hashing is the cost): until
         # the block below, a push of these ids still finds them in `_entries`, a duplicate too.
@@ -373,6 +376,19 @@ class Store:
                 del self._finishing[sid]
                 self.bytes -= len(self._entries.pop(sid).data)
             self.counters[counter] += len(fin)
+            self._cv.notify_all()
+        event.set()
+
+    def _undo_finish(self, fin: list[str]) -> None:
+        """`fin` (FINISHING) could not be finished: they are queued again (deliverable, at the
+        front) and the calls waiting on them are woken (they find the ids still held)."""
+        event = self._finishing[fin[0]]
+        with self._cv:
+            for sid in fin:
+                del self._finishing[sid]
+                self._entries[sid].state = QUEUED
+                self._ready.appendleft(sid)
+            self.queued += len(fin)
             self._cv.notify_all()
         event.set()
 
@@ -386,15 +402,22 @@ class Store:
             self.counters["unknown_acks_total"] += unknown
         if fin:
             self._finish(fin, "acked_total")
-        for other in waits:
+        for sid, other in waits:
             other.wait()
+            if sid not in self._done:
+                raise RuntimeError(f"ack of {sid!r}: a concurrent finish of the same id failed, "
+                                   "so it is not finished (it is queued again); retry the ack")
         return len(fin), unknown
 
     def _move_aside(self, fin: list[str]) -> None:
         """`fin` are FINISHING stale samples: copy to stale.log, then mark DONE."""
         with self._cv:
             items = [(sid, self._entries[sid].version, self._entries[sid].data) for sid in fin]
-        self.stale_log.append(items)
+        try:
+            self.stale_log.append(items)
+        except BaseException:
+            self._undo_finish(fin)
+            raise
         self._finish(fin, "stale_total")
 
     def _sweep_stale(self) -> int:
@@ -410,10 +433,13 @@ class Store:
 
     def set_policy_version(self, version: int) -> int:
         """Durably records the trainer's version; moves queued too-stale samples aside and
-        returns how many."""
-        self.wal.append([(RecordType.POLICY, pb.PolicyVersion(version=version).SerializeToString())])
-        with self._cv:
-            self.policy_version = int(version)
+        returns how many. The last announcement wins (a version may go down: a rollback);
+        concurrent announcements are ordered, so the version in memory is the WAL's last."""
+        payload = pb.PolicyVersion(version=version).SerializeToString()
+        with self._policy_lock:
+            self.wal.append([(RecordType.POLICY, payload)])
+            with self._cv:
+                self.policy_version = int(version)
         return self._sweep_stale()
 
     # ------------------------------------------------------------------ compaction
@@ -466,6 +492,9 @@ class Store:
         return out
 
     def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         self._stop.set()
         self._compactor.join()
         self.wal.close()

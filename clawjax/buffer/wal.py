@@ -268,7 +268,14 @@ class WriteAheadLog:
             return [n for n in self.segments() if n < self._active]
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("wal-*.log"))
+        """Bytes of the segments on disk (one a compaction deletes meanwhile counts 0)."""
+        total = 0
+        for path in self.dir.glob("wal-*.log"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     # ------------------------------------------------------------------ open / replay
     def replay(self) -> Iterator[tuple[int, int, bytes]]:
@@ -301,6 +308,7 @@ class WriteAheadLog:
         """Seals the active segment and opens the next (by the leader: no write in flight)."""
         os.fsync(self._fd)
         os.close(self._fd)
+        self._fd = -1   # closed: if the next segment cannot be opened, nothing uses this number
         self._open_active(self._active + 1, create=True)
 
     # ------------------------------------------------------------------ appends
@@ -424,6 +432,11 @@ class AppendOnlyLog:
     the WAL's active segment); a missing file is created durably (file and directory fsynced,
     with `fsync`).
 
+    An append that fails part way (a short write, ENOSPC, a failed fsync) is cut back to the
+    file's length before it and raises, so the next append never lands behind torn bytes (on
+    open those would read as a torn tail, and every record after them would be cut). If even
+    the cut fails, the log refuses every later append.
+
     With `keep_opened`, the records read on open are kept (zero-copy views of the file's bytes)
     and handed to the first `records()` call, if nothing was appended in between, so a log read
     once at start-up (done.log) is read from disk once; the first `records()` releases them."""
@@ -433,6 +446,7 @@ class AppendOnlyLog:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._opened: list[tuple[int, memoryview]] | None = None
+        self._broken: str | None = None   # why appends are refused (a failed append stuck)
         if self.path.exists():
             records, end, problem = read_records(self.path, copy=False)
             if problem is not None:
@@ -449,16 +463,38 @@ class AppendOnlyLog:
                 _fsync_dir(self.path.parent)
 
     def append_records(self, records: Iterable[tuple[int, bytes]]) -> None:
-        """Appends (type, payload) records; durable on return (with `fsync`)."""
+        """Appends (type, payload) records; durable on return (with `fsync`). All or nothing:
+        a failed append leaves the file as it was (see the class docstring) and raises."""
         data = b"".join(encode_record(rtype, payload) for rtype, payload in records)
         if not data:
             return
-        with self._lock, open(self.path, "ab") as f:
+        with self._lock:
+            if self._broken is not None:
+                raise OSError(f"{self.path}: appends refused: {self._broken}")
             self._opened = None
-            f.write(data)
-            f.flush()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, data)
+                    if self.fsync:
+                        os.fsync(fd)
+                except BaseException as error:
+                    self._undo_append(fd, start, error)
+                    raise
+            finally:
+                os.close(fd)
+
+    def _undo_append(self, fd: int, start: int, error: BaseException) -> None:
+        """Cuts the file back to `start` bytes after a failed append (`error`)."""
+        try:
+            os.ftruncate(fd, start)
             if self.fsync:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        except OSError as cut_error:
+            self._broken = (f"an append failed ({error!r}) and cutting the file back to "
+                            f"{start} bytes failed too ({cut_error!r})")
+            log.error("%s: %s", self.path, self._broken)
 
     def records(self) -> list[tuple[int, bytes | memoryview]]:
         """Every good record, in order (payloads bytes, or memoryviews the first time with

@@ -64,8 +64,8 @@ def sample_parts(sample: Sample) -> list:
             packed(1, arr)
         else:
             parts.append(_ld(field, 0))
-    if sample.teacher_topk_logp is not None:
-        logp, ids = codec.checked_topk(sample)
+    if sample.teacher_topk_logp is not None or sample.teacher_topk_ids is not None:
+        logp, ids = codec.checked_topk(sample)   # refuses one without the other, as to_proto
         k = varint(1 << 3) + varint(int(logp.shape[1]))
         if logp.size:  # TopK{k = 1, logp = 2, ids = 3}
             logp, ids = _le(logp, "<f4"), _le(ids, "<i4")
