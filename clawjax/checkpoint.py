@@ -18,24 +18,47 @@ import os
 from typing import Any, Callable
 
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match the expected state."""
 
 
+class _KeepProtected:
+    """An orbax preservation policy: keeps the checkpoints of `owner.protected_steps`."""
+
+    def __init__(self, owner: "Checkpointer"):
+        self.owner = owner
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        protected = self.owner.protected_steps
+        return [info.step in protected for info in checkpoints]
+
+
 class Checkpointer:
-    """Wraps an orbax `CheckpointManager` over `directory` keeping the newest `keep` steps."""
+    """Wraps an orbax `CheckpointManager` over `directory` keeping the newest `keep` steps,
+    and also the steps `protect(steps)` names (the regression gate's rollback target and the
+    candidates it has yet to decide on), however old they get."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep = {keep!r}, expected an integer ≥ 1")
         self.directory = os.path.abspath(directory)
+        self.protected_steps: frozenset[int] = frozenset()
+        preserve = cm.AnyPreservationPolicy([cm.preservation_policy.LatestN(keep),
+                                             _KeepProtected(self)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+            preservation_policy=preserve, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta"))
         self._pending: list[Callable[[], None]] = []
+
+    def protect(self, steps) -> None:
+        """Keeps the checkpoints of `steps` (an iterable of ints) through later saves; steps
+        protected before and not named now are pruned like any other from the next save on.
+        Safe to call from any thread (one attribute is replaced)."""
+        self.protected_steps = frozenset(int(s) for s in steps)
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, meta: dict, on_commit: Callable[[], None] | None = None):

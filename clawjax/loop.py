@@ -62,7 +62,13 @@ def build_model(config, mesh):
 
 def make_source(config, vocab_size: int, workdir: str):
     if config.replay:
-        return sources.ReplaySource(config.replay, vocab_size=vocab_size)
+        source = sources.ReplaySource(config.replay, vocab_size=vocab_size)
+        if len(source.samples) < config.trainer.samples_per_step:
+            raise ValueError(
+                f"replay = {config.replay!r} holds {len(source.samples)} samples, expected at "
+                f"least trainer.samples_per_step = {config.trainer.samples_per_step} (one step "
+                "would train a sample twice)")
+        return source
     if config.buffer.address:
         token = None
         if config.buffer.token_file:
@@ -173,6 +179,7 @@ class TrainLoop:
         self._saved_step = -1  # the step of the newest checkpoint started by this process
         self._good_step = 0  # the step of the newest state the regression gate accepted
         self._good_state = None  # gate.rollback "memory": that state (a copy on device)
+        self._undecided: set[int] = set()  # "checkpoint": candidates saved, not yet decided
         # gate.background: the publisher thread decides; the trainer thread acts on a refusal at
         # its next step boundary (`settle_gate`). The lock guards the decision state: the
         # epoch (bumped by each background rollback: a candidate of an older epoch descends
@@ -211,13 +218,20 @@ class TrainLoop:
         """The current policy as an `nnx.Module` (shares the train state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)
 
-    def restore(self, step: int | None = None) -> None:
-        """Restores checkpoint `step` (default: the latest) with every array on its devices."""
+    def _load_state(self, step: int | None) -> tuple[dict, int]:
+        """Loads checkpoint `step` (None: the latest) into `self.state`, every array on its
+        devices; returns its (meta, step)."""
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.state, self.state_shardings)
         self.state, meta, step = self.checkpointer.restore(abstract, step)
         self._saved_step = step
+        return meta, step
+
+    def restore(self, step: int | None = None) -> None:
+        """Resumes from checkpoint `step` (default: the latest): the train state, the data
+        source's position, the ids to acknowledge, the drop counts."""
+        meta, step = self._load_state(step)
         self.source.restore(meta.get("source", {}))
         checkpointed = sorted(meta.get("unacked_ids", []))
         if checkpointed:
@@ -437,21 +451,28 @@ class TrainLoop:
             params = candidate.params
         else:
             candidate, params = None, _device_copy(self.state.params)
+            with self._gate_lock:
+                self._undecided.add(step)
+            self._protect_checkpoints()
             self.save_checkpoint()
 
         def check() -> bool:
             scoring = time.perf_counter()
             decision = self.gate.check(params)
-            with self._gate_lock:
-                self._gate_score_s = time.perf_counter() - scoring
-                if epoch != self._gate_epoch or self._gate_refused is not None:
-                    return False  # trained on from a refused candidate
-                if not decision.passed:
-                    self._gate_refused = (decision, step)
-                    return False
-                self.gate.accept(params, decision.candidate)
-                self._good_step, self._good_state = step, candidate
-            return True
+            try:
+                with self._gate_lock:
+                    self._undecided.discard(step)
+                    self._gate_score_s = time.perf_counter() - scoring
+                    if epoch != self._gate_epoch or self._gate_refused is not None:
+                        return False  # trained on from a refused candidate
+                    if not decision.passed:
+                        self._gate_refused = (decision, step)
+                        return False
+                    self.gate.accept(params, decision.candidate)
+                    self._good_step, self._good_state = step, candidate
+                return True
+            finally:
+                self._protect_checkpoints()
 
         self._thread_s["gate_s"] = time.perf_counter() - started
         return check
@@ -479,14 +500,30 @@ class TrainLoop:
         self._good_step = self.step
         if self.config.gate.rollback == "memory":
             self._good_state = _device_copy(self.state)
+        self._protect_checkpoints()
+
+    def _protect_checkpoints(self) -> None:
+        """`gate.rollback` "checkpoint": keeps the rollback target's checkpoint and those of
+        candidates not yet decided, whatever `checkpoint.keep` prunes (their restore must
+        not find them gone)."""
+        if self.config.gate.rollback == "checkpoint":
+            with self._gate_lock:
+                steps = {self._good_step, *self._undecided}
+            self.checkpointer.protect(steps)
 
     def rollback(self) -> None:
         """Back to the last state the gate accepted. Checkpoints newer than it are deleted
         (a restart resumes from the good state) and the trained-samples log is cut back to it;
-        samples trained since were consumed and their updates are discarded."""
+        samples trained since were consumed and their updates are discarded. Only the train
+        state goes back, the same for both `gate.rollback` modes: the data source, the ids to
+        acknowledge and the drop counts go on (the samples are not trained again)."""
         self.checkpointer.discard_after(self._good_step)
+        with self._gate_lock:
+            self._undecided.clear()
+        self._protect_checkpoints()
         if self._good_state is None:
-            self.restore(self._good_step)
+            self._load_state(self._good_step)
+            self._truncate_trained_log(self._good_step)
             return
         self.state = _device_copy(self._good_state)
         self._truncate_trained_log(self._good_step)

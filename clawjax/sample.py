@@ -192,6 +192,10 @@ class Sample:
                 fail("teacher_topk_logp", "non-finite or positive entry", "finite log-probs ≤ 0")
             if np.any(self.teacher_topk_ids < 0):
                 fail("teacher_topk_ids", int(self.teacher_topk_ids.min()), "non-negative token ids")
+            if (vocab_size is not None and self.teacher_topk_ids.size
+                    and int(self.teacher_topk_ids.max()) >= vocab_size):
+                fail("teacher_topk_ids", int(self.teacher_topk_ids.max()),
+                     f"token ids < vocab_size {vocab_size}")
         for key, value in self.metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 fail("metadata", {key: value}, "a map of string to string")

@@ -150,6 +150,16 @@ def test_pack_rejects_invalid_duplicate_and_mixed_topk_samples():
         pack(good, 32, row_buckets=())
 
 
+def test_pack_rejects_top_k_ids_outside_the_vocabulary_naming_the_field():
+    """An id >= vocab_size would match no logit and score as if its logit were 0."""
+    ok = Sample(sample_id="in", tokens=[1, 2, 3], response_len=1,
+                teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 31]])
+    out = dataclasses.replace(ok, sample_id="out", teacher_topk_ids=np.array([[4, 32]]))
+    assert len(pack([ok], 32, vocab_size=32)) == 1
+    with pytest.raises(SampleError, match=r"'out'.*teacher_topk_ids.*32.*vocab_size 32"):
+        pack([ok, out], 32, vocab_size=32)
+
+
 # ---------------------------------------------------------------- pytree
 def test_token_batch_is_a_pytree_that_drops_host_bookkeeping():
     samples = random_samples(np.random.default_rng(3), 5, topk=2)

@@ -24,13 +24,15 @@ MODES = [(rollback, background) for rollback in ("checkpoint", "memory")
          for background in (False, True)]
 
 
-def gated_loop(tmp_path, rollback: str = "checkpoint", background: bool = True) -> TrainLoop:
+def gated_loop(tmp_path, rollback: str = "checkpoint", background: bool = True,
+               **overrides) -> TrainLoop:
     probe = tmp_path / "probe.jsonl"
     write_replay(str(probe), make_samples(6, seed=31, prefix="probe"))
     config = tiny_config(tmp_path / "run", **{
         "trainer.samples_per_step": 4, "trainer.lr": 1e-4, "publish.every_steps": 1,
         "publish.dtype": "float32", "gate.enabled": True, "gate.probe": str(probe),
-        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": background})
+        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": background,
+        **overrides})
     source = QueueSource()
     source.put(make_samples(16, seed=32))
     return TrainLoop(config, source=source)
@@ -205,3 +207,64 @@ def test_the_trainer_thread_time_is_reported(tmp_path, background):
     if not background:  # scored on the trainer thread: all of its gate time
         assert rows[1]["gate_score_s"] == rows[1]["gate_s"]
     assert all(r["take_wait_s"] >= 0.0 for r in rows)
+
+
+def test_checkpoint_keep_never_prunes_the_rollback_target(tmp_path):
+    """`checkpoint.keep = 2` with a checkpoint every step: the accepted step 0 is older than
+    the two newest by the time step 3 is refused, and the rollback still restores it."""
+    loop = gated_loop(tmp_path, "checkpoint", background=False,
+                      **{"publish.every_steps": 3, "checkpoint.keep": 2})
+    loop.source.put(make_samples(16, seed=33, prefix="more"))
+    try:
+        start = params_of(loop)
+        for i in range(3):
+            loop.train_step(loop.take_samples())
+            if i == 2:
+                corrupt(loop)
+            loop.save_checkpoint()
+            loop.maybe_publish()
+        assert loop.gate_refusals == 1 and loop.step == 0
+        assert max_param_diff(start, params_of(loop)) == 0.0
+        # Once a later step is accepted, step 0 is pruned like any other (at the next save).
+        for _ in range(4):
+            loop.train_step(loop.take_samples())
+            loop.save_checkpoint()
+            loop.maybe_publish()
+        loop.checkpointer.wait()
+        assert loop.gate_refusals == 1 and loop.step == 4
+        assert loop.checkpointer.all_steps() == [3, 4]
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("rollback", ["checkpoint", "memory"])
+def test_a_rollback_restores_the_train_state_only(tmp_path, rollback):
+    """Both rollback modes go on with the data and keep the drop counts as they were: the
+    samples of the discarded step are not trained again and no drop is counted twice."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(16, seed=5))
+    probe = tmp_path / "probe.jsonl"
+    write_replay(str(probe), make_samples(6, seed=31, prefix="probe"))
+    config = tiny_config(tmp_path / "run", replay=str(replay), **{
+        "trainer.samples_per_step": 4, "trainer.lr": 1e-4, "publish.every_steps": 1,
+        "publish.dtype": "float32", "gate.enabled": True, "gate.probe": str(probe),
+        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": False})
+    loop = TrainLoop(config)
+    try:
+        loop.dropped["invalid"] += 1   # counted before the accepted step's checkpoint
+        loop.train_step(loop.take_samples())
+        loop.maybe_publish()
+        loop.train_step(loop.take_samples())
+        corrupt(loop)
+        loop.maybe_publish()
+        assert loop.gate_refusals == 1 and loop.step == 1
+        assert loop.dropped["invalid"] == 1
+        assert loop.source.position == 8
+        loop.train_step(loop.take_samples())
+        with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
+            trained = [json.loads(line) for line in f]
+        firsts = [entry["sample_ids"][0] for entry in trained]
+        assert [entry["step"] for entry in trained] == [1, 2]
+        assert firsts == [loop.source.samples[0].sample_id, loop.source.samples[8].sample_id]
+    finally:
+        loop.close()

@@ -284,3 +284,12 @@ def test_sigterm_burst_finishes_the_step_checkpoints_and_stops(tmp_path):
     assert loop.stopping and 2 <= loop.step < 40, loop.step
     assert loop.checkpointer.latest_step() == loop.step
     loop.close()
+
+
+def test_a_replay_file_smaller_than_one_step_is_refused_at_start_up(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(3, seed=4))
+    config = tiny_config(tmp_path / "run", replay=replay, **{"trainer.samples_per_step": 4})
+    with pytest.raises(ValueError, match=r"replay = .* holds 3 samples, expected at least "
+                                         r"trainer.samples_per_step = 4"):
+        TrainLoop(config)
