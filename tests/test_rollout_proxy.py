@@ -16,7 +16,8 @@ from aiohttp import web
 
 from clawjax.buffer import BufferClient, BufferServer
 from clawjax.loop_thread import LoopThread
-from clawjax.rollout import prompts, rule_judge
+from clawjax.rollout import prompts, rule_judge, runner
+from clawjax.rollout.envs.base import Environment, Observation
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.serving.launch import ServerThread, free_port, make_context
 from test_serving_helpers import hf_logp, hf_model, make_model_dir, token_logps
@@ -345,6 +346,76 @@ def test_idle_sessions_expire_like_session_done(servers):
     got = samples(servers, proxy, "idle", key)
     assert [(s.kind, s.reward, s.metadata["lone_turn"]) for s in got] == [("rl", 0.0, "1")]
     assert stats(proxy, key)["sessions_open"] == 0
+
+
+class ScriptedEnv(Environment):
+    """Answers every action with the next of `observations`; done (outcome 1.0) after the last."""
+    name = "scripted"
+
+    def __init__(self, observations, episode=False):
+        self.observations, self.steps = list(observations), 0
+        self.outcome_rewards = episode
+
+    def reset(self, task):
+        self.steps = 0
+        return Observation("user", "How many hours are in 2 days?")
+
+    def step(self, action):
+        role, text = self.observations[self.steps]
+        self.steps += 1
+        done = self.steps == len(self.observations)
+        return Observation(role, text), done, 1.0 if done else 0.0
+
+
+def drops_but_no_hint(snapshot: dict) -> dict:
+    """The drop counters but `no_valid_hint` (a rule-judge +1 on praise carries no hint)."""
+    return {k: v for k, v in snapshot["drops"].items() if k != "no_valid_hint"}
+
+
+def test_runner_episodes_close_with_their_last_next_state_and_no_spurious_turn(servers):
+    """The runner's close call delivers the last observation as the last turn's next state and
+    adds no turn: every turn is judged, nothing is counted under no_next_state, no lone turn."""
+    proxy = servers["main"]
+    before = stats(proxy)
+    results = runner.run_episodes(
+        proxy.url, [(ScriptedEnv([("user", "Thanks, that is perfect.")]), {"task_id": "chat"}),
+                    (ScriptedEnv([("tool", "OK 24"), ("tool", "OK 48")], episode=True),
+                     {"task_id": "episode"})],
+        session_prefix="runner", max_turns=4, sampling={"max_tokens": 4, "temperature": 1.0})
+    assert [(r.error, r.turns, r.done) for r in results] == [(None, 1, True), (None, 2, True)]
+    after = stats(proxy)
+    assert after["judged_turns"] - before["judged_turns"] == 3
+    assert drops_but_no_hint(after) == drops_but_no_hint(before)  # no no_next_state, none lost
+    assert after["drops"]["no_valid_hint"] - before["drops"]["no_valid_hint"] == 3
+    assert after["lone_turns"] == before["lone_turns"]
+    assert after["episodes"] - before["episodes"] == 1
+    assert after["served"]["main"] - before["served"]["main"] == 3   # the close is not a turn
+    assert after["sessions_open"] == before["sessions_open"]
+    chat_samples = samples(servers, proxy, "runner-0")
+    assert [(s.turn_index, s.kind, s.reward) for s in chat_samples] == [(0, "rl", 1.0)]
+    episode = samples(servers, proxy, "runner-1")
+    assert [(s.turn_index, s.kind, s.reward) for s in episode] == [(0, "rl", 2.0), (1, "rl", 2.0)]
+
+
+def test_a_close_only_call_may_carry_the_last_next_state(servers):
+    """`session_done` + `messages` + `max_tokens: 0` (headers or body) generates nothing: the
+    trailing messages judge the pending turn and the session closes."""
+    proxy = servers["main"]
+    first = [{"role": "user", "content": "What is 6+1?"}]
+    a = chat(proxy.url, first, session="close-only")
+    before = stats(proxy)
+    r = post(proxy.url, {"messages": first + [{"role": "assistant", "content": reply(a)},
+                                              {"role": "user", "content": "Great, thanks!"}],
+                         "max_tokens": 0, "stream": True},
+             headers={"X-Session-Id": "close-only", "X-Session-Done": "true"})
+    assert r.status_code == 200 and r.json() == {"object": "session.done",
+                                                 "session_id": "close-only"}
+    after = stats(proxy)
+    assert drops_but_no_hint(after) == drops_but_no_hint(before)
+    assert after["served"] == before["served"]
+    assert after["judged_turns"] - before["judged_turns"] == 1
+    got = samples(servers, proxy, "close-only")
+    assert [(s.turn_index, s.kind, s.reward) for s in got] == [(0, "rl", 1.0)]
 
 
 def test_fifty_concurrent_sessions_keep_their_turns_apart(servers, tok):

@@ -1,14 +1,19 @@
-"""The session state machine (pure) and sample emission by method (pure)."""
+"""The session state machine (pure), sample emission by method (pure), and the judge loop
+with the rule judge's answers and scripted teacher answers (no turn lost uncounted)."""
 
 from __future__ import annotations
+
+import asyncio
+import types
 
 import numpy as np
 import pytest
 
-from clawjax.rollout import emit, sessions
+from clawjax.rollout import emit, rule_judge, sessions
 from clawjax.rollout.judge import Judgement
 from clawjax.rollout.sessions import (Dropped, EpisodeEnd, JudgeJob, LoneTurn, NextState,
                                       SessionTable, Turn)
+from clawjax.serving.teacher import parse_teacher_response
 
 
 def turn(sid="s", index=0, r=3, version="7") -> Turn:
@@ -248,3 +253,193 @@ def test_emission_rejects_invalid_samples_and_unknown_methods():
                                         (None, 0), ("v3-final", 0)])
 def test_policy_version_of_weight_version_labels(label, want):
     assert emit.policy_version_of(label) == want
+
+
+# --- a session closed while one of its turns is generating (tombstones) ----------------------
+
+def _walk(table, sid, turns, now=0.0, episode=False):
+    """`turns` main turns of `sid`, each given its next state by the next request; returns the
+    index of the request that is then left generating (begun, not finished)."""
+    u, a, obs = ("user", "q"), ("assistant", "a"), ("user", "Wrong, try again")
+    for k in range(turns):
+        i, _ = table.begin(sid, "main", msgs(*([u, a, obs] * k + [u])), now + k, episode)
+        table.finish(turn(sid, i), now + k)
+        table.end(sid, now + k)
+    i, ev = table.begin(sid, "main", msgs(*([u, a, obs] * turns)), now + turns, episode)
+    assert [type(e) for e in ev] == [JudgeJob]              # the last finished turn's state
+    return i
+
+
+def test_a_turn_finishing_after_its_session_closed_is_counted_not_a_new_session():
+    """A close-only session_done that arrives while turn 3 generates: the late turn is turn 3
+    of a multi-turn session, never a lone turn of a new one; it is dropped (counted) at once."""
+    table = SessionTable(idle_expiry_s=10)
+    i3 = _walk(table, "s", 3)
+    assert table.close("s") == [] and "s" not in table
+    t3 = turn("s", i3)
+    assert table.finish(t3, 3.5) == [Dropped(t3, "no_next_state")]
+    table.end("s", 3.5)
+    assert "s" not in table and len(table) == 0 and table.tombstones == 0
+    assert table.expire(now=10_000.0) == []
+    # An episode's late step: its EpisodeEnd already went out, so it is dropped, not held.
+    i = _walk(table, "e", 2, episode=True)
+    assert table.close("e", 1.0) == [EpisodeEnd("e", 1.0)]
+    late = turn("e", i)
+    assert table.finish(late, 3) == [Dropped(late, "no_next_state")] and "e" not in table
+    table.end("e", 3)
+    # A session whose FIRST main turn was generating when it closed (shutdown, or another
+    # request's session_done): that turn is its only one and is still emitted, once.
+    table.begin("lone", "main", msgs(("user", "q")), 0)
+    table.begin("lone", "main", msgs(("user", "q")), 0)      # a second request in flight
+    assert table.close_all() == [] and table.tombstones == 1
+    t0, t1 = turn("lone", 0), turn("lone", 1)
+    assert table.finish(t0, 1) == [LoneTurn(t0)]
+    assert table.finish(t1, 1) == [Dropped(t1, "no_next_state")]
+    table.end("lone", 1)
+    assert table.tombstones == 1                              # one request still to end
+    table.end("lone", 1)
+    assert table.tombstones == 0 and "lone" not in table
+
+
+def test_tombstones_are_bounded_in_number_and_age():
+    table = SessionTable(idle_expiry_s=10, max_tombstones=2)
+    for sid in ("a", "b", "c"):
+        table.begin(sid, "main", msgs(("user", "q")), 0)
+        table.close(sid)
+    assert table.tombstones == 2                              # "a", the oldest, was evicted
+    late = turn("a", 0)
+    assert table.finish(late, 1) == [Dropped(late, "no_next_state")]  # still never recreated
+    assert "a" not in table
+    assert table.expire(now=5) == [] and table.tombstones == 2
+    assert table.expire(now=10.5) == [] and table.tombstones == 0     # older than the expiry
+    # A session id used again after its close is a new session.
+    table.begin("b", "main", msgs(("user", "q")), 11)
+    tb = turn("b", 0)
+    assert table.finish(tb, 11) == [] and "b" in table
+    with pytest.raises(ValueError, match="max_tombstones = -1"):
+        SessionTable(max_tombstones=-1)
+
+
+# --- the judge loop never loses a turn without counting it -----------------------------------
+
+class RuleJudgeClient:
+    """The rule judge's answers (`rule_judge.answer`), in process."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    async def chat_completions(self, body, timeout=None):
+        if self.fail:
+            raise RuntimeError("judge client bug")
+        return {"choices": [{"message": {"content": rule_judge.answer(body["messages"])}}]}
+
+
+class ScriptedTeacher:
+    """A teacher whose `/generate` answer is `answer(prompt_ids, response_ids)`, checked by the
+    real `parse_teacher_response`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    async def teacher_logprobs(self, prompt_ids, response_ids, top_k=0):
+        return parse_teacher_response(self.answer(prompt_ids, response_ids), prompt_ids,
+                                      response_ids, top_k)
+
+
+class ListBuffer:
+    def __init__(self):
+        self.samples = []
+
+    def push(self, batch):
+        self.samples.extend(batch)
+        return types.SimpleNamespace(accepted=len(batch), duplicates=0)
+
+
+CORRECTION = "That's wrong. Please answer with only the final number."  # -1 and a hint
+
+
+def teacher_answer(logps=(-0.2, -0.3, -0.4), tops=None):
+    def answer(prompt_ids, response_ids):
+        meta = {"input_token_logprobs": [[None, prompt_ids[-1], None]] + [
+            [lp, t, None] for lp, t in zip(logps, response_ids)]}
+        if tops is not None:
+            meta["input_top_logprobs"] = [None] + tops(response_ids)
+        return {"meta_info": meta}
+    return answer
+
+
+def run_judge_loop(answer, *, topk=0, episode=False, judge_fails=False, outcome=1.0):
+    """One turn (turn() above, R = 3) judged on CORRECTION by a real JudgeLoop + Pusher."""
+    async def main():
+        stats, buf = emit.Stats(), ListBuffer()
+        pusher = emit.Pusher(buf, stats, linger_s=0).start()
+        loop = emit.JudgeLoop(judge=RuleJudgeClient(judge_fails), teacher=ScriptedTeacher(answer),
+                              encode=lambda m, t: [1, 2, 3, 9], pusher=pusher, stats=stats,
+                              method="combine", m=1, teacher_topk=topk)
+        events = [JudgeJob(turn(), NextState("user", CORRECTION), episode)]
+        if episode:
+            events.append(EpisodeEnd("s", outcome))
+        loop.handle(events)
+        assert await loop.idle(30)
+        await pusher.aclose()
+        return stats.snapshot(), buf.samples
+    return asyncio.run(main())
+
+
+def counts(snap):
+    """The non-zero emitted kinds and drop reasons of a Stats snapshot."""
+    return ({k: v for k, v in snap["emitted"].items() if v},
+            {k: v for k, v in snap["drops"].items() if v})
+
+
+@pytest.mark.parametrize("name,answer,topk", [
+    ("first entry an object", lambda p, r: {"meta_info": {"input_token_logprobs": [
+        {"logprob": None, "id": p[-1]}] + [[-0.2, t, None] for t in r]}}, 0),
+    ("null top-K entries", teacher_answer(tops=lambda r: [[None, None] for _ in r]), 2),
+    ("a top-K row that is an object", teacher_answer(tops=lambda r: [{"a": 1} for _ in r]), 1),
+    ("a log-prob well above 0", teacher_answer(logps=(-0.2, 0.5, -0.4)), 0),
+    ("a top-K log-prob well above 0",
+     teacher_answer(tops=lambda r: [[[0.5, t, None]] for t in r]), 1),
+    ("a teacher that raises", lambda p, r: 1 / 0, 0),
+])
+def test_a_malformed_teacher_answer_keeps_the_rl_part_and_counts_teacher_failure(name, answer,
+                                                                                 topk):
+    snap, pushed = run_judge_loop(answer, topk=topk)
+    assert counts(snap) == ({"rl": 1}, {"teacher_failure": 1}), name
+    assert snap["judged_turns"] == 1 and snap["push"]["pushed"] == 1
+    assert [(s.kind, s.reward, s.teacher_logp) for s in pushed] == [("rl", -1.0, None)]
+
+
+def test_teacher_rounding_above_zero_is_clamped_not_lost():
+    snap, pushed = run_judge_loop(
+        teacher_answer(logps=(-0.2, 1e-7, 5e-4),
+                       tops=lambda r: [[[1e-7, t, None], [-3.0, 0, None]] for t in r]), topk=2)
+    assert counts(snap) == ({"both": 1}, {})
+    s = pushed[0]
+    assert (s.kind, s.reward) == ("both", -1.0)
+    np.testing.assert_array_equal(s.teacher_logp, np.array([-0.2, 0.0, 0.0], np.float32))
+    np.testing.assert_array_equal(s.teacher_topk_logp[:, 0], [0.0] * 3)
+    assert s.metadata["hint"] == "Please answer with only the final number."
+    assert emit.POSITIVE_LOGP_SLACK == 1e-3     # the proxy clamps rollout log-probs alike
+
+
+def test_an_unexpected_judging_failure_counts_the_turn():
+    snap, pushed = run_judge_loop(teacher_answer(), judge_fails=True)
+    assert counts(snap) == ({}, {"invalid": 1}) and pushed == []
+    # An episode's held step: counted too, and the episode still ends.
+    snap, pushed = run_judge_loop(teacher_answer(), judge_fails=True, episode=True)
+    assert counts(snap) == ({}, {"invalid": 1}) and pushed == [] and snap["episodes"] == 1
+
+
+def test_a_both_sample_whose_teacher_part_is_invalid_keeps_its_rl_part():
+    for teacher_logp in (np.array([-0.1, 0.5, -0.3], np.float32),       # positive
+                         np.array([-0.1, -0.2], np.float32)):            # wrong length
+        out, why = emit.build_samples(turn(), NextState("user", "x"), verdict(-1, HINT),
+                                      "combine", teacher_logp)
+        assert [(s.kind, s.reward, s.teacher_logp) for s in out] == [("rl", -1.0, None)]
+        assert why == ["teacher_failure"]
+    bad = turn()
+    bad.rollout_logp = [0.5, -1, -1]                       # the RL part is broken too: invalid
+    out, why = emit.build_samples(bad, NextState("user", "x"), verdict(-1, HINT), "combine",
+                                  TEACHER)
+    assert out == [] and why == ["invalid"]

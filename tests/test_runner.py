@@ -17,7 +17,9 @@ class ScriptedChat:
     """A chat-completions server answering each session from a fixed list of replies.
 
     `script[session_id]` is the list of replies to that session's main-line calls in order
-    (None → HTTP 500). A call with session_done gets an empty reply. Every request is recorded
+    (None → HTTP 500). A call with session_done gets the proxy's close-only answer
+    (`{"object": "session.done"}`) when it asks for max_tokens 0, else an empty reply. Every
+    request is recorded
     with its headers; `first_barrier` (optional) holds each session's first call until that many
     sessions are waiting at once, which only a concurrent client can satisfy."""
 
@@ -69,6 +71,8 @@ class ScriptedChat:
         if path != "/v1/chat/completions":
             return 404, {"error": {"message": f"no route {path}"}}
         if body.get("session_done"):
+            if body.get("max_tokens") == 0:
+                return 200, {"object": "session.done", "session_id": body.get("session_id")}
             return 200, completion("")
         if session in self.raw:
             return 200, self.raw[session]
@@ -171,10 +175,11 @@ def test_concurrent_sessions_keep_transcripts_fields_and_rewards_apart(servers):
             body, headers = request["body"], request["headers"]
             assert body["session_id"] == headers["X-Session-Id"] == sid
             assert body["turn_type"] == headers["X-Turn-Type"] == "main"
-            assert body["model"] == "policy" and body["temperature"] == 1.0 and body["stream"] is False
+            assert body["model"] == "policy" and body["stream"] is False
             assert headers["Authorization"] == "Bearer k3y"
             assert "episode" not in body and "X-Episode" not in headers  # a simulated user
             if k < turns:
+                assert body["temperature"] == 1.0
                 assert body["messages"] == transcript[:2 * k + 1]
                 assert "session_done" not in body and "X-Session-Done" not in headers
                 assert body["max_tokens"] == 64
@@ -183,7 +188,9 @@ def test_concurrent_sessions_keep_transcripts_fields_and_rewards_apart(servers):
         assert close["body"]["messages"] == transcript  # ends with the last turn's next state
         assert close["body"]["outcome_reward"] == outcome
         assert float(close["headers"]["X-Outcome-Reward"]) == outcome
-        assert close["body"]["max_tokens"] == 1
+        # Close-only: nothing generated, so no new turn (and no sampling field that could
+        # override max_tokens 0, e.g. max_completion_tokens).
+        assert close["body"]["max_tokens"] == 0 and "temperature" not in close["body"]
     assert runner.summarize(results) == {"episodes": 15.0, "done": 15.0, "errors": 0.0,
                                          "mean_outcome": 10 / 15, "mean_turns": 25 / 15}
 

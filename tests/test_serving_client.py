@@ -118,6 +118,49 @@ def test_teacher_rejects_incomplete_or_misaligned_answers(server, tokenizer):
         teacher_request(prompt, [])
 
 
+def test_teacher_parse_refuses_every_malformed_shape_with_its_own_error():
+    """Whatever shape a server answers, parsing raises TeacherLogprobError naming the entry
+    (never a KeyError / TypeError / IndexError that the caller does not expect)."""
+    prompt, response = [1, 2, 3], [7, 8]
+    good_entries = [[None, 3, None], [-0.2, 7, None], [-0.3, 8, None]]
+    good_tops = [None, [[-0.2, 7, None], [-1.0, 5, None]], [[-0.3, 8, None], [-2.0, 9, None]]]
+
+    def answer(entries=good_entries, tops=good_tops):
+        return {"meta_info": {"input_token_logprobs": entries, "input_top_logprobs": tops}}
+
+    out = parse_teacher_response(answer(), prompt, response, top_k=2)
+    np.testing.assert_allclose(out.logp, [-0.2, -0.3])
+    assert out.topk_ids.tolist() == [[7, 5], [8, 9]]
+    cases = {
+        "first entry an object": (answer([{"logprob": None, "id": 3}] + good_entries[1:]),
+                                  r"input_token_logprobs\[0\]"),
+        "first entry a number": (answer([3] + good_entries[1:]), r"input_token_logprobs\[0\]"),
+        "entry an object": (answer(good_entries[:1] + [{"0": -0.2, "1": 7}, good_entries[2]]),
+                            r"input_token_logprobs\[1\]"),
+        "token id a string": (answer(good_entries[:2] + [[-0.3, "8", None]]),
+                              r"input_token_logprobs\[2\]"),
+        "top-K entries null": (answer(tops=[None, [None, None], [None, None]]),
+                               r"input_top_logprobs\[1\]\[0\]"),
+        "top-K entry short": (answer(tops=[None, [[-0.2], [-1.0, 5]], good_tops[2]]),
+                              r"input_top_logprobs\[1\]\[0\]"),
+        "top-K id null": (answer(tops=[None, good_tops[1], [[-0.3, None], [-2.0, 9]]]),
+                          r"input_top_logprobs\[2\]\[0\]"),
+        "top-K id negative": (answer(tops=[None, good_tops[1], [[-0.3, 8], [-2.0, -1]]]),
+                              r"input_top_logprobs\[2\]\[1\]"),
+        "top-K logprob a string": (answer(tops=[None, [["x", 7], [-1.0, 5]], good_tops[2]]),
+                                   r"input_top_logprobs\[1\]\[0\]"),
+        "top-K row an object": (answer(tops=[None, {"a": 1, "b": 2}, good_tops[2]]),
+                                r"input_top_logprobs\[1\]"),
+        "entries not a list": ({"meta_info": {"input_token_logprobs": {"0": 1}}},
+                               "input_token_logprobs"),
+        "answer a list": ([1, "a", None], "meta_info"),
+    }
+    for name, (bad, where) in cases.items():
+        with pytest.raises(TeacherLogprobError, match=where):
+            parse_teacher_response(bad, prompt, response, top_k=2)
+            pytest.fail(f"{name}: accepted")
+
+
 # --- the fleet against scripted servers -------------------------------------------------------
 
 def test_fleet_routes_to_the_least_loaded_server():
@@ -218,4 +261,51 @@ def test_fleet_server_refusing_an_update_stays_up_and_is_retried():
             assert b.updates == [("/ckpt/v2", "2")] and b.version == "2"
             assert fleet.stats()["per_server"][1]["up"]
         await a.stop(), await b.stop()
+    run(main())
+
+
+def test_fleet_keeps_a_server_up_through_a_tiny_temperature_request(server, tokenizer):
+    """A temperature below SGLang's sampling eps (1e-6) is greedy: the request succeeds and
+    the (healthy) server is not marked down."""
+    ids = tokenizer.encode("tiny")
+
+    async def main():
+        async with Fleet([server.url], probe_interval=30.0, max_attempts=2) as fleet:
+            greedy = await fleet.generate_raw({"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 4, "temperature": 0}})
+            tiny = await fleet.generate_raw({"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 4, "temperature": 1e-310}})
+            assert tiny["output_ids"] == greedy["output_ids"]
+            s = fleet.servers[0]
+            assert s.up and s.failures == 0
+    run(main())
+
+
+class CountingScripted(Scripted):
+    """A scripted server that counts `/update_weights_from_disk` calls when they arrive."""
+    arrived = 0
+
+    async def _update(self, request):
+        self.arrived += 1
+        return await super()._update(request)
+
+
+def test_fleet_does_not_resend_an_update_still_in_flight():
+    """An update that takes longer than update_retry_interval is not re-sent by the prober
+    while it runs; once it ends (here refused) the normal retry applies, once."""
+    async def main():
+        a = await CountingScripted("a").start()
+        a.update_delay, a.update_status = 0.6, 400
+        async with Fleet([a.url], probe_interval=0.02, update_retry_interval=0.05) as fleet:
+            res = await fleet.update_weights_from_disk("/ckpt/v2", "2")
+            assert not res[a.url]["success"] and a.arrived == 1
+            a.update_status = 200  # the checkpoint can be loaded now: the retry succeeds
+            deadline = time.monotonic() + 10
+            while fleet.stats()["per_server"][0]["stale"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not fleet.stats()["per_server"][0]["stale"]
+            assert a.arrived == 2 and a.updates == [("/ckpt/v2", "2")]
+            await asyncio.sleep(0.2)  # the fleet is current: nothing more is sent
+            assert a.arrived == 2
+        await a.stop()
     run(main())

@@ -55,8 +55,9 @@ class GenerationFailed(RuntimeError):
 
 @dataclasses.dataclass
 class ChatCall:
-    """One parsed request. `messages` is None for a close-only `session_done` call; message
-    contents are strings (text parts joined). `sampling` holds SGLang sampling params."""
+    """One parsed request. `messages` is None for a close-only `session_done` call without
+    messages (see `close_only`); message contents are strings (text parts joined). `sampling`
+    holds SGLang sampling params."""
     messages: list[dict] | None
     sampling: dict
     model: str | None = None
@@ -70,6 +71,14 @@ class ChatCall:
     session_done: bool = False
     episode: bool = False  # the session is a general-agent episode (samples wait for the outcome)
     outcome_reward: float | None = None  # the episode's verified outcome, sent on its last call
+
+    @property
+    def close_only(self) -> bool:
+        """A `session_done` call of a session that generates nothing: no `messages`, or
+        `messages` with `max_tokens` 0 (whose trailing user/tool messages are the next state of
+        the session's pending main turn). Not a turn of its own."""
+        return self.session_done and self.session_id is not None and (
+            self.messages is None or self.sampling.get("max_new_tokens") == 0)
 
 
 def _content(value: Any, field: str) -> str:

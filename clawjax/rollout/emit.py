@@ -9,7 +9,14 @@
            that kind alone; the missing part is counted under its reason.
 Each reason counts a turn at most once: in `combine` a turn emitted as `rl` whose OPD part had
 no hint also counts one `no_valid_hint` (the counters say why a signal is missing, not only why
-a whole turn was lost).
+a whole turn was lost). A `both` sample that breaks the sample contract only in its OPD part
+(the RL-only sample of the same turn validates) is emitted as `rl` with `teacher_failure`: a
+bad teacher answer never costs the turn's RL signal.
+
+No turn is lost uncounted: a teacher that fails in any way (server error, a malformed answer,
+log-probs above `POSITIVE_LOGP_SLACK`, or an unexpected exception) counts `teacher_failure`
+for the OPD part; an unexpected failure anywhere else while judging or building a turn (also an
+episode's held turn) counts the turn under `invalid`, logged with its traceback.
 
 A turn that never got a next state but was its session's only main turn (`LoneTurn`) is still
 emitted, by `lone_sample`: `kind=rl`, reward 0, loss_mask all ones (no advantage, but it keeps
@@ -52,6 +59,10 @@ from clawjax.sample import MAX_TOPK, Sample, SampleError
 log = logging.getLogger(__name__)
 
 METHODS = ("combine", "rl", "opd")
+# Server log-probs in (0, POSITIVE_LOGP_SLACK] are float rounding of a probability of 1: they are
+# clamped to 0 (the proxy's rollout log-probs, the teacher's log-probs here); larger positive
+# values are not log-probs at all (the turn, or the teacher answer, is refused).
+POSITIVE_LOGP_SLACK = 1e-3
 DROP_REASONS = ("no_next_state", "zero_reward", "no_valid_hint", "teacher_failure", "invalid")
 HINT_META_CHARS = 2000
 _TRAILING_INT = re.compile(r"(\d+)$")
@@ -137,17 +148,31 @@ def build_samples(turn: Turn, next_state: NextState, judgement: Judgement, metho
     kind = "both" if rl_ok and opd_ok else "rl" if rl_ok else "opd" if opd_ok else None
     if kind is None:
         return [], drops
-    sample = _sample(turn, kind, reward if rl_ok else 0.0,
-                     teacher_logp if opd_ok else None,
-                     _metadata(turn, method, next_state, judgement),
-                     teacher_topk if opd_ok else None)
-    if episode:
-        _episode_fields(sample, outcome_reward, judgement.reward, step_rewards)
+
+    def make(kind: str, with_teacher: bool) -> Sample:
+        sample = _sample(turn, kind, reward if rl_ok else 0.0,
+                         teacher_logp if with_teacher else None,
+                         _metadata(turn, method, next_state, judgement),
+                         teacher_topk if with_teacher else None)
+        if episode:
+            _episode_fields(sample, outcome_reward, judgement.reward, step_rewards)
+        return sample
+
     try:
-        return [sample.validate()], drops
+        return [make(kind, opd_ok).validate()], drops
     except SampleError as e:
-        log.warning("emit: dropping an invalid sample: %s", e)
+        if kind != "both":
+            log.warning("emit: dropping an invalid sample: %s", e)
+            return [], drops + ["invalid"]
+        error = e
+    try:  # `both`: keep the RL part when the OPD part alone breaks the contract
+        rl_only = make("rl", False).validate()
+    except SampleError:
+        log.warning("emit: dropping an invalid sample: %s", error)
         return [], drops + ["invalid"]
+    log.warning("emit: OPD part of %s turn %d refused (kept as rl, teacher_failure): %s",
+                turn.session_id, turn.turn_index, error)
+    return [rl_only], drops + ["teacher_failure"]
 
 
 def lone_sample(turn: Turn, method: str, *, episode: bool = False,
@@ -394,24 +419,54 @@ class JudgeLoop:
 
     async def _end_episode(self, held: _Held, outcome_reward: float | None) -> None:
         """Once every turn of the episode is judged: its samples, outcome added, in turn
-        order."""
+        order. Every held turn is counted once: a judging task counts its own failure
+        (`_judged`); one that still ended with an exception, or a turn whose samples cannot be
+        built, counts as `invalid`."""
         if held.tasks:
-            await asyncio.wait(held.tasks)  # a failed judging task was logged; its turn is lost
+            await asyncio.wait(held.tasks)
+            for task in held.tasks:
+                if task.cancelled() or task.exception() is not None:
+                    self.stats.count([], ["invalid"])  # the task's error was logged by _done
         items = sorted(held.items, key=lambda item: item[0].turn_index)
         process = [float(j.reward) for _, _, j, _ in items if j is not None]
         self.stats.episodes += 1
         for turn, next_state, judgement, teacher in items:
-            if judgement is None:
-                out = lone_sample(turn, self.method, episode=True, outcome_reward=outcome_reward)
-            else:
-                t_logp, t_topk = teacher or (None, None)
-                out = build_samples(turn, next_state, judgement, self.method, t_logp,
-                                    episode=True, outcome_reward=outcome_reward,
-                                    step_rewards=process, teacher_topk=t_topk)
+            try:
+                if judgement is None:
+                    out = lone_sample(turn, self.method, episode=True,
+                                      outcome_reward=outcome_reward)
+                else:
+                    t_logp, t_topk = teacher or (None, None)
+                    out = build_samples(turn, next_state, judgement, self.method, t_logp,
+                                        episode=True, outcome_reward=outcome_reward,
+                                        step_rewards=process, teacher_topk=t_topk)
+            except Exception:  # noqa: BLE001 - counted, never lost silently
+                log.exception("emit: building episode step %s turn %d failed; counted as "
+                              "invalid", turn.session_id, turn.turn_index)
+                out = ([], ["invalid"])
             await self._emit(*out)
 
     async def _judged(self, turn: Turn, next_state: NextState,
                       held: _Held | None = None) -> None:
+        """Judges one turn and emits its samples (or, for an episode, holds them in `held`).
+        Never raises for a failure of its own: an unexpected exception counts the turn as
+        `invalid` (logged with its traceback)."""
+        try:
+            verdict, teacher = await self._judge_and_teach(turn, next_state)
+            if held is not None:
+                held.items.append((turn, next_state, verdict, teacher))
+                return
+            t_logp, t_topk = teacher or (None, None)
+            out = build_samples(turn, next_state, verdict, self.method, t_logp,
+                                teacher_topk=t_topk)
+        except Exception:  # noqa: BLE001 - counted, never lost silently
+            log.exception("judging %s turn %d failed; counted as invalid", turn.session_id,
+                          turn.turn_index)
+            out = ([], ["invalid"])
+        await self._emit(*out)
+
+    async def _judge_and_teach(self, turn: Turn, next_state: NextState):
+        """`(judgement, teacher)`, `teacher` as `_teacher` returns it (None without a hint)."""
         from clawjax.rollout import judge as judge_mod
         from clawjax.rollout.prompts import TurnView
         view = TurnView(judge_mod.last_user_text(turn.messages), turn.response_text,
@@ -424,17 +479,13 @@ class JudgeLoop:
             teacher = None
             if verdict.hint is not None:
                 teacher = await self._teacher(turn, verdict.hint)
-        if held is not None:
-            held.items.append((turn, next_state, verdict, teacher))
-            return
-        t_logp, t_topk = teacher or (None, None)
-        await self._emit(*build_samples(turn, next_state, verdict, self.method, t_logp,
-                                        teacher_topk=t_topk))
+        return verdict, teacher
 
     async def _teacher(self, turn: Turn, hint: str):
         """`(logp [R], top-K)` of the turn's response under the hinted prompt, top-K being None
         or `(logp [R, K], ids [R, K])` when `teacher_topk` is set; None when the teacher failed
-        (logged; counted by `build_samples` as teacher_failure)."""
+        in any way (logged; counted by `build_samples` as teacher_failure). Log-probs in
+        (0, POSITIVE_LOGP_SLACK] are clamped to 0; larger ones are a failure."""
         from clawjax.rollout.judge import teacher_messages
         from clawjax.serving.client import ServingError
         from clawjax.serving.teacher import TeacherLogprobError
@@ -443,18 +494,39 @@ class JudgeLoop:
             k = self.teacher_topk
             out = await self.teacher.teacher_logprobs(prompt_ids, turn.response_ids, top_k=k)
             logp = np.asarray(out.logp, np.float32)
-            if logp.shape != (len(turn.response_ids),) or not np.all(np.isfinite(logp)):
+            if logp.shape != (len(turn.response_ids),):
                 raise TeacherLogprobError(f"teacher log-probs of shape {logp.shape}, expected "
-                                          f"({len(turn.response_ids)},) finite values")
+                                          f"({len(turn.response_ids)},)")
+            logp = _clamped_logp(logp, "teacher logp")
             if not k:
                 return logp, None
             shape = (len(turn.response_ids), k)
-            if out.topk_logp is None or np.shape(out.topk_logp) != shape:
-                raise TeacherLogprobError(f"teacher top-K log-probs of shape "
-                                          f"{np.shape(out.topk_logp)}, expected {shape}")
-            return logp, (np.asarray(out.topk_logp, np.float32),
+            if out.topk_logp is None or np.shape(out.topk_logp) != shape or \
+                    out.topk_ids is None or np.shape(out.topk_ids) != shape:
+                raise TeacherLogprobError(
+                    f"teacher top-K log-probs / ids of shapes {np.shape(out.topk_logp)} / "
+                    f"{np.shape(out.topk_ids)}, expected {shape}")
+            return logp, (_clamped_logp(np.asarray(out.topk_logp, np.float32),
+                                        "teacher top-K logp"),
                           np.asarray(out.topk_ids, np.int32))
         except (TeacherLogprobError, ServingError, ValueError) as e:
             log.warning("teacher log-probs for %s turn %d failed, OPD part dropped: %s",
                         turn.session_id, turn.turn_index, e)
             return None
+        except Exception:  # noqa: BLE001 - any teacher failure costs the OPD part only
+            log.warning("teacher log-probs for %s turn %d failed unexpectedly, OPD part "
+                        "dropped", turn.session_id, turn.turn_index, exc_info=True)
+            return None
+
+
+def _clamped_logp(logp: np.ndarray, what: str) -> np.ndarray:
+    """`logp` with values in (0, POSITIVE_LOGP_SLACK] (rounding) set to 0. Raises
+    TeacherLogprobError naming the first value that is not finite or is above the slack."""
+    from clawjax.serving.teacher import TeacherLogprobError
+    bad = ~np.isfinite(logp) | (logp > POSITIVE_LOGP_SLACK)
+    if np.any(bad):
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise TeacherLogprobError(f"{what}{list(where)} = {float(logp[where])!r}, expected a "
+                                  f"finite log-prob <= {POSITIVE_LOGP_SLACK} (values in (0, "
+                                  f"{POSITIVE_LOGP_SLACK}] are rounding, clamped to 0)")
+    return np.minimum(logp, 0.0)

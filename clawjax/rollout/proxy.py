@@ -24,6 +24,14 @@ the verified `outcome_reward` (`X-Outcome-Reward`) with `session_done`: their sa
 until the session closes and each step's reward is the outcome plus its judged reward.
 A request without a session id is served and never trained. A body with `session_done: true`
 and no `messages` only closes the session (answer `{"object": "session.done", ...}`).
+A close-only call may also carry the final next state: `session_done: true` with `messages` and
+`max_tokens: 0` (or `max_completion_tokens: 0`) generates nothing and adds no turn; its
+trailing user/tool messages are the next state of the session's pending main turn (as on any
+main request), then the session closes. The answer is the same `session.done` object, also
+for `stream: true`. (`python -m clawjax.rollout.runner` closes its episodes so: the last
+observation is judged and no spurious turn is counted under `no_next_state`.) A
+`session_done` request with messages and any other `max_tokens` is an ordinary turn whose
+reply is generated and then closes the session: that last turn gets no next state.
 
 Bad input gets a 400 `{"error": {"message", "type", "param", "code"}}` naming the field; the
 policy fleet being down gives a 503 of the same shape. The proxy keeps serving either way.
@@ -45,13 +53,14 @@ from clawjax.config import prm_m_for
 from clawjax.loop_thread import LoopThread
 from clawjax.rollout import chatapi
 from clawjax.rollout.chatapi import RequestError
-from clawjax.rollout.emit import JudgeLoop, Pusher, Stats
+# POSITIVE_LOGP_SLACK: rollout log-probs in (0, slack] are rounding, clamped to 0 (shared with
+# the teacher's log-probs in clawjax.rollout.emit).
+from clawjax.rollout.emit import POSITIVE_LOGP_SLACK, JudgeLoop, Pusher, Stats
 from clawjax.rollout.judge_thread import JudgeThread
 from clawjax.rollout.sessions import SessionTable, Turn
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
-POSITIVE_LOGP_SLACK = 1e-3  # server log-probs in (0, slack] are rounding: clamped to 0
 
 
 def prompt_ids(tokenizer, messages: list[dict], tools=None) -> list[int]:
@@ -174,8 +183,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     t0 = time.perf_counter()
     raw = await request.read()
     call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
-    if call.messages is None:  # session_done only
-        proxy.session_done(call)
+    if call.close_only:  # session_done only; with messages, they carry the last next state
+        if call.messages is not None:
+            proxy.begin(call)
+            proxy.end(call)  # closes the session (session_done)
+        else:
+            proxy.session_done(call)
         return web.json_response({"object": "session.done", "session_id": call.session_id})
     try:
         prompt_ids = proxy.encode(call.messages, call.tools)

@@ -11,15 +11,20 @@ One episode = one session:
            until done or max_turns replies
     close: POST the whole transcript (ending in the last observation, the next state of the
            last turn) with session_done: true, X-Session-Done: true, outcome_reward (body) /
-           X-Outcome-Reward (header) and max_tokens 1; its reply is discarded.
+           X-Outcome-Reward (header) and max_tokens 0 (no sampling fields): the proxy's
+           close-only form, which generates nothing and adds no turn. Any 200 answer (the
+           proxy's `{"object": "session.done"}`, or a chat completion) counts as closed.
 
-So the proxy sees every main-line turn's next state, including the last one's, and learns the
-episode's outcome when the session closes. Rewards (SPEC §2, general agents): the step total is
-r_outcome + r_process(step). For an environment with `outcome_rewards` (tool-call, terminal)
-every call also says `episode: true` / `X-Episode: true`, so the proxy holds the episode's
-judged turns until the close and trains each on that sum (`clawjax.rollout.emit`);
-`step_reward_totals` is the same sum over a finished episode's judged rewards, for callers
-outside the proxy.
+So the proxy sees every main-line turn's next state, including the last one's, learns the
+episode's outcome when the session closes, and counts no spurious last turn (`no_next_state`).
+A server without sessions that refuses `max_tokens: 0` fails only the close (recorded in
+`EpisodeResult.error`); pass `close_session=False` for such servers.
+
+Rewards (SPEC §2, general agents): the step total is r_outcome + r_process(step). For an
+environment with `outcome_rewards` (tool-call, terminal) every call also says `episode: true` /
+`X-Episode: true`, so the proxy holds the episode's judged turns until the close and trains each
+on that sum (`clawjax.rollout.emit`); `step_reward_totals` is the same sum over a finished
+episode's judged rewards, for callers outside the proxy.
 
 From the command line (tasks from `clawjax.rollout.tasks`, results appended as JSONL):
     python -m clawjax.rollout.runner --url http://127.0.0.1:8000 --tasks tasks.jsonl \
@@ -139,6 +144,17 @@ async def _chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     return content or ""
 
 
+async def _close(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                 headers: dict[str, str]) -> None:
+    """The session_done call; any HTTP 200 answer is a success (its body is not used)."""
+    try:
+        response = await client.post(url, json=body, headers=headers)
+    except httpx.HTTPError as e:
+        raise ChatError(f"POST {url} failed: {type(e).__name__}: {e}") from e
+    if response.status_code != 200:
+        raise ChatError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
+
+
 async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, task: Mapping[str, Any],
                       session_id: str, *, model: str, max_turns: int, sampling: Mapping[str, Any],
                       headers: Mapping[str, str], system_prompt: str | None = None,
@@ -184,12 +200,14 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
             closing = f"environment {result.env}: close failed: {type(e).__name__}: {e}"
             result.error = f"{result.error}; {closing}" if result.error else closing
     if close_session and result.turns > 0:
-        body = {**sampling, **session_body, "messages": list(result.messages), "max_tokens": 1,
+        # Close-only (max_tokens 0, no sampling fields that could override it): delivers the
+        # last observation as the last turn's next state without generating a new turn.
+        body = {**session_body, "messages": list(result.messages), "max_tokens": 0,
                 "session_done": True, "outcome_reward": result.outcome_reward}
         done_headers = {**session_headers, "X-Session-Done": "true",
                         "X-Outcome-Reward": repr(result.outcome_reward)}
         try:
-            await _chat(client, url, body, done_headers)
+            await _close(client, url, body, done_headers)
         except ChatError as e:
             closing = f"session_done call failed: {e}"
             result.error = f"{result.error}; {closing}" if result.error else closing

@@ -32,10 +32,21 @@ Rules:
     yet judged): those trailing messages, role = the role of the last one, texts joined by
     newlines. Each turn is judged at most once.
   - Turn indices count every request of a session in arrival order, from 0.
+  - A closed session is never recreated by a turn that finishes after its close (a request
+    still generating when another request's session_done, or shutdown, closed it): the table
+    keeps a tombstone of each session closed with requests in flight, and such a late turn is
+    `Dropped(turn, "no_next_state")` at once (it can get no next state any more), except when it
+    is the first main turn of a session that is not an episode: then it is that session's only
+    one and becomes a `LoneTurn` (at-least-one guarantee). (An episode's `EpisodeEnd` is already
+    out, so its late step cannot get the outcome: dropped.) A tombstone goes when the requests
+    it waits for have ended, when it is older than `idle_expiry_s` (at `expire`), or when more
+    than `max_tombstones` are kept (oldest first); a late turn that finds none is dropped too.
+    A new `begin` with a closed session's id opens a new session.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Sequence
 
@@ -101,6 +112,15 @@ class _Session:
     episode: bool = False
 
 
+@dataclasses.dataclass
+class _Tombstone:
+    """A session closed with `in_flight` requests still running."""
+    closed_at: float
+    in_flight: int
+    main_turns: int
+    episode: bool
+
+
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -128,19 +148,35 @@ def next_state_of(messages: Sequence[dict]) -> NextState | None:
 class SessionTable:
     """Open sessions by id. `idle_expiry_s`: a session with no request in flight and none seen
     for this long is closed by `expire(now)` (a generation slower than the expiry never
-    closes its own session)."""
+    closes its own session). `max_tombstones`: at most this many sessions closed with requests
+    in flight are remembered (see the module docstring), each for at most `idle_expiry_s`.
+    The table's time is the latest `now` it was given (`close` takes none)."""
 
-    def __init__(self, idle_expiry_s: float = 600.0):
+    def __init__(self, idle_expiry_s: float = 600.0, max_tombstones: int = 10_000):
         if not idle_expiry_s > 0:
             raise ValueError(f"idle_expiry_s = {idle_expiry_s}, expected > 0")
+        if isinstance(max_tombstones, bool) or not isinstance(max_tombstones, int) or \
+                max_tombstones < 0:
+            raise ValueError(f"max_tombstones = {max_tombstones!r}, expected an int >= 0")
         self.idle_expiry_s = float(idle_expiry_s)
+        self.max_tombstones = max_tombstones
         self._sessions: dict[str, _Session] = {}
+        self._tombstones: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
+        self._now = float("-inf")
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
+
+    @property
+    def tombstones(self) -> int:
+        """How many closed sessions still wait for requests in flight."""
+        return len(self._tombstones)
+
+    def _tick(self, now: float) -> None:
+        self._now = max(self._now, float(now))
 
     def begin(self, session_id: str, turn_type: str, messages: Sequence[dict],
               now: float, episode: bool = False) -> tuple[int, list]:
@@ -149,6 +185,9 @@ class SessionTable:
         an episode for good."""
         if turn_type not in TURN_TYPES:
             raise ValueError(f"turn_type = {turn_type!r}, expected one of {TURN_TYPES}")
+        self._tick(now)
+        if session_id not in self._sessions:
+            self._tombstones.pop(session_id, None)  # the id opens a new session
         session = self._sessions.setdefault(session_id, _Session())
         session.episode = session.episode or bool(episode)
         session.last_seen = now
@@ -165,10 +204,18 @@ class SessionTable:
 
     def finish(self, turn: Turn, now: float) -> list:
         """A main-line turn of an open session was generated: it becomes the session's pending
-        turn. A still-pending older turn (its successor carried no next state) is dropped."""
+        turn. A still-pending older turn (its successor carried no next state) is dropped. A
+        turn of a closed session is dropped (or, its first main turn, a `LoneTurn`); the
+        session is not recreated (module docstring)."""
+        self._tick(now)
         session = self._sessions.get(turn.session_id)
-        if session is None:  # closed (another request's session_done) while generating
-            session = self._sessions.setdefault(turn.session_id, _Session())
+        if session is None:  # closed (session_done, shutdown) while this turn was generating
+            tomb = self._tombstones.get(turn.session_id)
+            if tomb is not None:
+                tomb.main_turns += 1
+                if tomb.main_turns == 1 and not tomb.episode:
+                    return [LoneTurn(turn)]
+            return [Dropped(turn, "no_next_state")]
         session.last_seen = now
         session.main_turns += 1
         events: list = []
@@ -179,11 +226,19 @@ class SessionTable:
 
     def end(self, session_id: str, now: float) -> None:
         """A request `begin` counted was answered or failed: it no longer keeps its session
-        from expiring. No-op for a session closed meanwhile."""
+        from expiring. For a session closed meanwhile it only releases the session's
+        tombstone once the last request in flight at the close has ended."""
+        self._tick(now)
         session = self._sessions.get(session_id)
         if session is not None:
             session.last_seen = now
             session.in_flight = max(0, session.in_flight - 1)
+            return
+        tomb = self._tombstones.get(session_id)
+        if tomb is not None:
+            tomb.in_flight -= 1
+            if tomb.in_flight <= 0:
+                del self._tombstones[session_id]
 
     def close(self, session_id: str, outcome_reward: float | None = None) -> list:
         """session_done: the pending turn gets no next state; an episode also ends, with
@@ -191,6 +246,13 @@ class SessionTable:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return []
+        if session.in_flight and self.max_tombstones:
+            self._tombstones.pop(session_id, None)
+            self._tombstones[session_id] = _Tombstone(  # `_now` >= every `now` seen so far
+                closed_at=self._now, in_flight=session.in_flight,
+                main_turns=session.main_turns, episode=session.episode)
+            while len(self._tombstones) > self.max_tombstones:
+                self._tombstones.popitem(last=False)
         events: list = []
         if session.pending is not None:
             events.append(LoneTurn(session.pending, session.episode) if session.main_turns == 1
@@ -200,7 +262,14 @@ class SessionTable:
         return events
 
     def expire(self, now: float) -> list:
-        """Closes every session idle for more than `idle_expiry_s`."""
+        """Closes every session idle for more than `idle_expiry_s`; forgets tombstones older
+        than that."""
+        self._tick(now)
+        while self._tombstones:
+            sid, tomb = next(iter(self._tombstones.items()))
+            if now - tomb.closed_at <= self.idle_expiry_s:
+                break
+            del self._tombstones[sid]
         idle = [sid for sid, s in self._sessions.items()
                 if not s.in_flight and now - s.last_seen > self.idle_expiry_s]
         events: list = []

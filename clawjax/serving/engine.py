@@ -20,12 +20,18 @@ Log-probs are the model's raw float32 log-softmax (temperature 1, no truncation)
 the same forward that produced the token, so they equal a full-forward recomputation of the
 same tokens. Input log-probs follow SGLang (SPEC.md §7): entries for prompt positions
 `logprob_start_len .. L-1`, the first one `None`; `logprob_start_len = -1` means `L - 1`.
+While fewer than `min_new_tokens` are out, `stop_token_ids` (and EOS ids unless `ignore_eos`)
+cannot be drawn (SGLang); the mask only affects which token is drawn, not the log-probs.
+An exception in one request's share of a step aborts it alone ("request error: ...",
+`request_errors`; the rest of the step and the cache carry on); a failing forward aborts the
+whole step and resets the cache ("engine error: ...", `engine_errors`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -37,8 +43,11 @@ import numpy as np
 from flax import nnx
 
 from clawjax.serving.protocol import SamplingParams
-from clawjax.serving.sampling import sample_token, top_logprobs
+from clawjax.serving.sampling import prompt_logprobs, sample_token, top_logprobs
 from clawjax.serving.steps import bucket, make_steps
+
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(eq=False)
 class Request:
@@ -298,20 +307,17 @@ class Engine:
         top_v, top_i = (np.asarray(top_v), np.asarray(top_i)) if k else (None, None)
         self.counters["prefill_steps"] += 1
         for j, r in enumerate(reqs):
-            if r.return_logprob:
-                n, s = len(r.prompt), r.logprob_start_len
-                s = n - 1 if s < 0 else s
-                r.input_logp = [None] + [float(tok_logp[j, i - 1]) for i in range(s + 1, n)]
-                if r.top_logprobs_num:
-                    kk = r.top_logprobs_num
-                    r.input_top = [None] + [
-                        [(float(v), int(i)) for v, i in zip(top_v[j, p - 1, :kk],
-                                                            top_i[j, p - 1, :kk])]
-                        for p in range(s + 1, n)]
-            if r.params.max_new_tokens == 0:
-                self._finish(r, {"type": "length", "length": 0})
-            else:
-                self._accept(r, last[j])
+            try:
+                if r.return_logprob:
+                    r.input_logp, r.input_top = prompt_logprobs(
+                        tok_logp, top_v, top_i, j, len(r.prompt), r.logprob_start_len,
+                        r.top_logprobs_num)
+                if r.params.max_new_tokens == 0:
+                    self._finish(r, {"type": "length", "length": 0})
+                else:
+                    self._accept(r, last[j])
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the step's
+                self._request_error(r, e)
 
     def _run_decode(self, reqs: list[Request]) -> None:
         """One decode step for `reqs`, one forward per weight generation among them; attention
@@ -331,12 +337,25 @@ class Engine:
             logp = np.asarray(logp)
             self.counters["decode_steps"] += 1
             for r in group:
-                self._accept(r, logp[r.slot])
+                try:
+                    self._accept(r, logp[r.slot])
+                except Exception as e:  # noqa: BLE001 - this request's failure, not the step's
+                    self._request_error(r, e)
+
+    def _request_error(self, r: Request, e: Exception) -> None:
+        """Aborts `r` alone for an exception raised in its share of a step."""
+        self.counters["request_errors"] += 1
+        log.warning("engine: request %s failed", r.rid, exc_info=e)
+        if r.finish is None:  # else it failed in its own on_done: finished, slot freed
+            self._finish(r, {"type": "abort", "message": f"request error: {e!r}"})
 
     def _accept(self, r: Request, logp: np.ndarray) -> None:
-        """Samples the next token of `r` from `logp [V]`, records it, checks stop conditions."""
+        """Samples the next token of `r` from `logp [V]` (stop/EOS ids masked while fewer than
+        `min_new_tokens` are out), records it and its raw log-prob, checks stop conditions."""
         p = r.params
-        tok = sample_token(logp, p, r.rng)
+        banned = () if len(r.output_ids) >= p.min_new_tokens else \
+            [*p.stop_token_ids, *(() if p.ignore_eos else self.eos_ids)]
+        tok = sample_token(logp, p, r.rng, banned)
         r.output_ids.append(tok)
         if r.return_logprob:
             r.output_logp.append(float(logp[tok]))

@@ -12,7 +12,9 @@ latest weights (the last `update_weights_from_disk` the fleet was asked for) and
 marked up. Updates: a server that cannot be reached is marked down and updated when it
 returns; a server that refuses an update (4xx: it could not load that checkpoint) stays up on
 its current weights (its responses keep reporting their `weight_version`, so the trainer can
-bound staleness) and the update is retried every `update_retry_interval` seconds.
+bound staleness) and the update is retried every `update_retry_interval` seconds, counted from
+the end of the last try. The prober never sends an update to a server that still has one in
+flight (a checkpoint load may take longer than the retry interval).
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -49,13 +51,14 @@ class Server:
     last_error: str | None = None
     weight_version: str | None = None
     update_failures: int = 0
-    last_update_try: float = 0.0
+    last_update_try: float = 0.0  # when the last update was sent, and again when it ended
+    updating: int = 0  # updates in flight (fleet calls may overlap; the prober adds none then)
 
     def summary(self) -> dict:
         return {"url": self.url, "up": self.up, "in_flight": self.in_flight,
                 "requests": self.requests, "failures": self.failures,
                 "weight_version": self.weight_version, "update_failures": self.update_failures,
-                "last_error": self.last_error}
+                "updating": self.updating > 0, "last_error": self.last_error}
 
 
 class Fleet:
@@ -210,6 +213,7 @@ class Fleet:
         refusal (4xx: it could not load the weights) leaves it up, serving and reporting its
         current version, and the prober retries every `update_retry_interval` seconds."""
         server.last_update_try = time.monotonic()
+        server.updating += 1
         try:
             out = await server.client.update_weights_from_disk(model_path, version,
                                                                timeout=self.update_timeout)
@@ -222,6 +226,9 @@ class Fleet:
             server.last_error = f"update_weights_from_disk refused: {e}"
             log.warning("fleet: %s", server.last_error)
             return {"success": False, "message": str(e)}
+        finally:
+            server.updating -= 1
+            server.last_update_try = time.monotonic()
         server.weight_version = version
         return {"success": True, "message": out.get("message", "")}
 
@@ -247,8 +254,9 @@ class Fleet:
     async def probe(self, server: Server) -> bool:
         """Checks one server now. A returning server is brought to the target weights before
         it is marked up; an up server that is stale gets its update retried (at most every
-        `update_retry_interval` s). Returns whether it is up afterwards."""
-        if server in self._recovering:
+        `update_retry_interval` s). A server with an update in flight is left to it (nothing is
+        re-sent, a down one stays down until it ends). Returns whether it is up afterwards."""
+        if server in self._recovering or server.updating:
             return server.up
         self._recovering.add(server)
         try:

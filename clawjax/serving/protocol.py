@@ -36,7 +36,8 @@ class ProtocolError(ValueError):
 @dataclasses.dataclass
 class SamplingParams:
     """SGLang `sampling_params`. `top_k = -1` and `top_p = 1` mean no truncation; `temperature
-    = 0` is greedy. `stop` strings need a tokenizer; `stop_token_ids` do not."""
+    < 1e-6` is greedy (SGLang's sampling eps). `stop` strings need a tokenizer; `stop_token_ids`
+    do not. While fewer than `min_new_tokens` are out, stop/EOS ids cannot be drawn."""
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -69,11 +70,12 @@ class GenerateRequest:
 @dataclasses.dataclass
 class ChatRequest:
     """One `/v1/chat/completions` request (n = 1). `messages` are `{"role", "content"}` with
-    string content."""
+    string content. `include_usage` is `stream_options.include_usage` (a final usage chunk)."""
     messages: list[dict[str, str]]
     sampling: SamplingParams
     model: str | None = None
     stream: bool = False
+    include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     rid: str | None = None
@@ -205,6 +207,8 @@ def parse_generate(body: Any, vocab_size: int) -> GenerateRequest:
         raise ProtocolError("text", text, "a single string (batched prompts are not supported; "
                                           "send one request per prompt)")
     if ids is not None:
+        if not isinstance(ids, list):
+            raise ProtocolError("input_ids", ids, "a list of token ids")
         if ids and isinstance(ids[0], list):
             raise ProtocolError("input_ids", "[[...], ...]", "a single list of token ids "
                                 "(batched prompts are not supported)")
@@ -294,9 +298,16 @@ def parse_chat(body: Any, vocab_size: int) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError("model", model, "a string")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    if not isinstance(stream_options, Mapping):
+        raise ProtocolError("stream_options", stream_options, "an object or null")
+    _check_keys(stream_options, {"include_usage"}, "stream_options.")
     return ChatRequest(
         messages=parsed, sampling=sampling, model=model,
         stream=_bool(body, "stream", "", False),
+        include_usage=_bool(stream_options, "include_usage", "stream_options.", False),
         logprobs=_bool(body, "logprobs", "", False),
         top_logprobs=_int(body, "top_logprobs", "", 0, lo=0, hi=min(20, vocab_size)),
         rid=body.get("rid") if isinstance(body.get("rid"), str) else None)

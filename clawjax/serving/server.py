@@ -60,13 +60,16 @@ def error_response(status: int, message: str, param: str | None = None) -> web.R
 
 
 async def read_json(request: web.Request) -> Any:
+    """The request's JSON body (`{}` when empty). Undecodable bytes or bad JSON (both
+    ValueError) are a ProtocolError naming `body`."""
     raw = await request.read()
     if not raw:
         return {}
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ProtocolError("body", raw[:60].decode("utf-8", "replace"), f"valid JSON ({e})")
+    except ValueError as e:
+        raise ProtocolError("body", raw[:60].decode("utf-8", "replace"),
+                            f"valid JSON in UTF-8 ({e})")
 
 
 @web.middleware
@@ -200,7 +203,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         sent = ""
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         first = True
         while True:
             kind, result = await events.get()
@@ -209,7 +211,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             first = False
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if kind == "done":
-                if include_usage:
+                if req.include_usage:
                     await resp.write(
                         f"data: {json.dumps(chat.usage_chunk(result, name, created))}\n\n"
                         .encode())

@@ -7,8 +7,10 @@ is None, so dropping it leaves exactly one `(logprob, token_id, _)` per response
 aligned with `response_ids`. (`logprob_start_len = P` would lose the first response token.)
 
 The answer is checked, never patched: wrong length, a token id that differs from the response,
-a None or non-finite log-prob, or a top-K list of the wrong width raises
-`TeacherLogprobError`; nothing is zero-filled.
+a None or non-finite log-prob, a top-K list of the wrong width, or any entry of another shape
+(an object, a number, a non-integer token id) raises `TeacherLogprobError`; nothing is
+zero-filled. (Rounding slightly above 0 is the caller's to judge: see
+`clawjax.rollout.emit.POSITIVE_LOGP_SLACK`.)
 """
 
 from __future__ import annotations
@@ -63,31 +65,53 @@ def _finite(value: Any, where: str) -> float:
     return float(value)
 
 
+def _token_id(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise TeacherLogprobError(f"{where} = {value!r}, expected a token id (an integer >= 0)")
+    return int(value)
+
+
+def _entry(value: Any, where: str) -> tuple[Any, Any]:
+    """`(logprob, token_id)` of one `(logprob, token_id, text)` entry, unchecked values."""
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise TeacherLogprobError(f"{where} = {value!r}, expected (logprob, token_id, text)")
+    return value[0], value[1]
+
+
 def parse_teacher_response(resp: dict, prompt_ids: Sequence[int], response_ids: Sequence[int],
                            top_k: int = 0) -> TeacherLogprobs:
-    """Checks and converts a `/generate` answer to `teacher_request(...)`."""
+    """Checks and converts a `/generate` answer to `teacher_request(...)`. Any answer that is
+    not exactly the expected shape (a non-object answer, entries that are not
+    `(logprob, token_id, text)` lists, non-integer ids, non-finite log-probs, wrong lengths or
+    widths) raises `TeacherLogprobError` naming the entry, its value and what was expected;
+    no other exception escapes for a malformed answer."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty, expected at least 1 token")
     meta = resp.get("meta_info") if isinstance(resp, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("input_token_logprobs"), list):
-        raise TeacherLogprobError(f"answer has no meta_info.input_token_logprobs "
-                                  f"(got keys {sorted(meta or resp or {})})")
+        got = sorted(map(str, meta if isinstance(meta, dict) else resp)) \
+            if isinstance(resp, dict) else type(resp).__name__
+        raise TeacherLogprobError(f"answer has no meta_info.input_token_logprobs (got "
+                                  f"{'keys ' if isinstance(resp, dict) else 'a '}{got})")
     entries = meta["input_token_logprobs"]
     r = len(response_ids)
     if len(entries) != r + 1:
         raise TeacherLogprobError(
             f"meta_info.input_token_logprobs has {len(entries)} entries, expected "
             f"len(response_ids) + 1 = {r + 1} (logprob_start_len = len(prompt) - 1)")
-    if entries[0] is not None and len(entries[0]) >= 2 and entries[0][1] != prompt_ids[-1]:
-        raise TeacherLogprobError(f"input_token_logprobs[0] is about token {entries[0][1]}, "
-                                  f"expected the last prompt token {prompt_ids[-1]}")
+    if entries[0] is not None:
+        _, first = _entry(entries[0], "input_token_logprobs[0]")
+        if _token_id(first, "input_token_logprobs[0].token_id") != prompt_ids[-1]:
+            raise TeacherLogprobError(f"input_token_logprobs[0] is about token {first}, "
+                                      f"expected the last prompt token {prompt_ids[-1]}")
     logp = np.empty((r,), np.float32)
     for i, (entry, want) in enumerate(zip(entries[1:], response_ids)):
-        if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-            raise TeacherLogprobError(f"input_token_logprobs[{i + 1}] = {entry!r}, expected "
-                                      "(logprob, token_id, text)")
-        if entry[1] != want:
-            raise TeacherLogprobError(f"input_token_logprobs[{i + 1}] is about token {entry[1]},"
-                                      f" expected response_ids[{i}] = {want} (misaligned)")
-        logp[i] = _finite(entry[0], f"input_token_logprobs[{i + 1}].logprob")
+        where = f"input_token_logprobs[{i + 1}]"
+        value, token = _entry(entry, where)
+        if _token_id(token, f"{where}.token_id") != want:
+            raise TeacherLogprobError(f"{where} is about token {token}, expected "
+                                      f"response_ids[{i}] = {want} (misaligned)")
+        logp[i] = _finite(value, f"{where}.logprob")
     out = TeacherLogprobs(logp=logp, weight_version=meta.get("weight_version"))
     if top_k:
         tops = meta.get("input_top_logprobs")
@@ -104,6 +128,8 @@ def parse_teacher_response(resp: dict, prompt_ids: Sequence[int], response_ids: 
                     f"{len(top) if isinstance(top, list) else top!r} entries, expected "
                     f"top_k = {top_k}")
             for j, entry in enumerate(top):
-                out.topk_logp[i, j] = _finite(entry[0], f"input_top_logprobs[{i + 1}][{j}]")
-                out.topk_ids[i, j] = int(entry[1])
+                where = f"input_top_logprobs[{i + 1}][{j}]"
+                value, token = _entry(entry, where)
+                out.topk_logp[i, j] = _finite(value, f"{where}.logprob")
+                out.topk_ids[i, j] = _token_id(token, f"{where}.token_id")
     return out
