@@ -203,6 +203,9 @@ CHAT = [{"role": "user", "content": "hi"}]
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "max_tokens": 2, "stream": True,
                                          "stream_options": {"include_usage": "yes"}}).encode(),
      "stream_options.include_usage", "true or false"),
+    ("/v1/chat/completions", json.dumps({"messages": CHAT, "max_tokens": 2, "rid": 5}).encode(),
+     "rid", "a string"),
+    ("/generate", b'{"input_ids": [1, 2], "rid": 5}', "rid", "a string"),
 ])
 def test_malformed_bodies_get_400_naming_the_field(http, path, raw, field, says):
     r = http.post(path, content=raw, headers={"Content-Type": "application/json"})

@@ -190,6 +190,14 @@ def parse_sampling_params(body: Any, vocab_size: int, prefix: str = "sampling_pa
     return p
 
 
+def _rid(body: Mapping) -> str | None:
+    """The request id a client chose (SGLang `rid`), None when absent."""
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError("rid", rid, "a string")
+    return rid
+
+
 _GENERATE_KEYS = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_text_in_logprobs", "stream", "rid"}
 
@@ -215,9 +223,7 @@ def parse_generate(body: Any, vocab_size: int) -> GenerateRequest:
         ids = _id_list(ids, "input_ids", vocab_size)
         if not ids:
             raise ProtocolError("input_ids", ids, "a non-empty list of token ids")
-    rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str):
-        raise ProtocolError("rid", rid, "a string")
+    rid = _rid(body)
     return GenerateRequest(
         input_ids=ids, text=text,
         sampling=parse_sampling_params(body.get("sampling_params"), vocab_size),
@@ -310,7 +316,7 @@ def parse_chat(body: Any, vocab_size: int) -> ChatRequest:
         include_usage=_bool(stream_options, "include_usage", "stream_options.", False),
         logprobs=_bool(body, "logprobs", "", False),
         top_logprobs=_int(body, "top_logprobs", "", 0, lo=0, hi=min(20, vocab_size)),
-        rid=body.get("rid") if isinstance(body.get("rid"), str) else None)
+        rid=_rid(body))
 
 
 def parse_update_weights(body: Any) -> tuple[str, str | None]:
