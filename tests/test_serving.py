@@ -14,29 +14,10 @@ import numpy as np
 import pytest
 
 from clawjax.serving.launch import ServerThread, make_context
-from test_serving_helpers import (hf_a, hf_b, make_model_dir, model_a, model_b,  # noqa: F401
-                                  token_logps, tokenizer)
+from test_serving_helpers import (gen, hf_a, hf_b, http, make_model_dir, model_a,  # noqa: F401
+                                  model_b, server, token_logps, tokenizer)
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def server(model_a):
-    srv = ServerThread(make_context(str(model_a), max_batch=4, context_len=256)).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-def gen(http, **body):
-    r = http.post("/generate", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_generate_greedy_with_and_without_logprobs(http, hf_a, tokenizer):

@@ -14,16 +14,10 @@ from clawjax.serving.fleet import Fleet, FleetUnavailable
 from clawjax.serving.launch import ServerThread, free_port, make_context
 from clawjax.serving.teacher import (TeacherLogprobError, parse_teacher_response,
                                      teacher_request)
-from test_serving_helpers import Scripted, hf_a, hf_logp, model_a, tokenizer  # noqa: F401
+from test_serving_helpers import (Scripted, hf_a, hf_logp, model_a, server,  # noqa: F401
+                                  tokenizer)
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def server(model_a):
-    srv = ServerThread(make_context(str(model_a), max_batch=4, context_len=256)).start()
-    yield srv
-    srv.stop()
 
 
 def run(coro):

@@ -15,31 +15,12 @@ import numpy as np
 import pytest
 
 from clawjax.serving import engine as engine_mod
-from clawjax.serving.launch import ServerThread, make_context
 from clawjax.serving.protocol import SamplingParams
 from clawjax.serving.sampling import sample_token
-from test_serving_helpers import hf_a, hf_logp, model_a, token_logps, tokenizer  # noqa: F401
+from test_serving_helpers import (gen, hf_a, hf_logp, http, model_a, server,  # noqa: F401
+                                  token_logps, tokenizer)
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def server(model_a):
-    srv = ServerThread(make_context(str(model_a), max_batch=4, context_len=256)).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-def gen(http, **body):
-    r = http.post("/generate", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def held(server, http, bodies: list[dict]) -> list[httpx.Response]:

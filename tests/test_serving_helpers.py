@@ -81,6 +81,28 @@ def tokenizer(model_a):
     return AutoTokenizer.from_pretrained(str(model_a))
 
 
+@pytest.fixture(scope="module")
+def server(model_a):
+    """An embedded server of `model_a` on loopback (4 slots, 256-token context), per module."""
+    from clawjax.serving.launch import ServerThread, make_context
+    srv = ServerThread(make_context(str(model_a), max_batch=4, context_len=256)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def gen(http, **body) -> dict:
+    """A `/generate` answer; fails the test on any status but 200."""
+    r = http.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def start_subprocess_server(model_dir, port: int, *extra: str, timeout: float = 120.0,
                             compile_cache: str | None = None):
     """`python -m clawjax.serve` in a subprocess; returns the Popen once it prints READY.

@@ -124,15 +124,22 @@ class ChatError(RuntimeError):
     pass
 
 
-async def _chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                headers: dict[str, str]) -> str:
-    """One chat completion; returns the assistant's text ("" when content is null)."""
+async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                headers: dict[str, str]) -> httpx.Response:
+    """POSTs `body`; the response if it is a 200, else ChatError naming the failure."""
     try:
         response = await client.post(url, json=body, headers=headers)
     except httpx.HTTPError as e:
         raise ChatError(f"POST {url} failed: {type(e).__name__}: {e}") from e
     if response.status_code != 200:
         raise ChatError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
+    return response
+
+
+async def _chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                headers: dict[str, str]) -> str:
+    """One chat completion; returns the assistant's text ("" when content is null)."""
+    response = await _post(client, url, body, headers)
     try:
         message = response.json()["choices"][0]["message"]
         content = message.get("content")
@@ -142,17 +149,6 @@ async def _chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     if content is not None and not isinstance(content, str):
         raise ChatError(f"POST {url}: choices[0].message.content = {content!r}, expected a str")
     return content or ""
-
-
-async def _close(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                 headers: dict[str, str]) -> None:
-    """The session_done call; any HTTP 200 answer is a success (its body is not used)."""
-    try:
-        response = await client.post(url, json=body, headers=headers)
-    except httpx.HTTPError as e:
-        raise ChatError(f"POST {url} failed: {type(e).__name__}: {e}") from e
-    if response.status_code != 200:
-        raise ChatError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
 
 
 async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, task: Mapping[str, Any],
@@ -207,7 +203,7 @@ async def run_episode(client: httpx.AsyncClient, url: str, env: Environment, tas
         done_headers = {**session_headers, "X-Session-Done": "true",
                         "X-Outcome-Reward": repr(result.outcome_reward)}
         try:
-            await _close(client, url, body, done_headers)
+            await _post(client, url, body, done_headers)   # any 200 answer: closed
         except ChatError as e:
             closing = f"session_done call failed: {e}"
             result.error = f"{result.error}; {closing}" if result.error else closing
