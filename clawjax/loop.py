@@ -523,13 +523,12 @@ class TrainLoop:
         self._protect_checkpoints()
         if self._good_state is None:
             self._load_state(self._good_step)
-            self._truncate_trained_log(self._good_step)
-            return
-        self.state = _device_copy(self._good_state)
+        else:
+            self.state = _device_copy(self._good_state)
+            # A later save of this step number must not be skipped if it is not on disk.
+            self._saved_step = (self._good_step
+                                if self._good_step in self.checkpointer.all_steps() else -1)
         self._truncate_trained_log(self._good_step)
-        # A later save of this step number must not be skipped if it is no longer on disk.
-        self._saved_step = (self._good_step if self._good_step in self.checkpointer.all_steps()
-                            else -1)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly (the
