@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from clawjax.serving.client import BadRequest, SGLangClient, ServerUnavailable
+from clawjax.serving.client import BadRequest, RequestTimedOut, SGLangClient, ServerUnavailable
 from clawjax.serving.fleet import Fleet, FleetUnavailable
 from clawjax.serving.launch import ServerThread, free_port, make_context
 from clawjax.serving.teacher import (TeacherLogprobError, parse_teacher_response,
@@ -231,9 +231,41 @@ def test_client_timeout_raises_server_unavailable():
     async def main():
         slow = await Scripted("slow", delay=1.0).start()
         async with SGLangClient(slow.url, timeout=0.3) as c:
-            with pytest.raises(ServerUnavailable, match="timed out"):
+            with pytest.raises(RequestTimedOut, match="timed out") as raised:
                 await c.generate(input_ids=[1])
+            assert isinstance(raised.value, ServerUnavailable)
         await slow.stop()
+    run(main())
+
+
+def test_fleet_timeout_on_a_healthy_server_is_the_callers_and_a_hung_one_is_retried():
+    """A generation longer than the deadline on a server that still answers /health: the
+    caller gets RequestTimedOut at once, the server stays up (no reload of its weights when
+    it "returns") and no other server runs it again. A server whose /health hangs too is
+    marked down and the request goes elsewhere."""
+    async def main():
+        slow, other = await Scripted("slow").start(), await Scripted("other").start()
+        async with Fleet([slow.url, other.url], probe_interval=30.0, timeout=0.3,
+                         health_timeout=0.3, backoff=0.01) as fleet:
+            await fleet.update_weights_from_disk("/ckpt/v2", "2")
+            slow.delay = 1.0
+            fleet.servers[1].in_flight = 1  # route the next request to `slow`
+            with pytest.raises(RequestTimedOut, match="timed out"):
+                await fleet.generate(input_ids=[1])
+            fleet.servers[1].in_flight = 0
+            per = fleet.stats()["per_server"]
+            assert per[0]["up"] and per[0]["timeouts"] == 1 and per[0]["failures"] == 0
+            assert other.generated == 0 and slow.updates == [("/ckpt/v2", "2")]
+            # hung: neither the generation nor /health answers in time
+            slow.health_delay = 1.0
+            fleet.servers[1].in_flight = 1
+            out = await fleet.generate(input_ids=[1])
+            assert out["text"] == "other"
+            per = fleet.stats()["per_server"]
+            assert not per[0]["up"] and per[0]["failures"] == 1 and per[0]["timeouts"] == 1
+            assert "did not answer" in per[0]["last_error"]
+        await asyncio.sleep(1.0)  # let the slow handlers finish before their server stops
+        await slow.stop(), await other.stop()
     run(main())
 
 

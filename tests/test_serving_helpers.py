@@ -146,11 +146,13 @@ def wait_healthy(url: str, timeout: float = 60.0) -> None:
 
 
 class Scripted:
-    """A minimal SGLang-shaped server: /health, /generate (after `delay` seconds, or
-    `status`), /update_weights_from_disk and /get_model_info (records the version)."""
+    """A minimal SGLang-shaped server: /health (after `health_delay` seconds), /generate
+    (after `delay` seconds, or `status`), /update_weights_from_disk and /get_model_info
+    (records the version)."""
 
     def __init__(self, name: str, port: int | None = None, delay: float = 0.0):
         self.name, self.delay, self.status = name, delay, 200
+        self.health_delay = 0.0
         self.update_delay = 0.0
         self.update_status = 200
         self.port = port or free_port()
@@ -175,6 +177,7 @@ class Scripted:
         await self.runner.cleanup()
 
     async def _health(self, request):
+        await asyncio.sleep(self.health_delay)
         return web.Response(text="")
 
     async def _generate(self, request):

@@ -15,7 +15,8 @@ wrappers), and the embedded JAX server: `protocol` (request validation), `engine
 The server side imports jax and aiohttp only when used.
 """
 
-from clawjax.serving.client import BadRequest, SGLangClient, ServerUnavailable, ServingError
+from clawjax.serving.client import (BadRequest, RequestTimedOut, SGLangClient,
+                                    ServerUnavailable, ServingError)
 from clawjax.serving.fleet import Fleet, FleetUnavailable
 from clawjax.serving.sync import SyncFleet, run_on
 from clawjax.serving.teacher import (TeacherLogprobError, TeacherLogprobs,
@@ -23,6 +24,6 @@ from clawjax.serving.teacher import (TeacherLogprobError, TeacherLogprobs,
 
 __all__ = [
     "SGLangClient", "Fleet", "SyncFleet", "run_on", "ServingError", "BadRequest",
-    "ServerUnavailable", "FleetUnavailable", "TeacherLogprobs", "TeacherLogprobError",
-    "teacher_request", "parse_teacher_response",
+    "ServerUnavailable", "RequestTimedOut", "FleetUnavailable", "TeacherLogprobs",
+    "TeacherLogprobError", "teacher_request", "parse_teacher_response",
 ]

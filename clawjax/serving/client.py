@@ -8,7 +8,9 @@
 
 Errors: `BadRequest` (4xx: the request is wrong; retrying elsewhere will not help) and
 `ServerUnavailable` (connection refused/reset, timeout, 5xx: the server is at fault; a fleet
-retries on another server). Every call has a deadline (`timeout` seconds overall, connect
+retries on another server). A timeout is the subclass `RequestTimedOut`: the server did not
+answer within the deadline, which a hung server and a healthy one running a long generation
+both do; a fleet tells them apart with a health check. Every call has a deadline (`timeout` seconds overall, connect
 within `connect_timeout`), so nothing hangs forever.
 
 Transport: one `aiohttp.ClientSession` per client (keep-alive pool of `max_connections`),
@@ -45,6 +47,11 @@ class BadRequest(ServingError):
 
 class ServerUnavailable(ServingError):
     """The server could not answer (connection error, timeout, 5xx)."""
+
+
+class RequestTimedOut(ServerUnavailable):
+    """The call's deadline passed before the whole answer arrived (the server may be hung, or
+    healthy and still generating)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +142,7 @@ class SGLangClient:
                 async with self._send(method, path, body) as answer:
                     resp = Response(answer.status, await answer.read())
         except TimeoutError:
-            raise ServerUnavailable(self.url, f"{method} {path} timed out after {deadline}s")
+            raise RequestTimedOut(self.url, f"{method} {path} timed out after {deadline}s")
         except aiohttp.ClientError as e:
             raise ServerUnavailable(self.url, f"{method} {path}: {type(e).__name__}: {e}")
         self._raise_for_status(resp, method, path)
@@ -219,7 +226,7 @@ class SGLangClient:
                             return
                         yield json.loads(data)
         except TimeoutError:
-            raise ServerUnavailable(self.url, f"POST {path} stream timed out after {deadline}s")
+            raise RequestTimedOut(self.url, f"POST {path} stream timed out after {deadline}s")
         except aiohttp.ClientError as e:
             raise ServerUnavailable(self.url, f"POST {path}: {type(e).__name__}: {e}")
 

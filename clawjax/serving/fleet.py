@@ -1,10 +1,17 @@
 """`Fleet`: N SGLang (or embedded) servers behind one async client object.
 
 Routing: least-loaded (fewest in-flight requests among servers that are up; ties go to the
-server used least recently). A server-side failure (connection refused/reset, timeout, 5xx)
-marks that server down and the request is retried on another one with exponential backoff
+server used least recently). A server-side failure (connection refused/reset, 5xx) marks that
+server down and the request is retried on another one with exponential backoff
 (`max_attempts` in all); a 4xx is the caller's fault and is raised at once. When no server is
 up, a request waits (backoff) up to its attempts and then raises `FleetUnavailable`.
+
+Timeouts: a request that outlives `timeout` is followed by a health check of its server. A
+server that does not answer it is hung: marked down, and the request retried elsewhere. One
+that answers is healthy and only slow for this request (a long generation, a deep queue): it
+stays up, keeps its weights (a down server is reloaded when it returns), and the
+`RequestTimedOut` is raised to the caller, whose deadline it is; re-running the same long
+generation on another server would only time out again at several times the cost.
 
 Health: a background task probes every server every `probe_interval` seconds (`GET /health`,
 `health_timeout` each). A down server that answers again is first brought to the fleet's
@@ -29,7 +36,8 @@ import random
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from clawjax.serving.client import SGLangClient, ServerUnavailable, ServingError
+from clawjax.serving.client import (RequestTimedOut, SGLangClient, ServerUnavailable,
+                                    ServingError)
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +61,14 @@ class Server:
     update_failures: int = 0
     last_update_try: float = 0.0  # when the last update was sent, and again when it ended
     updating: int = 0  # updates in flight (fleet calls may overlap; the prober adds none then)
+    timeouts: int = 0  # requests that timed out while the server stayed healthy
 
     def summary(self) -> dict:
         return {"url": self.url, "up": self.up, "in_flight": self.in_flight,
                 "requests": self.requests, "failures": self.failures,
                 "weight_version": self.weight_version, "update_failures": self.update_failures,
-                "updating": self.updating > 0, "last_error": self.last_error}
+                "updating": self.updating > 0, "timeouts": self.timeouts,
+                "last_error": self.last_error}
 
 
 class Fleet:
@@ -165,6 +175,13 @@ class Fleet:
             server.last_used = time.monotonic()
             try:
                 return await fn(server.client)
+            except RequestTimedOut as e:
+                if await server.client.health(timeout=self.health_timeout):
+                    server.timeouts += 1
+                    server.last_error = str(e)
+                    raise
+                self.mark_down(server, f"{e}, and GET /health did not answer either")
+                last = e
             except ServerUnavailable as e:
                 self.mark_down(server, e)
                 last = e
