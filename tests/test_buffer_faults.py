@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from clawjax.buffer import BufferClient
 from clawjax.buffer import wal as wal_mod
 from clawjax.buffer import wire
 from clawjax.buffer.compaction import DoneLog
@@ -286,3 +287,22 @@ def test_concurrent_policy_announcements_leave_memory_and_the_wal_agreeing(tmp_p
         assert in_memory == reopened.policy_version == 3
     finally:
         reopened.close()
+
+
+def test_a_restart_under_a_message_limit_a_held_sample_exceeds_is_refused(tmp_path):
+    """A sample accepted under a larger --max-message-bytes would sit at the queue's head
+    failing every Lease that reaches it: the restart is refused naming the limit and the size
+    needed, and under the old limit the sample is still there and leases."""
+    big = Sample("big", np.arange(8), 4, rollout_logp=np.full(4, -0.5),
+                 metadata={"pad": "p" * 300_000})
+    with BufferServer(tmp_path, max_message_bytes=1 << 20, fsync=False) as server, \
+            BufferClient(server.address, retry_budget_s=10) as client:
+        assert client.push([big]) == (1, 0)
+    small = BufferServer(tmp_path, max_message_bytes=200_000, fsync=False)
+    with pytest.raises(ValueError, match=r"max_message_bytes \(--max-message-bytes\) = 200000"
+                                         r".* holds a sample of 3\d{5} bytes.*at least 3\d{5}"):
+        small.start()
+    assert small.store is None   # released: the directory opens again at once
+    with BufferServer(tmp_path, max_message_bytes=1 << 20, fsync=False) as server, \
+            BufferClient(server.address, retry_budget_s=10) as client:
+        assert [s.sample_id for s in client.lease(4, timeout_s=5)] == ["big"]

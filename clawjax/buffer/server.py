@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SERVICE = "clawjax.buffer.RolloutBuffer"
 MAX_LEASE_SAMPLES = 100_000
 MAX_WAIT_S = 300.0
+LEASE_FRAMING_BYTES = 11   # a sample's tag and length varint in a Lease/Stream answer
 
 
 def is_loopback(host: str) -> bool:
@@ -137,9 +138,13 @@ class BufferServer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
-        """Recovers the store from `dir`, binds, serves; returns the bound port."""
+        """Recovers the store from `dir`, binds, serves; returns the bound port. Refuses
+        (ValueError) a `max_message_bytes` too small to lease a sample the store holds: one
+        accepted under a larger limit would otherwise sit at the queue's head, failing every
+        Lease and Stream that reaches it."""
         self.store = Store(self.dir, **self._store_kwargs)
         try:
+            self._check_held_samples_fit()
             return self._serve()
         except BaseException:
             # Nothing is served: release the store (its WAL lock, its compactor) and the server.
@@ -149,6 +154,17 @@ class BufferServer:
             self.store.close()
             self.store = None
             raise
+
+    def _check_held_samples_fit(self) -> None:
+        largest = self.store.largest_sample_bytes()
+        need = largest + LEASE_FRAMING_BYTES
+        if largest and need > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes (--max-message-bytes) = {self.max_message_bytes}: the "
+                f"buffer in {self.dir} holds a sample of {largest} bytes, accepted under a "
+                f"larger limit, that no Lease answer could carry; expected at least {need} "
+                "(restart with the limit it was written under, and lower it once the buffer "
+                "has drained)")
 
     def _serve(self) -> int:
         """Binds and starts the gRPC server over the opened store; returns the bound port."""

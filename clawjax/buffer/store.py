@@ -476,6 +476,11 @@ class Store:
                 log.exception("WAL compaction failed")
 
     # ------------------------------------------------------------------ stats / close
+    def largest_sample_bytes(self) -> int:
+        """The size of the largest sample held (queued, leased or finishing); 0 when empty."""
+        with self._cv:
+            return max((len(e.data) for e in self._entries.values()), default=0)
+
     def stats(self) -> dict[str, int]:
         with self._cv:
             self._expire_locked(time.monotonic())
