@@ -129,6 +129,47 @@ def test_lease_keeper_keeps_leases_alive_until_released(tmp_path):
         assert [s.sample_id for s in c.lease(5, timeout_s=5)] == ["k2"]
 
 
+def test_lease_keeper_does_not_call_an_id_acked_during_its_extend_lost(tmp_path):
+    """An id acked (and removed from the keeper) while an ExtendLease naming it is in flight
+    comes back "lost" from the server; it was finished by us, not redelivered, so the keeper
+    does not report it."""
+    with ServerProcess(str(tmp_path), "--lease-timeout-s", "30") as proc, \
+            BufferClient(proc.address) as c:
+        c.push([make("a1"), make("a2")])
+        held = [s.sample_id for s in c.lease(2, timeout_s=5)]
+        extending, acked = threading.Event(), threading.Event()
+        real_extend = c.extend_lease
+
+        def extend_after_the_ack(ids, length):
+            extending.set()
+            acked.wait(10)
+            return real_extend(ids, length)
+
+        c.extend_lease = extend_after_the_ack
+        keeper = LeaseKeeper(c, interval_s=0.01, lease_timeout_s=60)
+        keeper.add(held)
+        try:
+            assert extending.wait(10)
+            keeper.remove(["a1"])
+            assert c.ack(["a1"]) == 1
+            acked.set()
+            c.extend_lease = real_extend
+            time.sleep(0.1)  # the in-flight extend returns; later ones name only a2
+        finally:
+            keeper.close()
+        assert keeper.lost == set()
+        c.nack(["a2"])   # a2 really is lost to the keeper once another consumer holds it
+        keeper = LeaseKeeper(c, interval_s=0.01, lease_timeout_s=60)
+        keeper.add(["a2"])
+        try:
+            deadline = time.monotonic() + 10
+            while not keeper.lost and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            keeper.close()
+        assert keeper.lost == {"a2"}
+
+
 def test_stream_flow_control(client):
     client.push([make(f"s{i}") for i in range(10)])
     stream = client.stream(max_in_flight=3)

@@ -263,7 +263,8 @@ class LeaseKeeper:
                 _, lost = self._client.extend_lease(ids, self._length)
             except RolloutBufferError:
                 continue
-            with self._lock:
+            with self._lock:   # ids removed meanwhile (acked, nacked) were not lost to us
+                lost = self._ids.intersection(lost)
                 self.lost.update(lost)
                 self._ids.difference_update(lost)
 
