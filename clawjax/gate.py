@@ -12,7 +12,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from clawjax import batch as batch_lib

@@ -13,7 +13,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from clawjax.batch import pack
 from clawjax.bench import train as bench_train

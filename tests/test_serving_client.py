@@ -11,7 +11,7 @@ import pytest
 
 from clawjax.serving.client import BadRequest, RequestTimedOut, SGLangClient, ServerUnavailable
 from clawjax.serving.fleet import Fleet, FleetUnavailable
-from clawjax.serving.launch import ServerThread, free_port, make_context
+from clawjax.serving.launch import free_port
 from clawjax.serving.teacher import (TeacherLogprobError, parse_teacher_response,
                                      teacher_request)
 from test_serving_helpers import (Scripted, hf_a, hf_logp, model_a, server,  # noqa: F401

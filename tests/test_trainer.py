@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from clawjax import config as config_lib
-from clawjax.batch import pack
 from clawjax.configs import tiny_cpu
 from clawjax.loop import TrainLoop
 from clawjax.metrics import read_metrics
