@@ -215,6 +215,30 @@ def test_fleet_retries_elsewhere_marks_down_and_brings_back():
     run(main())
 
 
+def test_fleet_updates_a_server_restarted_on_its_launch_weights():
+    """A server that held the target version dies and comes back on its launch weights: the
+    prober asks it what it holds and brings it to the target before routing to it again."""
+    async def main():
+        a = await Scripted("a").start()
+        async with Fleet([a.url], probe_interval=0.05, backoff=0.01) as fleet:
+            await fleet.update_weights_from_disk("/ckpt/v2", "2")
+            assert a.version == "2" and fleet.servers[0].weight_version == "2"
+            await a.stop()
+            deadline = time.monotonic() + 10
+            while fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not fleet.servers[0].up
+            restarted = await Scripted("a2", port=a.port).start()   # version "default"
+            while not fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert restarted.updates == [("/ckpt/v2", "2")]
+            out = await fleet.generate(input_ids=[1])
+            assert out["meta_info"]["weight_version"] == "2"
+            assert not fleet.stats()["per_server"][0]["stale"]
+            await restarted.stop()
+    run(main())
+
+
 def test_fleet_with_nothing_up_fails_in_bounded_time():
     async def main():
         fleet = await Fleet([f"http://127.0.0.1:{free_port()}"], max_attempts=3, backoff=0.01,

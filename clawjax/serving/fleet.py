@@ -9,19 +9,21 @@ up, a request waits (backoff) up to its attempts and then raises `FleetUnavailab
 Timeouts: a request that outlives `timeout` is followed by a health check of its server. A
 server that does not answer it is hung: marked down, and the request retried elsewhere. One
 that answers is healthy and only slow for this request (a long generation, a deep queue): it
-stays up, keeps its weights (a down server is reloaded when it returns), and the
-`RequestTimedOut` is raised to the caller, whose deadline it is; re-running the same long
-generation on another server would only time out again at several times the cost.
+stays up (in routing, its in-flight work counted) and the `RequestTimedOut` is raised to the
+caller, whose deadline it is; re-running the same long generation on another server would only
+time out again at several times the cost.
 
 Health: a background task probes every server every `probe_interval` seconds (`GET /health`,
-`health_timeout` each). A down server that answers again is first brought to the fleet's
-latest weights (the last `update_weights_from_disk` the fleet was asked for) and only then
-marked up. Updates: a server that cannot be reached is marked down and updated when it
-returns; a server that refuses an update (4xx: it could not load that checkpoint) stays up on
-its current weights (its responses keep reporting their `weight_version`, so the trainer can
-bound staleness) and the update is retried every `update_retry_interval` seconds, counted from
-the end of the last try. The prober never sends an update to a server that still has one in
-flight (a checkpoint load may take longer than the retry interval).
+`health_timeout` each). A down server that answers again is asked which weights it holds (a
+restarted one is back on its launch weights, whatever it held before); when they are not the
+fleet's latest (the last `update_weights_from_disk` the fleet was asked for) it is brought to
+them first, and only then marked up. Updates: a server that cannot be reached is marked down
+and updated when it returns; a server that refuses an update (4xx: it could not load that
+checkpoint) stays up on its current weights (its responses keep reporting their
+`weight_version`, so the trainer can bound staleness) and the update is retried every
+`update_retry_interval` seconds, counted from the end of the last try. The prober never sends
+an update to a server that still has one in flight (a checkpoint load may take longer than the
+retry interval).
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -287,16 +289,17 @@ class Fleet:
                                               >= self.update_retry_interval):
                     await self._update(server, *self.target)
                 return server.up
+            # What it holds now: a restarted server is back on its launch weights, whatever
+            # it held before it went down.
+            try:
+                server.weight_version = await server.client.get_weight_version()
+            except ServingError:
+                server.weight_version = None   # unknown: updated if the fleet has a target
             if self.is_stale(server):
-                try:
-                    server.weight_version = await server.client.get_weight_version()
-                except ServingError:
-                    pass
-                if self.is_stale(server):
-                    res = await self._update(server, *self.target)
-                    if not res["success"] and not await server.client.health(
-                            timeout=self.health_timeout):
-                        return False
+                res = await self._update(server, *self.target)
+                if not res["success"] and not await server.client.health(
+                        timeout=self.health_timeout):
+                    return False
             server.up = True
             server.last_error = None if not self.is_stale(server) else server.last_error
             self._up_event.set()
