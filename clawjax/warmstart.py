@@ -129,10 +129,24 @@ def warm_start(out_dir: str, settings, progress: bool = True) -> str:
     if bar is not None:
         bar.close()
     nnx.update(model, params)
+    _save(out_dir, model, config, tokenizer, {
+        "fingerprint": _fingerprint(settings), "final_loss": float(loss),
+        "settings": settings.to_dict()})
+    return out_dir
+
+
+def _save(out_dir: str, model, config, tokenizer, marker: dict) -> None:
+    """Writes the model directory; the marker goes first out and last in, so a crash in
+    between leaves no marker (the next run trains again) rather than an old marker vouching for
+    new weights, and the new marker appears whole (written aside, fsynced, renamed)."""
     os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MARKER)
+    if os.path.exists(path):
+        os.remove(path)
     model_lib.save_pretrained(model, config, out_dir, dtype=jnp.float32)
     tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"fingerprint": _fingerprint(settings), "final_loss": float(loss),
-                   "settings": settings.to_dict()}, f, indent=1)
-    return out_dir
+    with open(path + ".tmp", "w") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
