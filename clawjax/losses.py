@@ -36,6 +36,7 @@ REDUCTIONS = ("sample_mean", "token_mean")
 KL_KINDS = ("k1", "k2", "low_var_kl")
 LOW_VAR_KL_CLAMP = 10.0
 TOPK_TAIL_MAX_LOGSUMEXP = -1e-7
+PPO_MAX_LOG_RATIO = 20.0   # cap on logp − old_logp before exp (ppo_policy_loss)
 
 
 def _floating(x: Array) -> Array:
@@ -108,8 +109,17 @@ def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, eps_clip: f
     ratio = exp(logp − old_logp); l1 = −ratio·A; l2 = −clip(ratio, 1−ε, 1+ε_high)·A;
     l = max(l1, l2); with dual clip c > 1, where A < 0: l = min(l, −c·A).
     Returns `(per_token_loss, clipped)`; `clipped` is 1.0 where l2 > l1, else 0.0.
+
+    The log-ratio is capped at PPO_MAX_LOG_RATIO = 20 before exp: in float32 exp overflows to
+    inf above ~88.7, and inf·0 (A = 0) or the inf gradient (A > 0) would turn the whole loss
+    and its gradient into NaN. The cap changes no clipped value: where it acts the ratio is
+    ≥ e^20 ≈ 4.9e8, above 1 + ε_high and the dual clip c (for any ε_high, c < 4.9e8), so for
+    A > 0 (l = −(1+ε_high)·A), A = 0 (l = 0) and A < 0 with dual clip (l = −c·A) the value
+    and its zero gradient are exactly the formula's. Only the unbounded branch (A < 0, no
+    dual clip: l = l1 = −ratio·A) is capped there, at e^20·|A| with zero gradient, instead of
+    a value ≥ 4.9e8·|A| that float32 may not even hold.
     """
-    ratio = jnp.exp(logp - old_logp)
+    ratio = jnp.exp(jnp.minimum(logp - old_logp, PPO_MAX_LOG_RATIO))
     l1 = -ratio * advantages
     l2 = -jnp.clip(ratio, 1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
     loss = jnp.maximum(l1, l2)
@@ -186,6 +196,14 @@ def combined_advantages(batch: Any, w_rl: float = 1.0, w_opd: float = 1.0) -> Ar
             + w_opd * opd_advantages(batch.teacher_logp, batch.old_logp, batch.teacher_mask))
 
 
+def _group_sum(same: Array, x: Array) -> Array:
+    """Σ of `x [N]` over each sample's group, `[N]`, from the `[N, N]` 0/1 `same` matrix.
+
+    An elementwise product and sum rather than a matmul, so every device adds in full float32
+    (a float32 matmul may run in TF32 or bfloat16 on accelerators)."""
+    return jnp.sum(same * x[None, :], axis=1)
+
+
 def grpo_advantages(rewards: Array, group_ids: Array, scale_by_std: bool = True,
                     eps: float = 1e-6) -> Array:
     """Group-normalised advantages (GRPO option of SPEC §2), per sample.
@@ -194,16 +212,22 @@ def grpo_advantages(rewards: Array, group_ids: Array, scale_by_std: bool = True,
     A_i = r_i − mean_g(r); with `scale_by_std`, divided by (std_g(r) + eps) where std is the
     unbiased (ddof=1) group standard deviation, as torch's default; a group of one has std 0
     and advantage 0. O(N²) in the number of samples, which is small.
+
+    Float-safe (shifted data, two passes): each reward is first shifted by its group's first
+    member's reward, so nearby rewards lose no digits ([3.0, 3.0001] → ±0.697, where
+    E[r²] − E[r]² gives ±50); the variance is Σ_g (r − mean)² / (n − 1) of the centred values,
+    so a group of equal rewards has exactly zero advantage.
     """
     r = _floating(rewards)
+    group_ids = jnp.asarray(group_ids)
     same = (group_ids[:, None] == group_ids[None, :]).astype(r.dtype)   # [N, N]
     count = jnp.sum(same, axis=1)
-    mean = same @ r / count
-    centred = r - mean
+    first = jnp.argmax(same, axis=1)            # index of the group's first member, [N]
+    shifted = r - r[first]                      # 0 for that member, exact for equal rewards
+    centred = shifted - _group_sum(same, shifted) / count
     if not scale_by_std:
         return jax.lax.stop_gradient(centred)
-    var = same @ jnp.square(r) / count - jnp.square(mean)
-    var = jnp.maximum(var, 0.0) * count / jnp.maximum(count - 1.0, 1.0)
+    var = _group_sum(same, jnp.square(centred)) / jnp.maximum(count - 1.0, 1.0)
     return jax.lax.stop_gradient(centred / (jnp.sqrt(var) + eps))
 
 
@@ -269,6 +293,11 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     full-batch loss is Σ grad(loss sum) / Σ loss denominator.
     """
     shape = tuple(batch.loss_mask.shape)
+    if student_topk_logp is not None and getattr(batch, "teacher_topk_logp", None) is None:
+        raise ValueError(
+            f"combined_loss: student_topk_logp has shape {tuple(jnp.shape(student_topk_logp))} "
+            "but the batch carries no top-K teacher data (batch.teacher_topk_logp is None), so "
+            "there is nothing to distil against: expected student_topk_logp = None")
     for name, value, want in (("logp", logp, shape), ("entropy", entropy, shape),
                               ("student_topk_logp", student_topk_logp, None)):
         if value is None:

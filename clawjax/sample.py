@@ -24,6 +24,7 @@ KINDS = ("rl", "opd", "both")
 # Size limits a single sample must respect (the buffer enforces them as well).
 MAX_TOKENS = 1 << 20
 MAX_TOPK = 1024
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 class SampleError(ValueError):
@@ -48,9 +49,51 @@ def _as_array(value, dtype) -> np.ndarray | None:
     return np.asarray(value, dtype=dtype)
 
 
+def _as_int32_ids(sample_id: str, field: str, value) -> np.ndarray | None:
+    """`value` (token ids, any shape) as an int32 array, refusing what a cast would corrupt.
+
+    Accepts integer arrays of any width and lists of ints whose values fit int32, and whole
+    numbers held as floats (3.0); raises `SampleError` naming `field` for a fractional or
+    non-finite value (3.9 would truncate to 3), a value outside int32 (2**32 + 7 would wrap to
+    7) or a non-numeric dtype. int32 input is returned as is (no copy, no scan)."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.dtype == np.int32:
+        return arr
+    if arr.dtype.kind not in "iuf":
+        raise SampleError(sample_id, field, f"dtype {arr.dtype}",
+                          "integer token ids (an integer dtype, values fitting int32)")
+    if arr.dtype.kind == "f":
+        fractional = arr[arr != np.round(arr)]           # NaN included (NaN != NaN)
+        if fractional.size:
+            raise SampleError(sample_id, field, float(fractional[0]),
+                              "integral token ids (an integer dtype, values fitting int32)")
+    outside = arr[(arr < INT32_MIN) | (arr > INT32_MAX)]
+    if outside.size:
+        bad = outside[0]
+        raise SampleError(sample_id, field, int(bad) if np.isfinite(bad) else float(bad),
+                          f"token ids that fit int32 ({INT32_MIN} .. {INT32_MAX})")
+    return arr.astype(np.int32)
+
+
+def _as_int(sample_id: str, field: str, value) -> int:
+    """`value` as a Python int; raises `SampleError` naming `field` unless it is an integer
+    (a whole-number float such as 2.0 is accepted, 1.7 is refused rather than truncated)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    raise SampleError(sample_id, field, value, "an integer")
+
+
 @dataclasses.dataclass(eq=False)
 class Sample:
     """One trained turn. Arrays are numpy; construction converts lists to the right dtype.
+
+    Construction refuses (`SampleError` naming the field) what a cast would silently corrupt:
+    token ids (`tokens`, `teacher_topk_ids`) must be integral and fit int32 (an int64 id
+    ≥ 2**31 would wrap, a float 3.9 would truncate), `response_len` an integer.
 
     Shapes (N = len(tokens), R = response_len, K = top-K width):
       tokens [N] int32, loss_mask [R] float32 (0/1), rollout_logp [R] float32,
@@ -78,8 +121,9 @@ class Sample:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.tokens = np.asarray(self.tokens, dtype=np.int32)
-        self.response_len = int(self.response_len)
+        sid = self.sample_id if isinstance(self.sample_id, str) else repr(self.sample_id)
+        self.tokens = _as_int32_ids(sid, "tokens", self.tokens)
+        self.response_len = _as_int(sid, "response_len", self.response_len)
         if self.loss_mask is None:
             self.loss_mask = np.ones((max(self.response_len, 0),), np.float32)
         if self.rollout_logp is None:
@@ -88,7 +132,7 @@ class Sample:
         self.rollout_logp = _as_array(self.rollout_logp, np.float32)
         self.teacher_logp = _as_array(self.teacher_logp, np.float32)
         self.teacher_topk_logp = _as_array(self.teacher_topk_logp, np.float32)
-        self.teacher_topk_ids = _as_array(self.teacher_topk_ids, np.int32)
+        self.teacher_topk_ids = _as_int32_ids(sid, "teacher_topk_ids", self.teacher_topk_ids)
         self.step_rewards = _as_array(self.step_rewards, np.float32)
         self.reward = float(self.reward)
         self.metadata = dict(self.metadata or {})
@@ -168,9 +212,14 @@ class Sample:
                 fail(name, float(arr[arr > 0][0]), "log-probs ≤ 0")
         if not math.isfinite(self.reward):
             fail("reward", self.reward, "a finite float")
+        if self.kind == "opd" and self.reward != 0:
+            fail("reward", self.reward, "0 for kind 'opd' (an OPD-only sample carries no RL "
+                 "reward, SPEC §2; use kind 'both' for a sample with both signals)")
         if self.step_rewards is not None:
             if self.step_rewards.ndim != 1 or not np.all(np.isfinite(self.step_rewards)):
-                fail("step_rewards", self.step_rewards.tolist()[:8], "a 1-D array of finite floats")
+                ndim = self.step_rewards.ndim
+                fail("step_rewards", np.atleast_1d(self.step_rewards).ravel().tolist()[:8],
+                     "a 1-D array of finite floats" + (f" (got {ndim}-D)" if ndim != 1 else ""))
         wants_teacher = self.kind in ("opd", "both")
         if wants_teacher and self.teacher_logp is None:
             fail("teacher_logp", None, f"per-token teacher log-probs for kind {self.kind!r}")
@@ -231,6 +280,8 @@ class Sample:
                 raise SampleError(sid, required, None, "a value (required field)")
         try:
             return cls(**dict(data))
+        except SampleError:
+            raise                        # already names the sample and the field
         except (TypeError, ValueError) as e:
             raise SampleError(sid, "<construction>", str(e), "values of the documented types") from e
 

@@ -64,6 +64,21 @@ def test_rewards_are_normalised_per_prompt_group(mode):
     assert out[0].sample_id == samples[0].sample_id and out[0].tokens is samples[0].tokens
 
 
+@pytest.mark.parametrize("rewards", [[-2.9, -2.9, -2.9], [0.6] * 6, [1.0, 1.001],
+                                     [3.0, 3.0001], [100.0, 100.5, 100.25]])
+def test_mean_std_is_exact_for_equal_and_nearby_rewards(rewards):
+    """One prompt group: equal rewards give exactly 0 (float32 E[r²] − E[r]² gave 0.238 for
+    [-2.9] * 3), nearby ones the float64 reference ([3.0, 3.0001] → ±0.697, not ±50).
+    Rewards enter the normalisation as float32, so the reference sees them rounded the same."""
+    samples = [sample(i, [1, 2], r) for i, r in enumerate(rewards)]
+    out = group_norm.normalize_rewards(samples, "mean_std")
+    as_f32 = [float(np.float32(r)) for r in rewards]
+    want = reference(as_f32, [0] * len(rewards), True)
+    np.testing.assert_allclose([s.reward for s in out], want, rtol=TOL, atol=TOL)
+    if len(set(rewards)) == 1:
+        assert [s.reward for s in out] == [0.0] * len(rewards)
+
+
 def test_none_and_bad_modes():
     samples = [sample(0, [1], 1.0), sample(1, [1], -1.0)]
     assert group_norm.normalize_rewards(samples, "none") is samples

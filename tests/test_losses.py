@@ -276,6 +276,17 @@ def test_combined_loss_demands_what_its_coefficients_need():
                              np.zeros((2, 8, 3), np.float32))
 
 
+def test_student_topk_logp_for_a_batch_without_top_k_teacher_data_is_refused_clearly():
+    """Not a misleading shape error ("expected (2, 8)"): the batch has no top-K data at all."""
+    batch, extra = random_batch(np.random.default_rng(1), 2, 8)
+    assert batch.teacher_topk_logp is None
+    with pytest.raises(ValueError, match=r"student_topk_logp has shape \(2, 8, 3\) but the "
+                                         r"batch carries no top-K teacher data") as info:
+        losses.combined_loss(extra["logp"], batch, losses.LossConfig(), None,
+                             np.zeros((2, 8, 3), np.float32))
+    assert "expected student_topk_logp = None" in str(info.value)
+
+
 def test_terms_share_one_denominator_and_divide_to_combined_loss():
     batch, extra = random_batch(np.random.default_rng(2), 3, 16, with_ref=True)
     cfg = losses.LossConfig(kl_coef=0.1, entropy_coef=0.01)
