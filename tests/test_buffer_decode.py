@@ -149,7 +149,16 @@ MUTATIONS = [
     lambda m: m.step_rewards.values.append(float("nan")),
     lambda m: m.ClearField("teacher_topk"),
     lambda m: m.ClearField("step_rewards"),
+    lambda m: _opd_with_reward(m, 1.0),                # fast-path shape, OPD-only with reward
+    lambda m: _opd_with_reward(m, 0.0),
 ]
+
+
+def _opd_with_reward(m, reward: float) -> None:
+    """No top-K or step rewards (the lean check's own path), kind "opd", the given reward."""
+    m.ClearField("teacher_topk")
+    m.ClearField("step_rewards")
+    m.kind, m.reward = "opd", reward
 
 
 def _mutated(mutate) -> bytes:

@@ -85,6 +85,8 @@ def _surely_valid(p: decode.Parsed, size: int, limits: Limits) -> bool:
         return False  # an entry that is neither 0 nor 1 (NaN included)
     if not _logp_ok(logp, r) or not math.isfinite(msg.reward):
         return False
+    if msg.kind == "opd" and msg.reward != 0:   # an OPD-only sample carries no reward
+        return False
     if (12 in p.present) != (msg.kind in ("opd", "both")):
         return False
     return 12 not in p.present or _logp_ok(a[12], r)
