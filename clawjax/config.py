@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.micro_batches = 1
     c.trainer.resume = False
     c.trainer.seed = 0
+    # Not with replay: replayed samples carry the policy versions they were recorded with.
     c.trainer.max_staleness = -1  # -1: no bound; else drop samples this many versions behind
     c.trainer.take_timeout_s = 60.0
     c.trainer.max_consecutive_skips = 20  # then stop: the run has diverged
@@ -126,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.publish.urls = ""  # comma-separated server URLs
     c.publish.keep = 2
     c.publish.dtype = "bfloat16"
+    # The key the fleet was started with: launch/sglang_fleet.sh API_KEY, `clawjax.serve --api-key`.
+    c.publish.api_key_file = ""  # file holding the fleet's API key, sent as Bearer; "" = none
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.local = False  # True: run buffer, server, judge, proxy and agents here (default task)
@@ -142,7 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.teacher_topk = 0  # teacher top-K per OPD token (SPEC §5); loss.topk_coef needs it
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 4  # evaluate every this many published versions
+    # A policy version is the trainer step it was published at: with publish.every_steps = 2
+    # and eval.every_steps = 10, every 5th published version is evaluated.
+    c.eval.every_steps = 4  # evaluate every this many policy versions (trainer steps, not publishes)
     c.eval.samples_per_task = 4
     c.eval.final_samples_per_task = 16  # answers per held-out task, warm-start and final scores
 
@@ -222,6 +227,21 @@ def _check(ok: bool, key: str, value, expected: str):
         raise ConfigError(key, value, expected)
 
 
+def check_api_key_file(path: str) -> None:
+    """`publish.api_key_file`: "" (no key), or a readable file holding a non-empty key."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ConfigError("publish.api_key_file", path,
+                          f"a readable file holding the fleet's API key ({e.strerror}), or '' "
+                          "for a fleet started without API_KEY") from e
+    _check(bool(key), "publish.api_key_file", path,
+           "a file holding the fleet's API key, not an empty one")
+
+
 def validate(config) -> None:
     """Raises `ConfigError` naming the first key whose value is out of its domain."""
     c = config
@@ -271,6 +291,9 @@ def validate(config) -> None:
     _check(t.micro_batches >= 1, "trainer.micro_batches", t.micro_batches, "an integer ≥ 1")
     _check(t.max_staleness >= -1, "trainer.max_staleness", t.max_staleness,
            "-1 (no bound) or an integer ≥ 0")
+    _check(not (c.replay and t.max_staleness >= 0), "trainer.max_staleness", t.max_staleness,
+           f"-1 (no bound) with replay = {c.replay!r}: replayed samples carry the policy "
+           "versions they were recorded with, so every one would soon be dropped as stale")
     _check(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", c.checkpoint.every_steps,
            "an integer ≥ 1")
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, "an integer ≥ 1")
@@ -278,6 +301,7 @@ def validate(config) -> None:
            "an integer ≥ 0 (0 = never)")
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
+    check_api_key_file(c.publish.api_key_file)
     _check(c.gate.rollback in GATE_ROLLBACK, "gate.rollback", c.gate.rollback,
            f"one of {GATE_ROLLBACK}")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")

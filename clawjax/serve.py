@@ -16,6 +16,8 @@ import sys
 
 from clawjax.cli_signals import serve_app_until_signal
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m clawjax.serve", description=__doc__,
@@ -32,8 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-version", default="default",
                    help="weight_version reported until the first /update_weights_from_disk")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for unseeded requests")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS)
     args = p.parse_args(argv)
+    if args.context_length is not None and args.context_length < 2:
+        p.error(f"--context-length = {args.context_length}, expected >= 2 (a prompt token and "
+                "one generated token)")
     if args.max_batch < 1:
         p.error(f"--max-batch = {args.max_batch}, expected >= 1")
     if not os.path.isfile(os.path.join(args.model, "config.json")):

@@ -11,17 +11,23 @@ orbax; samples whose update a checkpoint holds are acknowledged to their source 
 checkpoint is committed, so after a crash nothing is trained twice or lost. Compiled
 executables are kept in `<workdir>/xla_cache` (`config.compile_cache_dir`), so a second run or a
 restarted process loads what an earlier one compiled.
+
+The config is checked before anything is written or started (`check_start`): an unknown key, a
+bad value, no sample source or a workdir holding an earlier run's checkpoints exits 2 with one
+`error:` line naming the key.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from clawjax import compile_cache
+from clawjax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", default=None, help_string="a config file, configs/NAME.py (default: configs/default.py)",
@@ -54,10 +60,41 @@ def quiet_logging() -> None:
     logging.getLogger("clawjax").setLevel(logging.INFO)
 
 
+def require_sample_source(config) -> None:
+    """Raises `ConfigError` when the command line would train from nothing: no `replay` file, no
+    `buffer.address` and not the local default run (`rollout.local`). Nothing would ever feed
+    the in-process queue `TrainLoop` falls back to (a library user passes its own `source=`)."""
+    if config.replay or config.buffer.address or config.rollout.local:
+        return
+    raise config_lib.ConfigError(
+        "replay", config.replay,
+        "a JSONL file of samples (--config.replay=FILE), or buffer.address = 'host:port' of a "
+        "rollout buffer (--config.buffer.address=HOST:PORT): python -m clawjax.train has no "
+        "other sample source (rollout.local=True runs the local default stack)")
+
+
+def check_start(config) -> None:
+    """The start-up checks, run before any side effect (the compilation cache directory,
+    jax.distributed, the default run moving an earlier run aside and warm-starting): every
+    config value, a sample source, and a workdir without an earlier run's checkpoints (the local
+    default run moves those aside instead). Raises `ConfigError` naming the key."""
+    config_lib.validate(config)
+    require_sample_source(config)
+    if not config.rollout.local:
+        from clawjax import workdir as workdir_lib
+
+        workdir_lib.require_fresh(os.path.abspath(config.workdir), config.trainer.resume)
+
+
 def main(argv) -> int:
     del argv
     quiet_logging()
     config = _CONFIG.value
+    try:
+        check_start(config)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     compile_cache.enable(compile_cache.resolve(config))  # before the first compilation
     __import__("clawjax.distributed").distributed.maybe_initialize(config)  # before any JAX op
     if config.rollout.local:  # the whole loop on this machine (configs/default.py)
@@ -76,8 +113,60 @@ def main(argv) -> int:
     return 0
 
 
+def config_file_arg(argv: list[str]) -> str | None:
+    """The value of `--config=FILE` (or `--config FILE`) on the command line."""
+    for i, arg in enumerate(argv[1:], 1):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == _CONFIG.name:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def override_keys(argv: list[str]) -> list[str]:
+    """The keys the command line sets: `publish.dir` for `--config.publish.dir=D`."""
+    prefix = _CONFIG.name + "."
+    names = (arg.lstrip("-").partition("=")[0] for arg in argv[1:] if arg.startswith("-"))
+    return [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
+
+
+def unknown_key_message(config, key: str) -> str | None:
+    """`unknown config key K (S has: ...)` for the first part of `key` that `config` lacks, S
+    being the section it was looked up in; None when `key` exists."""
+    node, walked = config, []
+    for part in key.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else None
+        section = ".".join(walked) or "the config"
+        if keys is None:
+            return f"unknown config key {key} ({section} is a value, not a section)"
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {'.'.join([*walked, close[0]])}?" if close else ""
+            return (f"unknown config key {'.'.join([*walked, part])} ({section} has: "
+                    f"{', '.join(keys)}){hint}")
+        node, walked = node[part], [*walked, part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; an unknown `--config.KEY` exits 2 with one line naming the key, not
+    ml_collections' chained AttributeError traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        path = config_file_arg(argv)
+        if path is None:
+            raise
+        config = flags.FLAGS[_CONFIG.name].parser.parse(path)
+        for key in override_keys(argv):
+            message = unknown_key_message(config, key)
+            if message is not None:
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(2)
+        raise
+
+
 def run() -> None:
-    app.run(main, argv=with_default_config(sys.argv))
+    app.run(main, argv=with_default_config(sys.argv), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # node list, task count and rank), so every process joins one JAX runtime.
 #
 #   NODES=4 GPUS_PER_NODE=8 WORKDIR=/shared/runs/run1 bash launch/gpu_multihost.sh \
-#       --config.trainer.steps=2000
+#       --config.model.path=/shared/Qwen3-0.6B --config.buffer.address=buffer-host:50051 \
+#       --config.buffer.token_file=/shared/buffer.token --config.trainer.steps=2000
 # or from an sbatch script (inside the allocation, NODES defaults to SLURM_JOB_NUM_NODES).
 #
 # Arguments after the script name are passed to python -m clawjax.train in every process.

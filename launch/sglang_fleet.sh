@@ -39,8 +39,9 @@ DRY_RUN="${DRY_RUN:-0}"
 
 [[ "$NUM_SERVERS" =~ ^[1-9][0-9]*$ ]] || die "NUM_SERVERS=$NUM_SERVERS, expected a positive integer"
 [[ "$TP" =~ ^[1-9][0-9]*$ ]] || die "TP=$TP, expected a positive integer"
-[[ "$BASE_PORT" =~ ^[0-9]+$ ]] && (( BASE_PORT + NUM_SERVERS <= 65536 )) \
-  || die "BASE_PORT=$BASE_PORT, expected a port such that BASE_PORT+NUM_SERVERS <= 65536"
+if ! [[ "$BASE_PORT" =~ ^[0-9]+$ ]] || (( BASE_PORT + NUM_SERVERS > 65536 )); then
+  die "BASE_PORT=$BASE_PORT, expected a port such that BASE_PORT+NUM_SERVERS <= 65536"
+fi
 [[ "$MEM_FRACTION" =~ ^0?\.[0-9]+$ ]] || die "MEM_FRACTION=$MEM_FRACTION, expected a number in (0, 1)"
 
 if [[ "$DRY_RUN" != "1" ]]; then
@@ -60,13 +61,23 @@ fi
 
 PIDS=()
 URLS=()
+# Until every server is healthy, any exit (die, a failed command, a signal) stops the servers
+# started so far; the normal exit below clears the trap and leaves them running.
 cleanup() {
   if (( ${#PIDS[@]} )); then
     log "stopping ${#PIDS[@]} server(s): ${PIDS[*]}"
     kill "${PIDS[@]}" 2>/dev/null || true
+    PIDS=()
   fi
 }
-trap cleanup INT TERM
+on_signal() {  # $1: the exit status, 128 + the signal's number
+  trap - INT TERM
+  cleanup
+  exit "$1"
+}
+trap cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 for (( i = 0; i < NUM_SERVERS; i++ )); do
   port=$(( BASE_PORT + i ))
@@ -80,7 +91,7 @@ for (( i = 0; i < NUM_SERVERS; i++ )); do
   URLS+=("http://${ADVERTISE_HOST}:${port}")
   shown=("${cmd[@]}")
   for j in "${!shown[@]}"; do
-    [[ "${shown[$j]}" == "--api-key" ]] && shown[$((j + 1))]="***"
+    [[ "${shown[$j]}" == "--api-key" ]] && shown[j + 1]="***"
   done
   log "server $i: CUDA_VISIBLE_DEVICES=$gpus ${shown[*]} > $LOG_DIR/server_$i.log"
   if [[ "$DRY_RUN" != "1" ]]; then
@@ -110,4 +121,5 @@ echo "Fleet addresses (pass to the trainer):"
 echo "  --config.publish.urls=${joined}"
 echo "FLEET_URLS=${joined}"
 [[ "$DRY_RUN" == "1" ]] && exit 0
+trap - EXIT INT TERM
 log "servers run in the background (pids ${PIDS[*]}); stop them with: kill ${PIDS[*]}"

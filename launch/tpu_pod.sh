@@ -3,7 +3,8 @@
 # processes form one JAX runtime through jax.distributed, which reads the pod's metadata).
 #
 #   TPU_NAME=my-v5e-32 ZONE=us-west4-a WORKDIR=/mnt/shared/run1 bash launch/tpu_pod.sh \
-#       --config.trainer.steps=2000
+#       --config.model.path=/mnt/shared/Qwen3-0.6B --config.buffer.address=buffer-host:50051 \
+#       --config.buffer.token_file=/mnt/shared/buffer.token --config.trainer.steps=2000
 #
 # Arguments after the script name are passed to python -m clawjax.train on every worker.
 # Variables (required first):

@@ -4,6 +4,7 @@ control, backpressure, staleness, torn write, compaction."""
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -308,3 +309,15 @@ def test_message_and_sample_size_limits_are_enforced(tmp_path):
             c.push([make("big", payload=60_000)])        # one sample over the sample limit
         assert c.push([make("fits", payload=40_000)]) == (1, 0)
         assert [s.sample_id for s in c.lease(10, timeout_s=5)] == ["fits"]
+
+
+def test_a_missing_token_file_is_an_error_line_not_a_traceback(tmp_path):
+    missing = tmp_path / "missing.token"
+    out = subprocess.run([sys.executable, "-m", "clawjax.buffer", "serve", "--port", "0",
+                          "--dir", str(tmp_path / "buf"), "--token-file", str(missing)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == \
+        f"error: --token-file {missing}: No such file or directory"
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "buf").exists()

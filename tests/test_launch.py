@@ -1,11 +1,16 @@
 """launch/ scripts: valid bash, clean under shellcheck, and they refuse to start (exit 1, naming
-the variable or binary) when something required is missing. DRY_RUN=1 shows the command."""
+the variable or binary) when something required is missing. DRY_RUN=1 shows the command.
+sglang_fleet.sh with fake nvidia-smi and sglang: a failed start or a signal stops the servers it
+started (a signal exits 128 + its number), a normal start leaves them running."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -100,3 +105,114 @@ def test_gpu_multihost_takes_the_node_count_from_the_allocation():
     env = {k: v for k, v in GPU.items() if k != "NODES"}
     out = _run("launch/gpu_multihost.sh", {**env, "SLURM_JOB_NUM_NODES": "3", "DRY_RUN": "1"})
     assert out.returncode == 0 and "srun --nodes=3" in out.stdout
+
+
+# A stand-in for an interpreter with sglang: `-c ...` succeeds; `-m sglang.launch_server ... --port
+# P` records its pid, then crashes when P is $FAKE_CRASH_PORT, never gets healthy when P is
+# $FAKE_HANG_PORT, and otherwise serves /health.
+FAKE_PYTHON = """#!/bin/bash
+[[ "$1" == "-c" ]] && exit 0
+while [[ $# -gt 0 ]]; do [[ "$1" == "--port" ]] && PORT=$2; shift; done
+echo $$ >> "$FAKE_PIDS"
+[[ "$PORT" == "$FAKE_CRASH_PORT" ]] && { echo "fake crash"; exit 1; }
+[[ "$PORT" == "$FAKE_HANG_PORT" ]] && exec sleep 300
+exec %s -c "
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(('127.0.0.1', $PORT), H).serve_forever()"
+"""
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def fake_fleet(tmp_path):
+    """(env, pids()) for sglang_fleet.sh with fake nvidia-smi (2 GPUs) and sglang; the fake
+    servers still running at the end are killed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'GPU 0: fake'; echo 'GPU 1: fake'\n")
+    (bin_dir / "python").write_text(FAKE_PYTHON % sys.executable)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    pid_file = tmp_path / "pids"
+    port = _free_port_pair()
+    env = {"MODEL_PATH": "/m", "BASE_PORT": str(port), "PYTHON": str(bin_dir / "python"),
+           "LOG_DIR": str(tmp_path / "logs"), "ADVERTISE_HOST": "localhost",
+           "FAKE_PIDS": str(pid_file), "FAKE_CRASH_PORT": "", "FAKE_HANG_PORT": ""}
+
+    def pids() -> list[int]:
+        return [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+
+    yield env, pids, f"{bin_dir}:{BARE_PATH}"
+    for pid in pids():
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+def _wait_dead(pids, timeout_s=10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def test_fleet_start_failure_stops_the_servers_already_started(fake_fleet):
+    env, pids, path = fake_fleet
+    env.update(NUM_SERVERS="2", FAKE_CRASH_PORT=str(int(env["BASE_PORT"]) + 1))
+    out = _run("launch/sglang_fleet.sh", env, path=path)
+    assert out.returncode == 1, out.stderr
+    assert "server 1 exited during start-up" in out.stderr
+    assert len(pids()) == 2
+    assert _wait_dead(pids()) == [], "server 0 kept running after the failed start"
+
+
+def test_fleet_sigterm_during_start_up_stops_the_servers_and_exits_143(fake_fleet):
+    env, pids, path = fake_fleet
+    env.update(NUM_SERVERS="1", FAKE_HANG_PORT=env["BASE_PORT"])
+    proc = subprocess.Popen([BASH, os.path.join(ROOT, "launch/sglang_fleet.sh")], cwd=ROOT,
+                            env={"PATH": path, "HOME": "/tmp", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids(), "the fake server never started"
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr
+    assert "exited during start-up" not in stderr and "error" not in stderr, stderr
+    assert "stopping 1 server(s)" in stdout
+    assert _wait_dead(pids()) == []
+
+
+def test_fleet_started_servers_keep_running_after_a_normal_exit(fake_fleet):
+    env, pids, path = fake_fleet
+    env.update(NUM_SERVERS="2")
+    out = _run("launch/sglang_fleet.sh", env, path=path)
+    assert out.returncode == 0, out.stderr
+    assert "FLEET_URLS=http://localhost:" in out.stdout and "stopping" not in out.stdout
+    assert len(pids()) == 2 and all(_alive(p) for p in pids())

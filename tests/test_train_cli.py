@@ -112,3 +112,77 @@ def test_malformed_replay_line_names_line_and_field(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "replay.jsonl:2" in out.stderr and samples[1].sample_id in out.stderr
+
+
+def run_train(*args, timeout=120):
+    """`python -m clawjax.train ARGS`; a run that does not end within `timeout` fails the test."""
+    try:
+        return subprocess.run([sys.executable, "-m", "clawjax.train", *args], cwd=ROOT,
+                              env=env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"python -m clawjax.train {' '.join(args)} still ran after {timeout} s: "
+                    f"{(e.stderr or b'')[-2000:]!r}")
+
+
+def assert_refused(out, *named):
+    """Exit 2 with one `error: ...` line naming `named`, no traceback."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    for name in named:
+        assert name in lines[0], (name, lines[0])
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--config.publish.nope=x", ["unknown config key publish.nope", "every_steps", "urls"]),
+    ("--config.trainer.lrr=1e-3", ["unknown config key trainer.lrr", "did you mean trainer.lr?"]),
+    ("--config.nope.deeper=1", ["unknown config key nope", "publish"]),
+])
+def test_unknown_config_key_is_one_line_and_exit_2(tmp_path, flag, named):
+    out = run_train("--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path / 'w'}", flag)
+    assert_refused(out, *named)
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_value_on_the_default_path_is_refused_before_touching_the_workdir(tmp_path):
+    """The default (local) run moves an earlier run's files aside and warm-starts: a bad value
+    must stop it before either (the warm start is kept tiny in case it does not)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    out = run_train(f"--config.workdir={workdir}", "--config.method=foo",
+                    "--config.warmstart.steps=1", "--config.warmstart.examples=50")
+    assert_refused(out, "'method' = 'foo'", "'rl', 'opd', 'combine'")
+    assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]  # no previous/, warmstart/, xla_cache/
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--config.distributed.enabled=True", "--config.distributed.local_device_ids=0,x"],
+     ["'distributed.local_device_ids' = '0,x'"]),
+    (["--config.trainer.max_staleness=1"], ["'trainer.max_staleness' = 1", "replay"]),
+])
+def test_bad_values_are_refused_before_any_side_effect(tmp_path, extra, named):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(4, seed=15))
+    out = run_train(*train_cmd(tmp_path / "w", replay, 1, *extra)[3:])
+    assert_refused(out, *named)
+    assert not (tmp_path / "w").exists()  # not even xla_cache/
+
+
+def test_a_refused_workdir_gets_no_compile_cache(tmp_path):
+    """`require_fresh` says "nothing was changed": the compilation cache is not created first."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(4, seed=16))
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    out = run_train(*train_cmd(workdir, replay, 1)[3:])
+    assert_refused(out, "'trainer.resume' = False", "nothing was changed")
+    assert sorted(os.listdir(workdir)) == ["checkpoints"]
+
+
+def test_no_sample_source_is_refused_instead_of_waiting_forever(tmp_path):
+    out = run_train("--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path / 'w'}",
+                    "--config.trainer.take_timeout_s=1", timeout=90)
+    assert_refused(out, "'replay' = ''", "buffer.address")
+    assert not (tmp_path / "w").exists()

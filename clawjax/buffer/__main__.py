@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     token = None
     if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            print(f"error: --token-file {args.token_file}: {e.strerror}", file=sys.stderr)
+            return 2
         if not token:
             print(f"error: --token-file {args.token_file} is empty", file=sys.stderr)
             return 2
