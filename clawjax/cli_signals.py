@@ -22,6 +22,9 @@ from typing import Any
 
 Close = Callable[[], Awaitable[Any]]
 
+# The --log-level choices of every command line (parsed with `type=str.lower`: INFO works too).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def record_stop_signals(notice: str = "") -> list[int]:
     """For synchronous mains: installs SIGINT / SIGTERM handlers that only append the signal's

@@ -14,9 +14,7 @@ import logging
 import os
 import sys
 
-from clawjax.cli_signals import serve_app_until_signal
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+from clawjax.cli_signals import LOG_LEVELS, serve_app_until_signal
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

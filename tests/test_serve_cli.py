@@ -1,4 +1,4 @@
-"""`python -m clawjax.serve` refuses bad arguments in argument parsing (exit 2, one `error:`
+"""`python -m clawjax.serve` (and the buffer and rollout servers, for --log-level) refuse bad
 line naming the flag) instead of a traceback or a server that starts and refuses everything."""
 
 from __future__ import annotations
@@ -46,3 +46,16 @@ def test_log_levels_are_case_insensitive(model_dir):
                            level]).log_level == level.lower()
     assert parse_args(["--model", str(model_dir), "--port", "1",
                        "--context-length", "2"]).context_length == 2
+
+
+@pytest.mark.parametrize("module,args", [
+    ("clawjax.buffer", ["serve", "--dir", "unused"]),
+    ("clawjax.rollout", ["serve", "--port", "1", "--model-dir", "unused", "--policy-url",
+                         "http://127.0.0.1:1", "--judge-url", "http://127.0.0.1:1",
+                         "--buffer", "127.0.0.1:1"]),
+])
+def test_the_other_servers_refuse_an_unknown_log_level_in_parsing(module, args):
+    out = subprocess.run([sys.executable, "-m", module, *args, "--log-level", "verbose"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "argument --log-level: invalid choice: 'verbose'" in out.stderr, out.stderr[-3000:]

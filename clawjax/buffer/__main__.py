@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from clawjax.cli_signals import record_stop_signals
+from clawjax.cli_signals import LOG_LEVELS, record_stop_signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sample-tokens", type=int, default=None,
                    help="tokens per sample (default: clawjax.sample.MAX_TOKENS)")
     s.add_argument("--segment-bytes", type=int, default=64 << 20, help="WAL segment size")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     sub.add_parser("gen-proto", help="regenerate rollout_pb2*.py from rollout.proto")
     return p
 

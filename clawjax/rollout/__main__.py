@@ -13,7 +13,7 @@ import asyncio
 import logging
 import sys
 
-from clawjax.cli_signals import serve_until_signal
+from clawjax.cli_signals import LOG_LEVELS, serve_until_signal
 from clawjax.config import prm_m_for
 from clawjax.sample import MAX_TOPK
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None):
     s.add_argument("--session-expiry-s", type=float, default=600.0,
                    help="idle sessions are closed (as on session_done) after this long")
     s.add_argument("--model-name", default=None, help="model id shown at /v1/models")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port = {args.port}, expected 1..65535")
