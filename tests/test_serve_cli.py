@@ -1,5 +1,6 @@
 """`python -m clawjax.serve` (and the buffer and rollout servers, for --log-level) refuse bad
-line naming the flag) instead of a traceback or a server that starts and refuses everything."""
+arguments in argument parsing (exit 2, one `error:` line naming the flag) instead of a
+traceback or a server that starts and refuses everything."""
 
 from __future__ import annotations
 
