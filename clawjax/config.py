@@ -227,19 +227,18 @@ def _check(ok: bool, key: str, value, expected: str):
         raise ConfigError(key, value, expected)
 
 
-def check_api_key_file(path: str) -> None:
-    """`publish.api_key_file`: "" (no key), or a readable file holding a non-empty key."""
+def check_secret_file(key: str, path: str, holds: str) -> None:
+    """A key naming a secret file (`publish.api_key_file`, `buffer.token_file`): "" (none), or
+    a readable file holding a non-empty `holds`."""
     if not path:
         return
     try:
         with open(path) as f:
-            key = f.read().strip()
+            secret = f.read().strip()
     except OSError as e:
-        raise ConfigError("publish.api_key_file", path,
-                          f"a readable file holding the fleet's API key ({e.strerror}), or '' "
-                          "for a fleet started without API_KEY") from e
-    _check(bool(key), "publish.api_key_file", path,
-           "a file holding the fleet's API key, not an empty one")
+        raise ConfigError(key, path, f"a readable file holding {holds} ({e.strerror}), or '' "
+                          "for none") from e
+    _check(bool(secret), key, path, f"a file holding {holds}, not an empty one")
 
 
 def validate(config) -> None:
@@ -301,7 +300,8 @@ def validate(config) -> None:
            "an integer ≥ 0 (0 = never)")
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
-    check_api_key_file(c.publish.api_key_file)
+    check_secret_file("publish.api_key_file", c.publish.api_key_file, "the fleet's API key")
+    check_secret_file("buffer.token_file", c.buffer.token_file, "the buffer's token")
     _check(c.gate.rollback in GATE_ROLLBACK, "gate.rollback", c.gate.rollback,
            f"one of {GATE_ROLLBACK}")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")

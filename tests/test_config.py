@@ -1,5 +1,6 @@
 """`clawjax.config.validate`: every bad value is a `ConfigError` naming its key (never a bare
-KeyError from a lookup), including combinations that would hang a run and `publish.api_key_file`."""
+KeyError from a lookup), including combinations that would hang a run and the secret files
+(`publish.api_key_file`, `buffer.token_file`)."""
 
 from __future__ import annotations
 
@@ -45,15 +46,16 @@ def test_publish_api_key_file_defaults_to_no_key():
     config_lib.validate(tiny())
 
 
-def test_publish_api_key_file_must_hold_a_key(tmp_path):
+@pytest.mark.parametrize("key", ["publish.api_key_file", "buffer.token_file"])
+def test_a_secret_file_must_hold_a_secret(tmp_path, key):
     missing = tmp_path / "missing.key"
-    e = refused(tiny(**{"publish.api_key_file": str(missing)}))
-    assert e.key == "publish.api_key_file" and str(missing) in str(e)
+    e = refused(tiny(**{key: str(missing)}))
+    assert e.key == key and str(missing) in str(e)
     assert "No such file" in str(e)
     empty = tmp_path / "empty.key"
     empty.write_text(" \n")
-    e = refused(tiny(**{"publish.api_key_file": str(empty)}))
-    assert e.key == "publish.api_key_file" and "not an empty one" in str(e)
-    key = tmp_path / "fleet.key"
-    key.write_text("secret\n")
-    config_lib.validate(tiny(**{"publish.api_key_file": str(key)}))
+    e = refused(tiny(**{key: str(empty)}))
+    assert e.key == key and "not an empty one" in str(e)
+    secret = tmp_path / "fleet.key"
+    secret.write_text("secret\n")
+    config_lib.validate(tiny(**{key: str(secret)}))
