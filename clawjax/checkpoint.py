@@ -4,7 +4,13 @@ A checkpoint at `directory/<step>/` holds two items:
   state — the array pytree (params, optimizer state, step, RNG), restored with the shardings of
           an abstract target so every array lands directly on its devices;
   meta  — a JSON dict (data-source position, policy version, sample ids whose update is in this
-          checkpoint but which are not yet acknowledged to the buffer).
+          checkpoint but which are not yet acknowledged to the buffer, and what the state was
+          built for: the model config and parameter dtype, checked on restore: `expect`).
+
+Beside the steps, `directory/gate.json` records the regression gate's decisions
+(`record_gate`): the last accepted step, its probe score, and a refused candidate not yet rolled
+back. A resume reads it (`gate_record`) so that it never starts from a candidate the gate
+refused or has not decided on as if it had been accepted.
 
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the write
 continues in the background. The trainer acknowledges samples only once the checkpoint holding
@@ -14,11 +20,17 @@ their update is committed, so `save(..., on_commit=fn)` runs `fn` from a later `
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger(__name__)
+GATE_RECORD = "gate.json"
 
 
 class CheckpointError(RuntimeError):
@@ -26,26 +38,62 @@ class CheckpointError(RuntimeError):
 
 
 class _KeepProtected:
-    """An orbax preservation policy: keeps the checkpoints of `owner.protected_steps`."""
+    """An orbax preservation policy: keeps the checkpoints of `owner.protected_steps` and the
+    newest checkpoint at or below `owner.protected_floor` (None: no such one)."""
 
     def __init__(self, owner: "Checkpointer"):
         self.owner = owner
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        protected = self.owner.protected_steps
+        protected, floor = self.owner.protected_steps, self.owner.protected_floor
+        below = [info.step for info in checkpoints if floor is not None and info.step <= floor]
+        if below:
+            protected = protected | {max(below)}
         return [info.step in protected for info in checkpoints]
+
+
+def _differences(key: str, saved: Any, expected: Any) -> list[str]:
+    """`"key.field = saved in the checkpoint, expected now"` for each field where `saved`
+    differs from `expected` (JSON values; dicts are compared field by field, and a field the
+    saved dict lacks, written by an older version, is not compared)."""
+    expected = json.loads(json.dumps(expected))  # the form the checkpoint's meta has
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return [line for field in sorted(saved)
+                for line in _differences(f"{key}.{field}", saved[field], expected.get(field))]
+    if saved == expected:
+        return []
+    return [f"{key} = {saved!r} in the checkpoint, {expected!r} now"]
+
+
+def _write_json_durably(path: str, obj: Any) -> None:
+    """Replaces `path` by `obj` as JSON atomically (a temporary file, fsynced, renamed over it,
+    the directory fsynced): a crash leaves the old content or the new, never a mix."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Checkpointer:
     """Wraps an orbax `CheckpointManager` over `directory` keeping the newest `keep` steps,
-    and also the steps `protect(steps)` names (the regression gate's rollback target and the
-    candidates it has yet to decide on), however old they get."""
+    and also what `protect` names (the regression gate's rollback target, the candidates it has
+    yet to decide on, the newest checkpoint at or below its accepted step), however old."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep = {keep!r}, expected an integer ≥ 1")
         self.directory = os.path.abspath(directory)
         self.protected_steps: frozenset[int] = frozenset()
+        self.protected_floor: int | None = None
         preserve = cm.AnyPreservationPolicy([cm.preservation_policy.LatestN(keep),
                                              _KeepProtected(self)])
         options = ocp.CheckpointManagerOptions(
@@ -54,11 +102,42 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "meta"))
         self._pending: list[Callable[[], None]] = []
 
-    def protect(self, steps) -> None:
-        """Keeps the checkpoints of `steps` (an iterable of ints) through later saves; steps
-        protected before and not named now are pruned like any other from the next save on.
-        Safe to call from any thread (one attribute is replaced)."""
+    def protect(self, steps, at_or_below: int | None = None) -> None:
+        """Keeps the checkpoints of `steps` (an iterable of ints), and the newest checkpoint at
+        or below `at_or_below` when given, through later saves; steps protected before and not
+        named now are pruned like any other from the next save on. Safe to call from any thread
+        (attributes are replaced, never mutated)."""
+        self.protected_floor = None if at_or_below is None else int(at_or_below)
         self.protected_steps = frozenset(int(s) for s in steps)
+
+    # ------------------------------------------------------------------ gate record
+    def record_gate(self, accepted_step: int, serving_score: float,
+                    refused_step: int | None = None) -> None:
+        """Durably records the regression gate's state (`directory/gate.json`, replaced
+        atomically; written by process 0 only, the one that writes the checkpoints): the last
+        accepted step and its probe score, and a refused candidate (None once rolled back)."""
+        if jax.process_index() != 0:
+            return
+        record = {"accepted_step": int(accepted_step), "serving_score": float(serving_score),
+                  "refused_step": None if refused_step is None else int(refused_step)}
+        _write_json_durably(os.path.join(self.directory, GATE_RECORD), record)
+
+    def gate_record(self) -> dict | None:
+        """The last `record_gate` (a dict of its arguments), or None when there is none (the
+        gate was off, or the checkpoints predate the record). Raises `CheckpointError` on an
+        unreadable record."""
+        path = os.path.join(self.directory, GATE_RECORD)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            int(record["accepted_step"]), float(record["serving_score"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{path} cannot be read: {type(e).__name__}: {e} (expected the JSON object "
+                "record_gate writes: accepted_step, serving_score, refused_step)") from e
+        return record
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, meta: dict, on_commit: Callable[[], None] | None = None):
@@ -112,17 +191,52 @@ class Checkpointer:
             self._manager.delete(s)
         return gone
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    def restore_meta(self, step: int) -> dict:
+        """The meta of checkpoint `step`, without its arrays. Raises `CheckpointError` when it
+        cannot be read."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for unreadable/corrupt data
+            raise CheckpointError(
+                f"checkpoint step {step} under {self.directory!r} cannot be restored: "
+                f"{type(e).__name__}: {e}") from e
+        return dict(restored["meta"])
+
+    def check_meta(self, step: int, meta: dict, expect: dict) -> None:
+        """Raises `CheckpointError` naming every field where `meta` (checkpoint `step`'s)
+        differs from `expect` (meta key -> the value this run saves). A key the checkpoint
+        lacks (saved before it was recorded) is not checked, and logged."""
+        differences = []
+        for key, expected in expect.items():
+            if key not in meta:
+                log.info("checkpoint step %d has no %r in its meta (saved before it was "
+                         "recorded): not checked", step, key)
+                continue
+            differences += _differences(key, meta[key], expected)
+        if differences:
+            raise CheckpointError(
+                f"checkpoint step {step} under {self.directory!r} was saved for another model: "
+                + "; ".join(differences) + " (expected the model config and dtype it was "
+                "saved with: resume with that config, or start a new run in another workdir)")
+
+    def restore(self, abstract_state: Any, step: int | None = None,
+                expect: dict | None = None) -> tuple[Any, dict, int]:
         """Restores `(state, meta, step)`; `step=None` takes the latest.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) shaped like the
-        saved state. Raises `CheckpointError` when there is no checkpoint or it cannot be read.
+        saved state. `expect` (meta key -> value, e.g. the model config) is checked against the
+        checkpoint's meta before any array is read (`check_meta`): orbax would otherwise cast a
+        state saved for another model into this one. Raises `CheckpointError` when there is no
+        checkpoint, it cannot be read, or it does not match `expect`.
         """
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise CheckpointError(
                     f"trainer.resume=True but no checkpoint exists under {self.directory!r}")
+        if expect:
+            self.check_meta(step, self.restore_meta(step), expect)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

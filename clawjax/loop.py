@@ -7,11 +7,18 @@ committed. On resume, the restored checkpoint's `unacked_ids` are acknowledged f
 and skipped if delivered again; samples trained after the checkpoint were never acknowledged, so
 the source delivers them again and they are trained from the restored state. `trained.jsonl`
 keeps the ids per step of the surviving lineage (lines after the restored step are dropped).
+
+With the regression gate, a candidate is checkpointed before the gate decides on it. Each
+decision is recorded durably (`Checkpointer.record_gate`: the last accepted step and its probe
+score, a refusal not yet rolled back), and a resume never takes a refused or undecided
+checkpoint as the accepted policy: one newer than the last accepted step is decided first
+(`_resume_gated`), and a refusal rolls back as at run time.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -162,6 +169,7 @@ class TrainLoop:
             self.gate = make_gate(config, self.graphdef, self.model_config.vocab_size)
         self.extra_metrics = extra_metrics
         self.gate_refusals = 0
+        self._record_lock = threading.Lock()  # one gate record written at a time
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
@@ -191,12 +199,12 @@ class TrainLoop:
         self._gate_refused = None  # (GateDecision, candidate step)
         self._gate_score_s = 0.0  # scoring the last decided candidate (either thread)
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
-        if config.trainer.resume:
-            self.restore()
+        score = self._resume() if config.trainer.resume else None
         if self.gate is not None:  # the serving policy is the one we start from
-            self.gate.accept(self.state.params)
+            self.gate.accept(self.state.params, score)
             self.save_checkpoint()  # no-op when resuming: that step is already saved
             self._keep_good_state()
+            self._record_gate()
         # Metrics are global (the loss of the global batch): process 0 writes metrics.jsonl,
         # TensorBoard and the progress bar; others keep their own file (metrics.process{i}).
         lead = jax.process_index() == 0
@@ -218,15 +226,73 @@ class TrainLoop:
         """The current policy as an `nnx.Module` (shares the train state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params)
 
+    def _model_meta(self) -> dict:
+        """What the train state was built for, saved in each checkpoint's meta and checked on
+        restore: the model config (its weights' part, not training options such as `remat` or
+        `attention`, nor unmodelled config.json keys) and the parameter dtype."""
+        fields = dataclasses.asdict(self.model_config)
+        for option in ("remat", "attention", "extra"):
+            fields.pop(option)
+        return {"model_config": fields, "param_dtype": self.config.model.dtype}
+
     def _load_state(self, step: int | None) -> tuple[dict, int]:
         """Loads checkpoint `step` (None: the latest) into `self.state`, every array on its
-        devices; returns its (meta, step)."""
+        devices; returns its (meta, step). Raises `CheckpointError` if it was saved for another
+        model config or dtype."""
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.state, self.state_shardings)
-        self.state, meta, step = self.checkpointer.restore(abstract, step)
+        self.state, meta, step = self.checkpointer.restore(abstract, step,
+                                                           expect=self._model_meta())
         self._saved_step = step
         return meta, step
+
+    def _resume(self) -> float | None:
+        """`trainer.resume`: restores the latest checkpoint, or with the regression gate on one
+        the gate accepted (`_resume_gated`). Returns the restored policy's probe score when
+        already known (else None)."""
+        record = self.checkpointer.gate_record() if self.gate is not None else None
+        latest = self.checkpointer.latest_step()
+        if record is None or latest is None or latest <= record["accepted_step"]:
+            if self.gate is not None and record is None:
+                log.info("no regression gate record in %s: resuming from the latest "
+                         "checkpoint", self.checkpointer.directory)
+            self.restore()
+            return None
+        return self._resume_gated(latest, record)
+
+    def _resume_gated(self, latest: int, record: dict) -> float | None:
+        """The latest checkpoint is newer than the last accepted step: a candidate saved before
+        the gate decided (or a step trained after one). A refusal recorded for a step up to it
+        stands; otherwise the gate decides now, against the recorded serving score. Passed: it
+        is resumed from. Refused: a rollback as at run time (`rollback`): the train state of
+        the newest checkpoint at or below the accepted step, the newer ones deleted, while the
+        data source, the ids to acknowledge and the drop counts go on from the latest."""
+        accepted, refused = record["accepted_step"], record.get("refused_step")
+        self.restore(latest)
+        if refused is not None and accepted < refused <= latest:
+            verdict = f"the regression gate refused step {refused} before the restart"
+        else:
+            self.gate.accept(None, record["serving_score"])  # the score of the served policy
+            decision = self.gate.check(self.state.params)
+            if decision.passed:
+                log.info("%s for checkpoint step %d (newer than the last accepted step %d): "
+                         "resuming from it", decision.describe(), latest, accepted)
+                return decision.candidate
+            verdict = f"{decision.describe()} for checkpoint step {latest}"
+        target = max((s for s in self.checkpointer.all_steps() if s <= accepted), default=None)
+        if target is None:
+            raise ckpt_lib.CheckpointError(
+                f"{verdict}, but no checkpoint at or below the last accepted step {accepted} "
+                f"is left under {self.checkpointer.directory!r} to roll back to (expected the "
+                "one kept for the gate)")
+        self.gate_refusals += 1
+        log.warning("%s: rolling back to checkpoint step %d (deleting steps %s)", verdict,
+                    target, [s for s in self.checkpointer.all_steps() if s > target])
+        self._load_state(target)
+        self.checkpointer.discard_after(target)
+        self._truncate_trained_log(target)
+        return None
 
     def restore(self, step: int | None = None) -> None:
         """Resumes from checkpoint `step` (default: the latest): the train state, the data
@@ -260,7 +326,7 @@ class TrainLoop:
         # 0): after a restart each process acknowledges all of them (idempotent at the buffer).
         everyone = sorted({i for part in dist_lib.gather_json(ids) for i in part})
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
-                "unacked_ids": everyone, "dropped": dict(self.dropped)}
+                "unacked_ids": everyone, "dropped": dict(self.dropped), **self._model_meta()}
         def committed():
             self.source.commit(ids)
             self._in_hand.difference_update(ids)
@@ -417,9 +483,9 @@ class TrainLoop:
         on, and the rollback happens at the trainer's next step boundary (`settle_gate`)."""
         if self.publisher is None or self.step % self.config.publish.every_steps:
             return
-        check = None
+        check = on_drop = None
         if self.gate is not None and self.gate_in_background:
-            check = self._candidate_check()
+            check, on_drop = self._candidate_check()
         elif self.gate is not None:
             scoring = time.perf_counter()
             decision = self.gate.check(self.state.params)
@@ -428,29 +494,33 @@ class TrainLoop:
                 self.gate_refusals += 1
                 log.warning("%s: rolling back to step %d", decision.describe(),
                             self._good_step)
+                self._record_gate(refused=self.step)
                 self.rollback()
                 return
             self.gate.accept(self.state.params, decision.candidate)
             if self.config.gate.rollback == "checkpoint":
                 self.save_checkpoint()  # the rollback target for a later refusal
             self._keep_good_state()
+            self._record_gate()
         self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
                                      self.model_config, self.policy_version, force=True,
-                                     check=check)
+                                     check=check, on_drop=on_drop)
 
     def _candidate_check(self):
         """The publisher-thread check of the current state as a candidate (`gate.background`).
         What it needs is taken now, before the next update donates the state's buffers: a copy
         of the parameters to score and, for `gate.rollback` "memory", of the whole state (the
         rollback target if accepted); "checkpoint" saves the candidate now (a refusal's
-        rollback discards it). `gate_s` is this trainer-thread part."""
+        rollback discards it). `gate_s` is this trainer-thread part. Returns the publish's
+        `(check, on_drop)`."""
         started = time.perf_counter()
         step, epoch = self.step, self._gate_epoch
         if self.config.gate.rollback == "memory":
             candidate = _device_copy(self.state)
-            params = candidate.params
+            params, on_drop = candidate.params, None
         else:
             candidate, params = None, _device_copy(self.state.params)
+            on_drop = self._candidate_dropped(step)
             with self._gate_lock:
                 self._undecided.add(step)
             self._protect_checkpoints()
@@ -467,15 +537,36 @@ class TrainLoop:
                         return False  # trained on from a refused candidate
                     if not decision.passed:
                         self._gate_refused = (decision, step)
+                        self._record_gate(refused=step)
                         return False
                     self.gate.accept(params, decision.candidate)
                     self._good_step, self._good_state = step, candidate
+                self._record_gate()
                 return True
             finally:
                 self._protect_checkpoints()
 
         self._thread_s["gate_s"] = time.perf_counter() - started
-        return check
+        return check, on_drop
+
+    def _candidate_dropped(self, step: int):
+        """The `on_drop` of candidate `step`'s publish ("checkpoint" mode, background): coalesced
+        away by a newer one, it is never decided, so its checkpoint is no longer kept for the
+        gate (`checkpoint.keep` prunes it like any other; a resume never takes it as accepted)."""
+
+        def dropped() -> None:
+            with self._gate_lock:
+                self._undecided.discard(step)
+            self._protect_checkpoints()
+
+        return dropped
+
+    def _record_gate(self, refused: int | None = None) -> None:
+        """Records the gate's state durably (`Checkpointer.record_gate`), read by a resume: the
+        accepted step and the serving score, and `refused`, a candidate refused but not yet
+        rolled back. Called from either thread, after each decision and each rollback."""
+        with self._record_lock:
+            self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused)
 
     def settle_gate(self) -> bool:
         """Acts on a background gate's refusal, if one came: rolls back to the last accepted
@@ -503,13 +594,14 @@ class TrainLoop:
         self._protect_checkpoints()
 
     def _protect_checkpoints(self) -> None:
-        """`gate.rollback` "checkpoint": keeps the rollback target's checkpoint and those of
-        candidates not yet decided, whatever `checkpoint.keep` prunes (their restore must
-        not find them gone)."""
-        if self.config.gate.rollback == "checkpoint":
-            with self._gate_lock:
-                steps = {self._good_step, *self._undecided}
-            self.checkpointer.protect(steps)
+        """Keeps, whatever `checkpoint.keep` prunes, the newest checkpoint at or below the
+        accepted step (a resume after a crash rolls back to it: `_resume_gated`) and, for
+        `gate.rollback` "checkpoint", the rollback target's checkpoint and those of candidates
+        not yet decided (their restore must not find them gone)."""
+        with self._gate_lock:
+            good, undecided = self._good_step, set(self._undecided)
+        steps = {good, *undecided} if self.config.gate.rollback == "checkpoint" else ()
+        self.checkpointer.protect(steps, at_or_below=good)
 
     def rollback(self) -> None:
         """Back to the last state the gate accepted. Checkpoints newer than it are deleted
@@ -521,6 +613,7 @@ class TrainLoop:
         with self._gate_lock:
             self._undecided.clear()
         self._protect_checkpoints()
+        self._record_gate()  # the refusal is acted on
         if self._good_state is None:
             self._load_state(self._good_step)
         else:

@@ -17,10 +17,14 @@ collective every process joins) and hands the snapshot to a background thread, w
      server (a `Fleet`): a server that fails is reported, marked down and retried by the
      fleet's prober (it gets the newest version when it answers again); it never blocks the
      other servers or training;
-  3. deletes all but the newest `keep` versions.
+  3. deletes all but the newest `keep` versions in publish order (`_prune`): the versions this
+     Publisher wrote, in the order it wrote them, are newer than any it found on disk (left by
+     an earlier process: a resumed run publishes lower numbers than a crashed run reached, since
+     the version is the step). The version just published, the fleet's target, is never deleted.
 A publish due while one is running is coalesced: the newest snapshot waits in a single pending
-slot, an older pending one is dropped and counted (`stats()["coalesced"]`). A crash at any
-point leaves every `publish_dir/v*` complete (staging dirs are removed on the next start).
+slot, an older pending one is dropped, counted (`stats()["coalesced"]`) and its `on_drop` called.
+A crash at any point leaves every `publish_dir/v*` complete (staging dirs are removed on the
+next start; a write that fails removes its own at once).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +135,26 @@ def _write_snapshot(snapshot, graphdef, config, path: Path, dtype) -> None:
     write_hf_checkpoint(config, path, fetch, dtype)
 
 
+@dataclass
+class _Job:
+    """One scheduled publish. `check` (publisher thread, before writing) may veto it; `on_drop`
+    is called instead when it is dropped unpublished without being checked."""
+    step: int
+    graphdef: Any
+    snapshot: tuple
+    config: Any
+    version: int
+    check: Callable[[], bool] | None = None
+    on_drop: Callable[[], None] | None = None
+
+
 class Publisher:
     """Args:
       fleet_or_urls: a list of server URLs (a private `SyncFleet` is made), a `SyncFleet`, an
         async `Fleet` already started on another thread's loop, or None (write only).
       publish_dir: where `v<version>` directories go. every_steps: publish when
-        `step % every_steps == 0` (<= 0: never). keep: newest versions kept on disk (>= 1).
+        `step % every_steps == 0` (<= 0: never). keep: versions kept on disk (>= 1), the newest
+        in publish order (`_by_age`).
       dtype: safetensors dtype. tokenizer_dir: directory whose tokenizer files are copied in.
       fleet_kwargs: passed to the private fleet (timeouts, probe interval).
     """
@@ -160,6 +179,7 @@ class Publisher:
             else:
                 self._fleet = fleet_or_urls
         self._staging = self.publish_dir / ".staging"
+        self._written: list[int] = []  # versions this Publisher wrote, oldest first (`_prune`)
         if self.is_writer:
             self.publish_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash
@@ -180,12 +200,16 @@ class Publisher:
 
     # --- trainer side ------------------------------------------------------------------------
     def maybe_publish(self, step: int, model_or_state, config, policy_version: int,
-                      force: bool = False, check: Callable[[], bool] | None = None) -> bool:
+                      force: bool = False, check: Callable[[], bool] | None = None,
+                      on_drop: Callable[[], None] | None = None) -> bool:
         """Schedules a publish of `model_or_state` (an nnx model or `(graphdef, params)`) as
         `v<policy_version>` when `step` is due (or `force`). Returns whether one was scheduled;
         never waits for disk or servers. `check`, when given, is called in the publisher thread
         before anything is written: False drops this publish (counted as `gated_out`); a
-        publish coalesced away by a newer one is never checked."""
+        publish coalesced away by a newer one (or discarded by `close(wait=False)`) is never
+        checked: its `on_drop` is called instead, in the thread that replaced or discarded it.
+        Every scheduled publish gets exactly one of `check` and `on_drop` called, unless the
+        publisher thread fails before checking it."""
         if not force and (self.every_steps <= 0 or step % self.every_steps != 0):
             return False
         if isinstance(model_or_state, tuple):
@@ -195,14 +219,15 @@ class Publisher:
         snapshot = _snapshot(params, config, self.dtype)
         if not self.is_writer:
             return True
-        job = (step, graphdef, snapshot, config, int(policy_version), check)
+        job = _Job(step, graphdef, snapshot, config, int(policy_version), check, on_drop)
         with self._cv:
             if self._closed:
                 raise RuntimeError("Publisher is closed")
-            if self._pending is not None:
+            replaced, self._pending = self._pending, job
+            if replaced is not None:
                 self._stats["coalesced"] += 1
-            self._pending = job
             self._cv.notify_all()
+        _dropped(replaced)
         return True
 
     def stats(self) -> dict:
@@ -230,11 +255,13 @@ class Publisher:
         """Stops the publisher; with `wait`, the running and pending publishes finish first."""
         if wait and self.is_writer:
             self.wait()
+        discarded = None
         with self._cv:
             self._closed = True
             if not wait:
-                self._pending = None
+                discarded, self._pending = self._pending, None
             self._cv.notify_all()
+        _dropped(discarded)
         if self._thread.is_alive():
             self._thread.join(timeout=None if wait else 5)
         if self._owns_fleet:
@@ -251,27 +278,29 @@ class Publisher:
                 job, self._pending = self._pending, None
                 self._busy = True
             try:
-                self._publish(*job)
+                self._publish(job)
             except Exception as e:  # noqa: BLE001 - reported in stats; training goes on
-                log.exception("publish of version %s failed", job[4])
+                log.exception("publish of version %s failed", job.version)
                 with self._cv:
                     self._stats["failed"] += 1
-                    self._stats["last_error"] = f"v{job[4]}: {e!r}"
+                    self._stats["last_error"] = f"v{job.version}: {e!r}"
             finally:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
 
-    def _publish(self, step, graphdef, snapshot, config, version: int, check) -> None:
-        if check is not None and not check():
+    def _publish(self, job: _Job) -> None:
+        if job.check is not None and not job.check():
             with self._cv:
                 self._stats["gated_out"] += 1
             return
+        step, version = job.step, job.version
         t0 = time.perf_counter()
         path = self.write_version(
-            lambda staging: _write_snapshot(snapshot, graphdef, config, staging, self.dtype),
+            lambda staging: _write_snapshot(job.snapshot, job.graphdef, job.config, staging,
+                                            self.dtype),
             version)
-        del snapshot
+        job.snapshot = None  # the device copies can go
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         t1 = time.perf_counter()
         results = self._update_servers(str(path), str(version))
@@ -289,9 +318,27 @@ class Publisher:
         """Writes `v<version>` atomically and returns its path: `write_checkpoint(staging)`
         writes the model files into a fresh staging directory, the tokenizer files are added,
         everything is fsynced, then renamed into place. An existing `v<version>` is replaced
-        (moved aside first, then removed)."""
+        (moved aside first, then removed). A failed write removes its staging directory and
+        re-raises; `v<version>` is then unchanged. The version becomes the newest in publish
+        order (`_prune`)."""
         staging = self._staging / f"v{version}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
+        try:
+            self._fill_staging(write_checkpoint, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        final = self.publish_dir / f"v{version}"
+        if final.exists():
+            self._retire(final)
+        os.rename(staging, final)
+        _fsync_dir(self.publish_dir)
+        with self._cv:
+            self._written = [v for v in self._written if v != version] + [version]
+        return final
+
+    def _fill_staging(self, write_checkpoint: Callable[[Path], None], staging: Path) -> None:
+        """The model files (`write_checkpoint`), then the tokenizer files, all fsynced."""
         write_checkpoint(staging)
         if self.tokenizer_dir:
             for name in TOKENIZER_FILES:
@@ -299,12 +346,6 @@ class Publisher:
                 if src.is_file():
                     shutil.copy2(src, staging / name)
         _fsync_tree(staging)
-        final = self.publish_dir / f"v{version}"
-        if final.exists():
-            self._retire(final)
-        os.rename(staging, final)
-        _fsync_dir(self.publish_dir)
-        return final
 
     def _update_servers(self, path: str, version: str) -> dict[str, dict]:
         if self._fleet is None:
@@ -316,9 +357,23 @@ class Publisher:
         return self._fleet.update_weights_from_disk(path, version)
 
     def _prune(self) -> None:
-        versions = list_versions(self.publish_dir)
-        for v in versions[:-self.keep]:
+        """Deletes all but the newest `keep` versions in publish order (`_by_age`)."""
+        for v in self._by_age()[:-self.keep]:
             self._retire(self.publish_dir / f"v{v}")
+        with self._cv:
+            on_disk = set(list_versions(self.publish_dir))
+            self._written = [v for v in self._written if v in on_disk]
+
+    def _by_age(self) -> list[int]:
+        """The versions on disk, oldest first: those this Publisher did not write (an earlier
+        process's, by number), then those it wrote in the order it wrote them. Not by number:
+        a resumed run publishes lower numbers than the run it resumes may have left, and its
+        own are the ones the fleet serves. The last one is the version written last."""
+        with self._cv:
+            written = list(self._written)
+        on_disk = list_versions(self.publish_dir)
+        mine = set(written)
+        return [v for v in on_disk if v not in mine] + [v for v in written if v in on_disk]
 
     def _retire(self, version_dir: Path) -> None:
         """Removes a published version without ever leaving it half-deleted under its name:
@@ -327,6 +382,12 @@ class Publisher:
         trash = self._staging / f"old-{version_dir.name}-{uuid.uuid4().hex[:8]}"
         os.rename(version_dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _dropped(job: _Job | None) -> None:
+    """Tells the owner of a publish dropped unchecked (`_Job.on_drop`), if it asked."""
+    if job is not None and job.on_drop is not None:
+        job.on_drop()
 
 
 def publisher_from_config(publish, workdir: str | os.PathLike,

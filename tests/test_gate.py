@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -267,4 +268,133 @@ def test_a_rollback_restores_the_train_state_only(tmp_path, rollback):
         assert [entry["step"] for entry in trained] == [1, 2]
         assert firsts == [loop.source.samples[0].sample_id, loop.source.samples[8].sample_id]
     finally:
+        loop.close()
+
+
+def trained_steps(loop) -> list[int]:
+    with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+@pytest.mark.parametrize("rollback,background", MODES)
+def test_a_crash_before_the_refusal_is_acted_on_resumes_from_an_accepted_step(
+        tmp_path, rollback, background):
+    """The candidate of step 2 is checkpointed before the gate decides (here the
+    `checkpoint.every_steps` save; in the background "checkpoint" mode also the candidate's
+    own), and the process dies before the rollback: in the background modes after the refusal,
+    in the foreground ones before the check. The resume must not take step 2 as the accepted
+    policy: it rolls back as the run would have, to the newest checkpoint at or below the last
+    accepted step (step 1 where accepted states are checkpointed, the initial one in "memory"
+    mode), deletes the newer ones, and publishes nothing of step 2."""
+    loop = gated_loop(tmp_path, rollback, background)
+    start = params_of(loop)
+    loop.train_step(loop.take_samples())
+    publish(loop)  # v1 accepted
+    good = params_of(loop) if rollback == "checkpoint" else start
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    loop.save_checkpoint()
+    if background:
+        loop.maybe_publish()
+        assert loop.publisher.wait(timeout=60) and loop.publisher.stats()["gated_out"] == 1
+    loop.checkpointer.wait()
+    assert loop.checkpointer.latest_step() == 2 and loop.gate_refusals == 0
+    loop.close()  # the crash: nothing acted on the refusal (no settle_gate, no rollback)
+
+    resumed = gated_loop(tmp_path, rollback, background, **{"trainer.resume": True})
+    try:
+        expected = 1 if rollback == "checkpoint" else 0
+        assert resumed.step == expected and resumed.gate_refusals == 1
+        assert max_param_diff(good, params_of(resumed)) == 0.0
+        assert max(resumed.checkpointer.all_steps()) == expected
+        assert trained_steps(resumed) == [1][:expected]
+        assert resumed.gate.serving_score == pytest.approx(
+            resumed.gate.score(resumed.state.params), abs=1e-6)
+        assert resumed.checkpointer.gate_record() == {
+            "accepted_step": expected, "serving_score": resumed.gate.serving_score,
+            "refused_step": None}
+        assert published(resumed) == ["v1"]
+    finally:
+        resumed.close()
+
+
+def test_a_resume_keeps_an_undecided_step_the_gate_passes(tmp_path):
+    """A stop (or crash) after a step the gate has not decided on, healthy: the resume decides
+    it against the recorded serving score and goes on from it, losing no step."""
+    loop = gated_loop(tmp_path, "checkpoint", True, **{"publish.every_steps": 2})
+    loop.train_step(loop.take_samples())
+    loop.save_checkpoint()
+    loop.checkpointer.wait()
+    after = params_of(loop)
+    record = loop.checkpointer.gate_record()
+    assert record["accepted_step"] == 0 and record["refused_step"] is None
+    loop.close()
+    resumed = gated_loop(tmp_path, "checkpoint", True,
+                         **{"publish.every_steps": 2, "trainer.resume": True})
+    try:
+        assert resumed.step == 1 and resumed.gate_refusals == 0
+        assert max_param_diff(after, params_of(resumed)) == 0.0
+        assert resumed.checkpointer.all_steps() == [0, 1] and trained_steps(resumed) == [1]
+        assert resumed.checkpointer.gate_record()["accepted_step"] == 1
+    finally:
+        resumed.close()
+
+
+def test_memory_mode_keeps_the_newest_checkpoint_at_or_below_the_accepted_step(tmp_path):
+    """`gate.rollback = "memory"` keeps the accepted state on device only: the checkpoint a
+    resume rolls back to is the newest at or below it, kept through `checkpoint.keep = 1`."""
+    loop = gated_loop(tmp_path, "memory", False,
+                      **{"publish.every_steps": 3, "checkpoint.keep": 1})
+    start = params_of(loop)
+    for i in range(3):
+        loop.train_step(loop.take_samples())
+        if i == 2:
+            corrupt(loop)
+        loop.save_checkpoint()
+    loop.checkpointer.wait()
+    assert loop.checkpointer.all_steps() == [0, 3]  # 0: the accepted step's
+    loop.close()  # the crash: before the gate scored step 3
+    resumed = gated_loop(tmp_path, "memory", False, **{
+        "publish.every_steps": 3, "checkpoint.keep": 1, "trainer.resume": True})
+    try:
+        assert resumed.step == 0 and resumed.gate_refusals == 1
+        assert max_param_diff(start, params_of(resumed)) == 0.0
+        assert resumed.checkpointer.all_steps() == [0]
+    finally:
+        resumed.close()
+
+
+def test_a_coalesced_candidate_is_no_longer_protected(tmp_path):
+    """Background "checkpoint" mode: a candidate whose publish is replaced by a newer one while
+    the gate scores another is never decided; its checkpoint must not stay protected, or
+    `checkpoint.keep` is never honoured for it."""
+    loop = gated_loop(tmp_path, "checkpoint", True, **{"checkpoint.keep": 1})
+    loop.source.put(make_samples(40, seed=40))
+    real_check, release, scoring = loop.gate.check, threading.Event(), threading.Event()
+
+    def slow_check(params):  # the first candidate's scoring takes until released
+        scoring.set()
+        assert release.wait(60)
+        return real_check(params)
+
+    loop.gate.check = slow_check
+    try:
+        for step in (1, 2, 3):  # 2 waits behind 1 and is replaced by 3
+            loop.train_step(loop.take_samples())
+            loop.maybe_publish()
+            assert scoring.wait(60)
+            assert loop.settle_gate() is False
+        assert loop.publisher.stats()["coalesced"] == 1
+        assert 2 not in loop._undecided and 2 not in loop.checkpointer.protected_steps
+        release.set()
+        assert loop.publisher.wait(timeout=60) and not loop.settle_gate()
+        assert published(loop) == ["v1", "v3"] and loop._undecided == set()
+        for _ in range(2):
+            loop.train_step(loop.take_samples())
+            publish(loop)
+        loop.checkpointer.wait()
+        assert loop.step == 5 and loop.checkpointer.protected_steps == {5}
+        assert loop.checkpointer.all_steps() == [4, 5]  # keep 1, + the pre-decision good step
+    finally:
+        release.set()
         loop.close()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import httpx
@@ -194,6 +195,140 @@ def test_a_crash_while_pruning_leaves_no_half_deleted_version(tmp_path, monkeypa
     assert cm.from_pretrained(out / "v2", dtype=jnp.float32)[1] == config  # v2 is whole
     Publisher(None, out, every_steps=1).close()
     assert os.listdir(out / ".staging") == [] and list_versions(out) == [2]
+
+
+def _tiny():
+    config = cm.ModelConfig.from_hf(dict(
+        model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        max_position_embeddings=64, tie_word_embeddings=False))
+    return cm.init_random(config, seed=0), config
+
+
+def _publish_all(pub, model, config, versions) -> list[list[int]]:
+    """Publishes `versions` one at a time; the versions on disk after each."""
+    seen = []
+    for v in versions:
+        assert pub.maybe_publish(v, model, config, policy_version=v, force=True)
+        assert pub.wait(60)
+        assert pub.stats()["last_version"] == v, pub.stats()["last_error"]
+        seen.append(list_versions(pub.publish_dir))
+    return seen
+
+
+def test_a_resumed_run_prunes_in_publish_order_not_by_number(tmp_path):
+    """The version is the step: a run resumed from its step-10 checkpoint publishes v10, v12
+    while the crashed run left v14, v16. Pruning by number deleted the version just published
+    (the fleet's target) and kept the dead run's; by publish order the dead run's go first."""
+    model, config = _tiny()
+    out = tmp_path / "pub"
+    crashed = Publisher(None, out, every_steps=2, keep=2)
+    _publish_all(crashed, model, config, range(2, 18, 2))
+    crashed.close()
+    assert list_versions(out) == [14, 16]
+    resumed = Publisher(None, out, every_steps=2, keep=2)
+    try:
+        assert _publish_all(resumed, model, config, [10, 12, 14]) == [
+            [10, 16], [10, 12], [12, 14]]
+        assert _is_complete_tiny(out / "v14", config)
+    finally:
+        resumed.close()
+
+
+def test_a_new_run_keeps_its_versions_over_a_dead_runs(tmp_path):
+    """A run that died before its first checkpoint left v6, v8: a new run's v2, v4 stay."""
+    model, config = _tiny()
+    out = tmp_path / "pub"
+    dead = Publisher(None, out, every_steps=2, keep=2)
+    _publish_all(dead, model, config, [2, 4, 6, 8])
+    dead.close()
+    new = Publisher(None, out, every_steps=2, keep=2)
+    try:
+        assert _publish_all(new, model, config, [2, 4, 6]) == [[2, 8], [2, 4], [4, 6]]
+    finally:
+        new.close()
+
+
+def _is_complete_tiny(path, config) -> bool:
+    return cm.from_pretrained(path, dtype=jnp.float32)[1] == config
+
+
+def test_a_failed_write_removes_its_staging_directory(tmp_path, monkeypatch):
+    """A write that fails after its bytes hit the disk (ENOSPC) leaves nothing in `.staging`
+    and no version; the failure is counted and the next publish works."""
+    import errno
+
+    import clawjax.publish as publish_mod
+
+    model, config = _tiny()
+    out = tmp_path / "pub"
+    pub = Publisher(None, out, every_steps=1, keep=2)
+    real_write = publish_mod._write_snapshot
+
+    def failing_write(snapshot, graphdef, config, path, dtype):
+        real_write(snapshot, graphdef, config, path, dtype)
+        assert os.listdir(path)  # the partial version is in staging ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... when the write fails
+
+    try:
+        monkeypatch.setattr(publish_mod, "_write_snapshot", failing_write)
+        for v in (1, 2):
+            pub.maybe_publish(v, model, config, policy_version=v)
+            assert pub.wait(60)
+        assert pub.stats()["failed"] == 2 and "No space left" in pub.stats()["last_error"]
+        assert os.listdir(out / ".staging") == [] and list_versions(out) == []
+        def half_written(staging):
+            (staging / "model.safetensors").write_bytes(b"partial")
+            raise ValueError("bad tensor")
+
+        with pytest.raises(ValueError, match="bad tensor"):  # write_version called directly
+            pub.write_version(half_written, 3)
+        assert os.listdir(out / ".staging") == [] and list_versions(out) == []
+        monkeypatch.undo()
+        assert _publish_all(pub, model, config, [4]) == [[4]]
+        assert os.listdir(out / ".staging") == []
+    finally:
+        pub.close()
+
+
+def test_a_coalesced_publish_calls_its_on_drop_not_its_check(tmp_path):
+    """Every scheduled publish gets exactly one of `check` (it reached the publisher thread)
+    and `on_drop` (replaced by a newer one while waiting, or discarded by close(wait=False))."""
+    model, config = _tiny()
+    pub = Publisher(None, tmp_path / "pub", every_steps=1, keep=3)
+    release, checked, dropped = threading.Event(), [], []
+
+    def check_of(v):
+        def check():
+            checked.append(v)
+            return release.wait(60)
+        return check
+
+    def schedule(v):
+        assert pub.maybe_publish(v, model, config, policy_version=v, check=check_of(v),
+                                 on_drop=lambda: dropped.append(v))
+
+    try:
+        schedule(1)
+        deadline = time.monotonic() + 60
+        while not checked and time.monotonic() < deadline:  # v1 is being checked
+            time.sleep(0.01)
+        schedule(2)
+        schedule(3)  # replaces v2, which was waiting
+        assert dropped == [2]
+        release.set()
+        assert pub.wait(60)
+        assert checked == [1, 3] and dropped == [2]
+        assert pub.stats()["coalesced"] == 1 and list_versions(tmp_path / "pub") == [1, 3]
+        release.clear()
+        schedule(4)
+        while checked[-1] != 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        schedule(5)  # pending when the publisher is closed without waiting
+        threading.Timer(0.5, release.set).start()
+    finally:
+        pub.close(wait=False)
+    assert checked == [1, 3, 4] and dropped == [2, 5]
 
 
 def test_publisher_argument_errors(tmp_path):

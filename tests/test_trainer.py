@@ -292,3 +292,54 @@ def test_a_replay_file_smaller_than_one_step_is_refused_at_start_up(tmp_path):
     with pytest.raises(ValueError, match=r"replay = .* holds 3 samples, expected at least "
                                          r"trainer.samples_per_step = 4"):
         TrainLoop(config)
+
+
+def _resume(workdir, **overrides) -> TrainLoop:
+    source = QueueSource()
+    source.put(make_samples(8, seed=1))
+    return TrainLoop(tiny_config(workdir, **{"trainer.samples_per_step": 4,
+                                             "trainer.resume": True, **overrides}),
+                     source=source)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config_or_dtype(tmp_path):
+    """Same parameter shapes, other rope_theta / rms_norm_eps / dtype: orbax would cast the
+    state (Adam moments included) into the new model; the resume names every difference."""
+    from clawjax.checkpoint import CheckpointError
+    from clawjax.model import ModelConfig
+
+    loop = one_step(tmp_path, "run", make_samples(8, seed=1), **{"trainer.samples_per_step": 4})
+    loop.save_checkpoint()
+    loop.close()
+    hf = dict(loop.config.model.hf_config)
+    saved = ModelConfig.from_hf(hf)
+    hf.update(rope_theta=1_000_000.0, rms_norm_eps=1e-2)
+    with pytest.raises(CheckpointError) as info:
+        _resume(tmp_path / "run", **{"model.dtype": "bfloat16", "model.hf_config": hf})
+    message = str(info.value)
+    for difference in (
+            "checkpoint step 1 under",
+            f"model_config.rope_theta = {saved.rope_theta!r} in the checkpoint, 1000000.0 now",
+            f"model_config.rms_norm_eps = {saved.rms_norm_eps!r} in the checkpoint, 0.01 now",
+            "param_dtype = 'float32' in the checkpoint, 'bfloat16' now"):
+        assert difference in message, message
+    # A training option (not the weights') may change on resume.
+    loop = _resume(tmp_path / "run", **{"model.remat": True})
+    assert loop.step == 1
+    loop.close()
+
+
+def test_a_checkpoint_saved_before_the_model_meta_still_resumes(tmp_path, caplog):
+    loop = one_step(tmp_path, "run", make_samples(8, seed=1), **{"trainer.samples_per_step": 4})
+    loop._model_meta = lambda: {}  # what an older version saved
+    loop.save_checkpoint()
+    loop.checkpointer.wait()
+    saved = params_of(loop)
+    loop.close()
+    with caplog.at_level("INFO", logger="clawjax.checkpoint"):
+        resumed = _resume(tmp_path / "run")
+    try:
+        assert resumed.step == 1 and max_param_diff(saved, params_of(resumed)) == 0.0
+        assert "has no 'model_config' in its meta" in caplog.text
+    finally:
+        resumed.close()

@@ -74,6 +74,21 @@ def test_require_fresh_names_the_key_and_the_latest_step(tmp_path):
     workdir_lib.require_fresh(str(tmp_path), resume=True)
 
 
+def test_require_fresh_refuses_a_workdir_with_an_earlier_runs_published_versions(tmp_path):
+    """A run that died before its first checkpoint leaves only `publish/v*`: a new run there
+    would mix its versions with the dead run's (and had them pruned first)."""
+    make_files(tmp_path, ["publish/.staging/v9-abc/x", "publish/notes.txt"])
+    workdir_lib.require_fresh(str(tmp_path), resume=False)  # no version: fine
+    make_files(tmp_path, ["publish/v6/config.json", "publish/v8/config.json"])
+    assert workdir_lib.published_versions(str(tmp_path)) == [6, 8]
+    with pytest.raises(ConfigError, match=r"'workdir' = .*, expected a workdir without an "
+                                          r"earlier run's files: .*publish holds its published "
+                                          r"versions \['v6', 'v8'\]"):
+        workdir_lib.require_fresh(str(tmp_path), resume=False)
+    assert workdir_lib.published_versions(str(tmp_path)) == [6, 8]  # nothing changed
+    workdir_lib.require_fresh(str(tmp_path), resume=True)
+
+
 def test_training_twice_in_a_workdir_without_resume_is_refused_and_changes_nothing(tmp_path):
     """README's replay example run twice: the second run stops with the message before writing
     anything; with `trainer.resume=True` it continues instead."""
