@@ -175,9 +175,41 @@ class LocalRun:
     stack: LocalStack
 
 
+# The keys the local run sets to its own stack's values (`start_local`), and what each is there.
+LOCAL_RUN_KEYS = {
+    "model.path": "the warm-started policy (workdir/warmstart)",
+    "buffer.address": "the local stack's rollout buffer",
+    "publish.urls": "the local stack's policy server",
+    "replay": "the samples, through the local stack's rollout buffer",
+}
+
+
+def _value(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_local_keys(config) -> None:
+    """Raises `ConfigError` for the first of `LOCAL_RUN_KEYS` not at its `base_config()`
+    default (''): the local run (`start_local`) supplies it, and would otherwise replace the
+    user's value without a word (or fail late). No side effect: `start_local` runs it before
+    any; `clawjax.train.check_start` may run it first when `rollout.local`."""
+    base = config_lib.base_config()
+    for key, supplied in LOCAL_RUN_KEYS.items():
+        value, default = _value(config, key), _value(base, key)
+        if value != default:
+            raise config_lib.ConfigError(
+                key, value, f"{default!r} in the local run (rollout.local = True), which "
+                f"supplies {supplied} (--config.rollout.local=False to use your own)")
+
+
 def start_local(config) -> LocalRun:
     """Warm start (cached), start the local stack, and point `config` at it (model path,
-    buffer address, publish URL, gate probe). Shared by the default and the sequential run."""
+    buffer address, publish URL, gate probe). Shared by the default and the sequential run.
+    `check_local_keys` first: a value of one of those keys given by the user is refused
+    before anything is touched."""
+    check_local_keys(config)
     share_accelerator()  # before the warm start, this process's first JAX computation
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -129,6 +129,10 @@ class TrainLoop:
         `clawjax.gate.RegressionGate`) default to what the config describes; `extra_metrics`
         is called once per step and its dict is merged into the step's metrics."""
         config_lib.validate(config)
+        log_every = config.trainer.log_every
+        if not (isinstance(log_every, int) and log_every >= 1):
+            raise config_lib.ConfigError("trainer.log_every", log_every,
+                                         "an integer ≥ 1 (write metrics every this many steps)")
         config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
@@ -174,6 +178,7 @@ class TrainLoop:
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
         self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
+        self._unwritten = None  # (step, metrics) trained, not yet written (`_log_step`)
         self.unacked: list[str] = []  # trained since the last checkpoint save started
         self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
@@ -352,12 +357,19 @@ class TrainLoop:
         return None
 
     def take_samples(self) -> list[Sample]:
-        """Blocks until `samples_per_step` admissible samples are in hand (or a stop)."""
+        """Blocks until `samples_per_step` admissible samples are in hand; returns them, or []
+        on a stop that comes first (those in hand go back to the source untrained,
+        `source.release`: a step is never trained short). Raises `ConfigError` (`replay`) when
+        a looping source starts over before the step is full (a sample would repeat)."""
         want = self.config.trainer.samples_per_step
         out: list[Sample] = []
+        seen: set[str] = set()  # every id taken for this step, admitted or not
         while len(out) < want and not self.stopping:
             got = self.source.take(want - len(out), self.config.trainer.take_timeout_s)
             for s in got:
+                if self.source.loops and s.sample_id in seen:
+                    raise sources.replay_wrapped_error(self.source.path, len(out), want)
+                seen.add(s.sample_id)
                 if s.sample_id in self.skip_ids:  # in a restored checkpoint already
                     self.source.commit([s.sample_id])
                     continue
@@ -374,6 +386,11 @@ class TrainLoop:
                     self.source.reject(s, reason)
             self.source.keepalive()
             self.checkpointer.poll()
+        if len(out) < want:  # stopped first
+            log.info("stopping: %d of %d samples of the next step given back untrained",
+                     len(out), want)
+            self.source.release(out)
+            return []
         return out
 
     def pack(self, samples: list[Sample]):
@@ -430,13 +447,31 @@ class TrainLoop:
         """Trains to `trainer.steps` (or a stop). With a background gate, the last candidate's
         decision is awaited at the end: a refusal rolls back and training resumes (after a
         stop it still rolls back, so the final checkpoint is never a refused trajectory)."""
-        while True:
-            self._run_steps()
-            rolled_back = self._settle_last_candidate()
-            if self.stopping or not rolled_back:
-                break
+        try:
+            while True:
+                self._run_steps()
+                rolled_back = self._settle_last_candidate()
+                if self.stopping or not rolled_back:
+                    break
+        finally:
+            self._flush_metrics()  # the step the run stopped at (a stop, an error)
         self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
+
+    def _log_step(self, metrics: dict) -> None:
+        """Writes the metrics of the step just trained when it is a multiple of
+        `trainer.log_every` or the last (`trainer.steps`); otherwise holds them until the next
+        step replaces them or `_flush_metrics` (the run stops) writes them. Nothing else
+        depends on it: skip counts, checkpoints and publishing see every step."""
+        self._unwritten = (self.step, metrics)
+        if self.step % self.config.trainer.log_every == 0 or \
+                self.step >= self.config.trainer.steps:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        if self._unwritten is not None:
+            self.metrics.write(*self._unwritten)
+            self._unwritten = None
 
     def _run_steps(self) -> None:
         cfg = self.config
@@ -448,7 +483,7 @@ class TrainLoop:
                 continue
             self._thread_s["take_wait_s"] = time.perf_counter() - waited
             metrics = self.train_step(samples)
-            self.metrics.write(self.step, metrics)
+            self._log_step(metrics)
             skips_in_a_row = 0 if metrics["finite"] else skips_in_a_row + 1
             if skips_in_a_row:
                 log.warning("non-finite loss or gradient: update skipped (%d in a row)",

@@ -390,18 +390,34 @@ def _dropped(job: _Job | None) -> None:
         job.on_drop()
 
 
+def read_api_key(path: str) -> str | None:
+    """The key in `publish.api_key_file` (its stripped content), None for "" (no key). Raises
+    `ConfigError` naming the key when the file cannot be read or holds no key."""
+    from clawjax.config import check_secret_file
+
+    if not path:
+        return None
+    check_secret_file("publish.api_key_file", path, "the fleet's API key")
+    with open(path) as f:
+        return f.read().strip()
+
+
 def publisher_from_config(publish, workdir: str | os.PathLike,
                           tokenizer_dir: str | None = None, fleet=None) -> Publisher | None:
     """A Publisher from the `publish` ConfigDict (`every_steps`, `dir`, `urls`, `keep`,
-    `dtype`), or None when `every_steps` is 0. `dir = ""` means `workdir/publish`; `urls` is
-    comma-separated (empty: write only) unless a started `fleet` is given."""
+    `dtype`, `api_key_file`), or None when `every_steps` is 0. `dir = ""` means
+    `workdir/publish`; `urls` is comma-separated (empty: write only) unless a started `fleet` is
+    given; the fleet made for `urls` sends the key in `api_key_file` (if any) as a Bearer token
+    with every request, weight updates included."""
     if int(publish.every_steps) <= 0:
         return None
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     if publish.dtype not in dtypes:
         raise ValueError(f"publish.dtype = {publish.dtype!r}, expected one of {sorted(dtypes)}")
     urls = [u.strip() for u in str(publish.urls or "").split(",") if u.strip()]
+    api_key = read_api_key(publish.get("api_key_file", ""))
     return Publisher(fleet if fleet is not None else (urls or None),
                      publish.dir or Path(workdir) / "publish", int(publish.every_steps),
                      keep=int(publish.keep), dtype=dtypes[publish.dtype],
-                     tokenizer_dir=tokenizer_dir)
+                     tokenizer_dir=tokenizer_dir,
+                     fleet_kwargs={"api_key": api_key} if api_key else None)

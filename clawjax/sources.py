@@ -5,22 +5,29 @@ Every source follows one protocol, so the trainer's exactly-once bookkeeping is 
   commit(sample_ids)                   their update is in a durable checkpoint: acknowledge
   reject(sample, reason)               never train it: acknowledge it and keep it on disk
   keepalive()                          keep the leases of taken, uncommitted samples alive
+  release(samples)                     never trained (a stop mid-step): deliver them again
   state() / restore(state)             the position to checkpoint (replay only)
   close()
 and says whether samples taken but never committed come back after a crash (`redelivers`):
-only then must the trainer skip the ones a restored checkpoint already holds.
+only then must the trainer skip the ones a restored checkpoint already holds; and whether it
+starts over after its last sample (`loops`: the replay file), so that one step's samples
+could repeat.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
 import time
 from typing import Iterable
 
+from clawjax.config import ConfigError
 from clawjax.sample import Sample, SampleError
+
+log = logging.getLogger("clawjax.sources")
 
 
 class ReplayError(ValueError):
@@ -57,19 +64,49 @@ def write_replay(path: str, samples: Iterable[Sample]) -> None:
             f.write(s.to_json() + "\n")
 
 
+def replay_wrapped_error(path: str, admissible: int, want: int) -> ConfigError:
+    """The error for a replay file that started over before one step found `want`
+    (`trainer.samples_per_step`) samples the trainer admits: only `admissible` were, in a whole
+    pass; the next would be one already in hand (trained twice in one step)."""
+    return ConfigError(
+        "replay", path,
+        f"a file with at least trainer.samples_per_step = {want} samples the trainer admits: "
+        f"one pass over it found {admissible} admissible samples (the others were rejected: "
+        "too long for trainer.token_budget, invalid or stale; see the warnings and the "
+        "dropped_* metrics), so one step would take a sample twice")
+
+
 class ReplaySource:
-    """Samples of a JSONL file in order, looping when it runs out; the position is checkpointed."""
+    """Samples of a JSONL file in order, looping when it runs out; the position is checkpointed.
+
+    Invariant: the samples still to deliver are `released` (file indices given back untrained
+    by `release`, in the order they were taken) then the file from `position` on; both are in
+    `state()`, so a checkpoint never records a released sample as consumed."""
 
     redelivers = False
+    loops = True
 
     def __init__(self, path: str, vocab_size: int | None = None):
+        self.path = path
         self.samples = read_replay(path, vocab_size)
         self.position = 0
+        self.released: list[int] = []
 
     def take(self, n: int, timeout_s: float = 0.0) -> list[Sample]:
-        out = [self.samples[(self.position + i) % len(self.samples)] for i in range(n)]
-        self.position += n
+        again, self.released = self.released[:n], self.released[n:]
+        out = [self.samples[i] for i in again]
+        fresh = n - len(again)
+        out += [self.samples[(self.position + i) % len(self.samples)] for i in range(fresh)]
+        self.position += fresh
         return out
+
+    def release(self, samples: list[Sample]) -> None:
+        """Gives back samples of the last `len(self.samples)` positions taken, never trained:
+        they are delivered first again (also after a restart from a checkpoint saved now)."""
+        n = len(self.samples)
+        recent = {self.samples[p % n].sample_id: p % n
+                  for p in range(max(0, self.position - n), self.position)}
+        self.released = [recent[s.sample_id] for s in samples] + self.released
 
     def commit(self, sample_ids) -> None:
         pass
@@ -81,22 +118,29 @@ class ReplaySource:
         pass
 
     def state(self) -> dict:
+        if self.released:
+            return {"position": self.position, "released": list(self.released)}
         return {"position": self.position}
 
     def restore(self, state: dict) -> None:
         self.position = int(state.get("position", 0))
+        self.released = [int(i) for i in state.get("released", [])]
 
     def close(self) -> None:
         pass
 
 
 class QueueSource:
-    """An in-process queue that a rollout loop in the same process feeds with `put`."""
+    """An in-process queue that a rollout loop in the same process feeds with `put`. Samples
+    given back by `release` are taken first, before the queue (lost with the process, as the
+    queue is)."""
 
     redelivers = False
+    loops = False
 
     def __init__(self, maxsize: int = 0):
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize)
+        self._released: list[Sample] = []
         self._closed = threading.Event()
 
     def put(self, samples: Iterable[Sample]) -> None:
@@ -104,7 +148,7 @@ class QueueSource:
             self._queue.put(s)
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
-        out: list[Sample] = []
+        out, self._released = self._released[:n], self._released[n:]
         deadline = time.monotonic() + timeout_s
         while len(out) < n and not self._closed.is_set():
             remaining = deadline - time.monotonic()
@@ -125,6 +169,9 @@ class QueueSource:
     def keepalive(self) -> None:
         pass
 
+    def release(self, samples: list[Sample]) -> None:
+        self._released = list(samples) + self._released
+
     def state(self) -> dict:
         return {}
 
@@ -144,6 +191,7 @@ class BufferSource:
     """
 
     redelivers = True
+    loops = False
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
                  rejected_path: str | None = None, keepalive_s: float = 5.0):
@@ -179,6 +227,21 @@ class BufferSource:
 
     def keepalive(self) -> None:
         pass  # the LeaseKeeper thread does it
+
+    def release(self, samples: list[Sample]) -> None:
+        """Ends the leases of samples never trained (no more keep-alive) and asks the buffer
+        to requeue them now; if it cannot be reached, their leases expire instead."""
+        from clawjax.buffer import RolloutBufferError
+
+        ids = [s.sample_id for s in samples]
+        self._keeper.remove(ids)
+        if not ids:
+            return
+        try:
+            self.client.nack(ids)
+        except RolloutBufferError as e:
+            log.warning("could not requeue %d untrained samples (%s): the buffer redelivers "
+                        "them when their leases expire", len(ids), e)
 
     def state(self) -> dict:
         return {}

@@ -172,3 +172,23 @@ def test_share_accelerator_asks_for_on_demand_memory_unless_the_user_chose(user_
     environ = {"PATH": "/bin", **user_env}
     share_accelerator(environ)
     assert environ == {"PATH": "/bin", **expected}
+
+
+@pytest.mark.parametrize("key,value", [("model.path", "/ckpt/MyQwen3"),
+                                       ("buffer.address", "buffer-host:50051"),
+                                       ("publish.urls", "http://fleet-0:30000"),
+                                       ("replay", "samples.jsonl")])
+def test_the_local_run_refuses_a_key_it_supplies_before_any_side_effect(tmp_path, key, value):
+    from clawjax import config as config_lib
+    from clawjax.configs import default
+    from clawjax.default_run import check_local_keys, start_local
+
+    config = default.get_config()
+    check_local_keys(config)  # the default config itself passes
+    config.workdir = str(tmp_path / "w")
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf"'{key}' = '{value}'.*rollout\.local=False"):
+        start_local(config)
+    assert not (tmp_path / "w").exists()

@@ -361,3 +361,51 @@ def test_bench_publish_runs_small(capsys):
                        "--clients", "2", "--updates", "1", "--seconds", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "ratio export / raw" in out and "longest wait during updates" in out
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_publish_api_key_file_is_sent_to_a_keyed_fleet(tmp_path, model_a, model_b, with_key):
+    """`publish.api_key_file` (`publisher_from_config`): the fleet's updates carry the key, so
+    a server started with one takes the published version; without it the server refuses the
+    update (401) and the refusal is counted."""
+    from ml_collections import ConfigDict
+
+    from clawjax.publish import publisher_from_config
+
+    server = ServerThread(make_context(str(model_a), max_batch=2, context_len=64,
+                                       api_key="s3cret")).start()
+    key_file = tmp_path / "fleet.key"
+    key_file.write_text("s3cret\n")
+    publish = ConfigDict(dict(every_steps=1, dir=str(tmp_path / "publish"), urls=server.url,
+                              keep=2, dtype="float32",
+                              api_key_file=str(key_file) if with_key else ""))
+    model, config = cm.from_pretrained(model_b, dtype=jnp.float32)
+    pub = publisher_from_config(publish, tmp_path)
+    try:
+        assert pub.maybe_publish(1, model, config, policy_version=1)
+        assert pub.wait(120)
+        stats = pub.stats()
+        info = httpx.get(server.url + "/get_model_info",
+                         headers={"Authorization": "Bearer s3cret"}).json()
+        if with_key:
+            assert stats["server_update_failures"] == 0, stats["last_update_results"]
+            assert info["weight_version"] == "1"
+        else:
+            assert stats["server_update_failures"] == 1
+            assert "401" in stats["last_update_results"][server.url]["message"]
+            assert info["weight_version"] == "default"
+    finally:
+        pub.close()
+        server.stop()
+
+
+def test_an_unreadable_api_key_file_names_the_key(tmp_path):
+    from ml_collections import ConfigDict
+
+    from clawjax.config import ConfigError
+    from clawjax.publish import publisher_from_config
+
+    publish = ConfigDict(dict(every_steps=1, dir="", urls="", keep=2, dtype="float32",
+                              api_key_file=str(tmp_path / "missing.key")))
+    with pytest.raises(ConfigError, match=r"'publish\.api_key_file' = .*missing\.key"):
+        publisher_from_config(publish, tmp_path)

@@ -186,3 +186,20 @@ def test_no_sample_source_is_refused_instead_of_waiting_forever(tmp_path):
                     "--config.trainer.take_timeout_s=1", timeout=90)
     assert_refused(out, "'replay' = ''", "buffer.address")
     assert not (tmp_path / "w").exists()
+
+
+def test_the_local_run_refuses_a_key_it_supplies_before_touching_the_workdir(tmp_path):
+    """The default (local) run supplies model.path, buffer.address, publish.urls and the
+    samples: a user's value for one is refused at once, not silently replaced after the warm
+    start (the warm start is kept tiny in case it is not)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    out = run_train(f"--config.workdir={workdir}", "--config.buffer.address=h:1",
+                    "--config.warmstart.steps=1", "--config.warmstart.examples=50")
+    assert out.returncode != 0, out.stderr[-3000:]
+    assert "'buffer.address' = 'h:1'" in out.stderr, out.stderr[-3000:]
+    assert "--config.rollout.local=False" in out.stderr
+    # Nothing moved aside (previous/), no warm start. (xla_cache/ is made before the local run
+    # starts; clawjax.train.check_start would refuse before it.)
+    assert set(os.listdir(workdir)) - {"xla_cache"} == {"metrics.jsonl"}

@@ -4,6 +4,7 @@ validation, config errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -343,3 +344,105 @@ def test_a_checkpoint_saved_before_the_model_meta_still_resumes(tmp_path, caplog
         assert "has no 'model_config' in its meta" in caplog.text
     finally:
         resumed.close()
+
+
+def _stopping_at(step: int, loop_ref: list):
+    """`extra_metrics` that stops the run once `step` is trained (as a SIGTERM would)."""
+
+    def extra() -> dict:
+        if loop_ref[0].step == step:
+            loop_ref[0].stop()
+        return {}
+
+    return extra
+
+
+def test_metrics_are_written_every_log_every_steps_the_last_and_the_stopped_one(tmp_path):
+    written = {}
+    for name, stop_at in (("full", None), ("stopped", 1)):
+        source, loop_ref = QueueSource(), [None]
+        source.put(make_samples(2 * 5, seed=40))
+        loop = TrainLoop(tiny_config(tmp_path / name, **{
+            "trainer.steps": 5, "trainer.samples_per_step": 2, "trainer.log_every": 2}),
+            source=source, extra_metrics=_stopping_at(stop_at, loop_ref) if stop_at else None)
+        loop_ref[0] = loop
+        loop.run()
+        loop.close()
+        written[name] = [r["step"] for r in read_metrics(str(tmp_path / name))]
+        assert loop.step == (stop_at or 5)  # every step trained, logged or not
+    assert written == {"full": [2, 4, 5],  # every 2nd step and the last
+                       "stopped": [1]}  # the step the run stopped at
+
+
+def test_log_every_below_one_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"'trainer\.log_every' = 0"):
+        TrainLoop(tiny_config(tmp_path / "run", **{"trainer.log_every": 0}), source=QueueSource())
+
+
+def test_a_replay_that_starts_over_within_a_step_names_replay_and_the_counts(tmp_path):
+    """Too long samples rejected at admit leave fewer admissible samples than one step needs:
+    the replay would start over and take a sample already in hand (before: two copies in one
+    step and a misleading error from `pack`)."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(7, seed=1, prefix="short") +
+                 make_samples(3, seed=2, min_len=300, max_len=400, prefix="long"))
+    loop = TrainLoop(tiny_config(tmp_path / "run", replay=replay, **{
+        "trainer.samples_per_step": 8}))
+    with pytest.raises(config_lib.ConfigError, match=(
+            r"'replay' = .*replay\.jsonl.*trainer\.samples_per_step = 8.* found 7 admissible")):
+        loop.take_samples()
+    assert loop.dropped["too_long"] == 3
+    loop.close()
+
+
+def test_a_stop_while_waiting_trains_no_short_step_and_gives_the_samples_back(tmp_path):
+    """A stop while `take_samples` waits (3 of samples_per_step = 8 in hand) trains nothing:
+    the 3 go back to the source (before: a 3-sample step was trained and checkpointed)."""
+    import threading
+
+    source = QueueSource()
+    samples = make_samples(3, seed=41)
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.steps": 5, "trainer.samples_per_step": 8, "trainer.take_timeout_s": 0.5}),
+        source=source)
+    threading.Timer(1.0, loop.stop).start()
+    loop.run()
+    assert loop.step == 0 and not (tmp_path / "run" / "trained.jsonl").exists()
+    assert loop.checkpointer.latest_step() == 0
+    assert [s.sample_id for s in source.take(8, timeout_s=0.5)] == [
+        s.sample_id for s in samples]
+    loop.close()
+
+
+def test_a_replay_stop_mid_step_is_trained_in_full_after_the_restart(tmp_path):
+    """A stop mid-step with a replay source: the samples in hand are not trained, and the
+    checkpoint saved at the stop records them as not consumed, so the resumed run's first
+    step is exactly the interrupted one (the rejected sample is not counted twice)."""
+    from clawjax.sources import ReplaySource
+
+    short = make_samples(9, seed=42)
+    long_ = make_samples(1, seed=43, min_len=300, max_len=300, prefix="long")
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), short[:3] + long_ + short[3:])
+    overrides = {"trainer.steps": 1, "trainer.samples_per_step": 4}
+    loop_ref = [None]
+
+    class StopOnReject(ReplaySource):  # a SIGTERM landing between two takes of one step
+        def reject(self, sample, reason):
+            loop_ref[0].stop()
+
+    loop = TrainLoop(tiny_config(tmp_path / "run", **overrides),
+                     source=StopOnReject(str(replay)))
+    loop_ref[0] = loop
+    loop.run()
+    loop.close()
+    assert loop.step == 0 and not (tmp_path / "run" / "trained.jsonl").exists()
+    resumed = TrainLoop(tiny_config(tmp_path / "run", replay=replay, **{
+        **overrides, "trainer.resume": True}))
+    resumed.run()
+    resumed.close()
+    with open(tmp_path / "run" / "trained.jsonl") as f:
+        lineage = [json.loads(line) for line in f]
+    assert lineage == [{"step": 1, "sample_ids": [s.sample_id for s in short[:4]]}]
+    assert resumed.dropped["too_long"] == 1
