@@ -287,6 +287,8 @@ def validate(config) -> None:
     _check(t.token_budget % multiple == 0, "trainer.token_budget", t.token_budget,
            f"a multiple of {multiple} with model.attention = {c.model.attention!r} (its "
            "flash kernel's smallest block)")
+    _check(isinstance(t.log_every, int) and t.log_every >= 1, "trainer.log_every",
+           t.log_every, "an integer ≥ 1 (write metrics every this many steps)")
     _check(t.micro_batches >= 1, "trainer.micro_batches", t.micro_batches, "an integer ≥ 1")
     _check(t.max_staleness >= -1, "trainer.max_staleness", t.max_staleness,
            "-1 (no bound) or an integer ≥ 0")

@@ -129,10 +129,6 @@ class TrainLoop:
         `clawjax.gate.RegressionGate`) default to what the config describes; `extra_metrics`
         is called once per step and its dict is merged into the step's metrics."""
         config_lib.validate(config)
-        log_every = config.trainer.log_every
-        if not (isinstance(log_every, int) and log_every >= 1):
-            raise config_lib.ConfigError("trainer.log_every", log_every,
-                                         "an integer ≥ 1 (write metrics every this many steps)")
         config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
@@ -178,7 +174,7 @@ class TrainLoop:
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
         self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
-        self._unwritten = None  # (step, metrics) trained, not yet written (`_log_step`)
+        self._unwritten = None  # (step, metrics) trained, not yet written (`log_step`)
         self.unacked: list[str] = []  # trained since the last checkpoint save started
         self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
@@ -454,21 +450,21 @@ class TrainLoop:
                 if self.stopping or not rolled_back:
                     break
         finally:
-            self._flush_metrics()  # the step the run stopped at (a stop, an error)
+            self.flush_metrics()  # the step the run stopped at (a stop, an error)
         self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
 
-    def _log_step(self, metrics: dict) -> None:
+    def log_step(self, metrics: dict) -> None:
         """Writes the metrics of the step just trained when it is a multiple of
         `trainer.log_every` or the last (`trainer.steps`); otherwise holds them until the next
-        step replaces them or `_flush_metrics` (the run stops) writes them. Nothing else
+        step replaces them or `flush_metrics` (the run stops) writes them. Nothing else
         depends on it: skip counts, checkpoints and publishing see every step."""
         self._unwritten = (self.step, metrics)
         if self.step % self.config.trainer.log_every == 0 or \
                 self.step >= self.config.trainer.steps:
-            self._flush_metrics()
+            self.flush_metrics()
 
-    def _flush_metrics(self) -> None:
+    def flush_metrics(self) -> None:
         if self._unwritten is not None:
             self.metrics.write(*self._unwritten)
             self._unwritten = None
@@ -483,7 +479,7 @@ class TrainLoop:
                 continue
             self._thread_s["take_wait_s"] = time.perf_counter() - waited
             metrics = self.train_step(samples)
-            self._log_step(metrics)
+            self.log_step(metrics)
             skips_in_a_row = 0 if metrics["finite"] else skips_in_a_row + 1
             if skips_in_a_row:
                 log.warning("non-finite loss or gradient: update skipped (%d in a row)",

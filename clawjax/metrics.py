@@ -54,7 +54,7 @@ class MetricsWriter:
             shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS
                      if isinstance(record.get(k), (int, float))}
             self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            self._bar.update(max(int(step) - self._bar.n, 0))  # to `step`: lines may skip
 
     def close(self) -> None:
         self._file.close()

@@ -140,8 +140,9 @@ def run_sequential(config) -> dict:
                     log.warning("server never reported weight_version %d", loop.policy_version)
             metrics.update(rollout_s=t1 - t0, publish_wait_s=time.monotonic() - t2,
                            agent_episodes=episodes)
-            loop.metrics.write(loop.step, metrics)
+            loop.log_step(metrics)
             loop.checkpointer.poll()
+        loop.flush_metrics()
         loop.save_checkpoint()
         loop.checkpointer.wait()
         summary = {"steps": loop.step, "samples_trained": samples_trained, "episodes": episodes,

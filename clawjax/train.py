@@ -75,9 +75,15 @@ def require_sample_source(config) -> None:
 
 def check_start(config) -> None:
     """The start-up checks, run before any side effect (the compilation cache directory,
-    jax.distributed, the default run moving an earlier run aside and warm-starting): every
-    config value, a sample source, and a workdir without an earlier run's checkpoints (the local
-    default run moves those aside instead). Raises `ConfigError` naming the key."""
+    jax.distributed, the default run moving an earlier run aside and warm-starting): on the
+    local run, no user value for a key it supplies (first: it would make a misleading error of
+    the checks after it); every config value, a sample source, and a workdir without an earlier
+    run's checkpoints (the local default run moves those aside instead). Raises `ConfigError`
+    naming the key."""
+    if config.rollout.local:
+        from clawjax.default_run import check_local_keys
+
+        check_local_keys(config)
     config_lib.validate(config)
     require_sample_source(config)
     if not config.rollout.local:
@@ -87,21 +93,29 @@ def check_start(config) -> None:
 
 
 def main(argv) -> int:
+    """Exit status 2 with one `error:` line for a `ConfigError`, at start-up or found later
+    (a replay file that cannot fill a step); 0 when the run ends."""
     del argv
     quiet_logging()
     config = _CONFIG.value
     try:
         check_start(config)
+        train(config)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def train(config) -> None:
+    """The run `config` describes, after `check_start`."""
     compile_cache.enable(compile_cache.resolve(config))  # before the first compilation
     __import__("clawjax.distributed").distributed.maybe_initialize(config)  # before any JAX op
     if config.rollout.local:  # the whole loop on this machine (configs/default.py)
         from clawjax.default_run import run_default
 
         run_default(config)
-        return 0
+        return
     from clawjax.loop import TrainLoop  # heavy imports after flag parsing
 
     loop = TrainLoop(config)
@@ -110,7 +124,6 @@ def main(argv) -> int:
         loop.run()
     finally:
         loop.close()
-    return 0
 
 
 def config_file_arg(argv: list[str]) -> str | None:

@@ -114,6 +114,18 @@ def test_malformed_replay_line_names_line_and_field(tmp_path):
     assert "replay.jsonl:2" in out.stderr and samples[1].sample_id in out.stderr
 
 
+def test_a_replay_that_cannot_fill_a_step_is_an_error_line(tmp_path):
+    """Found only once training starts (rejections at admit), still exit 2 and `error:`."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(7, seed=1, prefix="short") +
+                 make_samples(3, seed=2, min_len=300, max_len=400, prefix="long"))
+    cmd = train_cmd(tmp_path / "w", replay, 2, "--config.trainer.samples_per_step=8")
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config key 'replay'") and "found 7 admissible" in last, last
+
+
 def run_train(*args, timeout=120):
     """`python -m clawjax.train ARGS`; a run that does not end within `timeout` fails the test."""
     try:
@@ -195,11 +207,9 @@ def test_the_local_run_refuses_a_key_it_supplies_before_touching_the_workdir(tmp
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
-    out = run_train(f"--config.workdir={workdir}", "--config.buffer.address=h:1",
-                    "--config.warmstart.steps=1", "--config.warmstart.examples=50")
-    assert out.returncode != 0, out.stderr[-3000:]
-    assert "'buffer.address' = 'h:1'" in out.stderr, out.stderr[-3000:]
-    assert "--config.rollout.local=False" in out.stderr
-    # Nothing moved aside (previous/), no warm start. (xla_cache/ is made before the local run
-    # starts; clawjax.train.check_start would refuse before it.)
-    assert set(os.listdir(workdir)) - {"xla_cache"} == {"metrics.jsonl"}
+    for flag, named in (("--config.buffer.address=h:1", "'buffer.address' = 'h:1'"),
+                        ("--config.replay=r.jsonl", "'replay' = 'r.jsonl'")):
+        out = run_train(f"--config.workdir={workdir}", flag, "--config.warmstart.steps=1",
+                        "--config.warmstart.examples=50")
+        assert_refused(out, named, "--config.rollout.local=False")
+        assert os.listdir(workdir) == ["metrics.jsonl"]   # nothing moved aside, no warm start
