@@ -59,6 +59,18 @@ def corrupt(loop) -> None:
         p + 2.0 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
 
 
+def train_and_corrupt_the_last(loop, steps: int, publish: bool) -> None:
+    """`steps` steps, each checkpointed (and, with `publish`, offered to the gate and the
+    publisher); the last one's update is corrupted before that."""
+    for i in range(steps):
+        loop.train_step(loop.take_samples())
+        if i == steps - 1:
+            corrupt(loop)
+        loop.save_checkpoint()
+        if publish:
+            loop.maybe_publish()
+
+
 @pytest.mark.parametrize("rollback,background", MODES)
 def test_gate_refuses_a_corrupted_candidate_and_rolls_back(tmp_path, rollback, background):
     loop = gated_loop(tmp_path, rollback, background)
@@ -218,12 +230,7 @@ def test_checkpoint_keep_never_prunes_the_rollback_target(tmp_path):
     loop.source.put(make_samples(16, seed=33, prefix="more"))
     try:
         start = params_of(loop)
-        for i in range(3):
-            loop.train_step(loop.take_samples())
-            if i == 2:
-                corrupt(loop)
-            loop.save_checkpoint()
-            loop.maybe_publish()
+        train_and_corrupt_the_last(loop, 3, publish=True)
         assert loop.gate_refusals == 1 and loop.step == 0
         assert max_param_diff(start, params_of(loop)) == 0.0
         # Once a later step is accepted, step 0 is pruned like any other (at the next save).
@@ -346,11 +353,7 @@ def test_memory_mode_keeps_the_newest_checkpoint_at_or_below_the_accepted_step(t
     loop = gated_loop(tmp_path, "memory", False,
                       **{"publish.every_steps": 3, "checkpoint.keep": 1})
     start = params_of(loop)
-    for i in range(3):
-        loop.train_step(loop.take_samples())
-        if i == 2:
-            corrupt(loop)
-        loop.save_checkpoint()
+    train_and_corrupt_the_last(loop, 3, publish=False)
     loop.checkpointer.wait()
     assert loop.checkpointer.all_steps() == [0, 3]  # 0: the accepted step's
     loop.close()  # the crash: before the gate scored step 3
