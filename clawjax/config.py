@@ -227,11 +227,12 @@ def _check(ok: bool, key: str, value, expected: str):
         raise ConfigError(key, value, expected)
 
 
-def check_secret_file(key: str, path: str, holds: str) -> None:
-    """A key naming a secret file (`publish.api_key_file`, `buffer.token_file`): "" (none), or
-    a readable file holding a non-empty `holds`."""
+def read_secret_file(key: str, path: str, holds: str) -> str | None:
+    """The secret in the file a key names (`publish.api_key_file`, `buffer.token_file`): its
+    stripped content, None for "" (none). Raises `ConfigError` naming the key when the file
+    cannot be read or holds no `holds`."""
     if not path:
-        return
+        return None
     try:
         with open(path) as f:
             secret = f.read().strip()
@@ -239,6 +240,7 @@ def check_secret_file(key: str, path: str, holds: str) -> None:
         raise ConfigError(key, path, f"a readable file holding {holds} ({e.strerror}), or '' "
                           "for none") from e
     _check(bool(secret), key, path, f"a file holding {holds}, not an empty one")
+    return secret
 
 
 def validate(config) -> None:
@@ -302,8 +304,8 @@ def validate(config) -> None:
            "an integer ≥ 0 (0 = never)")
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
-    check_secret_file("publish.api_key_file", c.publish.api_key_file, "the fleet's API key")
-    check_secret_file("buffer.token_file", c.buffer.token_file, "the buffer's token")
+    read_secret_file("publish.api_key_file", c.publish.api_key_file, "the fleet's API key")
+    read_secret_file("buffer.token_file", c.buffer.token_file, "the buffer's token")
     _check(c.gate.rollback in GATE_ROLLBACK, "gate.rollback", c.gate.rollback,
            f"one of {GATE_ROLLBACK}")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")

@@ -77,10 +77,8 @@ def make_source(config, vocab_size: int, workdir: str):
                 "would train a sample twice)")
         return source
     if config.buffer.address:
-        token = None
-        if config.buffer.token_file:
-            with open(config.buffer.token_file) as f:
-                token = f.read().strip()
+        token = config_lib.read_secret_file("buffer.token_file", config.buffer.token_file,
+                                            "the buffer's token")
         return sources.BufferSource(
             config.buffer.address, token=token, tls_ca=config.buffer.tls_ca or None,
             rejected_path=os.path.join(workdir, "rejected.jsonl"),

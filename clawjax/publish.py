@@ -390,18 +390,6 @@ def _dropped(job: _Job | None) -> None:
         job.on_drop()
 
 
-def read_api_key(path: str) -> str | None:
-    """The key in `publish.api_key_file` (its stripped content), None for "" (no key). Raises
-    `ConfigError` naming the key when the file cannot be read or holds no key."""
-    from clawjax.config import check_secret_file
-
-    if not path:
-        return None
-    check_secret_file("publish.api_key_file", path, "the fleet's API key")
-    with open(path) as f:
-        return f.read().strip()
-
-
 def publisher_from_config(publish, workdir: str | os.PathLike,
                           tokenizer_dir: str | None = None, fleet=None) -> Publisher | None:
     """A Publisher from the `publish` ConfigDict (`every_steps`, `dir`, `urls`, `keep`,
@@ -415,7 +403,10 @@ def publisher_from_config(publish, workdir: str | os.PathLike,
     if publish.dtype not in dtypes:
         raise ValueError(f"publish.dtype = {publish.dtype!r}, expected one of {sorted(dtypes)}")
     urls = [u.strip() for u in str(publish.urls or "").split(",") if u.strip()]
-    api_key = read_api_key(publish.get("api_key_file", ""))
+    from clawjax.config import read_secret_file
+
+    api_key = read_secret_file("publish.api_key_file", publish.get("api_key_file", ""),
+                               "the fleet's API key")
     return Publisher(fleet if fleet is not None else (urls or None),
                      publish.dir or Path(workdir) / "publish", int(publish.every_steps),
                      keep=int(publish.keep), dtype=dtypes[publish.dtype],
