@@ -129,9 +129,16 @@ def measure(root: str, steps: int, quick: bool, repeats: int = 1,
                  *([f"--config.rollout.server_platforms={server_platforms}"]
                    if server_platforms else []), *extra_overrides]
     pairs = [measure_pair(root, f"-{i + 1}", overrides, platforms) for i in range(repeats)]
-    return {"pairs": pairs, "platforms": platforms or "default",
+    return {"platforms": platforms or "default",
             "server_platforms": server_platforms or platforms or "default",
-            "overrides": overrides,
+            "overrides": overrides, **summarize(pairs)}
+
+
+def summarize(pairs: list[dict]) -> dict:
+    """{"pairs": `pairs`, and over them the median "ratio", "overlap_bound",
+    "steady_overlap_bound", "steady_ratio" and "cpu_bound" (the last two None when any pair's
+    is None)}. `pairs`: `measure_pair` results, at least one."""
+    return {"pairs": pairs,
             "ratio": statistics.median(p["ratio"] for p in pairs),
             "overlap_bound": statistics.median(p["overlap_bound"] for p in pairs),
             "steady_ratio": _median_or_none(p["steady_ratio"] for p in pairs),
