@@ -557,10 +557,9 @@ class TrainLoop:
 
         def check() -> bool:
             scoring = time.perf_counter()
-            decision = self.gate.check(params)
             try:
+                decision = self.gate.check(params)
                 with self._gate_lock:
-                    self._undecided.discard(step)
                     self._gate_score_s = time.perf_counter() - scoring
                     if epoch != self._gate_epoch or self._gate_refused is not None:
                         return False  # trained on from a refused candidate
@@ -572,7 +571,9 @@ class TrainLoop:
                     self._good_step, self._good_state = step, candidate
                 self._record_gate()
                 return True
-            finally:
+            finally:  # decided, or scoring raised (the publish fails): no longer undecided
+                with self._gate_lock:
+                    self._undecided.discard(step)
                 self._protect_checkpoints()
 
         self._thread_s["gate_s"] = time.perf_counter() - started

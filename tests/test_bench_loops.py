@@ -136,7 +136,7 @@ def test_summarize_takes_the_median_over_pairs_by_hand():
     assert async_loops.summarize(pairs[1:2])["ratio"] == 0.4
 
 
-# The two whole-loop bench smoke runs start 4 servers per run (5 runs): marked slow, ~3.5 min
+# The two whole-loop bench smoke runs start 4 servers per run (5 runs): marked slow, ~2.5 min
 # together on 2 idle cores, so they run in the suite; CLAWJAX_BENCH_SMOKE=0 skips them.
 needs_opt_in = pytest.mark.skipif(os.environ.get("CLAWJAX_BENCH_SMOKE") == "0",
                                   reason="whole-loop bench smoke runs skipped: CLAWJAX_BENCH_SMOKE=0")

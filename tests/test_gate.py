@@ -401,3 +401,34 @@ def test_a_coalesced_candidate_is_no_longer_protected(tmp_path):
     finally:
         release.set()
         loop.close()
+
+
+def test_a_candidate_whose_scoring_raises_is_no_longer_protected(tmp_path):
+    """Background "checkpoint" mode: when scoring a candidate raises (its publish fails and is
+    counted), the candidate is decided by nobody: its checkpoint must not stay protected, and
+    the next candidate is scored and published as usual."""
+    loop = gated_loop(tmp_path, "checkpoint", True, **{"checkpoint.keep": 1})
+    real_check, calls = loop.gate.check, []
+
+    def failing_once(params):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("probe scoring failed")
+        return real_check(params)
+
+    loop.gate.check = failing_once
+    try:
+        loop.train_step(loop.take_samples())
+        publish(loop)
+        stats = loop.publisher.stats()
+        assert stats["failed"] == 1 and "probe scoring failed" in stats["last_error"]
+        assert loop._undecided == set() and 1 not in loop.checkpointer.protected_steps
+        assert loop.gate_refusals == 0 and published(loop) == []
+        loop.train_step(loop.take_samples())
+        publish(loop)
+        loop.checkpointer.wait()
+        assert published(loop) == ["v2"] and loop.checkpointer.protected_steps == {2}
+        # keep 1 pruned step 1 when step 2 was saved; step 0 was then the accepted step, kept
+        assert loop.checkpointer.all_steps() == [0, 2]
+    finally:
+        loop.close()
