@@ -571,10 +571,8 @@ class TrainLoop:
                     self._good_step, self._good_state = step, candidate
                 self._record_gate()
                 return True
-            finally:  # decided, or scoring raised (the publish fails): no longer undecided
-                with self._gate_lock:
-                    self._undecided.discard(step)
-                self._protect_checkpoints()
+            finally:  # decided, or scoring raised (the publish fails)
+                self._no_longer_undecided(step)
 
         self._thread_s["gate_s"] = time.perf_counter() - started
         return check, on_drop
@@ -583,13 +581,14 @@ class TrainLoop:
         """The `on_drop` of candidate `step`'s publish ("checkpoint" mode, background): coalesced
         away by a newer one, it is never decided, so its checkpoint is no longer kept for the
         gate (`checkpoint.keep` prunes it like any other; a resume never takes it as accepted)."""
+        return lambda: self._no_longer_undecided(step)
 
-        def dropped() -> None:
-            with self._gate_lock:
-                self._undecided.discard(step)
-            self._protect_checkpoints()
-
-        return dropped
+    def _no_longer_undecided(self, step: int) -> None:
+        """Candidate `step` is decided, or never will be: its checkpoint is no longer kept for
+        the gate as undecided (it still is as the accepted step, if it became that)."""
+        with self._gate_lock:
+            self._undecided.discard(step)
+        self._protect_checkpoints()
 
     def _record_gate(self, refused: int | None = None) -> None:
         """Records the gate's state durably (`Checkpointer.record_gate`), read by a resume: the
