@@ -8,11 +8,8 @@ and skipped if delivered again; samples trained after the checkpoint were never 
 the source delivers them again and they are trained from the restored state. `trained.jsonl`
 keeps the ids per step of the surviving lineage (lines after the restored step are dropped).
 
-With the regression gate, a candidate is checkpointed before the gate decides on it. Each
-decision is recorded durably (`Checkpointer.record_gate`: the last accepted step and its probe
-score, a refusal not yet rolled back), and a resume never takes a refused or undecided
-checkpoint as the accepted policy: one newer than the last accepted step is decided first
-(`_resume_gated`), and a refusal rolls back as at run time.
+The regression gate's part (deciding candidates, rollback, a gated resume) is `GateMixin`, in
+`clawjax.loop_gate`.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from clawjax import distributed as dist_lib
 from clawjax import group_norm
 from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
 from clawjax import workdir as workdir_lib
+from clawjax.loop_gate import GateMixin
 from clawjax.metrics import MetricsWriter
 from clawjax.sample import Sample, SampleError
 
@@ -94,24 +92,6 @@ def make_publisher(config, workdir: str):
     return publisher_from_config(config.publish, workdir, tokenizer_dir=tokenizer_dir)
 
 
-def make_gate(config, graphdef, vocab_size: int):
-    """The regression gate over `gate.probe` (a replay-format JSONL of probe samples)."""
-    from clawjax.gate import RegressionGate
-
-    if not config.gate.probe:
-        raise config_lib.ConfigError("gate.probe", config.gate.probe,
-                                     "a JSONL file of probe samples when gate.enabled")
-    probe = sources.read_replay(config.gate.probe, vocab_size=vocab_size)
-    return RegressionGate(graphdef, probe, config.gate.margin, config.trainer.token_budget,
-                          chunk=config.loss.logp_chunk)
-
-
-def _device_copy(tree):
-    """A copy of every array of `tree` in new buffers on the same devices: it survives the
-    train step donating the originals (the gate's candidate and rollback target)."""
-    return jax.tree.map(lambda x: x.copy(), tree)
-
-
 def _cache_size(jitted) -> int:
     """How many shape signatures `jitted` (a `jax.jit` function) has compiled (0 where this
     JAX does not say)."""
@@ -119,7 +99,7 @@ def _cache_size(jitted) -> int:
     return int(size()) if callable(size) else 0
 
 
-class TrainLoop:
+class TrainLoop(GateMixin):
     """Owns the train state and drives `trainer.steps` updates from a sample source."""
 
     def __init__(self, config, source=None, publisher=None, gate=None, extra_metrics=None):
@@ -162,12 +142,8 @@ class TrainLoop:
             config, self.model_config.vocab_size, self.workdir))
         self.publisher = publisher if publisher is not None else make_publisher(
             config, self.workdir)
-        self.gate = gate
-        if self.gate is None and config.gate.enabled:
-            self.gate = make_gate(config, self.graphdef, self.model_config.vocab_size)
         self.extra_metrics = extra_metrics
-        self.gate_refusals = 0
-        self._record_lock = threading.Lock()  # one gate record written at a time
+        self._init_gate(config, gate)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
@@ -184,26 +160,9 @@ class TrainLoop:
         # scoring the candidate on the probe set (0 when nothing was published).
         self._thread_s = {"take_wait_s": 0.0, "after_step_s": 0.0, "gate_s": 0.0}
         self._saved_step = -1  # the step of the newest checkpoint started by this process
-        self._good_step = 0  # the step of the newest state the regression gate accepted
-        self._good_state = None  # gate.rollback "memory": that state (a copy on device)
-        self._undecided: set[int] = set()  # "checkpoint": candidates saved, not yet decided
-        # gate.background: the publisher thread decides; the trainer thread acts on a refusal at
-        # its next step boundary (`settle_gate`). The lock guards the decision state: the
-        # epoch (bumped by each background rollback: a candidate of an older epoch descends
-        # from a refused one and is void), a refusal not yet acted on, and _good_step /
-        # _good_state while the publisher thread promotes an accepted candidate.
-        self.gate_in_background = bool(config.gate.background) and jax.process_count() == 1
-        self._gate_lock = threading.Lock()
-        self._gate_epoch = 0
-        self._gate_refused = None  # (GateDecision, candidate step)
-        self._gate_score_s = 0.0  # scoring the last decided candidate (either thread)
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
         score = self._resume() if config.trainer.resume else None
-        if self.gate is not None:  # the serving policy is the one we start from
-            self.gate.accept(self.state.params, score)
-            self.save_checkpoint()  # no-op when resuming: that step is already saved
-            self._keep_good_state()
-            self._record_gate()
+        self._start_gate(score)  # with a gate: the policy we start from is the serving one
         # Metrics are global (the loss of the global batch): process 0 writes metrics.jsonl,
         # TensorBoard and the progress bar; others keep their own file (metrics.process{i}).
         lead = jax.process_index() == 0
@@ -259,39 +218,6 @@ class TrainLoop:
             self.restore()
             return None
         return self._resume_gated(latest, record)
-
-    def _resume_gated(self, latest: int, record: dict) -> float | None:
-        """The latest checkpoint is newer than the last accepted step: a candidate saved before
-        the gate decided (or a step trained after one). A refusal recorded for a step up to it
-        stands; otherwise the gate decides now, against the recorded serving score. Passed: it
-        is resumed from. Refused: a rollback as at run time (`rollback`): the train state of
-        the newest checkpoint at or below the accepted step, the newer ones deleted, while the
-        data source, the ids to acknowledge and the drop counts go on from the latest."""
-        accepted, refused = record["accepted_step"], record.get("refused_step")
-        self.restore(latest)
-        if refused is not None and accepted < refused <= latest:
-            verdict = f"the regression gate refused step {refused} before the restart"
-        else:
-            self.gate.accept(None, record["serving_score"])  # the score of the served policy
-            decision = self.gate.check(self.state.params)
-            if decision.passed:
-                log.info("%s for checkpoint step %d (newer than the last accepted step %d): "
-                         "resuming from it", decision.describe(), latest, accepted)
-                return decision.candidate
-            verdict = f"{decision.describe()} for checkpoint step {latest}"
-        target = max((s for s in self.checkpointer.all_steps() if s <= accepted), default=None)
-        if target is None:
-            raise ckpt_lib.CheckpointError(
-                f"{verdict}, but no checkpoint at or below the last accepted step {accepted} "
-                f"is left under {self.checkpointer.directory!r} to roll back to (expected the "
-                "one kept for the gate)")
-        self.gate_refusals += 1
-        log.warning("%s: rolling back to checkpoint step %d (deleting steps %s)", verdict,
-                    target, [s for s in self.checkpointer.all_steps() if s > target])
-        self._load_state(target)
-        self.checkpointer.discard_after(target)
-        self._truncate_trained_log(target)
-        return None
 
     def restore(self, step: int | None = None) -> None:
         """Resumes from checkpoint `step` (default: the latest): the train state, the data
@@ -496,161 +422,6 @@ class TrainLoop:
                 self.maybe_publish()
             self.checkpointer.poll()
             self._thread_s["after_step_s"] = time.perf_counter() - after
-
-    def _settle_last_candidate(self) -> bool:
-        """Waits for a background gate's pending decision; True if it rolled back."""
-        if not self.gate_in_background or self.gate is None or self.publisher is None:
-            return False
-        self.publisher.wait()
-        return self.settle_gate()
-
-    def maybe_publish(self) -> None:
-        """Publishes every `publish.every_steps` steps, behind the regression gate: a candidate
-        scoring worse than the serving policy by more than `gate.margin` is not published and
-        the trainer rolls back to the last published (good) state (`rollback`). With
-        `gate.background` the publisher thread scores the candidate while the trainer trains
-        on, and the rollback happens at the trainer's next step boundary (`settle_gate`)."""
-        if self.publisher is None or self.step % self.config.publish.every_steps:
-            return
-        check = on_drop = None
-        if self.gate is not None and self.gate_in_background:
-            check, on_drop = self._candidate_check()
-        elif self.gate is not None:
-            scoring = time.perf_counter()
-            decision = self.gate.check(self.state.params)
-            self._thread_s["gate_s"] = self._gate_score_s = time.perf_counter() - scoring
-            if not decision.passed:
-                self.gate_refusals += 1
-                log.warning("%s: rolling back to step %d", decision.describe(),
-                            self._good_step)
-                self._record_gate(refused=self.step)
-                self.rollback()
-                return
-            self.gate.accept(self.state.params, decision.candidate)
-            if self.config.gate.rollback == "checkpoint":
-                self.save_checkpoint()  # the rollback target for a later refusal
-            self._keep_good_state()
-            self._record_gate()
-        self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
-                                     self.model_config, self.policy_version, force=True,
-                                     check=check, on_drop=on_drop)
-
-    def _candidate_check(self):
-        """The publisher-thread check of the current state as a candidate (`gate.background`).
-        What it needs is taken now, before the next update donates the state's buffers: a copy
-        of the parameters to score and, for `gate.rollback` "memory", of the whole state (the
-        rollback target if accepted); "checkpoint" saves the candidate now (a refusal's
-        rollback discards it). `gate_s` is this trainer-thread part. Returns the publish's
-        `(check, on_drop)`."""
-        started = time.perf_counter()
-        step, epoch = self.step, self._gate_epoch
-        if self.config.gate.rollback == "memory":
-            candidate = _device_copy(self.state)
-            params, on_drop = candidate.params, None
-        else:
-            candidate, params = None, _device_copy(self.state.params)
-            on_drop = self._candidate_dropped(step)
-            with self._gate_lock:
-                self._undecided.add(step)
-            self._protect_checkpoints()
-            self.save_checkpoint()
-
-        def check() -> bool:
-            scoring = time.perf_counter()
-            try:
-                decision = self.gate.check(params)
-                with self._gate_lock:
-                    self._gate_score_s = time.perf_counter() - scoring
-                    if epoch != self._gate_epoch or self._gate_refused is not None:
-                        return False  # trained on from a refused candidate
-                    if not decision.passed:
-                        self._gate_refused = (decision, step)
-                        self._record_gate(refused=step)
-                        return False
-                    self.gate.accept(params, decision.candidate)
-                    self._good_step, self._good_state = step, candidate
-                self._record_gate()
-                return True
-            finally:  # decided, or scoring raised (the publish fails)
-                self._no_longer_undecided(step)
-
-        self._thread_s["gate_s"] = time.perf_counter() - started
-        return check, on_drop
-
-    def _candidate_dropped(self, step: int):
-        """The `on_drop` of candidate `step`'s publish ("checkpoint" mode, background): coalesced
-        away by a newer one, it is never decided, so its checkpoint is no longer kept for the
-        gate (`checkpoint.keep` prunes it like any other; a resume never takes it as accepted)."""
-        return lambda: self._no_longer_undecided(step)
-
-    def _no_longer_undecided(self, step: int) -> None:
-        """Candidate `step` is decided, or never will be: its checkpoint is no longer kept for
-        the gate as undecided (it still is as the accepted step, if it became that)."""
-        with self._gate_lock:
-            self._undecided.discard(step)
-        self._protect_checkpoints()
-
-    def _record_gate(self, refused: int | None = None) -> None:
-        """Records the gate's state durably (`Checkpointer.record_gate`), read by a resume: the
-        accepted step and the serving score, and `refused`, a candidate refused but not yet
-        rolled back. Called from either thread, after each decision and each rollback."""
-        with self._record_lock:
-            self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused)
-
-    def settle_gate(self) -> bool:
-        """Acts on a background gate's refusal, if one came: rolls back to the last accepted
-        state (discarding every step trained since it). Returns whether it rolled back. The
-        trainer thread calls it at each step boundary; after `publisher.wait()` it settles
-        every candidate published so far."""
-        with self._gate_lock:
-            refused, self._gate_refused = self._gate_refused, None
-            if refused is None:
-                return False
-            self._gate_epoch += 1
-        decision, step = refused
-        self.gate_refusals += 1
-        log.warning("%s for step %d: rolling back to step %d", decision.describe(), step,
-                    self._good_step)
-        self.rollback()
-        return True
-
-    def _keep_good_state(self) -> None:
-        """The current state becomes the rollback target (`gate.rollback`: its checkpoint,
-        already saved, or an on-device copy the train step cannot donate away)."""
-        self._good_step = self.step
-        if self.config.gate.rollback == "memory":
-            self._good_state = _device_copy(self.state)
-        self._protect_checkpoints()
-
-    def _protect_checkpoints(self) -> None:
-        """Keeps, whatever `checkpoint.keep` prunes, the newest checkpoint at or below the
-        accepted step (a resume after a crash rolls back to it: `_resume_gated`) and, for
-        `gate.rollback` "checkpoint", the rollback target's checkpoint and those of candidates
-        not yet decided (their restore must not find them gone)."""
-        with self._gate_lock:
-            good, undecided = self._good_step, set(self._undecided)
-        steps = {good, *undecided} if self.config.gate.rollback == "checkpoint" else ()
-        self.checkpointer.protect(steps, at_or_below=good)
-
-    def rollback(self) -> None:
-        """Back to the last state the gate accepted. Checkpoints newer than it are deleted
-        (a restart resumes from the good state) and the trained-samples log is cut back to it;
-        samples trained since were consumed and their updates are discarded. Only the train
-        state goes back, the same for both `gate.rollback` modes: the data source, the ids to
-        acknowledge and the drop counts go on (the samples are not trained again)."""
-        self.checkpointer.discard_after(self._good_step)
-        with self._gate_lock:
-            self._undecided.clear()
-        self._protect_checkpoints()
-        self._record_gate()  # the refusal is acted on
-        if self._good_state is None:
-            self._load_state(self._good_step)
-        else:
-            self.state = _device_copy(self._good_state)
-            # A later save of this step number must not be skipped if it is not on disk.
-            self._saved_step = (self._good_step
-                                if self._good_step in self.checkpointer.all_steps() else -1)
-        self._truncate_trained_log(self._good_step)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / Ctrl-C finish the current step, checkpoint and exit cleanly (the
