@@ -22,6 +22,7 @@ collective; a process that never joins fails start-up after `initialization_time
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -133,22 +134,79 @@ def process_config(config):
 
 
 class ProcessShardReplay:
-    """Process i's view of a replay source shared by n processes: every `take(k)` advances the
-    shared position by k·n samples and returns the i-th, (i+n)-th, … of them. All processes read
-    the same file and keep the same position, so the checkpointed position is the global one
-    and n processes together train exactly the samples one process would (same order)."""
+    """Process i's view of a replay file shared by n processes, in one sample stream.
+
+    The stream is what one process would take: `released` file indices first, then the file
+    from `position` on (`sources.ReplaySource`'s invariant). After a restore every process holds
+    the same (position, released) and takes its own part of it: `released[i::n]`, then the
+    positions position + i, + i + n, + i + 2n, … So n processes together train exactly the
+    samples one process would, each once, even when one takes more than another (a sample it
+    dropped) or gives samples back (`release`, a stop in the middle of a step).
+
+    `state()` is a collective (every process calls it, at the same checkpoint): it gathers each
+    process's part with `gather` (default `gather_json`) and returns the one stream state of
+    them all (`merge_shard_states`), restorable by any number of processes, one included."""
 
     redelivers = False
 
-    def __init__(self, source, process_index: int, process_count: int):
-        self.inner = source
+    def __init__(self, source, process_index: int, process_count: int, gather=None):
+        self.inner = source  # the file's samples, path and `loops`
         self.index, self.count = process_index, process_count
+        self._gather = gather_json if gather is None else gather
+        self.restore(source.state())
 
     def take(self, n: int, timeout_s: float = 0.0):
-        return self.inner.take(n * self.count, timeout_s)[self.index::self.count]
+        samples = self.inner.samples
+        again, self.released = self.released[:n], self.released[n:]
+        fresh = [(self.position + self.index + self.count * j) % len(samples)
+                 for j in range(n - len(again))]
+        self.position += self.count * len(fresh)
+        for i in again + fresh:
+            self._recent[samples[i].sample_id] = i
+            self._recent.move_to_end(samples[i].sample_id)
+        while len(self._recent) > len(samples):  # what `release` may be given back
+            self._recent.popitem(last=False)
+        return [samples[i] for i in again + fresh]
 
-    def __getattr__(self, name):  # commit, reject, keepalive, state, restore, close
+    def release(self, samples) -> None:
+        """Gives back samples this process took and never trained: it takes them first again,
+        and `state()` records them as not consumed."""
+        self.released = [self._recent[s.sample_id] for s in samples] + self.released
+
+    def local_state(self) -> dict:
+        """This process's part: its next fresh position and the indices it holds to deliver."""
+        return {"position": self.position, "released": list(self.released)}
+
+    def state(self) -> dict:
+        parts = self._gather(self.local_state())
+        if len(parts) != self.count:
+            raise DistributedError(f"gathered {len(parts)} replay positions, expected one from "
+                                   f"each of the {self.count} processes")
+        return merge_shard_states(parts, len(self.inner.samples))
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+        self.released = [int(i) for i in state.get("released", [])][self.index::self.count]
+        self._recent = collections.OrderedDict()  # sample id -> file index, the latest taken
+
+    def __getattr__(self, name):  # commit, reject, keepalive, close, path, loops, samples
         return getattr(self.inner, name)
+
+
+def merge_shard_states(parts: list[dict], file_size: int) -> dict:
+    """The one stream state (`ReplaySource.state()` format) of n processes' `local_state()`s, in
+    process order. Process j's fresh positions are position_j + j + n·m; the stream goes on from
+    the furthest any process reached, and the positions a process had not reached yet below it
+    are delivered first, with every index a process gave back (round-robin over processes)."""
+    n = len(parts)
+    furthest = max(int(p["position"]) for p in parts)
+    owed = [[int(i) for i in p["released"]] +
+            [(pos + j) % file_size for pos in range(int(p["position"]), furthest, n)]
+            for j, p in enumerate(parts)]
+    released = [lane[k] for k in range(max(map(len, owed))) for lane in owed if k < len(lane)]
+    if released:
+        return {"position": furthest, "released": released}
+    return {"position": furthest}
 
 
 def shard_source(source):

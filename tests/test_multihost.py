@@ -6,7 +6,9 @@ coordinator, gloo collectives) against 1 process × 8 devices.
   (process i takes every 2nd sample);
 - the checkpoint the 2-process run wrote collectively restores in a 1-process run, bit for bit,
   with the replay position of the whole step;
-- a process that dies stops the other with the coordination service's message (no hang).
+- a process that dies stops the other with the coordination service's message (no hang);
+- (in-process) the processes' replay shares checkpoint one stream state, so samples a process
+  gave back or had not reached yet are trained once after a resume, by any process count.
 
 Each run is a fresh Python process (`python tests/test_multihost.py MODE ...`): the device count
 and jax.distributed are fixed at start-up.
@@ -279,6 +281,19 @@ def test_bad_distributed_values_name_the_key(key, value, fragment):
     assert fragment in str(e.value)
 
 
+def _shares(path: str, n: int):
+    """n processes' `ProcessShardReplay`s of one file, in one Python process: `state()`'s
+    collective is each share's `local_state()`, in process order."""
+    from clawjax import distributed
+    from clawjax.sources import ReplaySource
+
+    shares: list = []
+    gather = lambda _: [s.local_state() for s in shares]  # noqa: E731
+    shares += [distributed.ProcessShardReplay(ReplaySource(path), i, n, gather=gather)
+               for i in range(n)]
+    return shares
+
+
 def test_process_shares_of_a_replay_cover_the_step_once(tmp_path):
     from sample_factory import make_samples
 
@@ -288,7 +303,7 @@ def test_process_shares_of_a_replay_cover_the_step_once(tmp_path):
     path = str(tmp_path / "r.jsonl")
     write_replay(path, make_samples(10, seed=1))
     one = ReplaySource(path).take(8)
-    shares = [distributed.ProcessShardReplay(ReplaySource(path), i, 2) for i in range(2)]
+    shares = _shares(path, 2)
     taken = [s.take(4) for s in shares]
     assert sorted(x.sample_id for t in taken for x in t) == sorted(x.sample_id for x in one)
     assert [x.sample_id for x in taken[1]] == [x.sample_id for x in one[1::2]]
@@ -296,6 +311,47 @@ def test_process_shares_of_a_replay_cover_the_step_once(tmp_path):
     assert distributed.local_share(16, 4) == 4
     with pytest.raises(distributed.DistributedError, match="samples_per_step = 10"):
         distributed.local_share(10, 4)
+
+
+@pytest.mark.parametrize("resume_processes", [1, 2, 3])
+def test_shares_that_drift_and_give_back_resume_with_each_sample_once(tmp_path,
+                                                                      resume_processes):
+    """Process 0 takes 3 more samples than process 1 (it dropped some) and both give samples
+    back (a stop in the middle of a step); the checkpointed state, restored by 1, 2 or 3
+    processes, delivers every sample not consumed exactly once in the rest of the file's pass
+    (each process's lane: its share of the given-back samples, then its share of the file from
+    the furthest position any process reached)."""
+    from sample_factory import make_samples
+
+    from clawjax.sources import ReplaySource, write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    samples = make_samples(40, seed=2)
+    write_replay(path, samples)
+    p0, p1 = _shares(path, 2)
+    first0, first1 = p0.take(4) + p0.take(3), p1.take(4)
+    p0.release(first0[-2:])  # taken, never trained
+    p1.release(first1[1:3])
+    assert p0.take(1) == [first0[-2]]  # a process takes what it gave back first
+    p0.release([first0[-2]])
+    consumed = [s.sample_id for s in first0[:-2] + first1[:1] + first1[3:]]
+    state = p0.state()
+    assert p1.state() == state  # every process checkpoints the same stream state
+    later = _shares(path, resume_processes)
+    for share in later:
+        share.restore(state)
+    not_consumed = {s.sample_id for s in samples} - set(consumed)
+    assert len(not_consumed) == 40 - len(consumed)
+    delivered: list[str] = []
+    for share in later:  # each process's lane up to the file's end: released, then fresh
+        rest_of_pass = len(share.released) + len(range(share.position + share.index, 40,
+                                                       resume_processes))
+        delivered += [s.sample_id for s in share.take(rest_of_pass)]
+    assert sorted(delivered) == sorted(not_consumed)  # each once, none lost
+    if resume_processes == 1:  # what a one-process run (a plain ReplaySource) resumes to
+        plain = ReplaySource(path)
+        plain.restore(state)
+        assert [s.sample_id for s in plain.take(len(delivered))] == delivered
 
 
 if __name__ == "__main__":
