@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.publish = ml_collections.ConfigDict()
     c.publish.every_steps = 0  # 0: never publish
-    c.publish.dir = ""  # "" = workdir/publish
+    c.publish.dir = ""  # "" = workdir/publish; a new run refuses one holding v<step> dirs
     c.publish.urls = ""  # comma-separated server URLs
     c.publish.keep = 2
     c.publish.dtype = "bfloat16"

@@ -110,7 +110,8 @@ class TrainLoop(GateMixin):
         config = dist_lib.process_config(config)  # samples_per_step: this process's share
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
-        workdir_lib.require_fresh(self.workdir, config.trainer.resume)  # before writing a file
+        workdir_lib.require_fresh(self.workdir, config.trainer.resume,  # before writing a file
+                                  publish_dir=workdir_lib.own_publish_dir(config))
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         model, self.model_config = build_model(config, self.mesh)

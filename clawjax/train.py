@@ -89,7 +89,8 @@ def check_start(config) -> None:
     if not config.rollout.local:
         from clawjax import workdir as workdir_lib
 
-        workdir_lib.require_fresh(os.path.abspath(config.workdir), config.trainer.resume)
+        workdir_lib.require_fresh(os.path.abspath(config.workdir), config.trainer.resume,
+                                  publish_dir=workdir_lib.own_publish_dir(config))
 
 
 def main(argv) -> int:

@@ -8,8 +8,9 @@ checkpoints, append to its logs, and train the samples its buffer still holds, g
 the first run's last policy (seen: staleness -48 on the new run's first steps).
 
 - `TrainLoop` without `trainer.resume` refuses a workdir that holds checkpoints or published
-  versions (`require_fresh`): nothing is changed, and the error says how to continue or start
-  afresh. (A run that died before its first checkpoint leaves only `publish/v*`.)
+  versions, and a `publish.dir` of its own (outside the workdir) that holds versions
+  (`require_fresh`): nothing is changed, and the error says how to continue or start afresh.
+  (A run that died before its first checkpoint leaves only `publish/v*`.)
 - The local default run (`clawjax.default_run.start_local`) moves an earlier run's files aside
   instead (`archive_previous_run`), into `workdir/previous/<UTC time>/`: nothing is deleted,
   and the warm-start cache (`warmstart/`) and the compilation cache (`xla_cache/`,
@@ -61,18 +62,31 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def published_versions(workdir: str) -> list[int]:
     """Versions published under `workdir/publish` (`v<n>` directories), sorted."""
+    return versions_in(os.path.join(workdir, "publish"))
+
+
+def versions_in(publish_dir: str) -> list[int]:
+    """Versions published in `publish_dir` (`v<n>` directories), sorted; [] if no such dir."""
     try:
-        names = os.listdir(os.path.join(workdir, "publish"))
+        names = os.listdir(publish_dir)
     except FileNotFoundError:
         return []
     return sorted(int(n[1:]) for n in names if _VERSION_DIR.match(n)
-                  and os.path.isdir(os.path.join(workdir, "publish", n)))
+                  and os.path.isdir(os.path.join(publish_dir, n)))
 
 
-def require_fresh(workdir: str, resume: bool) -> None:
+def own_publish_dir(config) -> str:
+    """`publish.dir` when the run publishes there rather than under its workdir, else ""."""
+    return str(config.publish.dir) if int(config.publish.every_steps) > 0 else ""
+
+
+def require_fresh(workdir: str, resume: bool, publish_dir: str = "") -> None:
     """Raises `ConfigError` when a new run (`resume` False) would start in a workdir holding an
     earlier run's checkpoints (on `trainer.resume`: True continues them) or, with none, its
-    published versions (on `workdir`: there is nothing to resume); changes nothing."""
+    published versions (on `workdir`: there is nothing to resume), or would publish into a
+    `publish_dir` (`publish.dir`, anywhere: `own_publish_dir`) that holds an earlier run's
+    versions (on `publish.dir`: a fleet or a reader taking the highest number would take the
+    earlier run's, and the new run's own would be numbered among them); changes nothing."""
     if resume:
         return
     steps = checkpoint_steps(workdir)
@@ -89,6 +103,14 @@ def require_fresh(workdir: str, resume: bool) -> None:
             f"a workdir without an earlier run's files: {publish_dir} holds its published "
             f"versions {['v%d' % v for v in versions]} (it left no checkpoint to resume from); "
             "move them aside, or pass another --config.workdir for a new run (nothing was "
+            "changed)")
+    versions = versions_in(publish_dir) if publish_dir else []
+    if versions:
+        raise ConfigError(
+            "publish.dir", publish_dir,
+            f"a directory without an earlier run's published versions for a new run: it holds "
+            f"{['v%d' % v for v in versions]}; move them aside, pass another --config.publish.dir, "
+            "or trainer.resume=True to continue the run that published them (nothing was "
             "changed)")
 
 

@@ -89,6 +89,34 @@ def test_require_fresh_refuses_a_workdir_with_an_earlier_runs_published_versions
     workdir_lib.require_fresh(str(tmp_path), resume=True)
 
 
+def test_check_start_refuses_a_publish_dir_with_an_earlier_runs_versions(tmp_path):
+    """`publish.dir` outside the workdir: a fresh workdir does not make it fresh. A new run there
+    would number its versions among the earlier run's (v3 < the earlier v40)."""
+    from clawjax import train
+    from clawjax.config import base_config
+
+    elsewhere = tmp_path / "served"
+    make_files(elsewhere, ["v40/config.json", ".staging/v9-abc/x"])
+    replay = tmp_path / "samples.jsonl"
+    replay.write_text("")
+    config = base_config()
+    config.workdir, config.replay = str(tmp_path / "run"), str(replay)
+    config.publish.dir, config.publish.every_steps = str(elsewhere), 3
+    with pytest.raises(ConfigError, match=r"'publish.dir' = '.*served', expected a directory "
+                                          r"without an earlier run's published versions for a "
+                                          r"new run: it holds \['v40'\]"):
+        train.check_start(config)
+    assert workdir_lib.versions_in(str(elsewhere)) == [40]  # nothing changed
+    assert not os.path.exists(config.workdir)
+    config.publish.every_steps = 0  # not publishing: nothing to mix with
+    train.check_start(config)
+    config.publish.every_steps, config.trainer.resume = 3, True  # continuing the earlier run
+    train.check_start(config)
+    config.trainer.resume = False
+    config.publish.dir = str(tmp_path / "new")  # not there yet
+    train.check_start(config)
+
+
 def test_training_twice_in_a_workdir_without_resume_is_refused_and_changes_nothing(tmp_path):
     """README's replay example run twice: the second run stops with the message before writing
     anything; with `trainer.resume=True` it continues instead."""
