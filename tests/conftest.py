@@ -4,8 +4,9 @@ one persistent XLA compilation cache for the tests run in this process.
 Many tests build the same tiny model and train step afresh (a new `jax.jit` each time, so JAX's
 in-memory cache misses): with the session's on-disk cache each distinct program compiles once
 (the gate tests alone run about 1.8x faster). It starts empty in a temporary directory, so no
-test depends on a previous session, and it is this process's only: processes a test starts do
-not inherit it (they keep their own cache settings, which some tests check)."""
+test depends on a previous session, and it is this process's only (each pytest-xdist worker has
+its own): processes a test starts do not inherit it (they keep their own cache settings, which
+some tests check)."""
 
 import atexit
 import os

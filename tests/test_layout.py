@@ -50,6 +50,6 @@ def test_ci_runs_the_readme_test_command():
         readme = f.read()
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = f.read()
-    command = 'pip install -e ".[test]" && python -m pytest -q tests'
+    command = 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadfile tests'
     assert command in readme and command in ci
     assert "python -m clawjax.train" in readme

@@ -117,7 +117,7 @@ def test_quickstart_and_guide_sections():
     readme = _readme()
     first = readme.split("\n## ", 2)[1]  # the first section after the title
     assert "pip install -e . && python -m clawjax.train" in first
-    assert 'pip install -e ".[test]" && python -m pytest -q tests' in first
+    assert 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadfile tests' in first
     for needle in ("<!-- default-run-figures -->", "launch/sglang_fleet.sh",
                    "configs/qwen3_4b_combine.py", "--config.publish.urls",
                    "--config.buffer.address", "python -m clawjax.buffer serve",
