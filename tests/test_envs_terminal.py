@@ -108,6 +108,22 @@ def test_cannot_write_outside_its_directory(sandbox, tmp_path):
     assert sandbox.step("$ pwd")[0].text == f"OK\n{workdir}\n"
 
 
+def test_a_parent_directory_glued_to_a_short_option_is_refused(sandbox, tmp_path):
+    """`cp -t.. f` names the parent directory as cleanly as `cp -t /x f` names another one."""
+    sandbox.reset(dict(word_task(), files={"a.txt": "data\n"}))
+    workdir = sandbox.workdir
+    before = {p: c for p, c in tree(str(tmp_path)).items() if not p.startswith(workdir)}
+    for attempt in ("$ cp -t.. a.txt", "$ mv -t.. a.txt", "$ cp -vt.. a.txt"):
+        obs, _, _ = sandbox.step(attempt)
+        assert obs.text.startswith("ERROR path"), (attempt, obs.text)
+    after = {p: c for p, c in tree(str(tmp_path)).items() if not p.startswith(workdir)}
+    assert after == before
+    for token in ("-t..", "-vt..", "-t../x"):
+        assert terminal.escapes_directory(token), token
+    for token in ("-t.", "-tsub", "-t..x"):
+        assert not terminal.escapes_directory(token), token
+
+
 def test_links_that_point_outside_are_neither_followed_nor_kept(sandbox, tmp_path):
     sandbox.reset(word_task())
     link = os.path.join(sandbox.workdir, "link.txt")

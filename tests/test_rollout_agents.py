@@ -155,3 +155,12 @@ def test_a_started_child_is_supervised_until_stop_child(tmp_path, monkeypatch):
             os.kill(second, 0)
     finally:
         stack.stop()
+
+
+def test_a_task_line_that_is_not_json_is_refused_naming_the_file_and_line(tmp_path):
+    """`read_tasks` promises a ValueError naming the file for a line that is not a JSON object;
+    a line that is not JSON at all is such a line."""
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text(json.dumps(TASKS[0]) + "\n{\"env\": \"homework\",\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: .*expected a JSON object"):
+        agents.read_tasks(str(bad))

@@ -188,3 +188,25 @@ def test_rollout_cli_teacher_topk_defaults_to_none_and_is_range_checked(capsys):
         with pytest.raises(SystemExit):
             parse_args(base + ["--teacher-topk", bad])
         assert f"--teacher-topk = {bad}, expected 0 (none) to 1024" in capsys.readouterr().err
+
+
+def test_rollout_cli_refuses_judge_sampling_no_judge_would_accept(capsys):
+    """A negative / NaN `--judge-temperature` or a negative `--judge-max-tokens` made every
+    judge call fail: every vote invalid, every reward 0. They are refused at start, naming the
+    flag, the value and what is expected. `--judge-max-tokens 0` stays what it always meant:
+    the judge's own limit, as if the flag were omitted."""
+    from clawjax.rollout.__main__ import parse_args
+
+    base = ["serve", "--port", "8000", "--model-dir", "m", "--policy-url", "http://p:1",
+            "--judge-url", "http://j:1", "--buffer", "127.0.0.1:1"]
+    args = parse_args(base + ["--judge-temperature", "0", "--judge-max-tokens", "1"])
+    assert (args.judge_temperature, args.judge_max_tokens) == (0.0, 1)
+    assert parse_args(base).judge_max_tokens is None
+    assert parse_args(base + ["--judge-max-tokens", "0"]).judge_max_tokens == 0
+    for flag, bad in (("--judge-temperature", "-0.5"), ("--judge-temperature", "nan"),
+                      ("--judge-temperature", "inf"), ("--judge-max-tokens", "-3")):
+        with pytest.raises(SystemExit):
+            parse_args(base + [flag, bad])
+        err = capsys.readouterr().err
+        assert f"{flag} = {float(bad) if 'temperature' in flag else bad}" in err, err
+        assert "expected" in err, err

@@ -507,6 +507,25 @@ def test_greedy_stream_and_plain_completion_agree(servers):
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
 
 
+def test_a_stream_cut_by_a_stop_string_adds_up_to_the_plain_text(servers):
+    """A two-character stop string whose first character is streamed before the second one
+    matches: the embedded server trims it from the final text; the streamed chunks must still
+    add up to exactly that text (nothing sent twice, no piece of the stop string)."""
+    url, msgs = servers["main"].url, [{"role": "user", "content": "Say something."}]
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    text = reply(chat(url, msgs, **greedy))
+    at = next((p for p in range(1, len(text) - 1) if text.find(text[p:p + 2]) == p), None)
+    assert at is not None, text
+    stop = text[at:at + 2]
+    plain = reply(chat(url, msgs, stop=[stop], **greedy))
+    assert plain == text[:at]
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+            "messages": msgs, "stream": True, "stop": [stop], **greedy}) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines()
+                  if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == plain
+
+
 def _start(cmd: list[str], timeout: float = 120.0):
     import os
     import subprocess

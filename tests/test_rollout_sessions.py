@@ -4,6 +4,7 @@ with the rule judge's answers and scripted teacher answers (no turn lost uncount
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import types
 
 import numpy as np
@@ -61,6 +62,28 @@ def test_a_session_walks_through_its_turns():
     assert table.finish(t3, now=6) == [Dropped(t2, "no_next_state")]
     assert table.close("s") == [Dropped(t3, "no_next_state")]      # last turn: not trained
     assert "s" not in table and table.close("s") == []
+
+
+def test_a_retried_request_is_not_the_next_state_of_its_own_first_answer():
+    """A client that re-sends request k (a timeout retry, a regeneration) must not have turn k
+    judged against the message turn k answered: that message came before turn k, not after."""
+    table = SessionTable(idle_expiry_s=10)
+    table.begin("s", "main", msgs(("user", "q")), 0)
+    t0 = turn(index=0)
+    table.finish(t0, 1)
+    second = msgs(("user", "q"), ("assistant", "a"), ("user", "That's wrong. Please redo."))
+    _, ev = table.begin("s", "main", second, 2)
+    assert ev == [JudgeJob(t0, NextState("user", "That's wrong. Please redo."))]
+    t1 = dataclasses.replace(turn(index=1), messages=second)
+    assert table.finish(t1, 3) == []
+    table.end("s", 3)
+    _, ev = table.begin("s", "main", list(second), 4)       # the same request again
+    assert ev == []                                         # t1 is not judged on its prompt
+    t2 = dataclasses.replace(turn(index=2), messages=second)
+    assert table.finish(t2, 5) == [Dropped(t1, "no_next_state")]   # the client took t2
+    third = second + msgs(("assistant", "b"), ("user", "Thanks!"))
+    _, ev = table.begin("s", "main", third, 6)
+    assert ev == [JudgeJob(t2, NextState("user", "Thanks!"))]
 
 
 def test_single_turn_sessions_are_emitted_and_idle_sessions_expire():

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None):
         p.error(f"--prm-m = {args.prm_m}, expected >= 1")
     if not 0 <= args.teacher_topk <= MAX_TOPK:
         p.error(f"--teacher-topk = {args.teacher_topk}, expected 0 (none) to {MAX_TOPK}")
+    if not 0.0 <= args.judge_temperature < float("inf"):  # NaN fails this too
+        p.error(f"--judge-temperature = {args.judge_temperature}, expected a finite number "
+                ">= 0")
+    if args.judge_max_tokens is not None and args.judge_max_tokens < 0:
+        p.error(f"--judge-max-tokens = {args.judge_max_tokens}, expected >= 1, or 0 (or no "
+                "flag) for the judge's own limit")
     if args.judge_concurrency < 1:
         p.error(f"--judge-concurrency = {args.judge_concurrency}, expected >= 1")
     if not args.session_expiry_s > 0:

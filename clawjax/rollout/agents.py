@@ -140,7 +140,11 @@ def read_tasks(path: str) -> list[dict]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            task = json.loads(line)
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: {line.strip()[:80]!r} is not JSON ({e}), "
+                                 "expected a JSON object (a task)") from None
             if not isinstance(task, dict):
                 raise ValueError(f"{path}:{number}: {line.strip()[:80]!r}, expected a JSON "
                                  "object (a task)")

@@ -21,6 +21,7 @@ import time
 import uuid
 from typing import Any, Mapping
 
+from clawjax.serving.chat import undecided_tail
 from clawjax.serving.client import BadRequest, ServerUnavailable, ServingError
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
@@ -260,8 +261,9 @@ async def generate(policy, body: dict) -> dict:
 async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
     """Streams `/generate` through the fleet onto `events`: ("event", sglang_event) while
     generating, then ("end", result) with the output ids / log-probs of the whole response, or
-    ("error", RequestError). A server failure before the first event is retried elsewhere by
-    the fleet; after it, the stream ends with an error (no replay)."""
+    ("error", RequestError): always exactly one of the two, whatever the server sends (a
+    malformed stream is a 502). A server failure before the first event is retried elsewhere
+    by the fleet; after it, the stream ends with an error (no replay)."""
     state = {"sent": False}
 
     async def consume(client):
@@ -300,6 +302,11 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
                                                 f"an available policy server: {e}", 503)))
     except RequestError as e:
         await events.put(("error", e))
+    except Exception as e:  # noqa: BLE001 - a malformed stream (bad JSON, odd events): the
+        # waiting handler must get an error, never wait forever for an event that won't come
+        await events.put(("error", RequestError(
+            "model", "<policy fleet>", f"a well-formed /generate stream from the policy "
+            f"server (got {type(e).__name__}: {e})", status=502)))
 
 
 def error_of(e: Exception) -> dict:
@@ -362,11 +369,17 @@ def _chunk(ident: str, created: int, model: str, delta: dict, finish=None) -> di
 
 
 def delta_chunk(event: dict, sent: str, ident: str, created: int, model: str,
-                first: bool) -> tuple[dict | None, str]:
+                first: bool, stops=None) -> tuple[dict | None, str]:
     """The chunk carrying the text added since `sent` (SGLang stream texts are cumulative);
-    None when nothing new. Returns it and the new `sent`."""
+    None when nothing new. Returns it and the new `sent`. Text is never sent twice: a text
+    that does not extend `sent` (the final text, trimmed at a stop string) only adds what
+    lies beyond `len(sent)`. For a partial event pass the request's `stops` (a str, a list
+    or ()): the tail that may still change (`serving.chat.undecided_tail`) waits for a later
+    event; `stops=None` (the final text) sends everything."""
     text = event.get("text") or ""
-    new = text[len(sent):] if text.startswith(sent) else text
+    if stops is not None:
+        text = text[:len(text) - undecided_tail(text, stops)]
+    new = text[len(sent):]
     if not new and not first:
         return None, sent
     delta = {"role": "assistant", "content": new} if first else {"content": new}

@@ -220,6 +220,8 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
     task = asyncio.create_task(chatapi.generate_stream(proxy.policy, body, events))
     resp: web.StreamResponse | None = None
     ident, created, sent, first = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), "", True
+    # Stop strings the server trims from the final text: their first characters wait.
+    stops = () if call.sampling.get("no_stop_trim") else call.sampling.get("stop") or ()
     try:
         while True:
             kind, item = await events.get()
@@ -234,7 +236,8 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
                 await resp.prepare(request)
             if kind == "event":
                 chunk, sent = chatapi.delta_chunk(item, sent, ident, created,
-                                                  call.model or proxy.model_name, first)
+                                                  call.model or proxy.model_name, first,
+                                                  stops=stops)
                 if chunk is not None:
                     first = False
                     await resp.write(chatapi.sse(chunk))
@@ -270,6 +273,8 @@ async def stats(request: web.Request) -> web.Response:
         try:
             seconds = float(wait)
         except ValueError:
+            seconds = math.nan
+        if math.isnan(seconds):  # NaN would never reach a deadline: an unbounded wait
             raise RequestError("idle_timeout", wait, "a number of seconds")
         idle = await proxy.loop.idle(min(max(seconds, 0.0), 600.0))
     out = proxy.stats.snapshot()

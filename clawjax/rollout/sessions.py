@@ -30,7 +30,9 @@ Rules:
   - A main request whose messages END in user/tool messages (after its last assistant message)
     carries the next state of the session's pending main turn (the last finished main turn not
     yet judged): those trailing messages, role = the role of the last one, texts joined by
-    newlines. Each turn is judged at most once.
+    newlines. Each turn is judged at most once. A main request whose messages are exactly the
+    pending turn's own prompt (a client retrying or regenerating that request: its trailing
+    messages came BEFORE the pending response, not after it) carries no next state.
   - Turn indices count every request of a session in arrival order, from 0.
   - A closed session is never recreated by a turn that finishes after its close (a request
     still generating when another request's session_done, or shutdown, closed it): the table
@@ -195,7 +197,8 @@ class SessionTable:
         index = session.next_index
         session.next_index += 1
         events: list = []
-        if turn_type == "main" and session.pending is not None:
+        if turn_type == "main" and session.pending is not None and \
+                list(messages) != list(session.pending.messages):  # not a retry of its prompt
             state = next_state_of(messages)
             if state is not None:
                 events.append(JudgeJob(session.pending, state, session.episode))

@@ -53,7 +53,8 @@ INSTRUCTIONS = ("Run one command per reply, like: $ ls . Commands: {commands}. "
                 "Reply DONE when the task is finished.")
 
 _ABSOLUTE_OPTION = re.compile(r"^-[A-Za-z]+[/~]")
-_PARENT = re.compile(r"(^|[/=])\.\.([/=]|$)")
+# `..` as a path component: at the start, after `/` or `=`, or glued to short options (`-t..`).
+_PARENT = re.compile(r"(^|[/=]|^-[A-Za-z]+)\.\.([/=]|$)")
 
 
 @functools.cache
@@ -81,7 +82,8 @@ def _file_size_limit_prefix(max_file_bytes: int) -> tuple[str, ...]:
 
 def escapes_directory(token: str) -> bool:
     """Whether an argument could name a path outside the working directory: absolute paths,
-    `~`, `..` components, also after `=` (`--target=/x`) or glued to a short option (`-t/x`)."""
+    `~`, `..` components, also after `=` (`--target=/x`) or glued to a short option (`-t/x`,
+    `-t..`)."""
     pieces = [token] + token.split("=")[1:]
     return (any(p.startswith(("/", "~")) for p in pieces)
             or _ABSOLUTE_OPTION.match(token) is not None or _PARENT.search(token) is not None)
