@@ -359,3 +359,60 @@ def test_fleet_does_not_resend_an_update_still_in_flight():
             assert a.arrived == 2
         await a.stop()
     run(main())
+
+
+def test_fleet_does_not_reload_an_unversioned_update_forever():
+    """An update without a weight_version that a server took is not re-sent by the prober
+    every update_retry_interval (each resend reloads the whole checkpoint); a server that
+    restarts (back on its launch weights) still gets it again."""
+    async def main():
+        a = await CountingScripted("a").start()
+        async with Fleet([a.url], probe_interval=0.02, update_retry_interval=0.05,
+                         backoff=0.01) as fleet:
+            res = await fleet.update_weights_from_disk("/ckpt/v3")
+            assert res[a.url]["success"] and a.arrived == 1
+            await asyncio.sleep(0.5)  # ten retry intervals: the server holds the target
+            assert a.arrived == 1 and not fleet.stats()["per_server"][0]["stale"]
+            await a.stop()
+            deadline = time.monotonic() + 10
+            while fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not fleet.servers[0].up
+            restarted = await CountingScripted("a2", port=a.port).start()
+            while not fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert fleet.servers[0].up and restarted.updates == [("/ckpt/v3", None)]
+            await asyncio.sleep(0.3)
+            assert restarted.arrived == 1
+            await restarted.stop()
+    run(main())
+
+
+def test_fleet_brings_a_returning_server_to_an_update_made_while_it_recovered():
+    """A server comes back and the prober starts bringing it to the target (v2); while that
+    load runs the fleet is asked for v3 (the server is still down, so it is not sent then).
+    The server must be brought to v3 too before it is marked up, not routed to on v2."""
+    async def main():
+        a = await CountingScripted("a").start()
+        async with Fleet([a.url], probe_interval=0.02, update_retry_interval=30.0,
+                         backoff=0.01) as fleet:
+            await fleet.update_weights_from_disk("/ckpt/v2", "2")
+            await a.stop()
+            deadline = time.monotonic() + 10
+            while fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not fleet.servers[0].up
+            back = await CountingScripted("a2", port=a.port).start()
+            back.update_delay = 2.0  # a slow checkpoint load
+            while back.arrived == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            res = await fleet.update_weights_from_disk("/ckpt/v3", "3")
+            assert not res[back.url]["success"]  # down (recovering): updated when it returns
+            while not fleet.servers[0].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert fleet.servers[0].up
+            assert back.version == "3" and fleet.servers[0].weight_version == "3"
+            assert not fleet.stats()["per_server"][0]["stale"]
+            assert back.updates == [("/ckpt/v2", "2"), ("/ckpt/v3", "3")]
+            await back.stop()
+    run(main())

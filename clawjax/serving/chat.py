@@ -12,14 +12,24 @@ from __future__ import annotations
 from clawjax.serving.protocol import ProtocolError
 
 
-def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template, with the assistant
-    generation prompt appended. 400 (ProtocolError on `messages`) without a tokenizer."""
+    generation prompt appended. 400 (ProtocolError on `messages`) without a tokenizer, and
+    when the template refuses the messages (its `raise_exception`, or fields it cannot
+    render): the request's fault, not the server's (a 5xx would mark it down in a fleet)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ProtocolError("messages", f"<{len(messages)} messages>",
                             "a server with a tokenizer and chat template (this model "
                             "directory has none; send /generate with input_ids instead)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    import jinja2  # what transformers renders chat templates with
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, KeyError, AttributeError, ValueError) as e:
+        raise ProtocolError("messages", f"<{len(messages)} messages>",
+                            f"messages the model's chat template accepts (it raised "
+                            f"{type(e).__name__}: {e})") from e
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -63,23 +73,48 @@ def completion(result: dict, tokenizer, model: str, created: int, req) -> dict:
     }
 
 
+def undecided_tail(text: str, stops) -> int:
+    """How many trailing characters of a partial `text` may still change before the request
+    ends: an incomplete UTF-8 character (decoded as U+FFFD) or the start of a stop string
+    (`stops`: a str or a list of them), which is trimmed from the final text once it
+    matches."""
+    stops = [stops] if isinstance(stops, str) else stops or ()
+    tail = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), tail, -1):
+            if text.endswith(stop[:n]):
+                tail = n
+                break
+    return tail
+
+
 def chunk(result: dict, sent: str, model: str, created: int, first: bool,
-          final: bool) -> tuple[dict, str]:
+          final: bool, *, stops=(), tokenizer=None, logprobs_from: int | None = None
+          ) -> tuple[dict, str]:
     """A `chat.completion.chunk` carrying the text added since `sent`; returns it and the new
-    `sent`."""
+    `sent`. A partial result holds back the tail that may still change (`undecided_tail` of
+    the request's `stops`), so the deltas add up to the final content and nothing is sent
+    twice. `logprobs_from` (None: the request did not ask for log-probs) is the number of
+    output tokens whose log-probs earlier chunks carried; this one carries the rest."""
     text = result["text"]
-    delta_text = text[len(sent):] if text.startswith(sent) else text
+    if not final:
+        text = text[:len(text) - undecided_tail(text, stops)]
+    delta_text = text[len(sent):]  # `text` extends `sent`: its changing tail was held back
     delta: dict = {"content": delta_text}
     if first:
         delta["role"] = "assistant"
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    logprobs = None
+    if logprobs_from is not None:
+        logprobs = _logprobs(result, tokenizer) or {"content": []}
+        logprobs = {"content": logprobs["content"][logprobs_from:]}
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
     if final:
         choice["finish_reason"], choice["matched_stop"] = _finish(result)
     body = {"id": "chatcmpl-" + result["meta_info"]["id"], "object": "chat.completion.chunk",
             "created": created, "model": model, "choices": [choice]}
     if final:
         body["metadata"] = {"weight_version": result["meta_info"]["weight_version"]}
-    return body, text
+    return body, sent + delta_text
 
 
 def usage_chunk(result: dict, model: str, created: int) -> dict:

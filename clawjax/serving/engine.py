@@ -22,6 +22,8 @@ same tokens. Input log-probs follow SGLang (SPEC.md §7): entries for prompt pos
 `logprob_start_len .. L-1`, the first one `None`; `logprob_start_len = -1` means `L - 1`.
 While fewer than `min_new_tokens` are out, `stop_token_ids` (and EOS ids unless `ignore_eos`)
 cannot be drawn (SGLang); the mask only affects which token is drawn, not the log-probs.
+As in SGLang's detokenizer, a matched stop token id (or EOS) ends `output_ids` but not `text`,
+and a matched stop string is cut from `text`, unless `no_stop_trim`.
 An exception in one request's share of a step aborts it alone ("request error: ...",
 `request_errors`; the rest of the step and the cache carry on); a failing forward aborts the
 whole step and resets the cache ("engine error: ...", `engine_errors`).
@@ -142,12 +144,18 @@ class Engine:
             self._waiting.append(req)
             self._cv.notify_all()
 
-    def abort(self, rid: str | None = None, message: str = "aborted") -> int:
-        """Marks a request (or all, `rid=None`) aborted; returns how many were found."""
+    def abort(self, rid: str | None = None, message: str = "aborted",
+              request: Request | None = None) -> int:
+        """Marks the requests with `rid` (all: `rid=None`) aborted, or when `request` is given
+        that one alone (rids are the clients' and may repeat); returns how many were found."""
         n = 0
         with self._cv:
             for r in list(self._waiting) + [s for s in self._slots if s is not None]:
-                if rid is None or r.rid == rid:
+                if request is not None:
+                    hit = r is request
+                else:
+                    hit = rid is None or r.rid == rid
+                if hit:
                     r.aborted = message
                     n += 1
             self._cv.notify_all()
@@ -165,7 +173,9 @@ class Engine:
     def load_weights(self, model, config, version: str, timeout: float = 600.0) -> None:
         """Installs new weights (already loaded by the caller, off the engine thread) as
         `version`; returns once the engine has switched. Raises ValueError when `config`
-        differs from the serving model's (the cache and compiled steps depend on it)."""
+        differs from the serving model's (the cache and compiled steps depend on it), and
+        TimeoutError when the engine did not switch within `timeout` s (the swap is then
+        withdrawn: the current weights keep serving)."""
         def arch(c):  # the fields that shape the computation (not `extra` / training options)
             return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
                     if f.name not in ("extra", "remat", "attention")}
@@ -188,7 +198,11 @@ class Engine:
                 self._swap = (version, state, done)
                 self._cv.notify_all()
             if not done.wait(timeout):
-                raise TimeoutError(f"engine did not take the new weights within {timeout}s")
+                with self._cv:
+                    if not done.is_set():  # withdrawn: a failed load must not land later
+                        self._swap = None
+                        raise TimeoutError(f"engine did not take the new weights within "
+                                           f"{timeout}s; they were not installed")
 
     def stats(self) -> dict:
         with self._cv:
@@ -397,7 +411,11 @@ class Engine:
 
     def _result(self, r: Request, finish: dict | None) -> dict:
         """The SGLang `/generate` response for `r` so far (`finish=None` while streaming)."""
-        text = self._text(r.output_ids, r.params.skip_special_tokens) or ""
+        ids = r.output_ids
+        if finish is not None and finish.get("type") == "stop" and \
+                isinstance(finish.get("matched"), int) and not r.params.no_stop_trim:
+            ids = ids[:-1]  # SGLang: a matched stop token id stays in output_ids, not in text
+        text = self._text(ids, r.params.skip_special_tokens) or ""
         if r.trim_text_at is not None:
             text = text[:r.trim_text_at]
         meta: dict[str, Any] = {

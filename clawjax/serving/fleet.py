@@ -64,6 +64,7 @@ class Server:
     last_update_try: float = 0.0  # when the last update was sent, and again when it ended
     updating: int = 0  # updates in flight (fleet calls may overlap; the prober adds none then)
     timeouts: int = 0  # requests that timed out while the server stayed healthy
+    model_path: str | None = None  # the last checkpoint it took from the fleet (since it came up)
 
     def summary(self) -> dict:
         return {"url": self.url, "up": self.up, "in_flight": self.in_flight,
@@ -248,13 +249,19 @@ class Fleet:
         finally:
             server.updating -= 1
             server.last_update_try = time.monotonic()
-        server.weight_version = version
+        server.weight_version, server.model_path = version, model_path
         return {"success": True, "message": out.get("message", "")}
 
     def is_stale(self, server: Server) -> bool:
-        """Whether `server` is known not to hold the fleet's target weights."""
-        return self.target is not None and (server.weight_version != self.target[1]
-                                            or self.target[1] is None)
+        """Whether `server` is known not to hold the fleet's target weights: by its
+        weight_version, or for a target without one (nothing to compare) by whether it took
+        the target's model_path since it last came up."""
+        if self.target is None:
+            return False
+        path, version = self.target
+        if version is None:
+            return server.model_path != path
+        return server.weight_version != version
 
     async def pause_generation(self, mode: str = "abort") -> None:
         await asyncio.gather(*(s.client.pause_generation(mode) for s in self.servers if s.up),
@@ -291,15 +298,17 @@ class Fleet:
                 return server.up
             # What it holds now: a restarted server is back on its launch weights, whatever
             # it held before it went down.
+            server.model_path = None
             try:
                 server.weight_version = await server.client.get_weight_version()
             except ServingError:
                 server.weight_version = None   # unknown: updated if the fleet has a target
-            if self.is_stale(server):
+            while self.is_stale(server):  # again if the target moved on during a load
                 res = await self._update(server, *self.target)
-                if not res["success"] and not await server.client.health(
-                        timeout=self.health_timeout):
-                    return False
+                if not res["success"]:
+                    if not await server.client.health(timeout=self.health_timeout):
+                        return False
+                    break
             server.up = True
             server.last_error = None if not self.is_stale(server) else server.last_error
             self._up_event.set()

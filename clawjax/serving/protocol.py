@@ -70,14 +70,30 @@ class GenerateRequest:
 @dataclasses.dataclass
 class ChatRequest:
     """One `/v1/chat/completions` request (n = 1). `messages` are `{"role", "content"}` with
-    string content. `include_usage` is `stream_options.include_usage` (a final usage chunk)."""
-    messages: list[dict[str, str]]
+    string content, plus the `name`, `tool_calls`, `tool_call_id` and `reasoning_content` a
+    message carries (for the chat template). `include_usage` is
+    `stream_options.include_usage` (a final usage chunk)."""
+    messages: list[dict[str, Any]]
     sampling: SamplingParams
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    rid: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionRequest:
+    """One `/v1/completions` request (n = 1, no echo / suffix / best_of). `prompt` is a string
+    or one list of token ids; `logprobs` (None: none) is also the number of top alternatives
+    per token (SGLang: `top_logprobs_num = logprobs`)."""
+    prompt: str | list[int]
+    sampling: SamplingParams
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
     rid: str | None = None
 
 
@@ -259,6 +275,9 @@ _CHAT_KEYS = {"messages", "model", "max_tokens", "max_completion_tokens", "tempe
               "no_stop_trim", "min_tokens", "seed", "stream", "stream_options", "logprobs",
               "top_logprobs", "user", "rid"}
 _CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Message fields besides role and content that the chat template gets (when not null).
+_MESSAGE_EXTRAS = {"name": str, "tool_calls": list, "tool_call_id": str,
+                   "reasoning_content": str}
 
 
 def _message_text(content: Any, field: str) -> str:
@@ -277,6 +296,31 @@ def _message_text(content: Any, field: str) -> str:
     raise ProtocolError(field, content, "a string or a list of text parts")
 
 
+_OPENAI_SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                    "min_p", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+                    "no_stop_trim", "min_tokens", "seed")
+
+
+def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str | None, bool,
+                                                            bool]:
+    """The fields chat and completions share: (sampling, model, stream, include_usage)."""
+    sampling = parse_sampling_params(
+        {k: body[k] for k in _OPENAI_SAMPLING if k in body}, vocab_size, prefix="",
+        aliases={"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+                 "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError("model", model, "a string")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    if not isinstance(stream_options, Mapping):
+        raise ProtocolError("stream_options", stream_options, "an object or null")
+    _check_keys(stream_options, {"include_usage"}, "stream_options.")
+    return (sampling, model, _bool(body, "stream", "", False),
+            _bool(stream_options, "include_usage", "stream_options.", False))
+
+
 def parse_chat(body: Any, vocab_size: int) -> ChatRequest:
     """Validates an OpenAI `/v1/chat/completions` body (n = 1, text only)."""
     if not isinstance(body, Mapping):
@@ -291,31 +335,55 @@ def parse_chat(body: Any, vocab_size: int) -> ChatRequest:
             raise ProtocolError(f"messages[{i}]", m, "an object with 'role' and 'content'")
         if m.get("role") not in _CHAT_ROLES:
             raise ProtocolError(f"messages[{i}].role", m.get("role"), f"one of {_CHAT_ROLES}")
-        parsed.append({"role": m["role"],
-                       "content": _message_text(m.get("content"), f"messages[{i}].content")})
-    sampling_keys = {k: body[k] for k in ("max_tokens", "max_completion_tokens", "temperature",
-                                          "top_p", "top_k", "min_p", "stop", "stop_token_ids",
-                                          "ignore_eos", "skip_special_tokens", "no_stop_trim",
-                                          "min_tokens", "seed") if k in body}
-    sampling = parse_sampling_params(
-        sampling_keys, vocab_size, prefix="",
-        aliases={"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
-                 "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ProtocolError("model", model, "a string")
-    stream_options = body.get("stream_options")
-    if stream_options is None:
-        stream_options = {}
-    if not isinstance(stream_options, Mapping):
-        raise ProtocolError("stream_options", stream_options, "an object or null")
-    _check_keys(stream_options, {"include_usage"}, "stream_options.")
+        _check_keys(m, {"role", "content", *_MESSAGE_EXTRAS}, f"messages[{i}].")
+        msg = {"role": m["role"],
+               "content": _message_text(m.get("content"), f"messages[{i}].content")}
+        for key, kind in _MESSAGE_EXTRAS.items():  # for the chat template, as SGLang does
+            if m.get(key) is not None:
+                if not isinstance(m[key], kind):
+                    raise ProtocolError(f"messages[{i}].{key}", m[key],
+                                        "a list" if kind is list else "a string")
+                msg[key] = m[key]
+        parsed.append(msg)
+    sampling, model, stream, include_usage = _openai_common(body, vocab_size)
     return ChatRequest(
-        messages=parsed, sampling=sampling, model=model,
-        stream=_bool(body, "stream", "", False),
-        include_usage=_bool(stream_options, "include_usage", "stream_options.", False),
+        messages=parsed, sampling=sampling, model=model, stream=stream,
+        include_usage=include_usage,
         logprobs=_bool(body, "logprobs", "", False),
         top_logprobs=_int(body, "top_logprobs", "", 0, lo=0, hi=min(20, vocab_size)),
+        rid=_rid(body))
+
+
+_COMPLETION_KEYS = {"prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                    "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+                    "no_stop_trim", "min_tokens", "seed", "stream", "stream_options",
+                    "logprobs", "user", "rid"}
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and SGLang's default `max_tokens` for completions
+
+
+def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
+    """Validates an OpenAI `/v1/completions` body (one prompt, n = 1, no echo)."""
+    if not isinstance(body, Mapping):
+        raise ProtocolError("body", body, "a JSON object")
+    body = dict(body)
+    if body.get("best_of") in (None, 1):  # 1 is the default: one candidate, as n = 1
+        body.pop("best_of", None)
+    _check_keys(body, _COMPLETION_KEYS, "")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and
+                                                   not isinstance(t, bool) for t in prompt):
+        prompt = _id_list(prompt, "prompt", vocab_size)
+    elif not isinstance(prompt, str) or not prompt:
+        raise ProtocolError("prompt", prompt, "a non-empty string or one non-empty list of "
+                            "token ids (batched prompts are not supported; send one request "
+                            "per prompt)")
+    sampling, model, stream, include_usage = _openai_common(body, vocab_size)
+    if body.get("max_tokens") is None:
+        sampling.max_new_tokens = COMPLETION_MAX_TOKENS
+    return CompletionRequest(
+        prompt=prompt, sampling=sampling, model=model, stream=stream,
+        include_usage=include_usage,
+        logprobs=_int(body, "logprobs", "", None, lo=0, hi=min(20, vocab_size)),
         rid=_rid(body))
 
 

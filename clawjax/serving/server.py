@@ -1,10 +1,11 @@
-"""The embedded server's HTTP layer (aiohttp): SGLang's native API plus OpenAI chat completions.
+"""The embedded server's HTTP layer (aiohttp): SGLang's native API plus OpenAI chat completions
+and completions.
 
 Endpoints (SGLang names and fields): POST `/generate` (optionally streamed as SSE), POST
-`/v1/chat/completions` (optionally streamed), GET `/v1/models`, GET/POST `/health`,
-`/health_generate`, GET `/get_model_info`, `/get_server_info`, `/get_weight_version`,
-GET/POST `/flush_cache`, POST `/update_weights_from_disk`, `/pause_generation`,
-`/continue_generation`, `/abort_request`.
+`/v1/chat/completions` and `/v1/completions` (optionally streamed), GET `/v1/models`,
+GET/POST `/health`, `/health_generate`, GET `/get_model_info`, `/get_server_info`,
+`/get_weight_version`, GET/POST `/flush_cache`, POST `/update_weights_from_disk`,
+`/pause_generation`, `/continue_generation`, `/abort_request`.
 
 Bad input gets a 400 `{"object": "error", "message", "type", "param", "code"}` whose message
 names the field, the value and what was expected; the server keeps serving. With an API key,
@@ -23,10 +24,10 @@ from typing import Any
 import jax
 from aiohttp import web
 
-from clawjax.serving import chat
+from clawjax.serving import chat, completions
 from clawjax.serving.engine import Engine, Request
-from clawjax.serving.protocol import (ProtocolError, check_lengths, parse_chat, parse_generate,
-                                      parse_update_weights)
+from clawjax.serving.protocol import (ProtocolError, check_lengths, parse_chat,
+                                      parse_completion, parse_generate, parse_update_weights)
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
@@ -92,10 +93,12 @@ async def errors_and_auth(request: web.Request, handler):
 
 
 def tokenize_text(ctx: ServerContext, text: str, field: str) -> list[int]:
+    """Token ids of a text prompt with the tokenizer's special tokens (a BOS where it adds
+    one), as SGLang tokenizes `text`; chat prompts get theirs from the template instead."""
     if ctx.tokenizer is None:
         raise ProtocolError(field, text[:40], "input_ids: this model directory has no "
                             "tokenizer files, so only 'input_ids' requests are served")
-    return ctx.tokenizer.encode(text, add_special_tokens=False)
+    return ctx.tokenizer.encode(text)
 
 
 def submit(ctx: ServerContext, prompt: list[int], params, *, rid: str | None, stream: bool,
@@ -174,8 +177,46 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await resp.write_eof()
         return resp
     except (asyncio.CancelledError, ConnectionResetError):
-        ctx.engine.abort(r.rid, "client disconnected")
+        ctx.engine.abort(r.rid, "client disconnected", request=r)
         raise
+
+
+async def openai_reply(request: web.Request, ctx: ServerContext, r: Request,
+                       events: asyncio.Queue, req, whole, part, usage) -> web.StreamResponse:
+    """Answers an OpenAI-style request from its engine events: the body `whole(result)`, or
+    when `req.stream` the SSE chunks `part(result, final)`, then `usage(result)` when
+    `req.include_usage`, then `[DONE]`. A client that goes away aborts the request."""
+    try:
+        if not req.stream:
+            while True:
+                kind, result = await events.get()
+                if kind == "done":
+                    return web.json_response(whole(result), status=status_of(result))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        while True:
+            kind, result = await events.get()
+            await resp.write(f"data: {json.dumps(part(result, kind == 'done'))}\n\n".encode())
+            if kind == "done":
+                if req.include_usage:
+                    await resp.write(f"data: {json.dumps(usage(result))}\n\n".encode())
+                break
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError):
+        ctx.engine.abort(r.rid, "client disconnected", request=r)
+        raise
+
+
+def stream_state(req, sampling) -> dict:
+    """What a stream has sent so far: `sent` text, whether the `first` chunk is still due,
+    `n` output tokens whose log-probs went out (None: none asked), and the `stops` whose
+    starts a partial text holds back (none when they are not trimmed)."""
+    asked = req.logprobs is not None and req.logprobs is not False  # completions: 0 asks
+    return {"sent": "", "first": True, "n": 0 if asked else None,
+            "stops": () if sampling.no_stop_trim else sampling.stop}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -191,48 +232,68 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                        return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs)
     name = req.model or ctx.served_model_name
     created = int(time.time())
-    try:
-        if not req.stream:
-            while True:
-                kind, result = await events.get()
-                if kind == "done":
-                    return web.json_response(
-                        chat.completion(result, ctx.tokenizer, name, created, req),
-                        status=status_of(result))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        sent = ""
-        first = True
-        while True:
-            kind, result = await events.get()
-            chunk, sent = chat.chunk(result, sent, name, created, first,
-                                     final=(kind == "done"))
-            first = False
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if kind == "done":
-                if req.include_usage:
-                    await resp.write(
-                        f"data: {json.dumps(chat.usage_chunk(result, name, created))}\n\n"
-                        .encode())
-                break
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-    except (asyncio.CancelledError, ConnectionResetError):
-        ctx.engine.abort(r.rid, "client disconnected")
-        raise
+    st = stream_state(req, req.sampling)
+
+    def part(result: dict, final: bool) -> dict:
+        out, st["sent"] = chat.chunk(result, st["sent"], name, created, st["first"], final,
+                                     stops=st["stops"], tokenizer=ctx.tokenizer,
+                                     logprobs_from=st["n"])
+        st["first"] = False
+        if st["n"] is not None:
+            st["n"] = len(result["output_ids"])
+        return out
+
+    return await openai_reply(
+        request, ctx, r, events, req,
+        lambda res: chat.completion(res, ctx.tokenizer, name, created, req), part,
+        lambda res: chat.usage_chunk(res, name, created))
+
+
+async def v1_completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX]
+    body = await read_json(request)
+    req = parse_completion(body, ctx.engine.config.vocab_size)
+    prompt = req.prompt if isinstance(req.prompt, list) else \
+        tokenize_text(ctx, req.prompt, "prompt")
+    default_max_new_tokens(body, req.sampling, len(prompt), ctx.engine.context_len,
+                           ("max_tokens",))
+    check_lengths(len(prompt), ctx.engine.context_len, req.sampling, field="prompt",
+                  max_field="max_tokens")
+    if req.sampling.stop and ctx.tokenizer is None:
+        raise ProtocolError("stop", req.sampling.stop,
+                            "stop_token_ids (stop strings need tokenizer files)")
+    r, events = submit(ctx, prompt, req.sampling, rid=req.rid, stream=req.stream,
+                       return_logprob=req.logprobs is not None,
+                       top_logprobs_num=req.logprobs or 0)
+    name = req.model or ctx.served_model_name
+    created = int(time.time())
+    st = stream_state(req, req.sampling)
+
+    def part(result: dict, final: bool) -> dict:
+        out, st["sent"] = completions.chunk(result, st["sent"], name, created, final,
+                                            stops=st["stops"], tokenizer=ctx.tokenizer,
+                                            logprobs_from=st["n"])
+        if st["n"] is not None:
+            st["n"] = len(result["output_ids"])
+        return out
+
+    return await openai_reply(
+        request, ctx, r, events, req,
+        lambda res: completions.completion(res, ctx.tokenizer, name, created, req), part,
+        lambda res: completions.usage_chunk(res, name, created))
 
 
 async def update_weights_from_disk(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     body = await read_json(request)
     path, version = parse_update_weights(body)
-    version = version if version is not None else ctx.engine.weight_version
     if body.get("abort_all_requests") is True:
         ctx.engine.abort(None, "aborted for a weight update (abort_all_requests)")
     loop = asyncio.get_running_loop()
     async with ctx.update_lock:
+        # No weight_version keeps the label current when this update applies (SGLang), not
+        # the one from before an update it waited for.
+        version = version if version is not None else ctx.engine.weight_version
         try:
             model, config = await loop.run_in_executor(None, ctx.load_model, path)
             await loop.run_in_executor(None, ctx.engine.load_weights, model, config, version)
@@ -240,7 +301,7 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
             log.warning("update_weights_from_disk(%s) failed: %r", path, e)
             return web.json_response({"success": False, "num_paused_requests": 0,
                                       "message": f"model_path = {path!r}: {e}"}, status=400)
-    ctx.model_path = path
+        ctx.model_path = path
     return web.json_response({"success": True, "num_paused_requests": 0,
                               "message": f"Succeeded to update model weights ({version})."})
 
@@ -332,6 +393,7 @@ def build_app(ctx: ServerContext) -> web.Application:
     app[CTX] = ctx
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", v1_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     for path, fn in (("/health", health), ("/health_generate", health_generate),
