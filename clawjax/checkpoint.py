@@ -159,14 +159,25 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until every started save is durable, then runs their commit callbacks."""
-        self._manager.wait_until_finished()
+        self._wait_durable()
         self._run_committed()
+
+    def _wait_durable(self) -> None:
+        """Waits for the save in flight; if it failed, raises its error and drops its commit
+        callbacks: that checkpoint never became durable, so they (which acknowledge samples)
+        must never run. orbax reports an error once, so a later wait (`close` after the
+        error) would otherwise run them."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception:  # the save's error (an interrupt of the wait is not one)
+            self._pending = []
+            raise
 
     def _run_committed(self) -> int:
         if not self._pending:
             return 0
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        self._wait_durable()
         callbacks, self._pending = self._pending, []
         for fn in callbacks:
             fn()

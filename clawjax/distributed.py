@@ -156,7 +156,19 @@ class ProcessShardReplay:
         self.restore(source.state())
 
     def take(self, n: int, timeout_s: float = 0.0):
+        """Up to n samples of this process's lane. Raises `ConfigError` (`replay`) when all
+        processes taking n each (a step's first take: each takes its whole share) would
+        together take more positions than the file holds: one sample would be trained twice in
+        one step, by two processes, where neither one's own repeat check sees it."""
         samples = self.inner.samples
+        if self.count * n > len(samples):
+            from clawjax.config import ConfigError
+
+            raise ConfigError(
+                "replay", getattr(self.inner, "path", None),
+                f"a file with at least trainer.samples_per_step = {self.count * n} samples "
+                f"({self.count} processes × {n}); it holds {len(samples)}, so one step would "
+                "train a sample twice")
         again, self.released = self.released[:n], self.released[n:]
         fresh = [(self.position + self.index + self.count * j) % len(samples)
                  for j in range(n - len(again))]

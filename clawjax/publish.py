@@ -399,12 +399,15 @@ def publisher_from_config(publish, workdir: str | os.PathLike,
     with every request, weight updates included."""
     if int(publish.every_steps) <= 0:
         return None
+    from clawjax.config import ConfigError, read_secret_file
+
+    if int(publish.keep) < 1:
+        raise ConfigError("publish.keep", publish.keep,
+                          "an integer ≥ 1 (the version the fleet serves must stay on disk)")
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     if publish.dtype not in dtypes:
         raise ValueError(f"publish.dtype = {publish.dtype!r}, expected one of {sorted(dtypes)}")
     urls = [u.strip() for u in str(publish.urls or "").split(",") if u.strip()]
-    from clawjax.config import read_secret_file
-
     api_key = read_secret_file("publish.api_key_file", publish.get("api_key_file", ""),
                                "the fleet's API key")
     return Publisher(fleet if fleet is not None else (urls or None),

@@ -354,5 +354,34 @@ def test_shares_that_drift_and_give_back_resume_with_each_sample_once(tmp_path,
         assert [s.sample_id for s in plain.take(len(delivered))] == delivered
 
 
+def test_shares_of_a_file_smaller_than_the_global_step_are_refused(tmp_path):
+    """trainer.samples_per_step = 4 over 2 processes and a replay file of 3 samples: each
+    process's source passes the one-process check (3 ≥ its share of 2: `loop.make_source` runs
+    with the process config), but together one step would take 4 positions of a 3-sample file,
+    one sample twice (on two processes, where neither process's own repeat check sees it). The
+    first take refuses it, on every process alike (they all take their whole share first)."""
+    import ml_collections
+    from sample_factory import make_samples
+
+    from clawjax import distributed
+    from clawjax.config import ConfigError
+    from clawjax.loop import make_source
+    from clawjax.sources import write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    write_replay(path, make_samples(3, seed=3))
+    share = distributed.local_share(4, 2)
+    local = ml_collections.ConfigDict({"replay": path, "trainer": {"samples_per_step": share}})
+    make_source(local, None, str(tmp_path))  # each process's own check passes
+    shares = _shares(path, 2)
+    for s in shares:
+        with pytest.raises(ConfigError, match="replay") as e:
+            s.take(share)
+        assert "trainer.samples_per_step = 4" in str(e.value) and "holds 3" in str(e.value)
+    ok = _shares(path, 3)  # 3 processes × 1: the whole file, each sample once
+    assert sorted(x.sample_id for s in ok for x in s.take(1)) == \
+        sorted(x.sample_id for x in make_samples(3, seed=3))
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1:])

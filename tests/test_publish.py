@@ -355,6 +355,20 @@ def test_publisher_from_config(tmp_path):
         publisher_from_config(cfg, tmp_path)
 
 
+def test_publisher_from_config_names_a_bad_keep(tmp_path):
+    """`publish.keep` < 1 (the served version would be deleted) is refused naming the key, not
+    a bare `keep` that reads like `checkpoint.keep`; `config.validate` does not check it."""
+    import ml_collections
+
+    from clawjax.config import ConfigError
+    from clawjax.publish import publisher_from_config
+    cfg = ml_collections.ConfigDict({"every_steps": 3, "dir": "", "urls": "", "keep": 0,
+                                     "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match=r"'publish.keep' = 0, expected an integer ≥ 1"):
+        publisher_from_config(cfg, tmp_path)
+    assert not (tmp_path / "publish").exists()  # refused before anything is written
+
+
 def test_bench_publish_runs_small(capsys):
     from clawjax.bench import publish as bench
     assert bench.main(["--hidden", "64", "--layers", "1", "--vocab", "256", "--repeats", "1",

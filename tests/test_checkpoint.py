@@ -1,0 +1,28 @@
+"""Checkpointer: a save's commit callback (which acknowledges samples to the buffer) runs only
+once that checkpoint is durable, never for a save that failed."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from clawjax.checkpoint import Checkpointer
+
+
+def test_a_failed_save_never_runs_its_commit_callback(tmp_path):
+    """The background write of step 1 fails (its meta cannot be written as JSON): the error
+    surfaces, and neither a second `wait` nor `close` (what `TrainLoop.close` does after the
+    error) runs step 1's callback, since no checkpoint holds its update. A later good save still
+    commits and runs its own."""
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+    committed: list[int] = []
+    ckpt.save(1, {"w": jnp.ones(3)}, {"unwritable": object()},
+              on_commit=lambda: committed.append(1))
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        ckpt.wait()
+    ckpt.wait()
+    assert ckpt.all_steps() == [] and committed == []
+    ckpt.save(2, {"w": jnp.ones(3)}, {"ok": True}, on_commit=lambda: committed.append(2))
+    ckpt.close()
+    assert committed == [2]
+    assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
