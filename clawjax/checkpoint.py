@@ -112,14 +112,19 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ gate record
     def record_gate(self, accepted_step: int, serving_score: float,
-                    refused_step: int | None = None) -> None:
+                    refused_step: int | None = None, after_rollback: dict | None = None
+                    ) -> None:
         """Durably records the regression gate's state (`directory/gate.json`, replaced
         atomically; written by process 0 only, the one that writes the checkpoints): the last
-        accepted step and its probe score, and a refused candidate (None once rolled back)."""
+        accepted step and its probe score, a refused candidate (None once rolled back), and
+        `after_rollback` (a JSON dict, kept only when given): what a resume must go on with
+        after the last rollback until a newer checkpoint holds it."""
         if jax.process_index() != 0:
             return
         record = {"accepted_step": int(accepted_step), "serving_score": float(serving_score),
                   "refused_step": None if refused_step is None else int(refused_step)}
+        if after_rollback is not None:
+            record["after_rollback"] = after_rollback
         _write_json_durably(os.path.join(self.directory, GATE_RECORD), record)
 
     def gate_record(self) -> dict | None:
@@ -136,7 +141,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{path} cannot be read: {type(e).__name__}: {e} (expected the JSON object "
-                "record_gate writes: accepted_step, serving_score, refused_step)") from e
+                "record_gate writes: accepted_step, serving_score, refused_step, and maybe "
+                "after_rollback)") from e
         return record
 
     # ------------------------------------------------------------------ saving

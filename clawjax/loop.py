@@ -217,6 +217,7 @@ class TrainLoop(GateMixin):
                 log.info("no regression gate record in %s: resuming from the latest "
                          "checkpoint", self.checkpointer.directory)
             self.restore()
+            self._resume_after_rollback(record, latest)
             return None
         return self._resume_gated(latest, record)
 
@@ -253,9 +254,12 @@ class TrainLoop(GateMixin):
         everyone = sorted({i for part in dist_lib.gather_json(ids) for i in part})
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
                 "unacked_ids": everyone, "dropped": dict(self.dropped), **self._model_meta()}
+        carry = self._rollback_carry
+
         def committed():
             self.source.commit(ids)
             self._in_hand.difference_update(ids)
+            self._checkpoint_committed(carry)
 
         self.checkpointer.save(self.step, self.state, meta, on_commit=committed)
 

@@ -12,7 +12,10 @@ recorded (`Checkpointer.record_gate`: the last accepted step and its probe score
 yet rolled back). A resume never takes a refused or undecided checkpoint as the accepted policy:
 one newer than the last accepted step is decided first (`_resume_gated`), and a refusal rolls
 back as at run time. The checkpoints a rollback or a resume needs are protected from
-`checkpoint.keep`'s pruning (`_protect_checkpoints`).
+`checkpoint.keep`'s pruning (`_protect_checkpoints`). A rollback deletes the checkpoints newer
+than the accepted step, which held how far the data source had gone; until a newer checkpoint
+holds it again, the record keeps it (`after_rollback`), so a crash in between resumes past the
+discarded samples as the run went on (`_resume_after_rollback`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax
 
 from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
+from clawjax import distributed as dist_lib
 from clawjax import sources
 
 log = logging.getLogger("clawjax.train")
@@ -61,6 +65,10 @@ class GateMixin:
             self.gate = make_gate(config, self.graphdef, self.model_config.vocab_size)
         self.gate_refusals = 0
         self._record_lock = threading.Lock()  # one gate record written at a time
+        self._recorded_refused: int | None = None  # the refused step the record holds
+        # What the run goes on with after the last rollback (`_carry_on_after_rollback`),
+        # recorded until a checkpoint started after that rollback is durable.
+        self._rollback_carry: dict | None = None
         self._good_step = 0  # the step of the newest state the regression gate accepted
         self._good_state = None  # gate.rollback "memory": that state (a copy on device)
         self._undecided: set[int] = set()  # "checkpoint": candidates saved, not yet decided
@@ -114,6 +122,10 @@ class GateMixin:
         log.warning("%s: rolling back to checkpoint step %d (deleting steps %s)", verdict,
                     target, [s for s in self.checkpointer.all_steps() if s > target])
         self._load_state(target)
+        self._carry_on_after_rollback(target)
+        with self._record_lock:  # before the deletion (the refusal is acted on)
+            self.checkpointer.record_gate(accepted, record["serving_score"], None,
+                                          self._rollback_carry)
         self.checkpointer.discard_after(target)
         self._truncate_trained_log(target)
         return None
@@ -216,7 +228,50 @@ class GateMixin:
         accepted step and the serving score, and `refused`, a candidate refused but not yet
         rolled back. Called from either thread, after each decision and each rollback."""
         with self._record_lock:
-            self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused)
+            self._recorded_refused = refused
+            self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused,
+                                          self._rollback_carry)
+
+    def _carry_on_after_rollback(self, step: int) -> None:
+        """Before a rollback to checkpoint `step` deletes the newer ones: what they held that
+        the run goes on with (the data source's position, the drop counts, the ids trained and
+        not yet acknowledged: every process's), kept to be recorded (`_record_gate`) until a
+        checkpoint started after now is durable (`_checkpoint_committed`). A collective with
+        several processes, as the rollback is: each takes part."""
+        self.checkpointer.wait()  # saves in flight durable: their ids acknowledged
+        ids = {i for part in dist_lib.gather_json(list(self.unacked)) for i in part}
+        self._rollback_carry = {"step": int(step), "source": self.source.state(),
+                                "dropped": dict(self.dropped),
+                                "unacked_ids": sorted(ids | set(self.skip_ids))}
+
+    def _checkpoint_committed(self, carry: dict | None) -> None:
+        """A checkpoint is durable; `carry` is the rollback carry when its save started. One
+        started after the last rollback holds all of that carry, which the record drops."""
+        if carry is None or carry is not self._rollback_carry:
+            return
+        with self._record_lock:
+            self._rollback_carry = None
+            self.checkpointer.record_gate(self._good_step, self.gate.serving_score,
+                                          self._recorded_refused)
+
+    def _resume_after_rollback(self, record: dict | None, latest: int | None) -> None:
+        """After restoring checkpoint `latest`: when the record's `after_rollback` is newer (no
+        checkpoint since the last rollback became durable), the run goes on from it: the data
+        source's position and the drop counts as at the rollback, its ids acknowledged."""
+        carry = (record or {}).get("after_rollback")
+        if not carry or latest is None or latest > int(carry["step"]):
+            return
+        self.source.restore(carry["source"])
+        for reason, count in carry["dropped"].items():
+            self.dropped[reason] = int(count)
+        ids = sorted(carry["unacked_ids"])
+        if ids:
+            self.source.commit(ids)
+        if self.source.redelivers:
+            self.skip_ids |= set(ids)
+        self._rollback_carry = carry
+        log.info("going on as after the rollback to step %d (the data source past the "
+                 "discarded steps' samples; %d samples acknowledged)", carry["step"], len(ids))
 
     def settle_gate(self) -> bool:
         """Acts on a background gate's refusal, if one came: rolls back to the last accepted
@@ -258,12 +313,14 @@ class GateMixin:
         (a restart resumes from the good state) and the trained-samples log is cut back to it;
         samples trained since were consumed and their updates are discarded. Only the train
         state goes back, the same for both `gate.rollback` modes: the data source, the ids to
-        acknowledge and the drop counts go on (the samples are not trained again)."""
+        acknowledge and the drop counts go on (the samples are not trained again), also after
+        a crash before the next checkpoint (`_carry_on_after_rollback`)."""
+        self._carry_on_after_rollback(self._good_step)
+        self._record_gate()  # the refusal is acted on; recorded before the deletion
         self.checkpointer.discard_after(self._good_step)
         with self._gate_lock:
             self._undecided.clear()
         self._protect_checkpoints()
-        self._record_gate()  # the refusal is acted on
         if self._good_state is None:
             self._load_state(self._good_step)
         else:

@@ -278,6 +278,93 @@ def test_a_rollback_restores_the_train_state_only(tmp_path, rollback):
         loop.close()
 
 
+def replay_gated_loop(tmp_path, rollback: str, background: bool, **overrides) -> TrainLoop:
+    """`gated_loop` reading a replay file (16 samples, 4 a step), whose position is
+    checkpointed: which samples a resumed run takes next shows where its source went on."""
+    replay = tmp_path / "replay.jsonl"
+    if not replay.exists():
+        write_replay(str(replay), make_samples(16, seed=5))
+    probe = tmp_path / "probe.jsonl"
+    write_replay(str(probe), make_samples(6, seed=31, prefix="probe"))
+    config = tiny_config(tmp_path / "run", replay=str(replay), **{
+        "trainer.samples_per_step": 4, "trainer.lr": 1e-4, "publish.every_steps": 1,
+        "publish.dtype": "float32", "gate.enabled": True, "gate.probe": str(probe),
+        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": background,
+        **overrides})
+    return TrainLoop(config)
+
+
+def trained_firsts(loop) -> list[tuple[int, str]]:
+    """(step, first sample id) of each line of trained.jsonl."""
+    with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
+        return [(e["step"], e["sample_ids"][0]) for e in map(json.loads, f)]
+
+
+@pytest.mark.parametrize("rollback,background", MODES)
+def test_a_crash_after_a_rollback_does_not_train_the_discarded_samples_again(
+        tmp_path, rollback, background):
+    """A rollback deletes the checkpoints newer than the accepted step, and with them the
+    source's position past the discarded step's samples, yet goes on with the data. A crash
+    before the next checkpoint must go on the same way: the resume takes the samples after
+    the discarded ones (not those again, as the accepted step's checkpoint alone would say),
+    with the drop counts as they were at the rollback."""
+    loop = replay_gated_loop(tmp_path, rollback, background)
+    loop.train_step(loop.take_samples())
+    loop.save_checkpoint()
+    publish(loop)  # v1 accepted, checkpointed at step 1
+    loop.dropped["too_long"] += 2  # counted after the accepted step's checkpoint
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    loop.save_checkpoint()
+    publish(loop)
+    assert loop.gate_refusals == 1 and loop.step == 1 and loop.source.position == 8
+    loop.checkpointer.wait()
+    assert loop.checkpointer.all_steps()[-1] == 1
+    loop.close()  # the crash: no checkpoint after the rollback
+
+    resumed = replay_gated_loop(tmp_path, rollback, background, **{"trainer.resume": True})
+    try:
+        samples = resumed.source.samples
+        assert resumed.step == 1 and resumed.gate_refusals == 0
+        assert resumed.dropped["too_long"] == 2
+        assert "after_rollback" in resumed.checkpointer.gate_record()
+        resumed.train_step(resumed.take_samples())
+        assert trained_firsts(resumed) == [(1, samples[0].sample_id), (2, samples[8].sample_id)]
+        resumed.save_checkpoint()
+        resumed.checkpointer.wait()  # step 2 durable: it holds the source's position itself
+        assert "after_rollback" not in resumed.checkpointer.gate_record()
+    finally:
+        resumed.close()
+
+
+def test_a_crash_after_a_resumes_rollback_does_not_train_the_discarded_samples_again(
+        tmp_path):
+    """The same for the rollback a resume makes (a refused candidate found on disk): a second
+    crash before the next checkpoint resumes past the discarded step's samples too."""
+    loop = replay_gated_loop(tmp_path, "checkpoint", False)
+    loop.train_step(loop.take_samples())
+    publish(loop)  # v1 accepted and checkpointed
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    loop.save_checkpoint()
+    loop.close()  # a crash before the gate decided on step 2
+
+    for attempt in range(2):  # the resume rolls back; then it crashes too, and a third resumes
+        resumed = replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
+        try:
+            assert resumed.step == 1 and resumed.source.position == 8, attempt
+            assert resumed.checkpointer.all_steps()[-1] == 1
+        finally:
+            resumed.close()
+    resumed = replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
+    try:
+        resumed.train_step(resumed.take_samples())
+        samples = resumed.source.samples
+        assert trained_firsts(resumed) == [(1, samples[0].sample_id), (2, samples[8].sample_id)]
+    finally:
+        resumed.close()
+
+
 def trained_steps(loop) -> list[int]:
     with open(os.path.join(loop.workdir, "trained.jsonl")) as f:
         return [json.loads(line)["step"] for line in f]
@@ -317,9 +404,12 @@ def test_a_crash_before_the_refusal_is_acted_on_resumes_from_an_accepted_step(
         assert trained_steps(resumed) == [1][:expected]
         assert resumed.gate.serving_score == pytest.approx(
             resumed.gate.score(resumed.state.params), abs=1e-6)
-        assert resumed.checkpointer.gate_record() == {
+        record = resumed.checkpointer.gate_record()
+        assert record == {
             "accepted_step": expected, "serving_score": resumed.gate.serving_score,
-            "refused_step": None}
+            "refused_step": None, "after_rollback": record["after_rollback"]}
+        # Until a newer checkpoint is durable: going on as the resume's rollback did.
+        assert record["after_rollback"]["step"] == expected
         assert published(resumed) == ["v1"]
     finally:
         resumed.close()
