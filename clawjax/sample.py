@@ -25,6 +25,7 @@ KINDS = ("rl", "opd", "both")
 MAX_TOKENS = 1 << 20
 MAX_TOPK = 1024
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SampleError(ValueError):
@@ -212,14 +213,20 @@ class Sample:
                 fail(name, float(arr[arr > 0][0]), "log-probs ≤ 0")
         if not math.isfinite(self.reward):
             fail("reward", self.reward, "a finite float")
+        if abs(self.reward) > FLOAT32_MAX:   # packed as float32: it would become ±inf
+            fail("reward", self.reward, f"a finite float32 (|reward| ≤ {FLOAT32_MAX:.7g})")
         if self.kind == "opd" and self.reward != 0:
             fail("reward", self.reward, "0 for kind 'opd' (an OPD-only sample carries no RL "
                  "reward, SPEC §2; use kind 'both' for a sample with both signals)")
         if self.step_rewards is not None:
-            if self.step_rewards.ndim != 1 or not np.all(np.isfinite(self.step_rewards)):
-                ndim = self.step_rewards.ndim
+            ndim = self.step_rewards.ndim
+            if ndim != 1:
                 fail("step_rewards", np.atleast_1d(self.step_rewards).ravel().tolist()[:8],
-                     "a 1-D array of finite floats" + (f" (got {ndim}-D)" if ndim != 1 else ""))
+                     f"a 1-D array of finite floats (got {ndim}-D)")
+            if not np.all(np.isfinite(self.step_rewards)):
+                at = int(np.flatnonzero(~np.isfinite(self.step_rewards))[0])
+                fail("step_rewards", float(self.step_rewards[at]),
+                     f"a 1-D array of finite floats (entry {at})")
         wants_teacher = self.kind in ("opd", "both")
         if wants_teacher and self.teacher_logp is None:
             fail("teacher_logp", None, f"per-token teacher log-probs for kind {self.kind!r}")
@@ -235,10 +242,13 @@ class Sample:
             if self.teacher_topk_ids.shape != shape:
                 fail("teacher_topk_ids", f"shape {self.teacher_topk_ids.shape}",
                      f"shape {shape} (same as teacher_topk_logp)")
-            if not fast_logp_ok(self.teacher_topk_logp) and (
-                    not np.all(np.isfinite(self.teacher_topk_logp))
-                    or np.any(self.teacher_topk_logp > 0)):
-                fail("teacher_topk_logp", "non-finite or positive entry", "finite log-probs ≤ 0")
+            topk = self.teacher_topk_logp
+            if not fast_logp_ok(topk):
+                for bad in (~np.isfinite(topk), topk > 0):
+                    if np.any(bad):
+                        at = tuple(int(i) for i in np.argwhere(bad)[0])
+                        fail("teacher_topk_logp", float(topk[at]),
+                             f"finite log-probs ≤ 0 (entry {at})")
             if np.any(self.teacher_topk_ids < 0):
                 fail("teacher_topk_ids", int(self.teacher_topk_ids.min()), "non-negative token ids")
             if (vocab_size is not None and self.teacher_topk_ids.size

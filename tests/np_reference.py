@@ -44,8 +44,22 @@ def kl(logp, ref_logp, kind):
     if kind == "low_var_kl":
         x = -d                                    # ref − logp
         with np.errstate(over="ignore"):
-            k3 = np.exp(x) - 1.0 - x
+            k3 = np.expm1(x) - x                  # e^x − 1 − x (expm1: exact near x = 0)
         return np.clip(k3, -10.0, 10.0)
+    raise ValueError(kind)
+
+
+def kl_grad(logp, ref_logp, kind):
+    """d kl / d logp, element by element in float64 (0 where low_var_kl sits at its clamp)."""
+    d = f64(logp) - f64(ref_logp)
+    if kind == "k1":
+        return np.ones_like(d)
+    if kind == "k2":
+        return d
+    if kind == "low_var_kl":
+        x = -d                                    # ref − logp; d(e^x − 1 − x)/d logp
+        with np.errstate(over="ignore"):
+            return np.where(np.abs(np.expm1(x) - x) < 10.0, -np.expm1(x), 0.0)
     raise ValueError(kind)
 
 
@@ -62,6 +76,27 @@ def topk_reverse_kl(student, teacher):
             bins.append(list(row) + [tail])
         s, t = bins
         out[idx] = sum(math.exp(a) * (a - b) for a, b in zip(s, t))
+    return out
+
+
+def topk_reverse_kl_grad(student, teacher):
+    """d topk_reverse_kl / d student, float64, from the formula written out by hand:
+    with p_k = exp(s_k), tail mass T = 1 − Σ p_k and d = log p_s − log p_t per bin,
+    ∂/∂s_k = p_k (d_k + 1) − p_k (d_tail + 1) = p_k (d_k − d_tail) while lse < −1e−7;
+    where the tail is floored (lse ≥ −1e−7) it is a constant and ∂/∂s_k = p_k (d_k + 1)."""
+    student, teacher = f64(student), f64(teacher)
+    out = np.empty(student.shape)
+    for idx in np.ndindex(student.shape[:-1]):
+        tails = []
+        for row in (student[idx], teacher[idx]):
+            lse = math.log(sum(math.exp(v) for v in row))
+            tails.append((lse, math.log(1.0 - math.exp(min(lse, -1e-7)))))
+        (lse_s, tail_s), (_, tail_t) = tails
+        for k, (a, b) in enumerate(zip(student[idx], teacher[idx])):
+            g = math.exp(a) * (a - b + 1.0)
+            if lse_s < -1e-7:
+                g -= math.exp(a) * (tail_s - tail_t + 1.0)
+            out[idx + (k,)] = g
     return out
 
 
