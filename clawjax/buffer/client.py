@@ -16,12 +16,15 @@ RPC here is safe to repeat: pushes are idempotent by sample id, acks/nacks by id
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 import threading
 import time
 from typing import Iterable, Iterator, NamedTuple
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from clawjax.buffer import decode
@@ -32,6 +35,8 @@ from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferU
                                    InvalidSampleError, MessageTooLargeError, RolloutBufferError)
 from clawjax.sample import Sample, SampleError
 
+MAX_WAIT_S = 300.0   # the server's cap on a Lease wait (server.MAX_WAIT_S)
+MAX_COUNT = 100_000  # the server's cap on max_samples / max_in_flight (server.MAX_LEASE_SAMPLES)
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -60,6 +65,24 @@ def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no retry hint: not the buffer being full
         return MessageTooLargeError(msg, code.name, details)
     return RolloutBufferError(msg, code.name, details)
+
+
+def _check_count(name: str, value: int) -> None:
+    """A Lease/Stream count the server accepts (an int in 1..MAX_COUNT), else ValueError naming
+    it: no retry could make another value work."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= MAX_COUNT:
+        raise ValueError(f"{name} = {value!r}, expected an integer from 1 to {MAX_COUNT}")
+
+
+def _wait_s(timeout_s: float) -> float:
+    """The seconds a Lease may wait on the server for `timeout_s`: clamped to [0, MAX_WAIT_S] as
+    the server does (a negative wait is none, a longer one is capped); NaN is a ValueError."""
+    timeout_s = float(timeout_s)
+    if math.isnan(timeout_s):
+        raise ValueError(f"timeout_s = {timeout_s}, expected seconds ≥ 0 (at most {MAX_WAIT_S:g} "
+                         "are waited)")
+    return min(max(timeout_s, 0.0), MAX_WAIT_S)
 
 
 def _samples(reply: bytes) -> list[Sample]:
@@ -161,28 +184,38 @@ class BufferClient:
 
     def lease(self, max_samples: int, timeout_s: float = 0.0) -> list[Sample]:
         """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one.
-        Array fields may be read-only views of the reply (copy before writing into them)."""
+        Array fields may be read-only views of the reply (copy before writing into them).
+        A negative `timeout_s` waits not at all, one over `MAX_WAIT_S` that long (as the server
+        reads them); NaN or a count outside 1..MAX_COUNT is a ValueError."""
+        _check_count("max_samples", max_samples)
+        wait_s = _wait_s(timeout_s)
         reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
-                                                            timeout_s=timeout_s),
-                           "lease", timeout_s=timeout_s + self.rpc_timeout_s)
+                                                            timeout_s=wait_s),
+                           "lease", timeout_s=wait_s + self.rpc_timeout_s)
         return _samples(reply)
 
     def stream(self, max_in_flight: int = 64, max_samples: int | None = None
                ) -> Iterator[Sample]:
         """Yields leased samples continuously. The server keeps at most `max_in_flight` of this
         stream's samples unacknowledged: ack (or nack) to receive more. Reconnects on transient
-        failures; stops after `max_samples` if given (closing the generator also stops it)."""
+        failures; stops after `max_samples` if given (closing the generator also stops it).
+        Samples of a received batch not handed out when it stops are nacked (deliverable at
+        once, not held until their leases expire).
+        A `max_in_flight` outside 1..MAX_COUNT is a ValueError (at the first `next`)."""
+        _check_count("max_in_flight", max_in_flight)
         delivered, attempt = 0, 0
         give_up = time.monotonic() + self.retry_budget_s
+        held: collections.deque[Sample] = collections.deque()   # received, not yet handed out
         while max_samples is None or delivered < max_samples:
             call = self._stream_raw(pb.StreamRequest(max_in_flight=max_in_flight),
                                     metadata=self._metadata)
             try:
                 for batch in call:
                     attempt, give_up = 0, time.monotonic() + self.retry_budget_s
-                    for sample in _samples(batch):
+                    held.extend(_samples(batch))
+                    while held:
                         delivered += 1
-                        yield sample
+                        yield held.popleft()
                         if max_samples is not None and delivered >= max_samples:
                             return
             except grpc.RpcError as err:
@@ -194,6 +227,20 @@ class BufferClient:
                 attempt += 1
             finally:
                 call.cancel()
+                self._give_back([s.sample_id for s in held])
+                held.clear()
+
+    def _give_back(self, sample_ids: list[str]) -> None:
+        """Nacks leased samples this client received but never handed to its caller (a stream
+        that stopped part way through a batch), in one attempt: should it fail, their leases
+        expire as usual."""
+        if not sample_ids:
+            return
+        try:
+            self._stub.Nack(pb.SampleIds(sample_ids=sample_ids), timeout=self.rpc_timeout_s,
+                            metadata=self._metadata)
+        except (grpc.RpcError, ValueError):   # ValueError: this client's channel is closed
+            pass
 
     def ack(self, sample_ids: Iterable[str]) -> int:
         """Finishes samples for good (durable on return); returns how many were held."""

@@ -49,6 +49,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def wait_slots(max_workers: int) -> int:
+    """How many of `max_workers` handler threads may wait at once (Streams, Lease waits): all
+    but a quarter (at least one), which stays for the calls that never wait."""
+    return max_workers - max(1, max_workers // 4)
+
+
 def _read(value) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -97,6 +103,11 @@ class BufferServer:
     `tls_cert`/`tls_key` (paths or PEM bytes) it serves TLS. `max_message_bytes` bounds every
     gRPC message; `max_sample_bytes`/`max_sample_tokens` bound each sample. Lease keep-alive:
     `ExtendLease` moves deadlines (the trainer calls it while a checkpoint is pending).
+
+    Of the `max_workers` (≥ 2) handler threads, at most `wait_slots(max_workers)` wait at once
+    (an open Stream, a Lease waiting for its first sample), so pushes, acks and stats always
+    find a thread: a Lease past that limit answers without waiting, a Stream past it is refused
+    with RESOURCE_EXHAUSTED and a `retry-after-ms` hint (the client retries).
     """
 
     def __init__(self, dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
@@ -124,7 +135,12 @@ class BufferServer:
                                   max_staleness=max_staleness, segment_bytes=segment_bytes,
                                   fsync=fsync, compact_interval_s=compact_interval_s,
                                   retry_after_s=retry_after_s)
+        if not isinstance(max_workers, int) or max_workers < 2:
+            raise ValueError(f"max_workers = {max_workers!r}, expected an integer ≥ 2 (one "
+                             "thread at least for calls that never wait)")
         self.max_workers = max_workers
+        self._wait_slots = threading.BoundedSemaphore(wait_slots(max_workers))
+        self._retry_after_s = retry_after_s
         self.store: Store | None = None
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
@@ -143,6 +159,7 @@ class BufferServer:
         accepted under a larger limit would otherwise sit at the queue's head, failing every
         Lease and Stream that reaches it."""
         self.store = Store(self.dir, **self._store_kwargs)
+        self._stopping.clear()   # started again after a stop(): its streams serve again
         try:
             self._check_held_samples_fit()
             return self._serve()
@@ -274,8 +291,15 @@ class BufferServer:
     def _lease(self, request: pb.LeaseRequest, context) -> bytes:
         self._check_count(context, "max_samples", request.max_samples, 1, MAX_LEASE_SAMPLES)
         timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
-        got = self.store.lease(request.max_samples, timeout,
-                               max_out_bytes=self.max_message_bytes // 2)
+        if timeout > 0 and self._wait_slots.acquire(blocking=False):
+            try:
+                got = self.store.lease(request.max_samples, timeout,
+                                       max_out_bytes=self.max_message_bytes // 2)
+            finally:
+                self._wait_slots.release()
+        else:   # no wait asked, or every waiting thread taken: answer with what is queued
+            got = self.store.lease(request.max_samples, 0.0,
+                                   max_out_bytes=self.max_message_bytes // 2)
         return wire.join_repeated([data for _, data in got])
 
     def _stream(self, request: pb.StreamRequest, context):
@@ -283,7 +307,20 @@ class BufferServer:
         sent stay leased when the client disconnects (it may still ack them); samples leased
         after it left are nacked at once."""
         self._check_count(context, "max_in_flight", request.max_in_flight, 1, MAX_LEASE_SAMPLES)
-        owner, limit = uuid.uuid4().hex, request.max_in_flight
+        if not self._wait_slots.acquire(blocking=False):
+            context.set_trailing_metadata(
+                (("retry-after-ms", str(max(1, int(self._retry_after_s * 1000)))),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"every stream slot is taken ({wait_slots(self.max_workers)} of "
+                          f"max_workers = {self.max_workers} threads wait at most); retry later")
+        try:
+            yield from self._stream_batches(request.max_in_flight, context)
+        finally:
+            self._wait_slots.release()
+
+    def _stream_batches(self, limit: int, context):
+        """`_stream`'s loop, on a wait slot."""
+        owner = uuid.uuid4().hex
         while context.is_active() and not self._stopping.is_set():
             if not self.store.wait_for_slot(owner, limit, 0.25):
                 continue

@@ -27,6 +27,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -75,8 +76,9 @@ class Store:
                  compact_interval_s: float = 1.0, retry_after_s: float = 0.2):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes = {max_bytes}, expected a positive byte count")
-        if lease_timeout_s <= 0:
-            raise ValueError(f"lease_timeout_s = {lease_timeout_s}, expected > 0")
+        if not (math.isfinite(lease_timeout_s) and lease_timeout_s > 0):  # NaN/inf: never
+            raise ValueError(f"lease_timeout_s = {lease_timeout_s}, expected a finite number of "
+                             "seconds > 0")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness = {max_staleness}, expected ≥ 0 or None")
         self.max_bytes, self.lease_timeout_s = int(max_bytes), float(lease_timeout_s)
