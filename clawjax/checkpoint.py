@@ -264,5 +264,10 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"]), step
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        """Waits for the save in flight (running its commit callbacks once durable) and closes
+        orbax's manager, always: a save that failed still raises its error here, after the
+        manager's threads and handles are released."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

@@ -138,10 +138,18 @@ class ProcessShardReplay:
 
     The stream is what one process would take: `released` file indices first, then the file
     from `position` on (`sources.ReplaySource`'s invariant). After a restore every process holds
-    the same (position, released) and takes its own part of it: `released[i::n]`, then the
-    positions position + i, + i + n, + i + 2n, … So n processes together train exactly the
-    samples one process would, each once, even when one takes more than another (a sample it
-    dropped) or gives samples back (`release`, a stop in the middle of a step).
+    the same (position P, released) and takes its own part of it: the stream positions
+    P + i, P + i + n, P + i + 2n, … (its lane), and first the released indices its lane holds.
+    So n processes together train exactly the samples one process would, each once, even when
+    one takes more than another (a sample it dropped) or gives samples back (`release`, a stop
+    in the middle of a step).
+
+    Invariant: between two restores each file index belongs to one process's lane only (stream
+    position p is file index p mod L, of lane (p − P) mod n, and L is a multiple of n, so file
+    index f is lane (f − P) mod n's in every pass): however far the processes drift apart, no two
+    ever take the same sample, in one step or any. A file whose length L is not a multiple of n
+    splits differently in each pass, so a process that ran ahead (it dropped samples) would take
+    a sample another process takes in the same step; it is refused (`ConfigError`, `replay`).
 
     `state()` is a collective (every process calls it, at the same checkpoint): it gathers each
     process's part with `gather` (default `gather_json`) and returns the one stream state of
@@ -156,19 +164,11 @@ class ProcessShardReplay:
         self.restore(source.state())
 
     def take(self, n: int, timeout_s: float = 0.0):
-        """Up to n samples of this process's lane. Raises `ConfigError` (`replay`) when all
-        processes taking n each (a step's first take: each takes its whole share) would
-        together take more positions than the file holds: one sample would be trained twice in
-        one step, by two processes, where neither one's own repeat check sees it."""
+        """Up to n samples of this process's lane: the released indices it holds, then fresh
+        positions. Raises `ConfigError` (`replay`) when the file cannot be shared soundly
+        (`_check_file`)."""
         samples = self.inner.samples
-        if self.count * n > len(samples):
-            from clawjax.config import ConfigError
-
-            raise ConfigError(
-                "replay", getattr(self.inner, "path", None),
-                f"a file with at least trainer.samples_per_step = {self.count * n} samples "
-                f"({self.count} processes × {n}); it holds {len(samples)}, so one step would "
-                "train a sample twice")
+        self._check_file(n)
         again, self.released = self.released[:n], self.released[n:]
         fresh = [(self.position + self.index + self.count * j) % len(samples)
                  for j in range(n - len(again))]
@@ -179,6 +179,30 @@ class ProcessShardReplay:
         while len(self._recent) > len(samples):  # what `release` may be given back
             self._recent.popitem(last=False)
         return [samples[i] for i in again + fresh]
+
+    def _check_file(self, n: int) -> None:
+        """Raises `ConfigError` (`replay`) when all processes taking n each (a step's first take:
+        each takes its whole share) would together take more positions than the file holds (one
+        sample trained twice in one step, by two processes, where neither one's own repeat check
+        sees it), or when the file's length is not a multiple of the process count (the lanes
+        would not keep to their own samples: see the class docstring)."""
+        from clawjax.config import ConfigError
+
+        size, path = len(self.inner.samples), getattr(self.inner, "path", None)
+        if self.count * n > size:
+            raise ConfigError(
+                "replay", path,
+                f"a file with at least trainer.samples_per_step = {self.count * n} samples "
+                f"({self.count} processes × {n}); it holds {size}, so one step would "
+                "train a sample twice")
+        if size % self.count:
+            short = size % self.count
+            raise ConfigError(
+                "replay", path,
+                f"a file whose sample count is a multiple of the {self.count} processes; it "
+                f"holds {size}, so the processes' shares would overlap once it starts over "
+                f"(two processes training one sample in one step): drop {short} samples or add "
+                f"{self.count - short}")
 
     def release(self, samples) -> None:
         """Gives back samples this process took and never trained: it takes them first again,
@@ -197,9 +221,21 @@ class ProcessShardReplay:
         return merge_shard_states(parts, len(self.inner.samples))
 
     def restore(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
-        self.released = [int(i) for i in state.get("released", [])][self.index::self.count]
+        """Goes on from a stream state (`state()`, or a one-process `ReplaySource.state()`):
+        this process keeps the released indices of its lane, in their order. Raises
+        `ConfigError` (`replay`) when the state cannot be this file's."""
+        from clawjax.sources import checked_replay_state
+
+        size = len(self.inner.samples)
+        self.position, released = checked_replay_state(
+            state, getattr(self.inner, "path", None), size)
+        self.released = [f for f in released if self._lane_of(f) == self.index]
         self._recent = collections.OrderedDict()  # sample id -> file index, the latest taken
+
+    def _lane_of(self, file_index: int) -> int:
+        """The process whose lane holds `file_index` since the last restore (`position` moves
+        by whole rounds of n, so this never changes between restores)."""
+        return (file_index - self.position) % self.count
 
     def __getattr__(self, name):  # commit, reject, keepalive, close, path, loops, samples
         return getattr(self.inner, name)

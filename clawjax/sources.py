@@ -35,10 +35,12 @@ class ReplayError(ValueError):
 
 
 def read_replay(path: str, vocab_size: int | None = None) -> list[Sample]:
-    """Reads and validates every line of a JSONL replay file (one Sample per line)."""
+    """Reads and validates every line of a JSONL replay file (one Sample per line, each
+    `sample_id` on one line only: samples are tracked by id)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"replay = {path!r}: no such file")
     samples = []
+    lines: dict[str, int] = {}  # sample id -> the line that holds it
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -50,9 +52,15 @@ def read_replay(path: str, vocab_size: int | None = None) -> list[Sample]:
             if not isinstance(data, dict):
                 raise ReplayError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
             try:
-                samples.append(Sample.from_json_dict(data).validate(vocab_size=vocab_size))
+                sample = Sample.from_json_dict(data).validate(vocab_size=vocab_size)
             except SampleError as e:
                 raise ReplayError(f"{path}:{number}: {e}") from e
+            first = lines.setdefault(sample.sample_id, number)
+            if first != number:
+                raise ReplayError(
+                    f"{path}:{number}: sample_id {sample.sample_id!r} is the id of line {first} "
+                    "too, expected each id once (the trainer tracks samples by id)")
+            samples.append(sample)
     if not samples:
         raise ReplayError(f"{path}: no samples")
     return samples
@@ -74,6 +82,34 @@ def replay_wrapped_error(path: str, admissible: int, want: int) -> ConfigError:
         f"one pass over it found {admissible} admissible samples (the others were rejected: "
         "too long for trainer.token_budget, invalid or stale; see the warnings and the "
         "dropped_* metrics), so one step would take a sample twice")
+
+
+def checked_replay_state(state: dict, path: str, size: int) -> tuple[int, list[int]]:
+    """`(position, released)` of a checkpointed `ReplaySource.state()` (or a merged process
+    state), checked against the replay file now given, of `size` samples: `position` an integer
+    ≥ 0 (the stream position, any number of passes), `released` a list of file indices in
+    [0, size). Raises `ConfigError` (`replay`) naming the file and what was expected: an index
+    past the end means the checkpoint was saved with a longer file, whose samples these indices
+    name; going on would train other samples than the ones given back (or fail on indexing)."""
+    position, released = state.get("position", 0), state.get("released", [])
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise ConfigError("replay", path, f"a checkpoint whose replay source state has an "
+                          f"integer position ≥ 0; it has position {position!r}")
+    if not isinstance(released, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in released):
+        raise ConfigError("replay", path, f"a checkpoint whose replay source state lists "
+                          f"released file indices as integers; it has released {released!r}")
+    outside = [i for i in released if not 0 <= i < size]
+    if outside:
+        worst = max(outside) if max(outside) >= size else min(outside)
+        raise ConfigError(
+            "replay", path,
+            f"the replay file the checkpoint was saved with: its source state (position "
+            f"{position}, released {released}) names sample index {worst}, but the file "
+            f"holds {size} samples (expected indices 0 … {size - 1}; a longer file, or another "
+            "one). Resume with the checkpoint's replay file, or start a new run in another "
+            "workdir")
+    return position, list(released)
 
 
 class ReplaySource:
@@ -123,8 +159,9 @@ class ReplaySource:
         return {"position": self.position}
 
     def restore(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
-        self.released = [int(i) for i in state.get("released", [])]
+        """Goes on from a checkpointed `state()`; raises `ConfigError` (`replay`) when it cannot
+        be this file's (`checked_replay_state`)."""
+        self.position, self.released = checked_replay_state(state, self.path, len(self.samples))
 
     def close(self) -> None:
         pass
@@ -148,16 +185,20 @@ class QueueSource:
             self._queue.put(s)
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
+        """Up to n samples: those given back first, then the queue's, waiting up to `timeout_s`
+        for more (0: none, but the samples already queued are taken)."""
         out, self._released = self._released[:n], self._released[n:]
         deadline = time.monotonic() + timeout_s
         while len(out) < n and not self._closed.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                out.append(self._queue.get(timeout=min(remaining, 0.1)))
+                if remaining <= 0:
+                    out.append(self._queue.get_nowait())
+                else:
+                    out.append(self._queue.get(timeout=min(remaining, 0.1)))
             except queue.Empty:
-                continue
+                if remaining <= 0:
+                    break
         return out
 
     def commit(self, sample_ids) -> None:
@@ -202,15 +243,17 @@ class BufferSource:
         self._rejected_path = rejected_path
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
+        """Up to n leased samples, waiting up to `timeout_s` for them (0: none, but the samples
+        the buffer holds queued are leased)."""
         out: list[Sample] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < n:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            got = self.client.lease(n - len(out), timeout_s=min(remaining, 1.0))
+            got = self.client.lease(n - len(out), timeout_s=min(max(remaining, 0.0), 1.0))
             self._keeper.add(s.sample_id for s in got)
             out.extend(got)
+            if remaining <= 0 and not got:
+                break
         return out
 
     def commit(self, sample_ids) -> None:

@@ -3,6 +3,8 @@ once that checkpoint is durable, never for a save that failed."""
 
 from __future__ import annotations
 
+import threading
+
 import jax.numpy as jnp
 import pytest
 
@@ -26,3 +28,22 @@ def test_a_failed_save_never_runs_its_commit_callback(tmp_path):
     ckpt.close()
     assert committed == [2]
     assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
+
+
+def _orbax_threads(before) -> list[str]:
+    """Threads started since `before` (a set of threads) that orbax's manager owns and that only
+    `CheckpointManager.close` ends (its metadata store's executor)."""
+    return [t.name for t in threading.enumerate()
+            if t not in before and t.name.startswith("metadata_store")]
+
+
+def test_close_after_a_failed_save_still_closes_the_manager(tmp_path):
+    """`close` whose final wait raises the failed save's error (what `TrainLoop.close` meets after
+    a save that failed in the background) still closes orbax's manager: its threads end, none
+    left behind per failed run; the save's error is what `close` raises."""
+    before = set(threading.enumerate())
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+    ckpt.save(1, {"w": jnp.ones(3)}, {"unwritable": object()})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        ckpt.close()
+    assert _orbax_threads(before) == []

@@ -326,7 +326,7 @@ def test_shares_that_drift_and_give_back_resume_with_each_sample_once(tmp_path,
     from clawjax.sources import ReplaySource, write_replay
 
     path = str(tmp_path / "r.jsonl")
-    samples = make_samples(40, seed=2)
+    samples = make_samples(42, seed=2)  # a multiple of 1, 2 and 3 processes
     write_replay(path, samples)
     p0, p1 = _shares(path, 2)
     first0, first1 = p0.take(4) + p0.take(3), p1.take(4)
@@ -341,10 +341,10 @@ def test_shares_that_drift_and_give_back_resume_with_each_sample_once(tmp_path,
     for share in later:
         share.restore(state)
     not_consumed = {s.sample_id for s in samples} - set(consumed)
-    assert len(not_consumed) == 40 - len(consumed)
+    assert len(not_consumed) == 42 - len(consumed)
     delivered: list[str] = []
     for share in later:  # each process's lane up to the file's end: released, then fresh
-        rest_of_pass = len(share.released) + len(range(share.position + share.index, 40,
+        rest_of_pass = len(share.released) + len(range(share.position + share.index, 42,
                                                        resume_processes))
         delivered += [s.sample_id for s in share.take(rest_of_pass)]
     assert sorted(delivered) == sorted(not_consumed)  # each once, none lost
@@ -381,6 +381,60 @@ def test_shares_of_a_file_smaller_than_the_global_step_are_refused(tmp_path):
     ok = _shares(path, 3)  # 3 processes × 1: the whole file, each sample once
     assert sorted(x.sample_id for s in ok for x in s.take(1)) == \
         sorted(x.sample_id for x in make_samples(3, seed=3))
+
+
+def test_shares_of_a_file_not_a_multiple_of_the_process_count_are_refused(tmp_path):
+    """5 samples over 2 processes: process i's lane is the stream positions i, i + 2, …, so the
+    file's passes split differently (sample 1 is lane 1's in the first pass, lane 0's in the
+    second). A process that drops samples runs ahead into the next pass while the other is still
+    in this one: here process 0 drops 2 of its first 2 (too long for the budget, say) and takes
+    2 more, positions 4 and 6, sample 6 % 5 = 1, which process 1 trains in the same step. No
+    sharding keeps both one stream and each sample on one process, so it is refused up front,
+    naming replay; 6 samples over 2 (or 3) processes split into fixed lanes and never collide."""
+    from sample_factory import make_samples
+
+    from clawjax.config import ConfigError
+    from clawjax.sources import write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    write_replay(path, make_samples(5, seed=4))
+    with pytest.raises(ConfigError, match="replay") as e:
+        p0, p1 = _shares(path, 2)
+        dropped = p0.take(2)
+        trained = {x.sample_id for x in p0.take(2)}, {x.sample_id for x in p1.take(2)}
+        assert trained[0].isdisjoint(trained[1]), [x.sample_id for x in dropped]  # collision
+    assert "holds 5" in str(e.value) and "multiple of the 2 processes" in str(e.value)
+    path6 = str(tmp_path / "r6.jsonl")
+    write_replay(path6, make_samples(6, seed=4))
+    for n in (2, 3):
+        shares = _shares(path6, n)
+        shares[0].take(2)  # process 0 drops 2 and runs ahead by a whole lane step
+        for _ in range(3):  # three steps of 1 per process: the lanes never share a sample
+            step = [{x.sample_id for x in s.take(1)} for s in shares]
+            assert len(set().union(*step)) == n
+
+
+def test_given_back_samples_resume_on_the_process_whose_lane_holds_them(tmp_path):
+    """A checkpoint's given-back file indices are delivered, after a resume by n processes, each
+    by the process whose lane holds that file index, not round-robin: here the one-process state
+    (position 8, released [5]) of a 6-sample file, resumed by 2 processes, gives sample 5 to
+    process 1 (lane 1: positions 9, 11, … = samples 3, 5, 1); process 0 taking it while process 1
+    reaches position 11 trains sample 5 twice in one step. Together they deliver what one
+    process would (sample 5, then positions 8, 9, 10: samples 2, 3, 4)."""
+    from sample_factory import make_samples
+
+    from clawjax.sources import write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    samples = make_samples(6, seed=5)
+    write_replay(path, samples)
+    shares = _shares(path, 2)
+    for s in shares:
+        s.restore({"position": 8, "released": [5]})
+    step = [[x.sample_id for x in s.take(2)] for s in shares]
+    assert len(set(step[0]) | set(step[1])) == 4, step
+    assert step[1][0] == samples[5].sample_id
+    assert sorted(step[0] + step[1]) == sorted(samples[i].sample_id for i in (5, 2, 3, 4))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,46 @@ def test_buffer_release_requeues_the_leases(tmp_path):
         finally:
             source.close()
             client.close()
+
+
+def test_queue_take_without_waiting_returns_the_queued_samples():
+    """`take(n, timeout_s=0)` (trainer.take_timeout_s = 0: never wait) returns the samples
+    already queued, up to n, not none: the trainer would otherwise spin on a full queue."""
+    samples = make_samples(3, seed=34)
+    source = QueueSource()
+    source.put(samples)
+    assert ids(source.take(2, timeout_s=0)) == ids(samples[:2])
+    assert ids(source.take(2, timeout_s=0)) == ids(samples[2:])
+    assert source.take(2, timeout_s=0) == []
+
+
+def test_buffer_take_without_waiting_leases_the_queued_samples(tmp_path):
+    samples = make_samples(3, seed=35)
+    with ServerProcess(str(tmp_path / "buffer")) as server:
+        client = BufferClient(server.address)
+        client.push(samples)
+        source = BufferSource(server.address, keepalive_s=0.2)
+        try:
+            taken = source.take(2, timeout_s=0)
+            assert len(taken) == 2 and client.stats()["leased"] == 2
+        finally:
+            source.close()
+            client.close()
+
+
+def test_a_replay_file_repeating_a_sample_id_is_refused_naming_both_lines(tmp_path):
+    """Samples are tracked by id (a step's repeat check, `release`'s given-back indices): a file
+    holding one id on two lines would be read as a file that started over within a step (an
+    error blaming admissible samples) and a given-back sample as the other line. Refused when
+    read, naming the file, both lines and the id."""
+    import pytest
+
+    from clawjax.sources import ReplayError
+
+    samples = make_samples(4, seed=36)
+    path = str(tmp_path / "replay.jsonl")
+    write_replay(path, samples + [samples[1]])
+    with pytest.raises(ReplayError) as e:
+        ReplaySource(path)
+    assert f"{path}:5" in str(e.value) and "line 2" in str(e.value)
+    assert repr(samples[1].sample_id) in str(e.value)
