@@ -71,7 +71,7 @@ def test_rounds_are_counted_stopped_cleanly_and_continued_after_a_restart(tmp_pa
     stopped = agents.AgentStats.read(stats_path)
     assert stopped.rounds >= stats.rounds and stopped.episodes == 4 * stopped.rounds
 
-    # A restart goes on counting from the file (and numbering rounds: no session id reused).
+    # A restart goes on counting from the file (its session ids are fresh: run_rounds).
     # Counts far above what a fresh start could reach within the wait tell the two apart.
     agents.AgentStats(episodes=4 * 10**6, rounds=10**6, waited_s=2.5).write(stats_path)
     child.start(timeout_s=60)

@@ -76,7 +76,7 @@ def test_a_retried_request_is_not_the_next_state_of_its_own_first_answer():
     assert ev == [JudgeJob(t0, NextState("user", "That's wrong. Please redo."))]
     t1 = dataclasses.replace(turn(index=1), messages=second)
     assert table.finish(t1, 3) == []
-    table.end("s", 3)
+    table.end("s", 1, 3)
     _, ev = table.begin("s", "main", list(second), 4)       # the same request again
     assert ev == []                                         # t1 is not judged on its prompt
     t2 = dataclasses.replace(turn(index=2), messages=second)
@@ -91,12 +91,12 @@ def test_single_turn_sessions_are_emitted_and_idle_sessions_expire():
     table.begin("a", "main", msgs(("user", "q")), 0)
     ta = turn("a")
     table.finish(ta, 1)
-    table.end("a", 1)
+    table.end("a", 0, 1)
     table.begin("b", "side", msgs(("user", "q")), 0)            # only a side turn: nothing
-    table.end("b", 0)
+    table.end("b", 0, 0)
     table.begin("c", "main", msgs(("user", "q")), 0)
     table.finish(turn("c"), 8)
-    table.end("c", 8)
+    table.end("c", 0, 8)
     assert table.expire(now=11.5) == [LoneTurn(ta)] and "b" not in table and "c" in table
     assert len(table.expire(now=18.5)) == 1 and len(table) == 0
     with pytest.raises(ValueError, match="turn_type"):
@@ -113,17 +113,17 @@ def test_a_request_in_flight_keeps_its_session_open():
     table.begin("s", "main", msgs(("user", "q")), 0)
     t0 = turn(index=0)
     table.finish(t0, 0.1)
-    table.end("s", 0.1)
+    table.end("s", 0, 0.1)
     table.begin("s", "main", msgs(("user", "q"), ("assistant", "a"), ("user", "no")), 0.2)
     assert table.expire(now=5.0) == [] and "s" in table           # still generating
     t1 = turn(index=1)
     assert table.finish(t1, 5.1) == []
-    table.end("s", 5.1)
+    table.end("s", 1, 5.1)
     assert table.expire(now=5.2) == [] and "s" in table
     assert table.expire(now=5.7) == [Dropped(t1, "no_next_state")] and "s" not in table
     table.begin("x", "main", msgs(("user", "q")), 0)
     assert table.close_all() == [] and len(table) == 0             # shutdown: in flight too
-    table.end("x", 1)                                                # a closed session: no-op
+    table.end("x", 0, 1)                                             # a closed session: no-op
     assert "x" not in table
 
 
@@ -153,7 +153,7 @@ def test_an_episode_session_marks_its_jobs_and_ends_with_its_outcome():
     table.begin("lone", "main", msgs(("user", "q")), 0, episode=True)
     t = turn("lone", 0)
     table.finish(t, 0)
-    table.end("lone", 0)
+    table.end("lone", 0, 0)
     assert table.expire(now=100) == [LoneTurn(t, episode=True), EpisodeEnd("lone", None)]
     # An outcome sent by a session that never said `episode` ends nothing.
     table.begin("chat", "main", msgs(("user", "q")), 0)
@@ -287,7 +287,7 @@ def _walk(table, sid, turns, now=0.0, episode=False):
     for k in range(turns):
         i, _ = table.begin(sid, "main", msgs(*([u, a, obs] * k + [u])), now + k, episode)
         table.finish(turn(sid, i), now + k)
-        table.end(sid, now + k)
+        table.end(sid, i, now + k)
     i, ev = table.begin(sid, "main", msgs(*([u, a, obs] * turns)), now + turns, episode)
     assert [type(e) for e in ev] == [JudgeJob]              # the last finished turn's state
     return i
@@ -301,7 +301,7 @@ def test_a_turn_finishing_after_its_session_closed_is_counted_not_a_new_session(
     assert table.close("s") == [] and "s" not in table
     t3 = turn("s", i3)
     assert table.finish(t3, 3.5) == [Dropped(t3, "no_next_state")]
-    table.end("s", 3.5)
+    table.end("s", i3, 3.5)
     assert "s" not in table and len(table) == 0 and table.tombstones == 0
     assert table.expire(now=10_000.0) == []
     # An episode's late step: its EpisodeEnd already went out, so it is dropped, not held.
@@ -309,7 +309,7 @@ def test_a_turn_finishing_after_its_session_closed_is_counted_not_a_new_session(
     assert table.close("e", 1.0) == [EpisodeEnd("e", 1.0)]
     late = turn("e", i)
     assert table.finish(late, 3) == [Dropped(late, "no_next_state")] and "e" not in table
-    table.end("e", 3)
+    table.end("e", i, 3)
     # A session whose FIRST main turn was generating when it closed (shutdown, or another
     # request's session_done): that turn is its only one and is still emitted, once.
     table.begin("lone", "main", msgs(("user", "q")), 0)
@@ -318,9 +318,9 @@ def test_a_turn_finishing_after_its_session_closed_is_counted_not_a_new_session(
     t0, t1 = turn("lone", 0), turn("lone", 1)
     assert table.finish(t0, 1) == [LoneTurn(t0)]
     assert table.finish(t1, 1) == [Dropped(t1, "no_next_state")]
-    table.end("lone", 1)
+    table.end("lone", 0, 1)
     assert table.tombstones == 1                              # one request still to end
-    table.end("lone", 1)
+    table.end("lone", 1, 1)
     assert table.tombstones == 0 and "lone" not in table
 
 
@@ -335,10 +335,11 @@ def test_tombstones_are_bounded_in_number_and_age():
     assert "a" not in table
     assert table.expire(now=5) == [] and table.tombstones == 2
     assert table.expire(now=10.5) == [] and table.tombstones == 0     # older than the expiry
-    # A session id used again after its close is a new session.
-    table.begin("b", "main", msgs(("user", "q")), 11)
-    tb = turn("b", 0)
-    assert table.finish(tb, 11) == [] and "b" in table
+    # A session id used again after its close is a new session; its request 0 of the closed
+    # session never ended (its tombstone aged out), so the new session counts on from 1.
+    i, _ = table.begin("b", "main", msgs(("user", "q")), 11)
+    tb = turn("b", i)
+    assert i == 1 and table.finish(tb, 11) == [] and "b" in table
     with pytest.raises(ValueError, match="max_tombstones = -1"):
         SessionTable(max_tombstones=-1)
 

@@ -28,19 +28,21 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import httpx
 
 from clawjax.buffer.client import BufferClient
-from clawjax.rollout.envs import env_for_task
+from clawjax.rollout.envs import ENVIRONMENTS, env_for_task
 from clawjax.rollout.runner import run_episodes_async
 
 log = logging.getLogger("clawjax.rollout.agents")
@@ -95,8 +97,16 @@ def run_rounds(proxy_url: str, tasks: list[dict], stop: threading.Event, stats: 
                after_round: Callable[[AgentStats], None] = lambda s: None) -> None:
     """Runs rounds of episodes until `stop` is set, counting into `stats` and calling
     `after_round(stats)` after each round. A round that fails as a whole (the proxy down) is
-    counted as one error and retried after a second."""
+    counted as one error and retried after a second.
+
+    Every round attempt gets fresh session ids, `agents-{seed}-{run}-{attempt}-{i}`: `run` is
+    random per call and `attempt` counts this call's attempts, failed ones too. A failed round,
+    or a process killed during one (its stats still count the rounds before it), may leave its
+    sessions open in the proxy; a later episode under one of those ids would be taken for their
+    continuation."""
     rng = random.Random(seed)
+    run = uuid.uuid4().hex[:8]
+    attempt = 0
     # A short retry budget: while the buffer restarts, stats() fails within seconds and
     # wait_for_room lets the agents go on (the default budget would hold them 120 s).
     buffer = (BufferClient(buffer_address, retry_budget_s=5.0)
@@ -111,11 +121,13 @@ def run_rounds(proxy_url: str, tasks: list[dict], stop: threading.Event, stats: 
                 if stop.is_set():
                     break
             batch = rng.sample(tasks, min(len(tasks), concurrency * 2))
+            prefix = f"agents-{seed}-{run}-{attempt}"
+            attempt += 1
             try:
                 results = asyncio.run(run_episodes_async(
                     proxy_url, [(env_for_task(t), t) for t in batch], concurrency=concurrency,
                     max_turns=1, sampling=sampling,
-                    session_prefix=f"agents-{seed}-{stats.rounds}", timeout_s=60.0,
+                    session_prefix=prefix, timeout_s=60.0,
                     executor=executor))
             except (httpx.HTTPError, OSError) as e:
                 log.warning("agent round failed: %s", e)
@@ -133,8 +145,8 @@ def run_rounds(proxy_url: str, tasks: list[dict], stop: threading.Event, stats: 
 
 
 def read_tasks(path: str) -> list[dict]:
-    """The tasks of a JSONL file; raises ValueError naming the file when there are none or a
-    line is not a JSON object."""
+    """The tasks of a JSONL file; raises ValueError naming the file when there are none, or
+    the file and line of a line that is not a JSON object naming a known environment."""
     tasks = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -148,6 +160,10 @@ def read_tasks(path: str) -> list[dict]:
             if not isinstance(task, dict):
                 raise ValueError(f"{path}:{number}: {line.strip()[:80]!r}, expected a JSON "
                                  "object (a task)")
+            if not isinstance(task.get("env"), str) or task["env"] not in ENVIRONMENTS:
+                # Refused now: building its environment mid-run would end the process.
+                raise ValueError(f"{path}:{number}: field 'env' = {task.get('env')!r}, "
+                                 f"expected one of {sorted(ENVIRONMENTS)}")
             tasks.append(task)
     if not tasks:
         raise ValueError(f"--tasks {path}: no tasks, expected one JSON object per line")
@@ -170,6 +186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error(f"--concurrency {args.concurrency}: expected >= 1")
+    if not 0.0 <= args.temperature < math.inf:  # NaN fails this too
+        p.error(f"--temperature {args.temperature}: expected a finite number >= 0")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens {args.max_tokens}: expected >= 1")
     if args.max_queued is not None and (args.max_queued < 1 or not args.buffer):
         p.error(f"--max-queued {args.max_queued}: expected >= 1, with --buffer")
     return args
@@ -183,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # A restarted process goes on counting (and numbering its rounds, so that no session id
-    # of its predecessor's is reused).
+    # A restarted process goes on counting (its session ids are its own: `run_rounds`).
     stats = AgentStats.read(args.stats)
     stats.write(args.stats)
     print("READY agents", flush=True)

@@ -21,6 +21,7 @@ import time
 import uuid
 from typing import Any, Mapping
 
+from clawjax.rollout import answers
 from clawjax.serving.chat import undecided_tail
 from clawjax.serving.client import BadRequest, ServerUnavailable, ServingError
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
@@ -179,13 +180,15 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
         return ChatCall(None, {}, session_id=sid, turn_type=turn_type, session_done=True,
                         episode=episode, outcome_reward=outcome)
     messages = _messages(body.get("messages"))
-    if body.get("n") not in (None, 1):
-        raise RequestError("n", body.get("n"), "1 (one choice per request)")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # not True, not 1.0
+        raise RequestError("n", n, "the integer 1 or null (one choice per request)")
     given = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
     for key, neutral in _PENALTIES.items():  # passed on when set; the server may refuse them
         if key in given and (isinstance(given[key], bool) or
-                             not isinstance(given[key], (int, float))):
-            raise RequestError(key, given[key], f"a number (default {neutral})")
+                             not isinstance(given[key], (int, float)) or
+                             not math.isfinite(given[key])):
+            raise RequestError(key, given[key], f"a finite number (default {neutral})")
     checked = {k: v for k, v in given.items() if k not in _PENALTIES}
     try:
         parse_sampling_params(checked, vocab_size, prefix="", aliases={
@@ -195,21 +198,28 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                  "sampling_seed": "seed"}.get(e.field, e.field)
         raise RequestError(field, e.value, e.expected)
     sampling = {_SAMPLING[k]: v for k, v in given.items()}
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
     if not isinstance(stream_options, Mapping):
-        raise RequestError("stream_options", stream_options, "an object")
+        raise RequestError("stream_options", stream_options, "an object or null")
+    include_usage = stream_options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise RequestError("stream_options.include_usage", include_usage,
+                           "true or false (a JSON boolean) or null")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model", model, "a string")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise RequestError("tools", tools, "a list of tool definitions")
-    top = body.get("top_logprobs") or 0
+    top = body.get("top_logprobs")
+    top = 0 if top is None else top
     if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
         raise RequestError("top_logprobs", top, "an integer in [0, 20]")
     return ChatCall(messages=messages, sampling=sampling, model=model,
                     stream=_flag(body, {}, "stream", ""),
-                    include_usage=bool(stream_options.get("include_usage")),
+                    include_usage=bool(include_usage),
                     logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
                     session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
                     outcome_reward=outcome)
@@ -234,6 +244,21 @@ def _param(param: str | None) -> str | None:
             "sampling_seed": "seed"}.get(name, name)
 
 
+def _upstream(field: str, value: Any, expected: str) -> RequestError:
+    """A malformed policy server answer: a 502 naming the answer's field."""
+    return RequestError(field, value, f"{expected} in the policy server's /generate answer",
+                        status=502)
+
+
+def check_answer(result: Any) -> dict:
+    """`result` when its fields have the types the proxy reads (`clawjax.rollout.answers`);
+    else a 502 `RequestError` naming the first bad field."""
+    try:
+        return answers.check_answer(result)
+    except answers.MalformedAnswer as e:
+        raise _upstream(e.field, e.value, e.expected) from None
+
+
 def _aborted(result: dict) -> bool:
     finish = (result.get("meta_info") or {}).get("finish_reason") or {}
     return isinstance(finish, dict) and finish.get("type") == "abort"
@@ -251,6 +276,7 @@ async def generate(policy, body: dict) -> dict:
         except ServingError as e:
             raise RequestError("model", "<policy fleet>", f"an available policy server: {e}",
                                status=503) from e
+        check_answer(result)
         if not _aborted(result):
             return result
         await asyncio.sleep(0.05)
@@ -270,6 +296,9 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
         try:
             last, ids, logps = None, [], []
             async for event in client.generate_stream(body):
+                text = event.get("text")  # not an object: the generic 502 below
+                if text is not None and not isinstance(text, str):
+                    raise _upstream("text", text, "a string")
                 last = event
                 ids.extend(event.get("output_ids") or [])
                 logps.extend((event.get("meta_info") or {}).get("output_token_logprobs") or [])
@@ -293,7 +322,7 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
             result["output_ids"] = ids
             meta["output_token_logprobs"] = logps
         result["meta_info"] = meta
-        await events.put(("end", result))
+        await events.put(("end", check_answer(result)))
     except BadRequest as e:
         await events.put(("error", RequestError(_param(e.param) or "body", "<request>",
                                                 f"what the policy server accepts: {e}")))

@@ -101,20 +101,22 @@ class Proxy:
 
     def record(self, call: chatapi.ChatCall, index: int, prompt_ids: list[int],
                result: dict) -> None:
-        """Keeps a served main-line turn (when it is trainable) as its session's pending turn."""
+        """Keeps a served main-line turn (when it is trainable) as its session's pending turn;
+        an untrainable one still supersedes the older pending turn (`SessionTable.untrainable`)."""
         self.stats.served[call.turn_type] += 1
         if call.session_id is None or call.turn_type != "main":
             return
         turn = self._turn(call, index, prompt_ids, result)
         if turn is None:
             self.loop.drop("invalid")
+            self.loop.handle(self.table.untrainable(call.session_id, index, time.monotonic()))
             return
         self.loop.handle(self.table.finish(turn, time.monotonic()))
 
-    def end(self, call: chatapi.ChatCall) -> None:
-        """After a request `begin` counted, answered or failed."""
+    def end(self, call: chatapi.ChatCall, index: int) -> None:
+        """After a request `begin` counted (as turn `index`), answered or failed."""
         if call.session_id is not None:
-            self.table.end(call.session_id, time.monotonic())
+            self.table.end(call.session_id, index, time.monotonic())
         self.session_done(call)
 
     def session_done(self, call: chatapi.ChatCall) -> None:
@@ -185,8 +187,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
     if call.close_only:  # session_done only; with messages, they carry the last next state
         if call.messages is not None:
-            proxy.begin(call)
-            proxy.end(call)  # closes the session (session_done)
+            proxy.end(call, proxy.begin(call))  # closes the session (session_done)
         else:
             proxy.session_done(call)
         return web.json_response({"object": "session.done", "session_id": call.session_id})
@@ -211,7 +212,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             f"upstream;dur={(t2 - t1) * 1e3:.3f}, proxy;dur={own * 1e3:.3f}"
         return resp
     finally:
-        proxy.end(call)
+        proxy.end(call, index)
 
 
 async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, body: dict,

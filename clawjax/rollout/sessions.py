@@ -4,7 +4,8 @@ The proxy tells the table what happens, with the time `now` (seconds, any monoto
 
     index, events = table.begin(session_id, turn_type, messages, now, episode)  # a request
     events = table.finish(turn, now)        # its main-line response was generated (trainable)
-    table.end(session_id, now)              # the request was answered (or failed)
+    events = table.untrainable(session_id, index, now)  # ... or generated, not trainable
+    table.end(session_id, index, now)       # the request was answered (or failed)
     events = table.close(session_id, outcome_reward)   # session_done (after the request's turn)
     events = table.expire(now)              # idle sessions, handled like session_done
     events = table.close_all()              # shutdown
@@ -33,7 +34,8 @@ Rules:
     newlines. Each turn is judged at most once. A main request whose messages are exactly the
     pending turn's own prompt (a client retrying or regenerating that request: its trailing
     messages came BEFORE the pending response, not after it) carries no next state.
-  - Turn indices count every request of a session in arrival order, from 0.
+  - Turn indices count every request of a session in arrival order, from 0 (but see below:
+    a session id reused while requests of its closed session are in flight counts on).
   - A closed session is never recreated by a turn that finishes after its close (a request
     still generating when another request's session_done, or shutdown, closed it): the table
     keeps a tombstone of each session closed with requests in flight, and such a late turn is
@@ -43,7 +45,14 @@ Rules:
     out, so its late step cannot get the outcome: dropped.) A tombstone goes when the requests
     it waits for have ended, when it is older than `idle_expiry_s` (at `expire`), or when more
     than `max_tombstones` are kept (oldest first); a late turn that finds none is dropped too.
-    A new `begin` with a closed session's id opens a new session.
+  - A new `begin` with a closed session's id opens a new session. While requests of the closed
+    one are still in flight, the new session's turn indices go on after the closed one's, so a
+    request is told apart by `(session_id, turn index)`: the open session takes only the
+    indices it handed out and has not yet seen `end`. A late turn of the closed session
+    (`finish`) and its `end` go to the closed session's tombstone (or, evicted, nowhere), never
+    to the new session: they neither become its pending turn nor count against its requests in
+    flight. (The table keeps, per id, where the closed sessions' indices ended until their last
+    request has ended, tombstone or not.) Once none is in flight, a reused id counts from 0.
 """
 
 from __future__ import annotations
@@ -106,21 +115,26 @@ class Dropped:
 
 @dataclasses.dataclass
 class _Session:
+    first_index: int = 0  # this session's turn indices are first_index, first_index + 1, ...
     next_index: int = 0
     main_turns: int = 0
     pending: Turn | None = None
     last_seen: float = 0.0
-    in_flight: int = 0  # requests begun and not yet ended: the session is not idle
+    # Turn indices of the requests begun and not yet ended: the session is not idle.
+    open: set[int] = dataclasses.field(default_factory=set)
     episode: bool = False
 
 
 @dataclasses.dataclass
 class _Tombstone:
-    """A session closed with `in_flight` requests still running."""
+    """A session closed with `in_flight` requests still running; its turn indices were
+    `first_index` .. `next_index - 1`."""
     closed_at: float
     in_flight: int
     main_turns: int
     episode: bool
+    first_index: int = 0
+    next_index: int = 0
 
 
 def _text(content: Any) -> str:
@@ -163,7 +177,15 @@ class SessionTable:
         self.idle_expiry_s = float(idle_expiry_s)
         self.max_tombstones = max_tombstones
         self._sessions: dict[str, _Session] = {}
-        self._tombstones: collections.OrderedDict[str, _Tombstone] = collections.OrderedDict()
+        # Keyed by (session id, first turn index): an id may have several closed sessions
+        # with requests in flight (closed, reused, closed again).
+        self._tombstones: collections.OrderedDict[tuple[str, int], _Tombstone] = \
+            collections.OrderedDict()
+        self._tomb_keys: dict[str, set[int]] = {}  # session id -> first indices of its tombstones
+        # Session id -> [next turn index, requests in flight] of its closed sessions, while any
+        # of those requests has not ended (tombstones or not): a new session of the id counts
+        # on from there. One small entry per id with such requests; never evicted.
+        self._floors: dict[str, list[int]] = {}
         self._now = float("-inf")
 
     def __len__(self) -> int:
@@ -180,6 +202,28 @@ class SessionTable:
     def _tick(self, now: float) -> None:
         self._now = max(self._now, float(now))
 
+    def _tomb_of(self, session_id: str, turn_index: int) -> tuple[str, int] | None:
+        """The key of the tombstone whose turn indices hold `turn_index`, if any."""
+        for first in self._tomb_keys.get(session_id, ()):
+            tomb = self._tombstones[(session_id, first)]
+            if first <= turn_index < tomb.next_index:
+                return session_id, first
+        return None
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        del self._tombstones[key]
+        firsts = self._tomb_keys[key[0]]
+        firsts.discard(key[1])
+        if not firsts:
+            del self._tomb_keys[key[0]]
+
+    def _owner(self, session_id: str, turn_index: int) -> _Session | None:
+        """The open session a request `(session_id, turn_index)` belongs to, if it is open."""
+        session = self._sessions.get(session_id)
+        if session is not None and turn_index in session.open:
+            return session
+        return None
+
     def begin(self, session_id: str, turn_type: str, messages: Sequence[dict],
               now: float, episode: bool = False) -> tuple[int, list]:
         """A request of `session_id` arrives: returns its turn index and the events (a
@@ -188,14 +232,15 @@ class SessionTable:
         if turn_type not in TURN_TYPES:
             raise ValueError(f"turn_type = {turn_type!r}, expected one of {TURN_TYPES}")
         self._tick(now)
-        if session_id not in self._sessions:
-            self._tombstones.pop(session_id, None)  # the id opens a new session
-        session = self._sessions.setdefault(session_id, _Session())
+        session = self._sessions.get(session_id)
+        if session is None:  # a new session (its id may be a closed session's: module doc)
+            first = self._floors.get(session_id, (0,))[0]
+            session = self._sessions[session_id] = _Session(first_index=first, next_index=first)
         session.episode = session.episode or bool(episode)
         session.last_seen = now
-        session.in_flight += 1
         index = session.next_index
         session.next_index += 1
+        session.open.add(index)
         events: list = []
         if turn_type == "main" and session.pending is not None and \
                 list(messages) != list(session.pending.messages):  # not a retry of its prompt
@@ -211,10 +256,11 @@ class SessionTable:
         turn of a closed session is dropped (or, its first main turn, a `LoneTurn`); the
         session is not recreated (module docstring)."""
         self._tick(now)
-        session = self._sessions.get(turn.session_id)
+        session = self._owner(turn.session_id, turn.turn_index)
         if session is None:  # closed (session_done, shutdown) while this turn was generating
-            tomb = self._tombstones.get(turn.session_id)
-            if tomb is not None:
+            key = self._tomb_of(turn.session_id, turn.turn_index)
+            if key is not None:
+                tomb = self._tombstones[key]
                 tomb.main_turns += 1
                 if tomb.main_turns == 1 and not tomb.episode:
                     return [LoneTurn(turn)]
@@ -227,21 +273,41 @@ class SessionTable:
         session.pending = turn
         return events
 
-    def end(self, session_id: str, now: float) -> None:
-        """A request `begin` counted was answered or failed: it no longer keeps its session
-        from expiring. For a session closed meanwhile it only releases the session's
-        tombstone once the last request in flight at the close has ended."""
+    def untrainable(self, session_id: str, turn_index: int, now: float) -> list:
+        """Main-line turn `turn_index` was served but cannot be trained (unusable log-probs):
+        the client goes on from its answer, so, as in `finish`, a still-pending older turn is
+        dropped (the next request's trailing messages answer this turn, not that one). The
+        turn itself becomes nothing. A turn of a closed session changes nothing."""
         self._tick(now)
-        session = self._sessions.get(session_id)
+        session = self._owner(session_id, turn_index)
+        if session is None or session.pending is None:
+            return []
+        session.last_seen = now
+        dropped, session.pending = session.pending, None
+        return [Dropped(dropped, "no_next_state")]
+
+    def end(self, session_id: str, turn_index: int, now: float) -> None:
+        """The request `begin` counted as `turn_index` of `session_id` was answered or failed:
+        it no longer keeps its session from expiring. For a session closed meanwhile it only
+        releases the session's tombstone once the last request in flight at the close has
+        ended."""
+        self._tick(now)
+        session = self._owner(session_id, turn_index)
         if session is not None:
             session.last_seen = now
-            session.in_flight = max(0, session.in_flight - 1)
+            session.open.discard(turn_index)
             return
-        tomb = self._tombstones.get(session_id)
-        if tomb is not None:
+        floor = self._floors.get(session_id)
+        if floor is not None and turn_index < floor[0]:
+            floor[1] -= 1
+            if floor[1] <= 0:
+                del self._floors[session_id]
+        key = self._tomb_of(session_id, turn_index)
+        if key is not None:
+            tomb = self._tombstones[key]
             tomb.in_flight -= 1
             if tomb.in_flight <= 0:
-                del self._tombstones[session_id]
+                self._forget(key)
 
     def close(self, session_id: str, outcome_reward: float | None = None) -> list:
         """session_done: the pending turn gets no next state; an episode also ends, with
@@ -249,13 +315,19 @@ class SessionTable:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return []
-        if session.in_flight and self.max_tombstones:
-            self._tombstones.pop(session_id, None)
-            self._tombstones[session_id] = _Tombstone(  # `_now` >= every `now` seen so far
-                closed_at=self._now, in_flight=session.in_flight,
-                main_turns=session.main_turns, episode=session.episode)
+        if session.open:
+            floor = self._floors.setdefault(session_id, [0, 0])
+            floor[0] = session.next_index
+            floor[1] += len(session.open)
+        if session.open and self.max_tombstones:
+            key = (session_id, session.first_index)
+            self._tombstones[key] = _Tombstone(  # `_now` >= every `now` seen so far
+                closed_at=self._now, in_flight=len(session.open),
+                main_turns=session.main_turns, episode=session.episode,
+                first_index=session.first_index, next_index=session.next_index)
+            self._tomb_keys.setdefault(session_id, set()).add(session.first_index)
             while len(self._tombstones) > self.max_tombstones:
-                self._tombstones.popitem(last=False)
+                self._forget(next(iter(self._tombstones)))
         events: list = []
         if session.pending is not None:
             events.append(LoneTurn(session.pending, session.episode) if session.main_turns == 1
@@ -269,12 +341,12 @@ class SessionTable:
         than that."""
         self._tick(now)
         while self._tombstones:
-            sid, tomb = next(iter(self._tombstones.items()))
+            key, tomb = next(iter(self._tombstones.items()))
             if now - tomb.closed_at <= self.idle_expiry_s:
                 break
-            del self._tombstones[sid]
+            self._forget(key)
         idle = [sid for sid, s in self._sessions.items()
-                if not s.in_flight and now - s.last_seen > self.idle_expiry_s]
+                if not s.open and now - s.last_seen > self.idle_expiry_s]
         events: list = []
         for sid in idle:
             events.extend(self.close(sid))
