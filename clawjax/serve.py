@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.context_length is not None and args.context_length < 2:
         p.error(f"--context-length = {args.context_length}, expected >= 2 (a prompt token and "
                 "one generated token)")
+    if args.seed < 0:
+        p.error(f"--seed = {args.seed}, expected >= 0")
     if args.max_batch < 1:
         p.error(f"--max-batch = {args.max_batch}, expected >= 1")
     if not os.path.isfile(os.path.join(args.model, "config.json")):

@@ -31,6 +31,7 @@ def model_dir(tmp_path):
     (["--context-length", "-5"], "--context-length = -5, expected >= 2"),
     (["--context-length", "1"], "--context-length = 1, expected >= 2"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--seed", "-1"], "--seed = -1, expected >= 0"),
 ])
 def test_bad_arguments_fail_in_parsing(model_dir, args, message):
     out = serve(model_dir, *args)

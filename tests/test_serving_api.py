@@ -338,8 +338,9 @@ def test_an_unversioned_update_queued_behind_another_keeps_the_newer_label(model
 # --- a client that goes away aborts its own request only ----------------------------------------
 
 def test_a_client_that_goes_away_aborts_only_its_own_request(server, http, tokenizer):
-    """Two requests that carry the same client-chosen `rid`: the client of one hangs up, and
-    only that one is aborted; the other, whose client still waits, runs to the end."""
+    """Two queued requests with client-chosen rids: the client of one hangs up, and only that
+    one is aborted; the other, whose client still waits, runs to the end. (Two in-flight
+    requests cannot share a rid: the second is refused, test_serving_edges.)"""
     engine = server.ctx.engine
     ids = tokenizer.encode("same rid")
     assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
@@ -351,7 +352,7 @@ def test_a_client_that_goes_away_aborts_only_its_own_request(server, http, token
             deadline = time.monotonic() + 60
             while engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            body = {"input_ids": ids, "rid": "shared", "stream": True,
+            body = {"input_ids": ids, "rid": "leaving", "stream": True,
                     "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
             with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as r:
                 assert r.status_code == 200  # queued (headers sent), then the client leaves

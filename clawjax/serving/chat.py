@@ -77,15 +77,18 @@ def undecided_tail(text: str, stops) -> int:
     """How many trailing characters of a partial `text` may still change before the request
     ends: an incomplete UTF-8 character (decoded as U+FFFD) or the start of a stop string
     (`stops`: a str or a list of them), which is trimmed from the final text once it
-    matches."""
+    matches. A stop string may also start just before an incomplete character (its next
+    character being that one), so the text before the U+FFFD tail is checked as well."""
     stops = [stops] if isinstance(stops, str) else stops or ()
     tail = len(text) - len(text.rstrip("\ufffd"))
+    held = tail
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), tail, -1):
-            if text.endswith(stop[:n]):
-                tail = n
-                break
-    return tail
+        for end in (len(text), len(text) - tail):
+            for n in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:n]):
+                    held = max(held, len(text) - end + n)
+                    break
+    return held
 
 
 def chunk(result: dict, sent: str, model: str, created: int, first: bool,

@@ -10,8 +10,10 @@ Errors: `BadRequest` (4xx: the request is wrong; retrying elsewhere will not hel
 `ServerUnavailable` (connection refused/reset, timeout, 5xx: the server is at fault; a fleet
 retries on another server). A timeout is the subclass `RequestTimedOut`: the server did not
 answer within the deadline, which a hung server and a healthy one running a long generation
-both do; a fleet tells them apart with a health check. Every call has a deadline (`timeout` seconds overall, connect
-within `connect_timeout`), so nothing hangs forever.
+both do; a fleet tells them apart with a health check. Every call has a deadline (`timeout`
+seconds overall, connect within `connect_timeout`), so nothing hangs forever; a caller that
+bounds a call otherwise (the fleet's weight loads, by health checks) may pass `math.inf`.
+A stream event that is not JSON is the server's fault: `ServerUnavailable`.
 
 Transport: one `aiohttp.ClientSession` per client (keep-alive pool of `max_connections`),
 opened on first use inside the caller's event loop; a client belongs to that loop. aiohttp
@@ -224,7 +226,12 @@ class SGLangClient:
                         data = line[5:].strip()
                         if data == "[DONE]":
                             return
-                        yield json.loads(data)
+                        try:
+                            event = json.loads(data)
+                        except ValueError as e:  # the server's fault, as a 5xx would be
+                            raise ServerUnavailable(self.url, f"POST {path}: a stream event "
+                                                    f"that is not JSON ({e}): {data[:80]!r}")
+                        yield event
         except TimeoutError:
             raise RequestTimedOut(self.url, f"POST {path} stream timed out after {deadline}s")
         except aiohttp.ClientError as e:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clawjax.serving.protocol import SamplingParams
+from clawjax.serving.protocol import ProtocolError, SamplingParams
 from clawjax.serving.sampling import prompt_logprobs, sample_token, top_logprobs
 from clawjax.serving.steps import bucket, make_steps
 
@@ -133,7 +133,9 @@ class Engine:
 
     # --- public, thread-safe ---------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """Queues a validated request (lengths already checked against `context_len`)."""
+        """Queues a validated request (lengths already checked against `context_len`).
+        Raises ProtocolError naming `rid` when a request with the same rid is in flight
+        (SGLang refuses a duplicate request id), so `/abort_request` names one request."""
         if req.rng is None:
             req.rng = (np.random.default_rng(req.params.sampling_seed)
                        if req.params.sampling_seed is not None
@@ -141,13 +143,15 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            if any(r is not None and r.rid == req.rid for r in (*self._waiting, *self._slots)):
+                raise ProtocolError("rid", req.rid, "a request id no request in flight has")
             self._waiting.append(req)
             self._cv.notify_all()
 
     def abort(self, rid: str | None = None, message: str = "aborted",
               request: Request | None = None) -> int:
         """Marks the requests with `rid` (all: `rid=None`) aborted, or when `request` is given
-        that one alone (rids are the clients' and may repeat); returns how many were found."""
+        that one alone; returns how many were found. In-flight rids are unique (`submit`)."""
         n = 0
         with self._cv:
             for r in list(self._waiting) + [s for s in self._slots if s is not None]:

@@ -23,7 +23,12 @@ checkpoint) stays up on its current weights (its responses keep reporting their
 `weight_version`, so the trainer can bound staleness) and the update is retried every
 `update_retry_interval` seconds, counted from the end of the last try. The prober never sends
 an update to a server that still has one in flight (a checkpoint load may take longer than the
-retry interval).
+retry interval). A load still running after `update_timeout` seconds is not a dead server: the
+update call returns (success False, `loading` True) while the fleet keeps waiting for the answer
+in the background as long as the server answers `/health` (checked every `probe_interval`):
+an up server stays up on its current weights meanwhile, a returning one stays down, and the new
+weights are recorded (and a returning server marked up) when the load ends. A server that stops
+answering `/health` mid-load is marked down, as any unreachable one.
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import time
 from typing import Any, Awaitable, Callable, Sequence
@@ -102,6 +108,7 @@ class Fleet:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._probe_task: asyncio.Task | None = None
         self._recovering: set[Server] = set()
+        self._loads: set[asyncio.Task] = set()  # updates whose answer is still awaited
         self._up_event: asyncio.Event | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -113,10 +120,12 @@ class Fleet:
         return self
 
     async def aclose(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        for task in [self._probe_task, *self._loads]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._probe_task
+                await task
             except asyncio.CancelledError:
                 pass
         await asyncio.gather(*(s.client.aclose() for s in self.servers))
@@ -214,7 +223,8 @@ class Fleet:
         """Updates every up server concurrently and records (model_path, weight_version) as
         the fleet's target, which down servers get when they return. Never raises for a
         server's failure: returns `{url: {"success": bool, "message": str}}` (a down server:
-        success False, "down: will update when it returns")."""
+        success False, "down: will update when it returns"; one still loading after
+        `update_timeout`: success False and `"loading": True`)."""
         self.target = (model_path, weight_version)
         results: dict[str, dict] = {}
 
@@ -229,14 +239,36 @@ class Fleet:
         return results
 
     async def _update(self, server: Server, model_path: str, version: str | None) -> dict:
-        """One update. Unreachable → marked down (the prober retries when it is back). A
-        refusal (4xx: it could not load the weights) leaves it up, serving and reporting its
-        current version, and the prober retries every `update_retry_interval` seconds."""
+        """One update, answered within `update_timeout` s. Unreachable → marked down (the
+        prober retries when it is back). A refusal (4xx: it could not load the weights) leaves
+        it up, serving and reporting its current version, and the prober retries every
+        `update_retry_interval` seconds. A load that is still running then goes on in the
+        background (`_load`), and the answer says `loading`."""
+        load = asyncio.ensure_future(self._load(server, model_path, version))
+        self._loads.add(load)
+        load.add_done_callback(self._loads.discard)
+        done, _ = await asyncio.wait({load}, timeout=self.update_timeout)
+        if done:
+            return load.result()
+        return {"success": False, "loading": True, "message": (
+            f"{server.url}: still loading after {self.update_timeout}s (it answers /health); "
+            "it keeps its current weights until the load ends, then the fleet records it")}
+
+    async def _load(self, server: Server, model_path: str, version: str | None) -> dict:
+        """Sends the update and waits for its answer as long as the server answers `/health`
+        (after `update_timeout` s, checked every `probe_interval` s); records the outcome."""
         server.last_update_try = time.monotonic()
         server.updating += 1
+        call = asyncio.ensure_future(server.client.update_weights_from_disk(
+            model_path, version, timeout=math.inf))  # the health checks bound it
         try:
-            out = await server.client.update_weights_from_disk(model_path, version,
-                                                               timeout=self.update_timeout)
+            done, _ = await asyncio.wait({call}, timeout=self.update_timeout)
+            while not done:
+                if not await server.client.health(timeout=self.health_timeout):
+                    raise ServerUnavailable(server.url, "update_weights_from_disk still "
+                                            "running and GET /health did not answer")
+                done, _ = await asyncio.wait({call}, timeout=self.probe_interval)
+            out = call.result()
         except ServerUnavailable as e:
             server.update_failures += 1
             self.mark_down(server, f"update_weights_from_disk failed: {e}")
@@ -247,10 +279,19 @@ class Fleet:
             log.warning("fleet: %s", server.last_error)
             return {"success": False, "message": str(e)}
         finally:
+            call.cancel()  # a no-op once it answered
             server.updating -= 1
             server.last_update_try = time.monotonic()
         server.weight_version, server.model_path = version, model_path
+        if not server.up and not self.is_stale(server):
+            self._mark_up(server)  # a returning server whose load outlived the probe
         return {"success": True, "message": out.get("message", "")}
+
+    def _mark_up(self, server: Server) -> None:
+        server.up = True
+        server.last_error = None if not self.is_stale(server) else server.last_error
+        self._up_event.set()
+        log.info("fleet: %s is back up (weight_version %s)", server.url, server.weight_version)
 
     def is_stale(self, server: Server) -> bool:
         """Whether `server` is known not to hold the fleet's target weights: by its
@@ -305,15 +346,13 @@ class Fleet:
                 server.weight_version = None   # unknown: updated if the fleet has a target
             while self.is_stale(server):  # again if the target moved on during a load
                 res = await self._update(server, *self.target)
+                if res.get("loading"):
+                    return False  # marked up when its load ends
                 if not res["success"]:
                     if not await server.client.health(timeout=self.health_timeout):
                         return False
                     break
-            server.up = True
-            server.last_error = None if not self.is_stale(server) else server.last_error
-            self._up_event.set()
-            log.info("fleet: %s is back up (weight_version %s)", server.url,
-                     server.weight_version)
+            self._mark_up(server)
             return True
         finally:
             self._recovering.discard(server)

@@ -346,12 +346,13 @@ def parse_chat(body: Any, vocab_size: int) -> ChatRequest:
                 msg[key] = m[key]
         parsed.append(msg)
     sampling, model, stream, include_usage = _openai_common(body, vocab_size)
-    return ChatRequest(
-        messages=parsed, sampling=sampling, model=model, stream=stream,
-        include_usage=include_usage,
-        logprobs=_bool(body, "logprobs", "", False),
-        top_logprobs=_int(body, "top_logprobs", "", 0, lo=0, hi=min(20, vocab_size)),
-        rid=_rid(body))
+    logprobs = _bool(body, "logprobs", "", False)
+    top = _int(body, "top_logprobs", "", 0, lo=0, hi=min(20, vocab_size))
+    if top and not logprobs:  # OpenAI: top_logprobs requires logprobs = true
+        raise ProtocolError("top_logprobs", top, "0 or null unless 'logprobs' is true")
+    return ChatRequest(messages=parsed, sampling=sampling, model=model, stream=stream,
+                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top,
+                       rid=_rid(body))
 
 
 _COMPLETION_KEYS = {"prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p",

@@ -8,7 +8,9 @@ GET/POST `/health`, `/health_generate`, GET `/get_model_info`, `/get_server_info
 `/pause_generation`, `/continue_generation`, `/abort_request`.
 
 Bad input gets a 400 `{"object": "error", "message", "type", "param", "code"}` whose message
-names the field, the value and what was expected; the server keeps serving. With an API key,
+names the field, the value and what was expected; the server keeps serving. A client `rid`
+already in flight is refused (400 naming `rid`: SGLang refuses a duplicate request id), so
+`/abort_request` with a rid names one request. With an API key,
 every endpoint but `/health` wants `Authorization: Bearer <key>`.
 """
 
@@ -170,6 +172,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         while True:
             kind, result = await events.get()
+            if kind == "token":  # an incomplete UTF-8 character waits (as SGLang's does)
+                text = result["text"]
+                result["text"] = text[:len(text) - chat.undecided_tail(text, ())]
             await resp.write(f"data: {json.dumps(result)}\n\n".encode())
             if kind == "done":
                 break
@@ -289,6 +294,15 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     path, version = parse_update_weights(body)
     if body.get("abort_all_requests") is True:
         ctx.engine.abort(None, "aborted for a weight update (abort_all_requests)")
+    # Shielded: a client that goes away does not cancel the load (as in SGLang), and the
+    # lock stays held until it has applied, so a later update cannot be overtaken by it.
+    ok, message = await asyncio.shield(asyncio.ensure_future(apply_update(ctx, path, version)))
+    return web.json_response({"success": ok, "num_paused_requests": 0, "message": message},
+                             status=200 if ok else 400)
+
+
+async def apply_update(ctx: ServerContext, path: str, version: str | None) -> tuple[bool, str]:
+    """Loads `path` and installs it as `version`, one update at a time: (success, message)."""
     loop = asyncio.get_running_loop()
     async with ctx.update_lock:
         # No weight_version keeps the label current when this update applies (SGLang), not
@@ -299,11 +313,9 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
             await loop.run_in_executor(None, ctx.engine.load_weights, model, config, version)
         except Exception as e:  # noqa: BLE001 - a bad checkpoint is the caller's problem
             log.warning("update_weights_from_disk(%s) failed: %r", path, e)
-            return web.json_response({"success": False, "num_paused_requests": 0,
-                                      "message": f"model_path = {path!r}: {e}"}, status=400)
+            return False, f"model_path = {path!r}: {e}"
         ctx.model_path = path
-    return web.json_response({"success": True, "num_paused_requests": 0,
-                              "message": f"Succeeded to update model weights ({version})."})
+    return True, f"Succeeded to update model weights ({version})."
 
 
 async def health(request: web.Request) -> web.Response:
@@ -314,10 +326,13 @@ async def health_generate(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     params = parse_generate({"input_ids": [0], "sampling_params": {"max_new_tokens": 1}},
                             ctx.engine.config.vocab_size).sampling
-    _, events = submit(ctx, [0], params, rid=None, stream=False)
+    r, events = submit(ctx, [0], params, rid=None, stream=False)
     try:
         _, result = await asyncio.wait_for(events.get(), timeout=60)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:  # not left queued
+        ctx.engine.abort(r.rid, "health check over", request=r)
+        if isinstance(e, asyncio.CancelledError):
+            raise
         return web.Response(status=503, text="generation timed out")
     return web.Response(status=status_of(result), text="")
 
@@ -374,7 +389,10 @@ async def abort_request(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ProtocolError("body", body, "a JSON object")
-    rid, abort_all = body.get("rid"), body.get("abort_all", False)
+    rid, abort_all = body.get("rid"), body.get("abort_all")
+    abort_all = False if abort_all is None else abort_all
+    if not isinstance(abort_all, bool):
+        raise ProtocolError("abort_all", abort_all, "true or false")
     if not abort_all and not isinstance(rid, str):
         raise ProtocolError("rid", rid, "a request id string (or abort_all: true)")
     n = ctx.engine.abort(None if abort_all else rid, "aborted by /abort_request")
