@@ -249,15 +249,7 @@ def test_checkpoint_keep_never_prunes_the_rollback_target(tmp_path):
 def test_a_rollback_restores_the_train_state_only(tmp_path, rollback):
     """Both rollback modes go on with the data and keep the drop counts as they were: the
     samples of the discarded step are not trained again and no drop is counted twice."""
-    replay = tmp_path / "replay.jsonl"
-    write_replay(str(replay), make_samples(16, seed=5))
-    probe = tmp_path / "probe.jsonl"
-    write_replay(str(probe), make_samples(6, seed=31, prefix="probe"))
-    config = tiny_config(tmp_path / "run", replay=str(replay), **{
-        "trainer.samples_per_step": 4, "trainer.lr": 1e-4, "publish.every_steps": 1,
-        "publish.dtype": "float32", "gate.enabled": True, "gate.probe": str(probe),
-        "gate.margin": 0.5, "gate.rollback": rollback, "gate.background": False})
-    loop = TrainLoop(config)
+    loop = replay_gated_loop(tmp_path, rollback, False)
     try:
         loop.dropped["invalid"] += 1   # counted before the accepted step's checkpoint
         loop.train_step(loop.take_samples())

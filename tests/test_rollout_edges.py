@@ -15,35 +15,15 @@ import pytest
 from aiohttp import web
 
 from clawjax.buffer import BufferClient, BufferServer
-from clawjax.loop_thread import LoopThread
 from clawjax.rollout import agents, rule_judge
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn, SessionTable, Turn
-from clawjax.serving.launch import free_port
 from clawjax.tokenizer import build_tokenizer, save_tokenizer
+from app_thread import AppThread
 
 GOOD = {"text": "hi", "output_ids": [5], "meta_info": {
     "output_token_logprobs": [[-0.1, 5, None]], "weight_version": "1",
     "finish_reason": {"type": "stop"}, "prompt_tokens": 3, "completion_tokens": 1}}
-
-
-class AppThread:
-    """An aiohttp app on its own loop in a daemon thread."""
-
-    def __init__(self, app: web.Application):
-        self.app, self.port = app, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.worker = LoopThread("test-app")
-
-        async def up():
-            self.runner = web.AppRunner(self.app, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.worker.launch(up(), 30)
-
-    def stop(self):
-        self.worker.run(self.runner.cleanup(), 30)
-        self.worker.stop()
 
 
 def scripted_policy(script: dict) -> web.Application:

@@ -15,34 +15,15 @@ import pytest
 from aiohttp import web
 
 from clawjax.buffer import BufferClient, BufferServer
-from clawjax.loop_thread import LoopThread
 from clawjax.rollout import prompts, rule_judge, runner
 from clawjax.rollout.envs.base import Environment, Observation
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.serving.launch import ServerThread, free_port, make_context
+from app_thread import AppThread
 from test_serving_helpers import hf_logp, hf_model, make_model_dir, token_logps
 
 TOL = 1e-4
 TOPK = 3  # the main proxy asks the teacher for its top-3 at each response token (SPEC §5)
-
-
-class AppThread:
-    """An aiohttp app on its own loop in a daemon thread."""
-
-    def __init__(self, app: web.Application):
-        self.app, self.port = app, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.worker = LoopThread("test-app")
-
-        async def up():
-            self.runner = web.AppRunner(self.app, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.worker.launch(up(), 30)
-
-    def stop(self):
-        self.worker.run(self.runner.cleanup(), 30)
-        self.worker.stop()
 
 
 def bad_teacher_app() -> web.Application:

@@ -15,7 +15,7 @@ import pytest
 
 from clawjax.serving.launch import ServerThread, make_context
 from test_serving_helpers import (gen, hf_a, hf_b, http, make_model_dir, model_a,  # noqa: F401
-                                  model_b, server, token_logps, tokenizer)
+                                  model_b, server, stream_chat, token_logps, tokenizer)
 
 TOL = 1e-4
 
@@ -144,12 +144,7 @@ def test_chat_completions_uses_the_template(http, hf_a, tokenizer):
                                [e[0] for e in ref["meta_info"]["output_token_logprobs"]],
                                atol=1e-6)
     # streaming: the deltas add up to the same content, the last chunk has finish_reason
-    chunks = []
-    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                chunks.append(json.loads(line[5:]))
+    chunks = stream_chat(http, body)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
         choice["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]

@@ -27,20 +27,10 @@ from clawjax.serving.launch import ServerThread, make_context
 from clawjax.tokenizer import IM_START
 
 from test_serving_helpers import (gen, hf_a, hf_b, http, make_model_dir, model_a,  # noqa: F401
-                                  model_b, server, token_logps, tokenizer)
+                                  model_b, server, stream_chat, token_logps, tokenizer)
 
 TOL = 1e-4
 CHAT = [{"role": "user", "content": "Hi!"}]
-
-
-def stream_chat(http, body: dict) -> list[dict]:
-    chunks = []
-    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                chunks.append(json.loads(line[5:]))
-    return chunks
 
 
 def content_of(chunks: list[dict]) -> str:

@@ -4,6 +4,7 @@ tokenizer, HF torch reference log-probs, and embedded servers on loopback. No te
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -101,6 +102,18 @@ def gen(http, **body) -> dict:
     r = http.post("/generate", json=body)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def stream_chat(http, body: dict) -> list[dict]:
+    """The chunks of a streamed `/v1/chat/completions` answer to `body` (without `[DONE]`);
+    fails the test on any status but 200."""
+    chunks = []
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                chunks.append(json.loads(line[5:]))
+    return chunks
 
 
 def start_subprocess_server(model_dir, port: int, *extra: str, timeout: float = 120.0,
