@@ -5,75 +5,23 @@ and malformed policy server answers. Proxy tests run against a scripted `/genera
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 
 import httpx
 import pytest
-from aiohttp import web
 
-from clawjax.buffer import BufferClient, BufferServer
-from clawjax.rollout import agents, rule_judge
-from clawjax.rollout.proxy import ProxyConfig, ProxyThread
+from clawjax.buffer import BufferClient
+from clawjax.rollout import agents
 from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn, SessionTable, Turn
-from clawjax.tokenizer import build_tokenizer, save_tokenizer
-from app_thread import AppThread
-
-GOOD = {"text": "hi", "output_ids": [5], "meta_info": {
-    "output_token_logprobs": [[-0.1, 5, None]], "weight_version": "1",
-    "finish_reason": {"type": "stop"}, "prompt_tokens": 3, "completion_tokens": 1}}
-
-
-def scripted_policy(script: dict) -> web.Application:
-    """`/generate` answers `script["answer"]` (plain) or the SSE payloads of `script["stream"]`
-    (raw strings, then `[DONE]`). While `script["holds"]` > 0 a call takes one and waits until
-    the `script["release"]` event is set (a generation still running)."""
-    app = web.Application()
-
-    async def health(request):
-        return web.Response(text="")
-
-    async def generate(request):
-        body = await request.json()
-        script["calls"] += 1
-        if script["holds"] > 0:
-            script["holds"] -= 1
-            while not script["release"].is_set():
-                await asyncio.sleep(0.01)
-        if not body.get("stream"):
-            return web.json_response(script["answer"])
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for payload in script["stream"]:
-            await resp.write(f"data: {payload}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    app.router.add_get("/health", health)
-    app.router.add_post("/generate", generate)
-    return app
-
+from scripted_upstream import GOOD, proxy_stack
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("edges_tokenizer")
-    save_tokenizer(build_tokenizer(), str(model_dir))
-    script: dict = {"answer": GOOD, "stream": [], "holds": 0, "calls": 0,
-                    "release": threading.Event()}
-    policy = AppThread(scripted_policy(script))
-    judge = AppThread(rule_judge.build_app())
-    buffer = BufferServer(tmp_path_factory.mktemp("edges_buffer"), fsync=False)
-    address = f"127.0.0.1:{buffer.start()}"
-    proxy = ProxyThread(ProxyConfig(model_dir=str(model_dir), policy_urls=[policy.url],
-                                    judge_url=judge.url + "/v1", buffer=address)).start()
-    yield dict(proxy=proxy, script=script, address=address)
-    proxy.stop()
-    buffer.stop()
-    judge.stop()
-    policy.stop()
+    yield from proxy_stack(tmp_path_factory, "edges")
+
+
 
 
 @pytest.fixture

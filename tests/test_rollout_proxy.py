@@ -19,7 +19,7 @@ from clawjax.rollout import prompts, rule_judge, runner
 from clawjax.rollout.envs.base import Environment, Observation
 from clawjax.rollout.proxy import ProxyConfig, ProxyThread
 from clawjax.serving.launch import ServerThread, free_port, make_context
-from app_thread import AppThread
+from scripted_upstream import AppThread
 from test_serving_helpers import hf_logp, hf_model, make_model_dir, token_logps
 
 TOL = 1e-4

@@ -8,59 +8,14 @@ import json
 
 import httpx
 import pytest
-from aiohttp import web
 
-from clawjax.buffer import BufferClient, BufferServer
-from clawjax.rollout import rule_judge
-from clawjax.rollout.proxy import ProxyConfig, ProxyThread
-from clawjax.tokenizer import build_tokenizer, save_tokenizer
-from app_thread import AppThread
-
-
-def scripted_policy(script: dict) -> web.Application:
-    """`/generate` answers one token (id 5) for a plain call; a streamed call writes the SSE
-    `data:` payloads of `script["stream"]` (raw strings) and then `[DONE]`."""
-    app = web.Application()
-
-    async def health(request):
-        return web.Response(text="")
-
-    async def generate(request):
-        body = await request.json()
-        if not body.get("stream"):
-            return web.json_response({"text": "hi", "output_ids": [5], "meta_info": {
-                "output_token_logprobs": [[-0.1, 5, None]], "weight_version": "1",
-                "finish_reason": {"type": "stop"}, "prompt_tokens": 3,
-                "completion_tokens": 1}})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for payload in script["stream"]:
-            await resp.write(f"data: {payload}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    app.router.add_get("/health", health)
-    app.router.add_post("/generate", generate)
-    return app
+from clawjax.buffer import BufferClient
+from scripted_upstream import proxy_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("upstream_tokenizer")
-    save_tokenizer(build_tokenizer(), str(model_dir))
-    script: dict = {"stream": []}
-    policy = AppThread(scripted_policy(script))
-    judge = AppThread(rule_judge.build_app())
-    buffer = BufferServer(tmp_path_factory.mktemp("upstream_buffer"), fsync=False)
-    address = f"127.0.0.1:{buffer.start()}"
-    proxy = ProxyThread(ProxyConfig(model_dir=str(model_dir), policy_urls=[policy.url],
-                                    judge_url=judge.url + "/v1", buffer=address)).start()
-    yield dict(proxy=proxy, script=script, address=address)
-    proxy.stop()
-    buffer.stop()
-    judge.stop()
-    policy.stop()
+    yield from proxy_stack(tmp_path_factory, "upstream")
 
 
 GOOD_EVENT = json.dumps({"text": "hi", "output_ids": [5], "meta_info": {
