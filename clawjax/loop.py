@@ -69,10 +69,11 @@ def make_source(config, vocab_size: int, workdir: str):
     if config.replay:
         source = sources.ReplaySource(config.replay, vocab_size=vocab_size)
         if len(source.samples) < config.trainer.samples_per_step:
-            raise ValueError(
-                f"replay = {config.replay!r} holds {len(source.samples)} samples, expected at "
-                f"least trainer.samples_per_step = {config.trainer.samples_per_step} (one step "
-                "would train a sample twice)")
+            raise config_lib.ConfigError(
+                "replay", config.replay,
+                f"a file of at least trainer.samples_per_step = "
+                f"{config.trainer.samples_per_step} samples (one step would train a sample "
+                f"twice); it holds {len(source.samples)}")
         return source
     if config.buffer.address:
         token = config_lib.read_secret_file("buffer.token_file", config.buffer.token_file,

@@ -126,6 +126,18 @@ def test_a_replay_that_cannot_fill_a_step_is_an_error_line(tmp_path):
     assert last.startswith("error: config key 'replay'") and "found 7 admissible" in last, last
 
 
+def test_a_replay_smaller_than_one_step_is_an_error_line(tmp_path):
+    """Found at start-up (`make_source`): exit 2 with one `error:` line naming `replay`, not a
+    traceback."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(3, seed=4))
+    out = subprocess.run(train_cmd(tmp_path / "w", replay, 2), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config key 'replay'") and "it holds 3" in last, last
+
+
 def run_train(*args, timeout=120):
     """`python -m clawjax.train ARGS`; a run that does not end within `timeout` fails the test."""
     try:

@@ -290,9 +290,11 @@ def test_a_replay_file_smaller_than_one_step_is_refused_at_start_up(tmp_path):
     replay = tmp_path / "replay.jsonl"
     write_replay(str(replay), make_samples(3, seed=4))
     config = tiny_config(tmp_path / "run", replay=replay, **{"trainer.samples_per_step": 4})
-    with pytest.raises(ValueError, match=r"replay = .* holds 3 samples, expected at least "
-                                         r"trainer.samples_per_step = 4"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"'replay' = .*replay\.jsonl.*expected a file of at least "
+                             r"trainer.samples_per_step = 4 samples .*it holds 3") as refused:
         TrainLoop(config)
+    assert refused.value.key == "replay"  # the key every config error names (the CLI's line)
 
 
 def _resume(workdir, **overrides) -> TrainLoop:
