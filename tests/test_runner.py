@@ -344,3 +344,37 @@ def test_command_line_runs_a_shard_and_resumes_the_task_stream(servers, tmp_path
     assert lines[0]["steps"][0]["observation"] == {"role": "user", "text": homework.THANKS}
     assert lines[0]["messages"][-1] == {"role": "user", "content": homework.THANKS}
     assert all(r["body"]["max_tokens"] == 16 for r in chat.requests if not r["body"].get("session_done"))
+
+
+@pytest.mark.parametrize("flag,bad", [("--concurrency", "0"), ("--episodes", "-1"),
+                                      ("--max-turns", "0"), ("--temperature", "nan"),
+                                      ("--temperature", "-1"), ("--max-tokens", "0"),
+                                      ("--shard-count", "0"), ("--shard-index", "2"),
+                                      ("--time-limit-s", "inf")])
+def test_command_line_refuses_flags_no_episode_could_run_with(tmp_path, capsys, flag, bad):
+    """Each was a traceback (or requests that all fail) after reading the tasks: now exit 2 at
+    once, naming the flag, the value and what is expected; nothing is written."""
+    path = str(tmp_path / "tasks.jsonl")
+    tasks.write_jsonl_tasks(path, [{"env": "homework", "task_id": "q", "question": "What is 1 + 1?",
+                                    "answer": 2}])
+    out = tmp_path / "results.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        runner.main(["--url", "http://127.0.0.1:9", "--tasks", path, "--episodes", "1",
+                     "--out", str(out), flag, bad])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} = " in err and "expected" in err, err
+    assert not out.exists()
+
+
+def test_command_line_refuses_a_task_naming_no_known_environment(tmp_path, capsys):
+    path = str(tmp_path / "tasks.jsonl")
+    tasks.write_jsonl_tasks(path, [{"env": "spreadsheet", "task_id": "q"}])
+    out = tmp_path / "results.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        runner.main(["--url", "http://127.0.0.1:9", "--tasks", path, "--episodes", "1",
+                     "--out", str(out)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "task 'q'" in err and "'spreadsheet'" in err and "expected" in err, err
+    assert not out.exists()

@@ -288,12 +288,32 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, float]:
     }
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits 2 (`parser.error`, naming the flag, the value and what is expected) on a flag no
+    episode could run with: before any task is read or any file written."""
+    counts = (("--episodes", args.episodes, 0), ("--concurrency", args.concurrency, 1),
+              ("--max-turns", args.max_turns, 1), ("--shard-count", args.shard_count, 1))
+    for flag, value, low in counts:
+        if value < low:
+            parser.error(f"{flag} = {value}, expected >= {low}")
+    if not 0 <= args.shard_index < args.shard_count:
+        parser.error(f"--shard-index = {args.shard_index}, expected 0 to --shard-count - 1 = "
+                     f"{args.shard_count - 1}")
+    if args.temperature is not None and not 0.0 <= args.temperature < math.inf:  # NaN too
+        parser.error(f"--temperature = {args.temperature}, expected a finite number >= 0")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max-tokens = {args.max_tokens}, expected >= 1")
+    if not 0.0 < args.time_limit_s < math.inf:
+        parser.error(f"--time-limit-s = {args.time_limit_s}, expected a finite number of "
+                     "seconds > 0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m clawjax.rollout.runner --url URL --tasks SPEC --episodes N [...]`: runs N
     tasks of this worker's shard through the endpoint, appends one JSON line per episode to
     --out, and keeps the task stream's position in --state (resumed when the file exists)."""
     from clawjax.rollout import tasks as task_pipeline
-    from clawjax.rollout.envs import env_for_task
+    from clawjax.rollout.envs import EnvError, env_for_task
 
     parser = argparse.ArgumentParser(prog="python -m clawjax.rollout.runner", description=main.__doc__)
     parser.add_argument("--url", required=True, help="base URL of the OpenAI-compatible server")
@@ -314,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSONL file the episode results are appended to")
     parser.add_argument("--state", default=None, help="file holding the task stream position")
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     source = task_pipeline.task_source(args.tasks, data_dir=args.tfds_data_dir)
     stream = task_pipeline.TaskStream(source, seed=args.seed, shard_index=args.shard_index,
@@ -325,7 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = []
     for task in chosen:
         kwargs = {"time_limit_s": args.time_limit_s} if task.get("env") == "terminal" else {}
-        pairs.append((env_for_task(task, **kwargs), task))
+        try:
+            pairs.append((env_for_task(task, **kwargs), task))
+        except EnvError as e:
+            parser.error(f"task {task.get('task_id')!r} of --tasks {args.tasks}: {e}")
     sampling = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
                 if v is not None}
     results = run_episodes(args.url, pairs, concurrency=args.concurrency, model=args.model,
