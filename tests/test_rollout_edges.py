@@ -340,6 +340,23 @@ def test_the_proxy_never_judges_a_turn_by_the_reply_to_a_later_untrainable_answe
     assert got == [], [(s.turn_index, s.reward, s.metadata) for s in got]
 
 
+@pytest.mark.parametrize("logp", [float("-inf"), float("nan")], ids=["minus-inf", "nan"])
+def test_a_non_finite_policy_log_prob_is_answered_in_strict_json(stack, script, logp):
+    """A token the policy drew at log-prob −inf (or NaN) is not trainable, but the agent still
+    gets its answer, and in JSON a strict parser reads: −inf as OpenAI's −9999.0 (a negligible
+    probability), NaN as null, never the non-JSON `-Infinity` / `NaN`."""
+    script["answer"] = _answer(output_token_logprobs=[[logp, 5, None]])
+    r = post(stack, {"messages": msgs(("user", "hi")), "logprobs": True})
+    assert r.status_code == 200, r.text
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant} in {r.text}")
+
+    body = json.loads(r.text, parse_constant=refuse)
+    got = body["choices"][0]["logprobs"]["content"][0]["logprob"]
+    assert got == (-9999.0 if logp == float("-inf") else None), body
+
+
 @pytest.mark.parametrize("argv, reason", [
     (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0"),
     (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),

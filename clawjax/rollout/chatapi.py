@@ -359,6 +359,18 @@ def _usage(result: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+NEGLIGIBLE_LOGPROB = -9999.0  # OpenAI's log-prob for a token of negligible probability
+
+
+def json_logprob(lp):
+    """A policy log-prob as strict JSON holds it: −inf (a token drawn at probability 0 in
+    floating point) as `NEGLIGIBLE_LOGPROB`, NaN or +inf as None; Python's json would write
+    the non-JSON `-Infinity` / `NaN`. Finite values pass unchanged."""
+    if isinstance(lp, float) and not math.isfinite(lp):
+        return NEGLIGIBLE_LOGPROB if lp == -math.inf else None
+    return lp
+
+
 def _logprobs(result: dict, tokenizer) -> dict:
     meta = result.get("meta_info") or {}
     entries = meta.get("output_token_logprobs") or []
@@ -366,7 +378,7 @@ def _logprobs(result: dict, tokenizer) -> dict:
 
     def entry(lp, tok):
         s = tokenizer.decode([int(tok)])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": json_logprob(lp), "bytes": list(s.encode("utf-8"))}
 
     return {"content": [dict(entry(e[0], e[1]),
                              top_logprobs=[entry(t[0], t[1]) for t in (top or [])])
