@@ -357,6 +357,23 @@ def test_a_non_finite_policy_log_prob_is_answered_in_strict_json(stack, script, 
     assert got == (-9999.0 if logp == float("-inf") else None), body
 
 
+def test_a_close_only_call_for_a_session_no_longer_open_opens_no_episode(stack, script):
+    """The runner's close-only form (`session_done`, the last next state as `messages`,
+    `max_tokens: 0`) for a session the proxy no longer holds (expired, or already closed):
+    nothing is pending, so nothing opens, and no empty episode is counted."""
+    session = "closed-twice"
+    first = msgs(("user", "What is 2 + 2?"))
+    assert post(stack, {"messages": first, "session_id": session, "episode": True}).status_code \
+        == 200
+    close = {"messages": first + msgs(("assistant", "hi"), ("user", "ok")), "session_id": session,
+             "session_done": True, "max_tokens": 0, "episode": True}
+    assert post(stack, close).status_code == 200
+    before = settled(stack)
+    assert post(stack, close).status_code == 200  # again: the session is gone
+    after = settled(stack)
+    assert after["episodes"] == before["episodes"] and after["sessions_open"] == 0, after
+
+
 @pytest.mark.parametrize("argv, reason", [
     (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0"),
     (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),

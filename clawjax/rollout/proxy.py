@@ -186,9 +186,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     call = chatapi.parse_call(raw, request.headers, proxy.vocab_size)
     if call.close_only:  # session_done only; with messages, they carry the last next state
-        if call.messages is not None:
+        if call.messages is not None and call.session_id in proxy.table:
             proxy.end(call, proxy.begin(call))  # closes the session (session_done)
-        else:
+        else:  # (a session no longer open has no pending turn: nothing to open or carry)
             proxy.session_done(call)
         return web.json_response({"object": "session.done", "session_id": call.session_id})
     try:
