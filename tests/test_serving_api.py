@@ -196,7 +196,8 @@ def test_a_timed_out_weight_load_is_not_installed_later(server, http, model_b, h
     ids = tokenizer.encode("Timed out load")
     model, config = cm.from_pretrained(str(model_b), dtype=jnp.float32)
     with cf.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(gen, http, input_ids=ids, sampling_params={"max_new_tokens": 3})
+        fut = pool.submit(gen, http, input_ids=ids, sampling_params={"max_new_tokens": 3,
+                                                                    "ignore_eos": True})
         try:
             assert entered.wait(60)  # the engine thread is inside a decode step
             with pytest.raises(TimeoutError, match="not installed"):
