@@ -46,8 +46,8 @@ def test_bad_lease_and_stream_arguments_fail_at_once_naming_the_field(served):
         client.lease(-1)
     with pytest.raises(ValueError, match=r"max_in_flight = -2, expected"):
         next(client.stream(max_in_flight=-2))
-    assert (client_mod.MAX_WAIT_S, client_mod.MAX_COUNT) == (server_mod.MAX_WAIT_S,
-                                                             server_mod.MAX_LEASE_SAMPLES)
+    assert (client_mod.MAX_WAIT_S, client_mod.MAX_LEASE_SAMPLES) == (
+        server_mod.MAX_WAIT_S, server_mod.MAX_LEASE_SAMPLES)
 
 
 def test_a_server_needs_a_thread_beyond_those_that_wait(tmp_path):

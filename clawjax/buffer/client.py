@@ -33,10 +33,9 @@ from clawjax.buffer import rollout_pb2_grpc as pb_grpc
 from clawjax.buffer import wire
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
                                    InvalidSampleError, MessageTooLargeError, RolloutBufferError)
+from clawjax.buffer.validate import MAX_LEASE_SAMPLES, MAX_WAIT_S, lease_wait_s
 from clawjax.sample import Sample, SampleError
 
-MAX_WAIT_S = 300.0   # the server's cap on a Lease wait (server.MAX_WAIT_S)
-MAX_COUNT = 100_000  # the server's cap on max_samples / max_in_flight (server.MAX_LEASE_SAMPLES)
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -68,21 +67,22 @@ def _permanent(err: grpc.RpcError, what: str) -> RolloutBufferError:
 
 
 def _check_count(name: str, value: int) -> None:
-    """A Lease/Stream count the server accepts (an int in 1..MAX_COUNT), else ValueError naming
-    it: no retry could make another value work."""
+    """A Lease/Stream count the server accepts (an int in 1..MAX_LEASE_SAMPLES), else
+    ValueError naming it: no retry could make another value work."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or not 1 <= value <= MAX_COUNT:
-        raise ValueError(f"{name} = {value!r}, expected an integer from 1 to {MAX_COUNT}")
+            or not 1 <= value <= MAX_LEASE_SAMPLES:
+        raise ValueError(f"{name} = {value!r}, expected an integer from 1 to "
+                         f"{MAX_LEASE_SAMPLES}")
 
 
 def _wait_s(timeout_s: float) -> float:
-    """The seconds a Lease may wait on the server for `timeout_s`: clamped to [0, MAX_WAIT_S] as
-    the server does (a negative wait is none, a longer one is capped); NaN is a ValueError."""
+    """The seconds a Lease may wait on the server for `timeout_s` (`validate.lease_wait_s`, as
+    the server reads it); NaN is a ValueError."""
     timeout_s = float(timeout_s)
     if math.isnan(timeout_s):
         raise ValueError(f"timeout_s = {timeout_s}, expected seconds ≥ 0 (at most {MAX_WAIT_S:g} "
                          "are waited)")
-    return min(max(timeout_s, 0.0), MAX_WAIT_S)
+    return lease_wait_s(timeout_s)
 
 
 def _samples(reply: bytes) -> list[Sample]:
@@ -186,7 +186,7 @@ class BufferClient:
         """Leases up to `max_samples` samples, waiting up to `timeout_s` for the first one.
         Array fields may be read-only views of the reply (copy before writing into them).
         A negative `timeout_s` waits not at all, one over `MAX_WAIT_S` that long (as the server
-        reads them); NaN or a count outside 1..MAX_COUNT is a ValueError."""
+        reads them); NaN or a count outside 1..MAX_LEASE_SAMPLES is a ValueError."""
         _check_count("max_samples", max_samples)
         wait_s = _wait_s(timeout_s)
         reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
@@ -201,7 +201,7 @@ class BufferClient:
         failures; stops after `max_samples` if given (closing the generator also stops it).
         Samples of a received batch not handed out when it stops are nacked (deliverable at
         once, not held until their leases expire).
-        A `max_in_flight` outside 1..MAX_COUNT is a ValueError (at the first `next`)."""
+        A `max_in_flight` outside 1..MAX_LEASE_SAMPLES is a ValueError (at the first `next`)."""
         _check_count("max_in_flight", max_in_flight)
         delivered, attempt = 0, 0
         give_up = time.monotonic() + self.retry_budget_s

@@ -28,14 +28,13 @@ from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import wire
 from clawjax.buffer.errors import InsecureBindError
 from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
-from clawjax.buffer.validate import Limits, check_wire
+from clawjax.buffer.validate import (MAX_LEASE_SAMPLES, MAX_WAIT_S,  # noqa: F401 (API)
+                                     Limits, check_wire, lease_wait_s)
 from clawjax.sample import MAX_TOKENS, SampleError
 
 log = logging.getLogger(__name__)
 
 SERVICE = "clawjax.buffer.RolloutBuffer"
-MAX_LEASE_SAMPLES = 100_000
-MAX_WAIT_S = 300.0
 LEASE_FRAMING_BYTES = 11   # a sample's tag and length varint in a Lease/Stream answer
 
 
@@ -290,7 +289,7 @@ class BufferServer:
 
     def _lease(self, request: pb.LeaseRequest, context) -> bytes:
         self._check_count(context, "max_samples", request.max_samples, 1, MAX_LEASE_SAMPLES)
-        timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
+        timeout = lease_wait_s(request.timeout_s)
         if timeout > 0 and self._wait_slots.acquire(blocking=False):
             try:
                 got = self.store.lease(request.max_samples, timeout,

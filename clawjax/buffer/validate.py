@@ -17,6 +17,14 @@ from clawjax.buffer import rollout_pb2 as pb
 from clawjax.sample import KINDS, MAX_TOKENS, Sample, SampleError
 
 MAX_ID_BYTES = 1024
+MAX_LEASE_SAMPLES = 100_000  # the most samples a Lease (or a Stream's max_in_flight) asks for
+MAX_WAIT_S = 300.0  # the longest a Lease waits for its first sample
+
+
+def lease_wait_s(timeout_s: float) -> float:
+    """The seconds a Lease asking `timeout_s` waits, as the server reads it (the client sends
+    the same): a negative wait is none, a longer one `MAX_WAIT_S`."""
+    return min(max(timeout_s, 0.0), MAX_WAIT_S)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,18 +38,21 @@ def _finish(result: dict) -> tuple[str, object]:
     return finish.get("type", "stop"), finish.get("matched")
 
 
-def _logprobs(result: dict, tokenizer) -> dict | None:
+def _logprobs(result: dict, tokenizer, start: int = 0) -> dict | None:
+    """The OpenAI log-probs of the output tokens from `start` on (only those are decoded: a
+    stream asks for each chunk's new tokens); None when the result carries none."""
     meta = result["meta_info"]
     if "output_token_logprobs" not in meta:
         return None
-    tops = meta.get("output_top_logprobs") or [[] for _ in meta["output_token_logprobs"]]
+    entries = meta["output_token_logprobs"]
+    tops = meta.get("output_top_logprobs") or [[] for _ in entries]
 
     def entry(lp, tok):
         s = tokenizer.decode([tok]) if tokenizer is not None else str(tok)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
     return {"content": [dict(entry(lp, tok), top_logprobs=[entry(l2, t2) for l2, t2, _ in top])
-                        for (lp, tok, _), top in zip(meta["output_token_logprobs"], tops)]}
+                        for (lp, tok, _), top in zip(entries[start:], tops[start:])]}
 
 
 def _usage(result: dict) -> dict:
@@ -108,8 +111,7 @@ def chunk(result: dict, sent: str, model: str, created: int, first: bool,
         delta["role"] = "assistant"
     logprobs = None
     if logprobs_from is not None:
-        logprobs = _logprobs(result, tokenizer) or {"content": []}
-        logprobs = {"content": logprobs["content"][logprobs_from:]}
+        logprobs = _logprobs(result, tokenizer, logprobs_from) or {"content": []}
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
     if final:
         choice["finish_reason"], choice["matched_stop"] = _finish(result)
