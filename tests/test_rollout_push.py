@@ -9,7 +9,8 @@ import time
 import numpy as np
 
 from clawjax.buffer import BufferClient, BufferServer
-from clawjax.rollout.emit import Pusher, Stats
+from clawjax.rollout.emit import Stats
+from clawjax.rollout.pusher import Pusher
 from clawjax.sample import Sample
 from clawjax.serving.launch import free_port
 

@@ -10,8 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from clawjax.rollout import emit, rule_judge, sessions
+from clawjax.rollout import emit, judge_loop, rule_judge, sessions
 from clawjax.rollout.judge import Judgement
+from clawjax.rollout.pusher import Pusher
 from clawjax.rollout.sessions import (Dropped, EpisodeEnd, JudgeJob, LoneTurn, NextState,
                                       SessionTable, Turn)
 from clawjax.serving.teacher import parse_teacher_response
@@ -224,7 +225,7 @@ def test_episode_steps_add_the_outcome_to_the_judged_reward(method, process, out
     assert lone[0].reward == (0.0 if method == "opd" or outcome is None else outcome)
 
 
-TOPK = (np.array([[-0.1, -2.0], [-0.2, -1.9], [-0.3, -1.5]], np.float32),
+TOPK = (np.array([[-0.2, -2.0], [-0.2, -1.9], [-0.3, -1.5]], np.float32),
         np.array([[11, 5], [12, 7], [12, 13]], np.int32))
 
 
@@ -249,7 +250,7 @@ def test_teacher_topk_rides_with_the_opd_part_only(method, reward, hint, teacher
 def test_a_judge_loop_refuses_a_top_k_out_of_range():
     for k in (-1, 1025):
         with pytest.raises(ValueError, match=f"teacher_topk = {k}, expected 0"):
-            emit.JudgeLoop(judge=None, teacher=None, encode=None, pusher=None,
+            judge_loop.JudgeLoop(judge=None, teacher=None, encode=None, pusher=None,
                            stats=emit.Stats(), method="combine", m=1, teacher_topk=k)
 
 
@@ -396,8 +397,8 @@ def run_judge_loop(answer, *, topk=0, episode=False, judge_fails=False, outcome=
     """One turn (turn() above, R = 3) judged on CORRECTION by a real JudgeLoop + Pusher."""
     async def main():
         stats, buf = emit.Stats(), ListBuffer()
-        pusher = emit.Pusher(buf, stats, linger_s=0).start()
-        loop = emit.JudgeLoop(judge=RuleJudgeClient(judge_fails), teacher=ScriptedTeacher(answer),
+        pusher = Pusher(buf, stats, linger_s=0).start()
+        loop = judge_loop.JudgeLoop(judge=RuleJudgeClient(judge_fails), teacher=ScriptedTeacher(answer),
                               encode=lambda m, t: [1, 2, 3, 9], pusher=pusher, stats=stats,
                               method="combine", m=1, teacher_topk=topk)
         events = [JudgeJob(turn(), NextState("user", CORRECTION), episode)]
@@ -437,7 +438,7 @@ def test_a_malformed_teacher_answer_keeps_the_rl_part_and_counts_teacher_failure
 def test_teacher_rounding_above_zero_is_clamped_not_lost():
     snap, pushed = run_judge_loop(
         teacher_answer(logps=(-0.2, 1e-7, 5e-4),
-                       tops=lambda r: [[[1e-7, t, None], [-3.0, 0, None]] for t in r]), topk=2)
+                       tops=lambda r: [[[1e-7, t, None], [-30.0, 0, None]] for t in r]), topk=2)
     assert counts(snap) == ({"both": 1}, {})
     s = pushed[0]
     assert (s.kind, s.reward) == ("both", -1.0)

@@ -1,5 +1,6 @@
-"""The OpenAI chat-completions surface of the rollout proxy: request parsing (with the session
-fields), the SGLang `/generate` body, calls to the policy fleet, and the response / SSE bodies.
+"""The OpenAI chat-completions requests of the rollout proxy: parsing (with the session
+fields) and the SGLang `/generate` body. (Calls to the policy fleet:
+`clawjax.rollout.policy_calls`; the response and SSE bodies: `clawjax.rollout.chat_bodies`.)
 
 `parse_call(raw, headers, vocab_size)` raises `RequestError(field, value, expected)` for bad
 input; the proxy answers it as an OpenAI error body with `param = field`. Fields the proxy does
@@ -13,17 +14,11 @@ seed → sampling_seed), validated with the embedded server's own rules first.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
-import time
-import uuid
 from typing import Any, Mapping
 
-from clawjax.rollout import answers
-from clawjax.serving.chat import undecided_tail
-from clawjax.serving.client import BadRequest, ServerUnavailable, ServingError
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -36,7 +31,6 @@ _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_t
              "presence_penalty": "presence_penalty", "repetition_penalty": "repetition_penalty"}
 _PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
-MAX_ABORT_RETRIES = 3
 MAX_SESSION_ID_BYTES = 256  # sample ids embed it; the buffer allows 1024-byte ids
 
 
@@ -49,10 +43,6 @@ class RequestError(ValueError):
         if len(shown) > 120:
             shown = shown[:117] + "..."
         super().__init__(f"field {field!r} = {shown}, expected {expected}")
-
-
-class GenerationFailed(RuntimeError):
-    """The policy fleet could not serve the request (503 to the agent)."""
 
 
 @dataclasses.dataclass
@@ -232,214 +222,3 @@ def generate_body(call: ChatCall, prompt_ids: list[int]) -> dict:
     if call.logprobs and call.top_logprobs:
         body["top_logprobs_num"] = call.top_logprobs
     return body
-
-
-def _param(param: str | None) -> str | None:
-    if param is None:
-        return None
-    if param == "input_ids":
-        return "messages"
-    name = param.removeprefix("sampling_params.")
-    return {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-            "sampling_seed": "seed"}.get(name, name)
-
-
-def _upstream(field: str, value: Any, expected: str) -> RequestError:
-    """A malformed policy server answer: a 502 naming the answer's field."""
-    return RequestError(field, value, f"{expected} in the policy server's /generate answer",
-                        status=502)
-
-
-def check_answer(result: Any) -> dict:
-    """`result` when its fields have the types the proxy reads (`clawjax.rollout.answers`);
-    else a 502 `RequestError` naming the first bad field."""
-    try:
-        return answers.check_answer(result)
-    except answers.MalformedAnswer as e:
-        raise _upstream(e.field, e.value, e.expected) from None
-
-
-def _aborted(result: dict) -> bool:
-    finish = (result.get("meta_info") or {}).get("finish_reason") or {}
-    return isinstance(finish, dict) and finish.get("type") == "abort"
-
-
-async def generate(policy, body: dict) -> dict:
-    """One non-streaming `/generate` through the fleet. A 4xx becomes a RequestError naming
-    the OpenAI field; an unavailable fleet or repeated aborts (weights being swapped) a 503."""
-    for _ in range(MAX_ABORT_RETRIES):
-        try:
-            result = await policy.generate_raw(body)
-        except BadRequest as e:
-            raise RequestError(_param(e.param) or "body", "<request>", f"what the policy "
-                               f"server accepts: {e}", status=400) from e
-        except ServingError as e:
-            raise RequestError("model", "<policy fleet>", f"an available policy server: {e}",
-                               status=503) from e
-        check_answer(result)
-        if not _aborted(result):
-            return result
-        await asyncio.sleep(0.05)
-    raise RequestError("model", "<policy fleet>", "a generation that is not aborted (the "
-                       f"fleet aborted it {MAX_ABORT_RETRIES} times)", status=503)
-
-
-async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
-    """Streams `/generate` through the fleet onto `events`: ("event", sglang_event) while
-    generating, then ("end", result) with the output ids / log-probs of the whole response, or
-    ("error", RequestError): always exactly one of the two, whatever the server sends (a
-    malformed stream is a 502). A server failure before the first event is retried elsewhere
-    by the fleet; after it, the stream ends with an error (no replay)."""
-    state = {"sent": False}
-
-    async def consume(client):
-        try:
-            last, ids, logps = None, [], []
-            async for event in client.generate_stream(body):
-                text = event.get("text")  # not an object: the generic 502 below
-                if text is not None and not isinstance(text, str):
-                    raise _upstream("text", text, "a string")
-                last = event
-                ids.extend(event.get("output_ids") or [])
-                logps.extend((event.get("meta_info") or {}).get("output_token_logprobs") or [])
-                state["sent"] = True
-                await events.put(("event", event))
-            return last, ids, logps
-        except ServerUnavailable as e:
-            if state["sent"]:
-                raise GenerationFailed(str(e)) from e
-            raise
-
-    try:
-        last, ids, logps = await policy.call(consume)
-        if last is None or _aborted(last):
-            raise RequestError("model", "<policy fleet>", "a generation that is not aborted",
-                               status=503)
-        result = dict(last)
-        meta = dict(last.get("meta_info") or {})
-        n = meta.get("completion_tokens", len(last.get("output_ids") or []))
-        if len(last.get("output_ids") or []) != n and len(ids) == n:  # incremental stream
-            result["output_ids"] = ids
-            meta["output_token_logprobs"] = logps
-        result["meta_info"] = meta
-        await events.put(("end", check_answer(result)))
-    except BadRequest as e:
-        await events.put(("error", RequestError(_param(e.param) or "body", "<request>",
-                                                f"what the policy server accepts: {e}")))
-    except (ServingError, GenerationFailed) as e:
-        await events.put(("error", RequestError("model", "<policy fleet>",
-                                                f"an available policy server: {e}", 503)))
-    except RequestError as e:
-        await events.put(("error", e))
-    except Exception as e:  # noqa: BLE001 - a malformed stream (bad JSON, odd events): the
-        # waiting handler must get an error, never wait forever for an event that won't come
-        await events.put(("error", RequestError(
-            "model", "<policy fleet>", f"a well-formed /generate stream from the policy "
-            f"server (got {type(e).__name__}: {e})", status=502)))
-
-
-def error_of(e: Exception) -> dict:
-    field = getattr(e, "field", None)
-    return {"message": str(e), "type": "server_error", "param": field,
-            "code": getattr(e, "status", 500)}
-
-
-def sse(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
-
-
-def _finish(result: dict) -> str:
-    finish = (result.get("meta_info") or {}).get("finish_reason") or {}
-    return finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
-
-
-def _usage(result: dict) -> dict:
-    meta = result.get("meta_info") or {}
-    p, c = int(meta.get("prompt_tokens", 0)), int(meta.get("completion_tokens", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-NEGLIGIBLE_LOGPROB = -9999.0  # OpenAI's log-prob for a token of negligible probability
-
-
-def json_logprob(lp):
-    """A policy log-prob as strict JSON holds it: −inf (a token drawn at probability 0 in
-    floating point) as `NEGLIGIBLE_LOGPROB`, NaN or +inf as None; Python's json would write
-    the non-JSON `-Infinity` / `NaN`. Finite values pass unchanged."""
-    if isinstance(lp, float) and not math.isfinite(lp):
-        return NEGLIGIBLE_LOGPROB if lp == -math.inf else None
-    return lp
-
-
-def _logprobs(result: dict, tokenizer) -> dict:
-    meta = result.get("meta_info") or {}
-    entries = meta.get("output_token_logprobs") or []
-    tops = meta.get("output_top_logprobs") or [[] for _ in entries]
-
-    def entry(lp, tok):
-        s = tokenizer.decode([int(tok)])
-        return {"token": s, "logprob": json_logprob(lp), "bytes": list(s.encode("utf-8"))}
-
-    return {"content": [dict(entry(e[0], e[1]),
-                             top_logprobs=[entry(t[0], t[1]) for t in (top or [])])
-                        for e, top in zip(entries, tops)]}
-
-
-def _metadata(result: dict, call: ChatCall, index: int) -> dict:
-    meta = {"weight_version": (result.get("meta_info") or {}).get("weight_version")}
-    if call.session_id is not None:
-        meta.update(session_id=call.session_id, turn_index=index, turn_type=call.turn_type)
-    return meta
-
-
-def completion(result: dict, call: ChatCall, model: str, index: int, tokenizer) -> dict:
-    """A `chat.completion` body for a finished `/generate` result."""
-    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
-            "created": int(time.time()), "model": call.model or model,
-            "choices": [{"index": 0, "message": {"role": "assistant",
-                                                 "content": result.get("text") or ""},
-                         "logprobs": _logprobs(result, tokenizer) if call.logprobs else None,
-                         "finish_reason": _finish(result)}],
-            "usage": _usage(result), "metadata": _metadata(result, call, index)}
-
-
-def _chunk(ident: str, created: int, model: str, delta: dict, finish=None) -> dict:
-    return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                         "finish_reason": finish}]}
-
-
-def delta_chunk(event: dict, sent: str, ident: str, created: int, model: str,
-                first: bool, stops=None) -> tuple[dict | None, str]:
-    """The chunk carrying the text added since `sent` (SGLang stream texts are cumulative);
-    None when nothing new. Returns it and the new `sent`. Text is never sent twice: a text
-    that does not extend `sent` (the final text, trimmed at a stop string) only adds what
-    lies beyond `len(sent)`. For a partial event pass the request's `stops` (a str, a list
-    or ()): the tail that may still change (`serving.chat.undecided_tail`) waits for a later
-    event; `stops=None` (the final text) sends everything."""
-    text = event.get("text") or ""
-    if stops is not None:
-        text = text[:len(text) - undecided_tail(text, stops)]
-    new = text[len(sent):]
-    if not new and not first:
-        return None, sent
-    delta = {"role": "assistant", "content": new} if first else {"content": new}
-    return _chunk(ident, created, model, delta), sent + new
-
-
-def final_chunks(result: dict, call: ChatCall, ident: str, created: int, model: str,
-                 sent: str, first: bool, index: int) -> list[dict]:
-    """The closing chunks: any text not yet sent, finish_reason (+ metadata), usage."""
-    chunks = []
-    model = call.model or model
-    rest, _ = delta_chunk(result, sent, ident, created, model, first=first)
-    if rest is not None:
-        chunks.append(rest)
-    last = _chunk(ident, created, model, {}, _finish(result))
-    last["metadata"] = _metadata(result, call, index)
-    chunks.append(last)
-    if call.include_usage:
-        usage = _chunk(ident, created, model, {})
-        usage["choices"], usage["usage"] = [], _usage(result)
-        chunks.append(usage)
-    return chunks

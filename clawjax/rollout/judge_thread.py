@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Sequence
 
 from clawjax.loop_thread import LoopThread
-from clawjax.rollout.emit import JudgeLoop
+from clawjax.rollout.judge_loop import JudgeLoop
 
 # build() runs on the judge thread's loop; returns the loop to drive and async closers (run there
 # in reverse order on aclose).

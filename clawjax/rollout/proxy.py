@@ -1,7 +1,9 @@
 """The rollout proxy: an OpenAI-compatible chat server that agents call instead of the model.
-(Request parsing and response bodies: `clawjax.rollout.chatapi`; the judge loop and the buffer
-pusher: `clawjax.rollout.emit`, run on a thread of their own by `clawjax.rollout.judge_thread`;
-session rules: `clawjax.rollout.sessions`.)
+(Request parsing: `clawjax.rollout.chatapi`; calls to the policy fleet:
+`clawjax.rollout.policy_calls`; response bodies: `clawjax.rollout.chat_bodies`; the judge loop
+and the buffer pusher: `clawjax.rollout.judge_loop` and `clawjax.rollout.pusher`, run on a
+thread of their own by `clawjax.rollout.judge_thread`; session rules:
+`clawjax.rollout.sessions`.)
 
 Endpoints: POST `/v1/chat/completions` (optionally streamed as SSE chat chunks), GET
 `/v1/models`, GET `/health`, GET `/stats` (the counters of `clawjax.rollout.emit.Stats`;
@@ -45,106 +47,22 @@ import logging
 import math
 import time
 import uuid
-from typing import Mapping
 
 from aiohttp import web
 
 from clawjax.config import prm_m_for
 from clawjax.loop_thread import LoopThread
-from clawjax.rollout import chatapi
+from clawjax.rollout import chat_bodies, chatapi, policy_calls
 from clawjax.rollout.chatapi import RequestError
-# POSITIVE_LOGP_SLACK: rollout log-probs in (0, slack] are rounding, clamped to 0 (shared with
-# the teacher's log-probs in clawjax.rollout.emit).
-from clawjax.rollout.emit import POSITIVE_LOGP_SLACK, JudgeLoop, Pusher, Stats
+from clawjax.rollout.emit import Stats
+from clawjax.rollout.judge_loop import JudgeLoop
 from clawjax.rollout.judge_thread import JudgeThread
-from clawjax.rollout.sessions import SessionTable, Turn
+from clawjax.rollout.proxy_state import Proxy, prompt_ids
+from clawjax.rollout.pusher import Pusher
+from clawjax.rollout.sessions import SessionTable
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
-
-
-def prompt_ids(tokenizer, messages: list[dict], tools=None) -> list[int]:
-    """Prompt ids of `messages` under `tokenizer`'s chat template, generation prompt appended."""
-    kwargs = {"tools": tools} if tools else {}
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        **kwargs)
-    ids = out["input_ids"] if isinstance(out, Mapping) else out
-    return [int(t) for t in ids]
-
-
-class Proxy:
-    """What the handlers share: tokenizer, policy fleet, session table, judge loop, stats.
-    `policy` is a started `Fleet` (or anything with `call(fn)` / `generate_raw(body)`); `loop`
-    a `JudgeThread` (or a `JudgeLoop` on this event loop). Session events go to `loop.handle`;
-    the judge side alone writes the judging counters of `stats`, serving alone `served`."""
-
-    def __init__(self, *, tokenizer, policy, loop: JudgeThread | JudgeLoop, stats: Stats,
-                 table: SessionTable, api_key: str | None = None, model_name: str = "policy"):
-        self.tokenizer, self.policy, self.loop = tokenizer, policy, loop
-        self.stats, self.table = stats, table
-        self.api_key, self.model_name = api_key, model_name
-        self.vocab_size = len(tokenizer)
-
-    def encode(self, messages: list[dict], tools=None) -> list[int]:
-        """Prompt ids of `messages` under the chat template, generation prompt appended."""
-        return prompt_ids(self.tokenizer, messages, tools)
-
-    # --- session hooks ----------------------------------------------------------------------
-    def begin(self, call: chatapi.ChatCall) -> int:
-        if call.session_id is None:
-            self.stats.served["no_session"] += 1
-            return 0
-        index, events = self.table.begin(call.session_id, call.turn_type, call.messages,
-                                         time.monotonic(), episode=call.episode)
-        self.loop.handle(events)
-        return index
-
-    def record(self, call: chatapi.ChatCall, index: int, prompt_ids: list[int],
-               result: dict) -> None:
-        """Keeps a served main-line turn (when it is trainable) as its session's pending turn;
-        an untrainable one still supersedes the older pending turn (`SessionTable.untrainable`)."""
-        self.stats.served[call.turn_type] += 1
-        if call.session_id is None or call.turn_type != "main":
-            return
-        turn = self._turn(call, index, prompt_ids, result)
-        if turn is None:
-            self.loop.drop("invalid")
-            self.loop.handle(self.table.untrainable(call.session_id, index, time.monotonic()))
-            return
-        self.loop.handle(self.table.finish(turn, time.monotonic()))
-
-    def end(self, call: chatapi.ChatCall, index: int) -> None:
-        """After a request `begin` counted (as turn `index`), answered or failed."""
-        if call.session_id is not None:
-            self.table.end(call.session_id, index, time.monotonic())
-        self.session_done(call)
-
-    def session_done(self, call: chatapi.ChatCall) -> None:
-        if call.session_id is not None and call.session_done:
-            self.loop.handle(self.table.close(call.session_id, call.outcome_reward))
-
-    def _turn(self, call, index: int, prompt_ids: list[int], result: dict) -> Turn | None:
-        ids = [int(t) for t in result.get("output_ids") or []]
-        meta = result.get("meta_info") or {}
-        entries = meta.get("output_token_logprobs") or []
-        if not ids or len(entries) != len(ids):
-            log.warning("turn %s/%d not trainable: %d output ids, %d log-probs", call.session_id,
-                        index, len(ids), len(entries))
-            return None
-        logp = []
-        for tok, entry in zip(ids, entries):
-            lp = entry[0] if isinstance(entry, (list, tuple)) and len(entry) >= 2 else None
-            if not isinstance(lp, (int, float)) or not math.isfinite(lp) or \
-                    lp > POSITIVE_LOGP_SLACK or int(entry[1]) != tok:
-                log.warning("turn %s/%d not trainable: log-prob entry %r for token %d",
-                            call.session_id, index, entry, tok)
-                return None
-            logp.append(min(float(lp), 0.0))
-        return Turn(session_id=call.session_id, turn_index=index, messages=call.messages,
-                    prompt_ids=prompt_ids, response_ids=ids, rollout_logp=logp,
-                    weight_version=str(meta.get("weight_version", "")),
-                    response_text=result.get("text") or "",
-                    created_unix_ms=int(time.time() * 1000), tools=call.tools)
 
 
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
@@ -202,10 +120,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if call.stream:
             return await _stream(request, proxy, call, body, index, prompt_ids)
         t1 = time.perf_counter()
-        result = await chatapi.generate(proxy.policy, body)
+        result = await policy_calls.generate(proxy.policy, body)
         t2 = time.perf_counter()
         proxy.record(call, index, prompt_ids, result)
-        resp = web.json_response(chatapi.completion(
+        resp = web.json_response(chat_bodies.completion(
             result, call, proxy.model_name, index, proxy.tokenizer))
         own = (t1 - t0) + (time.perf_counter() - t2)
         resp.headers["Server-Timing"] = \
@@ -218,7 +136,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, body: dict,
                   index: int, prompt_ids: list[int]) -> web.StreamResponse:
     events: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(chatapi.generate_stream(proxy.policy, body, events))
+    task = asyncio.create_task(policy_calls.generate_stream(proxy.policy, body, events))
     resp: web.StreamResponse | None = None
     ident, created, sent, first = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), "", True
     # Stop strings the server trims from the final text: their first characters wait.
@@ -229,25 +147,25 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
             if kind == "error":
                 if resp is None:
                     raise item
-                await resp.write(chatapi.sse({"error": chatapi.error_of(item)}))
+                await resp.write(chat_bodies.sse({"error": chat_bodies.error_of(item)}))
                 break
             if resp is None:
                 resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
                 await resp.prepare(request)
             if kind == "event":
-                chunk, sent = chatapi.delta_chunk(item, sent, ident, created,
+                chunk, sent = chat_bodies.delta_chunk(item, sent, ident, created,
                                                   call.model or proxy.model_name, first,
                                                   stops=stops)
                 if chunk is not None:
                     first = False
-                    await resp.write(chatapi.sse(chunk))
+                    await resp.write(chat_bodies.sse(chunk))
                 continue
             result = item  # kind == "end": the whole result, output ids and log-probs joined
             proxy.record(call, index, prompt_ids, result)
-            for chunk in chatapi.final_chunks(result, call, ident, created, proxy.model_name,
-                                              sent, first, index):
-                await resp.write(chatapi.sse(chunk))
+            for chunk in chat_bodies.final_chunks(result, call, ident, created,
+                                                  proxy.model_name, sent, first, index):
+                await resp.write(chat_bodies.sse(chunk))
             break
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
