@@ -1,7 +1,8 @@
 """The embedded server against SGLang's and OpenAI's documented behaviour, over real HTTP on
 loopback: a streamed chat completion's deltas add up to the non-streamed content (also when a
 stop string spans several tokens), streamed chat chunks carry the requested log-probs, a stop
-token id is trimmed from `text` (SGLang's detokenizer) but kept in `output_ids`,
+token id is trimmed from `text` (SGLang's detokenizer) but kept in `output_ids`, a chat
+request without max_tokens may fill the context (SGLang) while `/generate` keeps 128,
 `/v1/completions` answers like `/generate` (log-probs checked against HF torch), a weight
 load the engine did not take in time is withdrawn, not installed later, an update without a
 weight_version keeps the label current when it applies, a text prompt gets the tokenizer's
@@ -109,6 +110,22 @@ def test_a_matched_stop_token_id_is_trimmed_from_the_text(http, tokenizer):
         cids[:stop_at], skip_special_tokens=True)
     assert content_of(stream_chat(http, {**body, "stop_token_ids": [cids[j]]})) == \
         r["choices"][0]["message"]["content"]
+
+
+def test_chat_without_max_tokens_may_fill_the_context_and_generate_keeps_128(http):
+    # SGLang: chat without max_tokens / max_completion_tokens sends max_new_tokens = None,
+    # which the scheduler caps by the context only; /generate keeps SamplingParams' 128.
+    body = {"messages": CHAT, "temperature": 0, "ignore_eos": True}
+    r = http.post("/v1/chat/completions", json=body).json()
+    usage = r["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 256  # the server's context
+    assert usage["completion_tokens"] > 128
+    assert r["choices"][0]["finish_reason"] == "length"
+    chunks = stream_chat(http, {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["usage"] == usage
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    out = gen(http, input_ids=[1, 2, 3], sampling_params={"temperature": 0, "ignore_eos": True})
+    assert len(out["output_ids"]) == 128
 
 
 # --- /v1/completions (OpenAI completions, as SGLang serves them) ------------------------------

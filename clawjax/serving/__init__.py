@@ -9,9 +9,11 @@
 
 Modules: `client` (one server, SGLang native API), `fleet` (N servers: least-loaded routing,
 retries, health probes), `teacher` (teacher log-probs, SPEC.md §7), `sync` (blocking
-wrappers), and the embedded JAX server: `protocol` (request validation), `engine`
-(continuous batching over a KV cache, weight versions), `sampling`, `server` + `chat` +
-`completions` (HTTP), `launch` (model directory → running server; `python -m clawjax.serve`).
+wrappers), and the embedded JAX server: `protocol` (request validation; with `fields`,
+`sampling_params`, `openai_requests`), `engine` (continuous batching over a KV cache, weight
+versions; with `request`, `weights`, `steps`, `sampling`), `server` (HTTP app; with
+`generation`, `admin`, `replies`, `context`, `chat`, `completions`), `launch` (model
+directory → running server; `python -m clawjax.serve`).
 The server side imports jax and aiohttp only when used.
 """
 

@@ -27,16 +27,15 @@ and a matched stop string is cut from `text`, unless `no_stop_trim`.
 An exception in one request's share of a step aborts it alone ("request error: ...",
 `request_errors`; the rest of the step and the cache carry on); a failing forward aborts the
 whole step and resets the cache ("engine error: ...", `engine_errors`).
+The request record and the response built from it live in `request`, the checks a weight
+swap must pass in `weights`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
-import time
-import uuid
 from typing import Any, Callable
 
 import jax
@@ -44,40 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clawjax.serving.protocol import ProtocolError, SamplingParams
+from clawjax.serving.fields import ProtocolError
+from clawjax.serving.request import Request, result_of
 from clawjax.serving.sampling import prompt_logprobs, sample_token, top_logprobs
 from clawjax.serving.steps import bucket, make_steps
+from clawjax.serving.weights import check_same_architecture, check_same_params
+
+__all__ = ["Engine", "Request"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    """A request inside the engine. `on_done(result)` and `on_token(partial)` are called from
-    the engine thread; `result` is the SGLang `/generate` response dict."""
-    prompt: list[int]
-    params: SamplingParams
-    on_done: Callable[[dict], None]
-    rid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
-    return_text_in_logprobs: bool = False
-    on_token: Callable[[dict], None] | None = None
-    # --- engine state ---
-    slot: int = -1
-    gen: int = -1  # the engine's weight generation this request runs on
-    version: str = ""  # its weight_version label
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    output_logp: list[float] = dataclasses.field(default_factory=list)
-    output_top: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
-    input_logp: list[float | None] = dataclasses.field(default_factory=list)
-    input_top: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
-    finish: dict | None = None
-    trim_text_at: int | None = None
-    aborted: str | None = None
-    rng: np.random.Generator | None = None
-    t_start: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -180,22 +154,11 @@ class Engine:
         differs from the serving model's (the cache and compiled steps depend on it), and
         TimeoutError when the engine did not switch within `timeout` s (the swap is then
         withdrawn: the current weights keep serving)."""
-        def arch(c):  # the fields that shape the computation (not `extra` / training options)
-            return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
-                    if f.name not in ("extra", "remat", "attention")}
-
-        if arch(config) != arch(self.config):
-            diff = sorted(k for k, v in arch(config).items() if arch(self.config)[k] != v)
-            raise ValueError(f"model_path config differs from the serving model in {diff}; "
-                             "expected the same architecture")
+        check_same_architecture(config, self.config)
         _, state = nnx.split(model)
         with self._cv:
             current = self._params[self._gen][1]
-        shapes = lambda t: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(t)]
-        if (jax.tree.structure(state) != jax.tree.structure(current)
-                or shapes(state) != shapes(current)):
-            raise ValueError("model_path holds parameters of other names/shapes/dtypes than "
-                             "the serving model; expected the same architecture")
+        check_same_params(state, current)
         with self._load_lock:
             done = threading.Event()
             with self._cv:
@@ -407,38 +370,6 @@ class Engine:
         self.counters["finished_" + finish["type"]] += 1
         r.on_done(self._result(r, finish))
 
-    def _text(self, ids: list[int], skip_special: bool) -> str | None:
-        return None if self.detokenize is None else self.detokenize(ids, skip_special)
-
-    def _triple(self, lp: float | None, tok: int, with_text: bool) -> list:
-        return [lp, tok, self._text([tok], False) if with_text else None]
-
     def _result(self, r: Request, finish: dict | None) -> dict:
         """The SGLang `/generate` response for `r` so far (`finish=None` while streaming)."""
-        ids = r.output_ids
-        if finish is not None and finish.get("type") == "stop" and \
-                isinstance(finish.get("matched"), int) and not r.params.no_stop_trim:
-            ids = ids[:-1]  # SGLang: a matched stop token id stays in output_ids, not in text
-        text = self._text(ids, r.params.skip_special_tokens) or ""
-        if r.trim_text_at is not None:
-            text = text[:r.trim_text_at]
-        meta: dict[str, Any] = {
-            "id": r.rid, "finish_reason": finish, "prompt_tokens": len(r.prompt),
-            "completion_tokens": len(r.output_ids), "cached_tokens": 0,
-            "weight_version": r.version or self.weight_version,
-            "e2e_latency": time.monotonic() - r.t_start,
-        }
-        if r.return_logprob:
-            wt = r.return_text_in_logprobs and self.detokenize is not None
-            s = len(r.prompt) - len(r.input_logp)
-            meta["input_token_logprobs"] = [self._triple(lp, r.prompt[s + i], wt)
-                                            for i, lp in enumerate(r.input_logp)]
-            meta["output_token_logprobs"] = [self._triple(lp, t, wt)
-                                             for lp, t in zip(r.output_logp, r.output_ids)]
-            if r.top_logprobs_num:
-                meta["input_top_logprobs"] = [
-                    None if top is None else [self._triple(lp, t, wt) for lp, t in top]
-                    for top in r.input_top]
-                meta["output_top_logprobs"] = [[self._triple(lp, t, wt) for lp, t in top]
-                                               for top in r.output_top]
-        return {"text": text, "output_ids": list(r.output_ids), "meta_info": meta}
+        return result_of(r, finish, self.detokenize, self.weight_version)

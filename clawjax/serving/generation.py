@@ -1,0 +1,125 @@
+"""The generating endpoints: SGLang's `/generate` and the OpenAI-compatible
+`/v1/chat/completions` and `/v1/completions`. Each parses its body, builds the prompt ids,
+settles the output length, checks it fits the context, queues the request on the engine and
+answers through `replies`.
+
+Output length when the request sets none (as SGLang): `/generate` min(128, what fits),
+`/v1/completions` min(16, what fits), chat all that fits (`context_len - prompt_len`: SGLang's
+chat sends `max_new_tokens = None`, which only the context caps), so a chat answer ends at EOS,
+a stop, or a full context (finish_reason "length").
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from clawjax.serving import chat, completions
+from clawjax.serving.context import CTX, ServerContext, read_json, submit, tokenize_text
+from clawjax.serving.protocol import (CHAT_MAX_TOKEN_KEYS, COMPLETION_MAX_TOKEN_KEYS,
+                                      GENERATE_MAX_TOKEN_KEYS, ProtocolError, check_lengths,
+                                      parse_chat, parse_completion, parse_generate)
+from clawjax.serving.replies import openai_reply, reply, stream_state
+
+
+def default_max_new_tokens(body: dict, params, prompt_len: int, context_len: int,
+                           keys: tuple[str, ...], *, fill_context: bool = False) -> None:
+    """A request that set none of `keys` (absent or null) gets min(its default, what fits),
+    or with `fill_context` all that fits; what fits is `context_len - prompt_len` (>= 0)."""
+    if not any(k in body and body[k] is not None for k in keys):
+        room = max(0, context_len - prompt_len)
+        params.max_new_tokens = room if fill_context else min(params.max_new_tokens, room)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX]
+    body = await read_json(request)
+    req = parse_generate(body, ctx.engine.config.vocab_size)
+    prompt = req.input_ids if req.input_ids is not None else tokenize_text(ctx, req.text, "text")
+    default_max_new_tokens(body.get("sampling_params") or {}, req.sampling, len(prompt),
+                           ctx.engine.context_len, GENERATE_MAX_TOKEN_KEYS)
+    check_lengths(len(prompt), ctx.engine.context_len, req.sampling,
+                  field="input_ids" if req.input_ids is not None else "text",
+                  return_logprob=req.return_logprob, logprob_start_len=req.logprob_start_len)
+    if req.sampling.stop and ctx.tokenizer is None:
+        raise ProtocolError("sampling_params.stop", req.sampling.stop,
+                            "stop_token_ids (stop strings need tokenizer files)")
+    r, events = submit(ctx, prompt, req.sampling, rid=req.rid, stream=req.stream,
+                       return_logprob=req.return_logprob,
+                       logprob_start_len=req.logprob_start_len,
+                       top_logprobs_num=req.top_logprobs_num,
+                       return_text_in_logprobs=req.return_text_in_logprobs)
+
+    def part(result: dict, final: bool) -> dict:
+        if not final:  # an incomplete UTF-8 character waits (as SGLang's does)
+            text = result["text"]
+            result["text"] = text[:len(text) - chat.undecided_tail(text, ())]
+        return result
+
+    return await reply(request, ctx, r, events, stream=req.stream, whole=lambda res: res,
+                       part=part)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX]
+    body = await read_json(request)
+    req = parse_chat(body, ctx.engine.config.vocab_size)
+    prompt = chat.encode_messages(ctx.tokenizer, req.messages)
+    default_max_new_tokens(body, req.sampling, len(prompt), ctx.engine.context_len,
+                           CHAT_MAX_TOKEN_KEYS, fill_context=True)
+    check_lengths(len(prompt), ctx.engine.context_len, req.sampling, field="messages",
+                  max_field="max_tokens")
+    r, events = submit(ctx, prompt, req.sampling, rid=req.rid, stream=req.stream,
+                       return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs)
+    name = req.model or ctx.served_model_name
+    created = int(time.time())
+    st = stream_state(req, req.sampling)
+
+    def part(result: dict, final: bool) -> dict:
+        out, st["sent"] = chat.chunk(result, st["sent"], name, created, st["first"], final,
+                                     stops=st["stops"], tokenizer=ctx.tokenizer,
+                                     logprobs_from=st["n"])
+        st["first"] = False
+        if st["n"] is not None:
+            st["n"] = len(result["output_ids"])
+        return out
+
+    return await openai_reply(
+        request, ctx, r, events, req,
+        lambda res: chat.completion(res, ctx.tokenizer, name, created, req), part,
+        lambda res: chat.usage_chunk(res, name, created))
+
+
+async def v1_completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app[CTX]
+    body = await read_json(request)
+    req = parse_completion(body, ctx.engine.config.vocab_size)
+    prompt = req.prompt if isinstance(req.prompt, list) else \
+        tokenize_text(ctx, req.prompt, "prompt")
+    default_max_new_tokens(body, req.sampling, len(prompt), ctx.engine.context_len,
+                           COMPLETION_MAX_TOKEN_KEYS)
+    check_lengths(len(prompt), ctx.engine.context_len, req.sampling, field="prompt",
+                  max_field="max_tokens")
+    if req.sampling.stop and ctx.tokenizer is None:
+        raise ProtocolError("stop", req.sampling.stop,
+                            "stop_token_ids (stop strings need tokenizer files)")
+    r, events = submit(ctx, prompt, req.sampling, rid=req.rid, stream=req.stream,
+                       return_logprob=req.logprobs is not None,
+                       top_logprobs_num=req.logprobs or 0)
+    name = req.model or ctx.served_model_name
+    created = int(time.time())
+    st = stream_state(req, req.sampling)
+
+    def part(result: dict, final: bool) -> dict:
+        out, st["sent"] = completions.chunk(result, st["sent"], name, created, final,
+                                            stops=st["stops"], tokenizer=ctx.tokenizer,
+                                            logprobs_from=st["n"])
+        if st["n"] is not None:
+            st["n"] = len(result["output_ids"])
+        return out
+
+    return await openai_reply(
+        request, ctx, r, events, req,
+        lambda res: completions.completion(res, ctx.tokenizer, name, created, req), part,
+        lambda res: completions.usage_chunk(res, name, created))
