@@ -128,6 +128,17 @@ def test_chat_without_max_tokens_may_fill_the_context_and_generate_keeps_128(htt
     assert len(out["output_ids"]) == 128
 
 
+def test_max_completion_tokens_wins_over_max_tokens(http):
+    # SGLang's chat adapter: max_new_tokens = max_completion_tokens or max_tokens.
+    body = {"messages": CHAT, "temperature": 0, "ignore_eos": True}
+    both = http.post("/v1/chat/completions",
+                     json={**body, "max_tokens": 3, "max_completion_tokens": 5}).json()
+    assert both["usage"]["completion_tokens"] == 5
+    alone = http.post("/v1/chat/completions",
+                      json={**body, "max_tokens": 3, "max_completion_tokens": None}).json()
+    assert alone["usage"]["completion_tokens"] == 3
+
+
 # --- /v1/completions (OpenAI completions, as SGLang serves them) ------------------------------
 
 def stream_completion(http, body: dict) -> list[dict]:

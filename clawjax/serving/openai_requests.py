@@ -85,7 +85,9 @@ def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str 
     """The fields chat and completions share: (sampling, model, stream, include_usage)."""
     sampling = parse_sampling_params(
         {k: body[k] for k in _OPENAI_SAMPLING if k in body}, vocab_size, prefix="",
-        aliases={"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+        # Applied in order: max_completion_tokens overrides max_tokens when both are set, as
+        # SGLang's chat adapter does (`max_completion_tokens or max_tokens`).
+        aliases={"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                  "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
     model = body.get("model")
     if model is not None and not isinstance(model, str):
