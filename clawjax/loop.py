@@ -9,7 +9,7 @@ the source delivers them again and they are trained from the restored state. `tr
 keeps the ids per step of the surviving lineage (lines after the restored step are dropped).
 
 The regression gate's part (deciding candidates, rollback, a gated resume) is `GateMixin`, in
-`clawjax.loop_gate`.
+`clawjax.loop_gate`; the model, source and publisher are built by `clawjax.loop_setup`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,9 +32,10 @@ from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
 from clawjax import group_norm
-from clawjax import losses, model as model_lib, sharding as sharding_lib, sources, trainer
+from clawjax import losses, sharding as sharding_lib, sources, trainer
 from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
+from clawjax.loop_setup import build_model, make_publisher, make_source
 from clawjax.metrics import MetricsWriter
 from clawjax.sample import Sample, SampleError
 
@@ -45,52 +45,8 @@ log = logging.getLogger("clawjax.train")
 # each step's metrics (`dropped_<reason>`) and in the run's summary (`trainer_<reason>`).
 DROP_REASONS = ("invalid", "too_long", "stale")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Row counts a step may compile for: powers of two, large enough that one step is one batch.
 ROW_BUCKETS = tuple(2 ** i for i in range(16))
-
-
-def build_model(config, mesh):
-    """`(model, model_config)` from `model.path` (HF directory) or `model.hf_config` (random)."""
-    dtype = DTYPES[config.model.dtype]
-    if config.model.path:
-        model, model_config = model_lib.from_pretrained(config.model.path, dtype=dtype, mesh=mesh,
-                                                        remat=config.model.remat)
-    else:
-        model_config = model_lib.ModelConfig.from_hf(dict(config.model.hf_config))
-        model_config = model_config.replace(remat=bool(config.model.remat))
-        model = model_lib.init_random(model_config, config.model.seed, dtype=dtype, mesh=mesh)
-    # A training option, not part of the weights: set on the built model (static in its graphdef).
-    model.config = model_config = model_config.replace(attention=config.model.attention)
-    return model, model_config
-
-
-def make_source(config, vocab_size: int, workdir: str):
-    if config.replay:
-        source = sources.ReplaySource(config.replay, vocab_size=vocab_size)
-        if len(source.samples) < config.trainer.samples_per_step:
-            raise config_lib.ConfigError(
-                "replay", config.replay,
-                f"a file of at least trainer.samples_per_step = "
-                f"{config.trainer.samples_per_step} samples (one step would train a sample "
-                f"twice); it holds {len(source.samples)}")
-        return source
-    if config.buffer.address:
-        token = config_lib.read_secret_file("buffer.token_file", config.buffer.token_file,
-                                            "the buffer's token")
-        return sources.BufferSource(
-            config.buffer.address, token=token, tls_ca=config.buffer.tls_ca or None,
-            rejected_path=os.path.join(workdir, "rejected.jsonl"),
-            keepalive_s=config.buffer.keepalive_s)
-    return sources.QueueSource()
-
-
-def make_publisher(config, workdir: str):
-    """The config's publisher (None when `publish.every_steps` is 0)."""
-    from clawjax.publish import publisher_from_config
-
-    tokenizer_dir = config.model.path or None
-    return publisher_from_config(config.publish, workdir, tokenizer_dir=tokenizer_dir)
 
 
 def _cache_size(jitted) -> int:
