@@ -12,11 +12,11 @@ CLI: `python -m clawjax.buffer serve --port P --dir DIR ...` (see `__main__.py`)
 from clawjax.buffer.client import BufferClient, LeaseKeeper, PushResult
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
                                    InsecureBindError, InvalidSampleError, MessageTooLargeError,
-                                   RolloutBufferError)
+                                   RolloutBufferError, TLSHandshakeError)
 from clawjax.buffer.server import BufferServer
 
 __all__ = [
     "BufferServer", "BufferClient", "LeaseKeeper", "PushResult", "RolloutBufferError",
     "InvalidSampleError", "AuthenticationError", "BufferUnavailableError", "BufferFullError",
-    "InsecureBindError", "MessageTooLargeError",
+    "InsecureBindError", "MessageTooLargeError", "TLSHandshakeError",
 ]

@@ -10,8 +10,15 @@ when their lease expires.
 
 Retries: UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff (jittered),
 RESOURCE_EXHAUSTED with the server's `retry-after-ms` hint (buffer full) as well, for up to
-`retry_budget_s` per call; everything else raises at once (see `clawjax.buffer.errors`). Every
-RPC here is safe to repeat: pushes are idempotent by sample id, acks/nacks by id.
+`retry_budget_s` per call; everything else raises at once (see `clawjax.buffer.errors`), and
+so does an UNAVAILABLE that is a failed TLS handshake (`TLSHandshakeError`, see
+`clawjax.buffer.handshake`). Every RPC here is safe to repeat: pushes are idempotent by sample
+id, acks/nacks by id.
+
+Consumer token: each client names itself (`consumer`, a random uuid4 hex unless given) in the
+`x-clawjax-consumer` metadata of Lease, Stream, Ack, Nack and ExtendLease, so the server lets
+only the current lease holder nack or extend a lease (`clawjax.buffer.consumer`). Clients
+that should act as one consumer (lease in one, nack in another) share a `consumer` value.
 """
 
 from __future__ import annotations
@@ -31,8 +38,12 @@ from clawjax.buffer import decode
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import rollout_pb2_grpc as pb_grpc
 from clawjax.buffer import wire
+from clawjax.buffer.consumer import HEADER as CONSUMER_HEADER
+from clawjax.buffer.consumer import check_token, new_token
 from clawjax.buffer.errors import (AuthenticationError, BufferFullError, BufferUnavailableError,
-                                   InvalidSampleError, MessageTooLargeError, RolloutBufferError)
+                                   InvalidSampleError, MessageTooLargeError, RolloutBufferError,
+                                   TLSHandshakeError)
+from clawjax.buffer.handshake import give_up_on_tls
 from clawjax.buffer.validate import MAX_LEASE_SAMPLES, MAX_WAIT_S, lease_wait_s
 from clawjax.sample import Sample, SampleError
 
@@ -102,16 +113,21 @@ def _samples(reply: bytes) -> list[Sample]:
 class BufferClient:
     """Connects to `address` ("host:port"). `token` adds `authorization: Bearer <token>` to every
     call; `tls_ca` (path or PEM bytes) switches to TLS with that root certificate
-    (`tls_server_name` overrides the name checked against the certificate)."""
+    (`tls_server_name` overrides the name checked against the certificate). `consumer` is this
+    client's consumer token (module docstring); None draws a random one."""
 
     def __init__(self, address: str, token: str | None = None, tls_ca=None,
                  tls_server_name: str | None = None, retry_budget_s: float = 120.0,
                  backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0,
-                 rpc_timeout_s: float = 60.0, max_message_bytes: int = 256 << 20):
+                 rpc_timeout_s: float = 60.0, max_message_bytes: int = 256 << 20,
+                 consumer: str | None = None):
         self.address = address
         self.retry_budget_s, self.rpc_timeout_s = retry_budget_s, rpc_timeout_s
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self.consumer = new_token() if consumer is None else check_token(consumer)
+        self._tls = tls_ca is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._as_consumer = self._metadata + ((CONSUMER_HEADER, self.consumer),)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.initial_reconnect_backoff_ms", 100),
@@ -145,13 +161,17 @@ class BufferClient:
         base = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
         return base * (0.5 + random.random() / 2)
 
-    def _call(self, method, request, what: str, timeout_s: float | None = None):
+    def _call(self, method, request, what: str, timeout_s: float | None = None,
+              metadata: tuple | None = None):
+        """`method(request)` with retries (module docstring); `metadata` defaults to the
+        authorization header alone."""
         give_up = time.monotonic() + self.retry_budget_s
         attempt = 0
+        metadata = self._metadata if metadata is None else metadata
         while True:
             try:
                 return method(request, timeout=timeout_s or self.rpc_timeout_s,
-                              metadata=self._metadata)
+                              metadata=metadata)
             except grpc.RpcError as err:
                 wait = self._retry_wait(err, attempt, what)
                 if time.monotonic() + wait > give_up:
@@ -166,6 +186,13 @@ class BufferClient:
     def _retry_wait(self, err: grpc.RpcError, attempt: int, what: str) -> float:
         """Seconds to wait before retrying `err`; raises the permanent error otherwise."""
         code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE and self._tls:
+            cause = give_up_on_tls(err.details() or "", attempt)
+            if cause is not None:
+                raise TLSHandshakeError(
+                    f"{what}: TLS handshake with {self.address} failed after {attempt + 1} "
+                    f"attempt(s); likely cause: {cause}. gRPC said: UNAVAILABLE: "
+                    f"{err.details()}", code.name, err.details() or "") from err
         if code in _TRANSIENT:
             return self._backoff(attempt)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -191,7 +218,8 @@ class BufferClient:
         wait_s = _wait_s(timeout_s)
         reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
                                                             timeout_s=wait_s),
-                           "lease", timeout_s=wait_s + self.rpc_timeout_s)
+                           "lease", timeout_s=wait_s + self.rpc_timeout_s,
+                           metadata=self._as_consumer)
         return _samples(reply)
 
     def stream(self, max_in_flight: int = 64, max_samples: int | None = None
@@ -208,7 +236,7 @@ class BufferClient:
         held: collections.deque[Sample] = collections.deque()   # received, not yet handed out
         while max_samples is None or delivered < max_samples:
             call = self._stream_raw(pb.StreamRequest(max_in_flight=max_in_flight),
-                                    metadata=self._metadata)
+                                    metadata=self._as_consumer)
             try:
                 for batch in call:
                     attempt, give_up = 0, time.monotonic() + self.retry_budget_s
@@ -238,25 +266,31 @@ class BufferClient:
             return
         try:
             self._stub.Nack(pb.SampleIds(sample_ids=sample_ids), timeout=self.rpc_timeout_s,
-                            metadata=self._metadata)
+                            metadata=self._as_consumer)
         except (grpc.RpcError, ValueError):   # ValueError: this client's channel is closed
             pass
 
     def ack(self, sample_ids: Iterable[str]) -> int:
-        """Finishes samples for good (durable on return); returns how many were held."""
-        return self._call(self._stub.Ack, pb.SampleIds(sample_ids=list(sample_ids)), "ack").acked
+        """Finishes samples for good (durable on return); returns how many were held. Honoured
+        even after this client's lease expired and another consumer leased the sample
+        (`Store.ack` says why); that consumer's ack of it then returns 0."""
+        return self._call(self._stub.Ack, pb.SampleIds(sample_ids=list(sample_ids)), "ack",
+                          metadata=self._as_consumer).acked
 
     def nack(self, sample_ids: Iterable[str]) -> int:
-        """Returns leased samples to the front of the queue; returns how many were requeued."""
+        """Returns samples leased to this client to the front of the queue; returns how many
+        were requeued (not one whose lease expired and went to another consumer)."""
         return self._call(self._stub.Nack, pb.SampleIds(sample_ids=list(sample_ids)),
-                          "nack").requeued
+                          "nack", metadata=self._as_consumer).requeued
 
     def extend_lease(self, sample_ids: Iterable[str], lease_timeout_s: float = 0.0
                      ) -> tuple[list[str], list[str]]:
         """Keep-alive: moves each lease's deadline to now + lease_timeout_s (0 = the server's
-        default). Returns (extended, lost); lost ids were redelivered or finished already."""
+        default). Returns (extended, lost); lost ids were redelivered (to this or another
+        consumer) or finished already."""
         reply = self._call(self._stub.ExtendLease, pb.ExtendLeaseRequest(
-            sample_ids=list(sample_ids), lease_timeout_s=lease_timeout_s), "extend_lease")
+            sample_ids=list(sample_ids), lease_timeout_s=lease_timeout_s), "extend_lease",
+            metadata=self._as_consumer)
         return list(reply.extended), list(reply.lost)
 
     def set_policy_version(self, version: int) -> int:
@@ -265,6 +299,8 @@ class BufferClient:
                           "set_policy_version").moved_stale
 
     def stats(self) -> dict[str, int]:
+        """The server's `StatsResponse` as a dict (`BufferServer._stats` says what survives a
+        restart: gauges do, the `*_total` counters start again from 0)."""
         reply = self._call(self._stub.Stats, pb.StatsRequest(), "stats")
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 

@@ -1,6 +1,7 @@
 """Exceptions the buffer client raises. Permanent failures are never retried; transient ones
 (UNAVAILABLE, RESOURCE_EXHAUSTED with the server's retry hint) are retried with backoff and
-raise `BufferUnavailableError` only when the retry budget is spent."""
+raise `BufferUnavailableError` only when the retry budget is spent. An UNAVAILABLE that is a
+failed TLS handshake is permanent: `TLSHandshakeError`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ class AuthenticationError(RolloutBufferError, PermissionError):
 
 class BufferUnavailableError(RolloutBufferError, ConnectionError):
     """UNAVAILABLE (or deadline exceeded) for longer than the client's retry budget."""
+
+
+class TLSHandshakeError(RolloutBufferError, ConnectionError):
+    """The TLS handshake with the server failed in a way no retry fixes (client given a CA for
+    a plaintext server, a certificate the CA did not sign, a host name the certificate does not
+    list): raised at once (or after a few attempts when the cause is unclear) instead of
+    retrying for the whole budget. The message names the target and the likely cause."""
 
 
 class BufferFullError(RolloutBufferError):

@@ -4,9 +4,12 @@
 Status codes: bad samples → INVALID_ARGUMENT (the whole push is refused, message names sample id,
 field, value, expectation); buffer full → RESOURCE_EXHAUSTED with trailing metadata
 `retry-after-ms`; wrong or missing token → UNAUTHENTICATED. A failing request never stops the
-server. Lease and Stream responses are assembled from the stored serialized samples without
-re-encoding them (a `LeaseResponse` is `repeated Sample samples = 1` on the wire), and a pushed sample's bytes
-are stored as received.
+server. Lease, Stream, Nack and ExtendLease read the caller's consumer token from the
+`x-clawjax-consumer` metadata header (`clawjax.buffer.consumer`): a Nack or ExtendLease never
+moves a lease another consumer holds (an Ack needs no lease: `Store.ack`). Lease and Stream
+responses are assembled from the stored serialized samples without re-encoding them (a
+`LeaseResponse` is `repeated Sample samples = 1` on the wire), and a pushed sample's bytes are
+stored as received.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import wire
+from clawjax.buffer.consumer import token_of
 from clawjax.buffer.errors import InsecureBindError
 from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
 from clawjax.buffer.validate import (MAX_LEASE_SAMPLES, MAX_WAIT_S,  # noqa: F401 (API)
@@ -290,14 +294,15 @@ class BufferServer:
     def _lease(self, request: pb.LeaseRequest, context) -> bytes:
         self._check_count(context, "max_samples", request.max_samples, 1, MAX_LEASE_SAMPLES)
         timeout = lease_wait_s(request.timeout_s)
+        holder = token_of(context.invocation_metadata())
         if timeout > 0 and self._wait_slots.acquire(blocking=False):
             try:
-                got = self.store.lease(request.max_samples, timeout,
+                got = self.store.lease(request.max_samples, timeout, holder=holder,
                                        max_out_bytes=self.max_message_bytes // 2)
             finally:
                 self._wait_slots.release()
         else:   # no wait asked, or every waiting thread taken: answer with what is queued
-            got = self.store.lease(request.max_samples, 0.0,
+            got = self.store.lease(request.max_samples, 0.0, holder=holder,
                                    max_out_bytes=self.max_message_bytes // 2)
         return wire.join_repeated([data for _, data in got])
 
@@ -319,15 +324,15 @@ class BufferServer:
 
     def _stream_batches(self, limit: int, context):
         """`_stream`'s loop, on a wait slot."""
-        owner = uuid.uuid4().hex
+        owner, holder = uuid.uuid4().hex, token_of(context.invocation_metadata())
         while context.is_active() and not self._stopping.is_set():
             if not self.store.wait_for_slot(owner, limit, 0.25):
                 continue
             free = limit - self.store.in_flight(owner)
-            got = self.store.lease(free, 0.25, owner=owner,
+            got = self.store.lease(free, 0.25, owner=owner, holder=holder,
                                    max_out_bytes=self.max_message_bytes // 2)
             if got and not context.is_active():   # the client left while we waited
-                self.store.nack([sid for sid, _ in got])
+                self.store.nack([sid for sid, _ in got], holder=holder)
                 return
             if got:
                 yield wire.join_repeated([data for _, data in got])
@@ -337,7 +342,8 @@ class BufferServer:
         return pb.AckResponse(acked=acked, unknown=unknown)
 
     def _nack(self, request: pb.SampleIds, context) -> pb.NackResponse:
-        requeued, unknown = self.store.nack(list(request.sample_ids))
+        requeued, unknown = self.store.nack(list(request.sample_ids),
+                                            holder=token_of(context.invocation_metadata()))
         return pb.NackResponse(requeued=requeued, unknown=unknown)
 
     def _extend(self, request: pb.ExtendLeaseRequest, context) -> pb.ExtendLeaseResponse:
@@ -345,7 +351,8 @@ class BufferServer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"field 'lease_timeout_s' = {request.lease_timeout_s}, expected "
                           "0 (server default) to 86400 seconds")
-        extended, lost = self.store.extend(list(request.sample_ids), request.lease_timeout_s)
+        extended, lost = self.store.extend(list(request.sample_ids), request.lease_timeout_s,
+                                           holder=token_of(context.invocation_metadata()))
         return pb.ExtendLeaseResponse(extended=extended, lost=lost)
 
     def _set_policy(self, request: pb.PolicyVersion, context) -> pb.SetPolicyVersionResponse:
@@ -353,6 +360,12 @@ class BufferServer:
         return pb.SetPolicyVersionResponse(version=request.version, moved_stale=moved)
 
     def _stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        """Gauges (`queued`, `leased`, `bytes`, `policy_version`, `wal_*`) describe the buffer
+        now and hold across a restart (rebuilt from disk). Every `*_total` counter counts
+        events of this server process only and starts again from 0 after a restart, as
+        Prometheus counters do (`rate()`/`increase()` treat the drop as a reset); the state
+        they counted is on disk: stale samples in stale.log (`wal.read_stale`), finished ids in
+        the WAL and done.log."""
         stats = self.store.stats()
         with self._lock:
             stats["rejected_total"] = self._rejected

@@ -3,7 +3,8 @@ byte capacity, rebuilt from the write-ahead log on open.
 
 Every sample the store holds is in exactly one state:
   queued    deliverable (in the `_ready` deque, FIFO; nacked and expired leases go to the front)
-  leased    handed to a consumer until `deadline` (monotonic seconds); invisible to others
+  leased    handed to a consumer until `deadline` (monotonic seconds); invisible to others;
+            `holder` is the consumer token of the request that leased it (None without one)
   finishing being acked or moved aside (the DONE record is being made durable)
 and once the DONE record is durable its id moves to `_done` for good (pushes of it are ignored
 as duplicates forever; it joins `_done` just before it leaves `_entries`, so a push never finds
@@ -18,7 +19,8 @@ Invariants:
 - `bytes` (capacity) counts queued + leased + finishing samples: len(serialized Sample) each.
 - Leases live only in memory: after a restart every unacked sample is queued again.
 - A sample with policy_version < announced - max_staleness is never delivered: it is appended to
-  `stale.log` (fsynced), then marked DONE in the WAL, and counted in `stale_total`.
+  `stale.log` (fsynced, at most once per id: `StaleOnce`), then marked DONE in the WAL, and
+  counted in `stale_total`.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ import time
 
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer.compaction import DoneLog, carry_over, done_records
+from clawjax.buffer.consumer import may_touch
 from clawjax.buffer.done_set import DoneSet, digests
-from clawjax.buffer.wal import RecordType, StaleLog, WriteAheadLog, decode_push, encode_push
+from clawjax.buffer.stale import StaleOnce
+from clawjax.buffer.wal import RecordType, WriteAheadLog, decode_push, encode_push
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,11 @@ class BatchTooLarge(ValueError):
 
 
 class _Entry:
-    __slots__ = ("data", "version", "seg", "state", "deadline", "owner", "wal_bytes")
+    __slots__ = ("data", "version", "seg", "state", "deadline", "owner", "holder", "wal_bytes")
 
     def __init__(self, data: bytes, version: int, seg: int):
         self.data, self.version, self.seg = data, version, seg
-        self.state, self.deadline, self.owner = QUEUED, 0.0, None
+        self.state, self.deadline, self.owner, self.holder = QUEUED, 0.0, None, None
         self.wal_bytes = len(data) + 32
 
 
@@ -100,9 +104,10 @@ class Store:
         self._closed = False   # set by close(): waiting leases and slot waits return at once
         self._policy_lock = threading.Lock()   # orders policy announcements: WAL == memory
         self.wal = WriteAheadLog(directory, segment_bytes=segment_bytes, fsync=fsync)
-        self.stale_log = StaleLog(directory, fsync=fsync)
+        self.stale_log = StaleOnce(directory, fsync=fsync)
         self.done_log = DoneLog(directory, fsync=fsync)
         self._replay()
+        self.stale_log.recover(self._entries)
         self._stop = threading.Event()
         self._compactor = threading.Thread(target=self._compact_loop, name="wal-compactor",
                                            daemon=True)
@@ -228,7 +233,7 @@ class Store:
             self._owners[e.owner] -= 1
             if self._owners[e.owner] <= 0:
                 del self._owners[e.owner]
-        e.owner = None
+        e.owner = e.holder = None
 
     def _wait_locked(self, until: float) -> None:
         """Waits on the condition until `until`, waking early for the next lease expiry."""
@@ -243,10 +248,13 @@ class Store:
                 and version + self.max_staleness < self.policy_version)
 
     def lease(self, max_samples: int, timeout_s: float = 0.0, owner: str | None = None,
-              max_out_bytes: int = 1 << 62) -> list[tuple[str, bytes]]:
+              max_out_bytes: int = 1 << 62, holder: str | None = None
+              ) -> list[tuple[str, bytes]]:
         """Leases up to `max_samples` queued samples (at most `max_out_bytes` of them, but at
         least one), waiting up to `timeout_s` for the first; returns [(sample_id, serialized
-        Sample)]. Stale samples met on the way are moved aside."""
+        Sample)]. Stale samples met on the way are moved aside. `owner` counts in-flight leases
+        (a Stream); `holder` is the consumer token that alone may nack or extend them
+        (`consumer.may_touch`)."""
         until = time.monotonic() + max(timeout_s, 0.0)
         while True:
             out, stale, stale_event = [], [], threading.Event()
@@ -269,7 +277,7 @@ class Store:
                         self._finishing[sid] = stale_event
                         stale.append(sid)
                         continue
-                    e.state, e.deadline, e.owner = LEASED, deadline, owner
+                    e.state, e.deadline, e.owner, e.holder = LEASED, deadline, owner, holder
                     heapq.heappush(self._heap, (deadline, next(self._seq), sid))
                     out.append((sid, e.data))
                     size += len(e.data)
@@ -301,9 +309,11 @@ class Store:
                 self._wait_locked(until)
             return True
 
-    def extend(self, ids: list[str], lease_timeout_s: float = 0.0) -> tuple[list[str], list[str]]:
-        """Moves the deadline of each still-leased id to now + lease_timeout_s (default: the
-        store's); returns (extended, lost)."""
+    def extend(self, ids: list[str], lease_timeout_s: float = 0.0, holder: str | None = None
+               ) -> tuple[list[str], list[str]]:
+        """Moves the deadline of each id still leased to `holder` (`consumer.may_touch`) to
+        now + lease_timeout_s (default: the store's); returns (extended, lost). An id leased
+        to another consumer (ours expired and it was redelivered) is lost to us."""
         length = lease_timeout_s if lease_timeout_s > 0 else self.lease_timeout_s
         extended, lost = [], []
         with self._cv:
@@ -311,7 +321,7 @@ class Store:
             self._expire_locked(now)
             for sid in ids:
                 e = self._entries.get(sid)
-                if e is None or e.state != LEASED:
+                if e is None or e.state != LEASED or not may_touch(e.holder, holder):
                     lost.append(sid)
                     continue
                 e.deadline = now + length
@@ -319,14 +329,16 @@ class Store:
                 extended.append(sid)
         return extended, lost
 
-    def nack(self, ids: list[str]) -> tuple[int, int]:
-        """Returns leased ids to the front of the queue; returns (requeued, unknown)."""
+    def nack(self, ids: list[str], holder: str | None = None) -> tuple[int, int]:
+        """Returns ids leased to `holder` (`consumer.may_touch`) to the front of the queue;
+        returns (requeued, unknown). An id leased to another consumer is left alone and counted
+        unknown: a late nack after our lease expired must not take it from its new holder."""
         requeued = unknown = 0
         with self._cv:
             self._expire_locked(time.monotonic())
             for sid in dict.fromkeys(ids):
                 e = self._entries.get(sid)
-                if e is None or e.state != LEASED:
+                if e is None or e.state != LEASED or not may_touch(e.holder, holder):
                     unknown += 1
                     continue
                 self._unlease_locked(e)
@@ -373,6 +385,7 @@ class Store:
         # Durable, so finished for good; joined outside the lock (hashing is the cost): until
         # the block below, a push of these ids still finds them in `_entries`, a duplicate too.
         self._done.update(fin)
+        self.stale_log.finished(fin)
         with self._cv:
             for sid in fin:
                 del self._finishing[sid]
@@ -397,7 +410,14 @@ class Store:
     def ack(self, ids: list[str]) -> tuple[int, int]:
         """Finishes ids for good (leased or queued); returns (acked, unknown). Every id this
         call names that the buffer held is durably finished on return, including ids a
-        concurrent call (a retried ack, a staleness sweep) was finishing."""
+        concurrent call (a retried ack, a staleness sweep) was finishing.
+
+        An ack needs no lease, so it takes no holder: a late ack from a consumer whose lease
+        expired finishes the sample even if another consumer holds it now (whose ack then
+        counts it unknown and whose ExtendLease reports it lost). The late acker did train it,
+        and its ack says that update is committed: refusing the ack would leave a trained
+        sample deliverable again (once the new holder nacks it or its lease expires), against
+        exactly-once-after-ack; honouring it at worst wastes the new holder's copy."""
         with self._cv:
             self._expire_locked(time.monotonic())
             fin, unknown, waits = self._begin_finish_locked(ids)

@@ -513,8 +513,9 @@ class AppendOnlyLog:
 class StaleLog(AppendOnlyLog):
     """`dir/stale.log`: samples moved aside as too stale, kept for inspection (PUSH records)."""
 
-    def __init__(self, directory: str | os.PathLike, fsync: bool = True):
-        super().__init__(pathlib.Path(directory) / "stale.log", fsync=fsync)
+    def __init__(self, directory: str | os.PathLike, fsync: bool = True,
+                 keep_opened: bool = False):
+        super().__init__(pathlib.Path(directory) / "stale.log", fsync, keep_opened)
 
     def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:
         """Appends (sample_id, policy_version, serialized Sample) triples durably."""
