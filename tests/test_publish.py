@@ -258,12 +258,12 @@ def test_a_failed_write_removes_its_staging_directory(tmp_path, monkeypatch):
     and no version; the failure is counted and the next publish works."""
     import errno
 
-    import clawjax.publish as publish_mod
+    import clawjax.publish_snapshot as publish_snapshot
 
     model, config = _tiny()
     out = tmp_path / "pub"
     pub = Publisher(None, out, every_steps=1, keep=2)
-    real_write = publish_mod._write_snapshot
+    real_write = publish_snapshot.write
 
     def failing_write(snapshot, graphdef, config, path, dtype):
         real_write(snapshot, graphdef, config, path, dtype)
@@ -271,7 +271,7 @@ def test_a_failed_write_removes_its_staging_directory(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")  # ... when the write fails
 
     try:
-        monkeypatch.setattr(publish_mod, "_write_snapshot", failing_write)
+        monkeypatch.setattr(publish_snapshot, "write", failing_write)
         for v in (1, 2):
             pub.maybe_publish(v, model, config, policy_version=v)
             assert pub.wait(60)
