@@ -218,7 +218,13 @@ class ProcessShardReplay:
         if len(parts) != self.count:
             raise DistributedError(f"gathered {len(parts)} replay positions, expected one from "
                                    f"each of the {self.count} processes")
-        return merge_shard_states(parts, len(self.inner.samples))
+        merged = merge_shard_states(parts, len(self.inner.samples))
+        # As `ReplaySource.state()`: the file's count and ids digest, so a resume checks them.
+        merged["file_samples"] = len(self.inner.samples)
+        fingerprint = getattr(self.inner, "fingerprint", None)
+        if fingerprint is not None:
+            merged["file_ids_sha256"] = fingerprint
+        return merged
 
     def restore(self, state: dict) -> None:
         """Goes on from a stream state (`state()`, or a one-process `ReplaySource.state()`):
@@ -228,7 +234,8 @@ class ProcessShardReplay:
 
         size = len(self.inner.samples)
         self.position, released = checked_replay_state(
-            state, getattr(self.inner, "path", None), size)
+            state, getattr(self.inner, "path", None), size,
+            getattr(self.inner, "fingerprint", None))
         self.released = [f for f in released if self._lane_of(f) == self.index]
         self._recent = collections.OrderedDict()  # sample id -> file index, the latest taken
 

@@ -27,6 +27,22 @@ MAX_TOPK = 1024
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+# The lowest log-prob a sample may carry (rollout_logp, teacher_logp, teacher_topk_logp). Every
+# real log-prob of a float32 softmax is above about -104 (the log of the smallest denormal), and
+# the serving side encodes a -inf log-prob as -9999.0 (OpenAI's "negligible"), well above this
+# floor. A value near -3.4e38 (finite float32) would overflow the OPD advantage
+# w_opd · (teacher_logp − old_logp) to -inf for w_opd > 1 and make the loss NaN; with every
+# log-prob ≥ -1e6 that advantage stays far inside float32.
+LOGP_FLOOR = -1e6
+
+# How far above 0 the logsumexp of a top-K row (its total probability, in log space) may be.
+# The K log-probs of a float32 softmax sum to at most 1 + K · 2^-24 ≈ 1 + 6e-5 for K = 1024, so
+# a correct row never comes near the limit; 1e-3 is also the slack by which the rollout side
+# lets a single log-prob round above 0 before clamping it to 0 (emit.POSITIVE_LOGP_SLACK), so a
+# row so clamped is still accepted. A row above it is no distribution (mass > 1.001): its tail
+# bin would be clamped and its bins trained towards impossible targets.
+TOPK_MASS_SLACK = 1e-3
+
 
 class SampleError(ValueError):
     """A sample breaks the data contract. Names the sample, the field, the value and what was
@@ -42,6 +58,11 @@ class SampleError(ValueError):
             shown = shown[:117] + "..."
         super().__init__(
             f"sample {sample_id!r}: field {field!r} = {shown}, expected {expected}")
+
+
+_FLOOR_RULE = (f"log-probs ≥ LOGP_FLOOR = {LOGP_FLOOR:g} (lower values overflow the OPD "
+               "advantage; an impossible token is -9999.0 on the wire)")
+_TOPK_MASS_MAX = math.exp(TOPK_MASS_SLACK)
 
 
 def _as_array(value, dtype) -> np.ndarray | None:
@@ -161,7 +182,9 @@ class Sample:
     # ------------------------------------------------------------------ validation
     def validate(self, vocab_size: int | None = None, max_tokens: int = MAX_TOKENS) -> "Sample":
         """Checks the data contract; raises `SampleError` on the first violation, else returns
-        self. With `vocab_size`, token ids must also be < vocab_size."""
+        self. With `vocab_size`, token ids must also be < vocab_size. Log-probs are finite,
+        ≤ 0 and ≥ `LOGP_FLOOR`; top-K data needs kind 'opd' or 'both', distinct ids in each
+        row and a row probability ≤ 1 (logsumexp ≤ `TOPK_MASS_SLACK`)."""
         sid = self.sample_id
 
         def fail(field, value, expected):
@@ -193,9 +216,9 @@ class Sample:
 
         # Fast checks first (two reductions, no temporaries per rule); only when one does not
         # pass does the plain rule below run, so the outcome and message are the plain rule's.
-        def fast_logp_ok(a) -> bool:  # max ≤ 0 excludes NaN, +inf, positives; min > -inf
+        def fast_logp_ok(a) -> bool:  # max ≤ 0 excludes NaN, +inf, positives; min ≥ floor
             return (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.size > 0
-                    and bool(a.max() <= 0) and bool(a.min() > -np.inf))
+                    and bool(a.max() <= 0) and bool(a.min() >= LOGP_FLOOR))
 
         mask = self.loss_mask
         fast_mask_ok = (isinstance(mask, np.ndarray) and mask.dtype.kind == "f"
@@ -211,6 +234,8 @@ class Sample:
                 fail(name, float(arr[~np.isfinite(arr)][0]), "finite log-probs")
             if np.any(arr > 0):
                 fail(name, float(arr[arr > 0][0]), "log-probs ≤ 0")
+            if np.any(arr < LOGP_FLOOR):
+                fail(name, float(arr[arr < LOGP_FLOOR][0]), _FLOOR_RULE)
         if not math.isfinite(self.reward):
             fail("reward", self.reward, "a finite float")
         if abs(self.reward) > FLOAT32_MAX:   # packed as float32: it would become ±inf
@@ -242,19 +267,41 @@ class Sample:
             if self.teacher_topk_ids.shape != shape:
                 fail("teacher_topk_ids", f"shape {self.teacher_topk_ids.shape}",
                      f"shape {shape} (same as teacher_topk_logp)")
-            topk = self.teacher_topk_logp
+            topk, ids = self.teacher_topk_logp, self.teacher_topk_ids
             if not fast_logp_ok(topk):
-                for bad in (~np.isfinite(topk), topk > 0):
+                for bad, rule in ((~np.isfinite(topk), "finite log-probs ≤ 0"),
+                                  (topk > 0, "finite log-probs ≤ 0"),
+                                  (topk < LOGP_FLOOR, _FLOOR_RULE)):
                     if np.any(bad):
                         at = tuple(int(i) for i in np.argwhere(bad)[0])
-                        fail("teacher_topk_logp", float(topk[at]),
-                             f"finite log-probs ≤ 0 (entry {at})")
-            if np.any(self.teacher_topk_ids < 0):
-                fail("teacher_topk_ids", int(self.teacher_topk_ids.min()), "non-negative token ids")
-            if (vocab_size is not None and self.teacher_topk_ids.size
-                    and int(self.teacher_topk_ids.max()) >= vocab_size):
-                fail("teacher_topk_ids", int(self.teacher_topk_ids.max()),
-                     f"token ids < vocab_size {vocab_size}")
+                        fail("teacher_topk_logp", float(topk[at]), f"{rule} (entry {at})")
+            if np.any(ids < 0):
+                fail("teacher_topk_ids", int(ids.min()), "non-negative token ids")
+            if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+                fail("teacher_topk_ids", int(ids.max()), f"token ids < vocab_size {vocab_size}")
+            if shape[1] > 1:
+                ordered = np.sort(ids, axis=1)
+                repeats = ordered[:, 1:] == ordered[:, :-1]
+                if repeats.any():
+                    row, col = (int(i) for i in np.argwhere(repeats)[0])
+                    fail("teacher_topk_ids", f"row {row} holds id {int(ordered[row, col])} twice",
+                         "distinct token ids in each row (a repeated id would count the "
+                         "student's probability at it in two bins)")
+            # Entries are finite, ≤ 0 and ≥ LOGP_FLOOR here: exp cannot overflow (one pass,
+            # float32; its rounding is far below the slack).
+            mass = np.exp(topk).sum(axis=1)
+            if not bool(mass.max() <= _TOPK_MASS_MAX):
+                row = int(np.flatnonzero(mass > _TOPK_MASS_MAX)[0])
+                fail("teacher_topk_logp",
+                     f"row {row} with logsumexp {math.log(float(mass[row])):.6g} "
+                     f"(probability {float(mass[row]):.6g})",
+                     f"a total probability ≤ 1 in each row (logsumexp ≤ TOPK_MASS_SLACK = "
+                     f"{TOPK_MASS_SLACK:g}, float32 rounding); the top-K log-probs are part of "
+                     "one distribution")
+            if not wants_teacher:
+                fail("kind", self.kind, "'opd' or 'both' when teacher_topk_logp and "
+                     "teacher_topk_ids are present (they train the top-K KL term, an OPD "
+                     "signal, SPEC §5)")
         for key, value in self.metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 fail("metadata", {key: value}, "a map of string to string")

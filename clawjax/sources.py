@@ -16,6 +16,7 @@ could repeat.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,13 +85,30 @@ def replay_wrapped_error(path: str, admissible: int, want: int) -> ConfigError:
         "dropped_* metrics), so one step would take a sample twice")
 
 
-def checked_replay_state(state: dict, path: str, size: int) -> tuple[int, list[int]]:
+def replay_fingerprint(samples: list[Sample]) -> str:
+    """A short digest of the sample ids of a replay file, in file order: two files with the
+    same ids in the same order (whatever else changed) give the same stream positions."""
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(s.sample_id.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def checked_replay_state(state: dict, path: str, size: int,
+                         fingerprint: str | None = None) -> tuple[int, list[int]]:
     """`(position, released)` of a checkpointed `ReplaySource.state()` (or a merged process
     state), checked against the replay file now given, of `size` samples: `position` an integer
     ≥ 0 (the stream position, any number of passes), `released` a list of file indices in
     [0, size). Raises `ConfigError` (`replay`) naming the file and what was expected: an index
     past the end means the checkpoint was saved with a longer file, whose samples these indices
-    name; going on would train other samples than the ones given back (or fail on indexing)."""
+    name; going on would train other samples than the ones given back (or fail on indexing).
+
+    A state that records the file's sample count (`file_samples`) must match `size`: the
+    position alone counts across passes, so a shorter or longer file would go on at another
+    sample without any index past its end. With `fingerprint` (`replay_fingerprint` of the file
+    now given), a recorded `file_ids_sha256` must match it too (same count, other samples or
+    another order). States without these keys (saved before they were recorded) skip the
+    checks."""
     position, released = state.get("position", 0), state.get("released", [])
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
         raise ConfigError("replay", path, f"a checkpoint whose replay source state has an "
@@ -109,7 +127,47 @@ def checked_replay_state(state: dict, path: str, size: int) -> tuple[int, list[i
             f"holds {size} samples (expected indices 0 … {size - 1}; a longer file, or another "
             "one). Resume with the checkpoint's replay file, or start a new run in another "
             "workdir")
+    recorded = state.get("file_samples")
+    if recorded is not None:
+        if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+            raise ConfigError("replay", path, f"a checkpoint whose replay source state records "
+                              f"the file's sample count as an integer ≥ 1; it has file_samples "
+                              f"{recorded!r}")
+        if recorded != size:
+            raise ConfigError(
+                "replay", path,
+                f"the replay file the checkpoint was saved with: its source state (position "
+                f"{position}) records a file of {recorded} samples, but {path} now holds "
+                f"{size} samples (a {'shorter' if size < recorded else 'longer'} file, or "
+                "another one: the position would go on at other samples). Resume with the "
+                "checkpoint's replay file, or start a new run in another workdir")
+    digest = state.get("file_ids_sha256")
+    if fingerprint is not None and digest is not None and digest != fingerprint:
+        raise ConfigError(
+            "replay", path,
+            f"the replay file the checkpoint was saved with: its source state records sample "
+            f"ids digest {digest!r}, but the {size} samples of {path} give {fingerprint!r} "
+            "(other samples, or the same in another order: the position would go on at other "
+            "samples). Resume with the checkpoint's replay file, or start a new run in another "
+            "workdir")
     return position, list(released)
+
+
+def append_durably(path: str, line: str) -> None:
+    """Appends `line` to `path` and returns once it is on disk: the file is flushed and fsynced,
+    and when this created it, its directory is fsynced as well (else the new file's name could
+    be lost in a crash, with the line)."""
+    created = not os.path.exists(path)
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    if created:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class ReplaySource:
@@ -117,7 +175,8 @@ class ReplaySource:
 
     Invariant: the samples still to deliver are `released` (file indices given back untrained
     by `release`, in the order they were taken) then the file from `position` on; both are in
-    `state()`, so a checkpoint never records a released sample as consumed."""
+    `state()`, so a checkpoint never records a released sample as consumed. `state()` also
+    records the file's sample count and ids digest, so `restore` refuses another file."""
 
     redelivers = False
     loops = True
@@ -125,6 +184,7 @@ class ReplaySource:
     def __init__(self, path: str, vocab_size: int | None = None):
         self.path = path
         self.samples = read_replay(path, vocab_size)
+        self.fingerprint = replay_fingerprint(self.samples)
         self.position = 0
         self.released: list[int] = []
 
@@ -154,14 +214,18 @@ class ReplaySource:
         pass
 
     def state(self) -> dict:
+        state = {"position": self.position}
         if self.released:
-            return {"position": self.position, "released": list(self.released)}
-        return {"position": self.position}
+            state["released"] = list(self.released)
+        state["file_samples"] = len(self.samples)
+        state["file_ids_sha256"] = self.fingerprint
+        return state
 
     def restore(self, state: dict) -> None:
         """Goes on from a checkpointed `state()`; raises `ConfigError` (`replay`) when it cannot
         be this file's (`checked_replay_state`)."""
-        self.position, self.released = checked_replay_state(state, self.path, len(self.samples))
+        self.position, self.released = checked_replay_state(
+            state, self.path, len(self.samples), self.fingerprint)
 
     def close(self) -> None:
         pass
@@ -263,9 +327,12 @@ class BufferSource:
         self._keeper.remove(ids)
 
     def reject(self, sample: Sample, reason: str) -> None:
+        """Records `sample` in the rejected file, durably (flushed and fsynced, the directory
+        too when the file is new), and only then acknowledges it: the buffer forgets an
+        acknowledged sample, so the record is all that is left of it."""
         if self._rejected_path:
-            with open(self._rejected_path, "a") as f:
-                f.write(json.dumps({"reason": reason, "sample": sample.to_json_dict()}) + "\n")
+            append_durably(self._rejected_path,
+                           json.dumps({"reason": reason, "sample": sample.to_json_dict()}) + "\n")
         self.commit([sample.sample_id])
 
     def keepalive(self) -> None:

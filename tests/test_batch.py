@@ -25,11 +25,11 @@ def random_samples(rng: np.random.Generator, n: int, max_len: int = 30, topk: in
         kw = {}
         if kind != "rl":
             kw["teacher_logp"] = -rng.exponential(1.0, r)
-        if topk and rng.random() < 0.7:
+        if topk and rng.random() < 0.7 and kind != "rl":   # top-K data is an OPD signal
             x = rng.normal(size=(r, topk + 2))
             x = x - np.log(np.exp(x).sum(-1, keepdims=True))
             kw["teacher_topk_logp"] = x[:, :topk]
-            kw["teacher_topk_ids"] = rng.integers(0, 100, (r, topk))
+            kw["teacher_topk_ids"] = np.argsort(rng.random((r, 100)), axis=1)[:, :topk]
         out.append(Sample(
             sample_id=f"{prefix}{i}", tokens=rng.integers(0, 100, length), response_len=r,
             loss_mask=(rng.random(r) < 0.85).astype(np.float32),
@@ -136,9 +136,9 @@ def test_pack_rejects_invalid_duplicate_and_mixed_topk_samples():
         pack(good + [bad], 32)
     with pytest.raises(SampleError, match="sample_id.*unique"):
         pack(good + [dataclasses.replace(good[0])], 32)
-    a = Sample(sample_id="k2", tokens=[1, 2, 3], response_len=1,
+    a = Sample(sample_id="k2", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
                teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 5]])
-    b = Sample(sample_id="k3", tokens=[1, 2, 3], response_len=1,
+    b = Sample(sample_id="k3", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
                teacher_topk_logp=[[-1.0, -2.0, -3.0]], teacher_topk_ids=[[4, 5, 6]])
     with pytest.raises(SampleError, match="'k3'.*K = 3"):
         pack([a, b], 32)
@@ -152,7 +152,7 @@ def test_pack_rejects_invalid_duplicate_and_mixed_topk_samples():
 
 def test_pack_rejects_top_k_ids_outside_the_vocabulary_naming_the_field():
     """An id >= vocab_size would match no logit and score as if its logit were 0."""
-    ok = Sample(sample_id="in", tokens=[1, 2, 3], response_len=1,
+    ok = Sample(sample_id="in", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
                 teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 31]])
     out = dataclasses.replace(ok, sample_id="out", teacher_topk_ids=np.array([[4, 32]]))
     assert len(pack([ok], 32, vocab_size=32)) == 1

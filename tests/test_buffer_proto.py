@@ -47,7 +47,7 @@ def full_sample(sid="full-1") -> Sample:
         kind="both", session_id="sess-é", turn_index=7, policy_version=2**40 + 3,
         created_unix_ms=1_764_000_000_123, step_rewards=np.array([0.5, -1.0], np.float32),
         teacher_logp=-rng.random(r).astype(np.float32),
-        teacher_topk_logp=-rng.random((r, k)).astype(np.float32),
+        teacher_topk_logp=(-1.5 - rng.random((r, k))).astype(np.float32),  # row mass < 1
         teacher_topk_ids=rng.integers(0, 50_000, size=(r, k)).astype(np.int32),
         metadata={"env": "terminal", "ключ": "значение", "empty": ""})
 

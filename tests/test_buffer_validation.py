@@ -2,6 +2,7 @@
 the field; the whole push is refused (its good samples too) and the server keeps serving."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from clawjax.buffer import BufferClient, InvalidSampleError
 from clawjax.buffer.testing import ServerProcess
-from clawjax.sample import Sample
+from clawjax.sample import LOGP_FLOOR, TOPK_MASS_SLACK, Sample
 
 MAX_TOKENS, MAX_SAMPLE_BYTES = 4096, 64 << 10
 _ids = itertools.count()
@@ -123,19 +124,23 @@ def test_server_keeps_serving_after_bad_pushes(client):
 
 
 _SPECIAL = [0.0, -0.0, 1.0, 0.5, -3.0, 2.0, 1e-45, -1e-45, float("nan"), float("inf"),
-            float("-inf"), np.nextafter(np.float32(1), np.float32(2)).item()]
+            float("-inf"), np.nextafter(np.float32(1), np.float32(2)).item(), -1e7, -1e6]
 
 
 def _expected_field(mask, logp, teacher, topk) -> str | None:
-    """The first field `Sample.validate` must name, from plain Python floats."""
+    """The first field `Sample.validate` must name, from plain Python floats (`topk` holds
+    rows of 2; log-probs must be finite, in [LOGP_FLOOR, 0], a top-K row's probability at most
+    exp(TOPK_MASS_SLACK))."""
     if any(v not in (0.0, 1.0) for v in mask):
         return "loss_mask"
     for name, arr in (("rollout_logp", logp), ("teacher_logp", teacher)):
-        if any(v != v or v in (float("inf"), float("-inf")) for v in arr):
+        if any(v != v or v in (float("inf"), float("-inf")) or v > 0 or v < LOGP_FLOOR
+               for v in arr):
             return name
-        if any(v > 0 for v in arr):
-            return name
-    if any(v != v or abs(v) == float("inf") or v > 0 for v in topk):
+    if any(v != v or abs(v) == float("inf") or v > 0 or v < LOGP_FLOOR for v in topk):
+        return "teacher_topk_logp"
+    rows = [topk[i:i + 2] for i in range(0, len(topk), 2)]
+    if any(math.fsum(math.exp(v) for v in row) > math.exp(TOPK_MASS_SLACK) for row in rows):
         return "teacher_topk_logp"
     return None
 
@@ -150,7 +155,7 @@ def test_validate_float_rules_match_a_plain_reference(data):
     mask, logp, teacher, topk = pick(r), pick(r), pick(r), pick(r * 2)
     s = Sample("p", list(range(r + 1)), r, loss_mask=mask, rollout_logp=logp, kind="both",
                teacher_logp=teacher, teacher_topk_logp=np.reshape(topk, (r, 2)),
-               teacher_topk_ids=np.zeros((r, 2)))
+               teacher_topk_ids=np.tile([0, 1], (r, 1)))
     want = _expected_field([float(np.float32(v)) for v in mask],
                            [float(np.float32(v)) for v in logp],
                            [float(np.float32(v)) for v in teacher],
@@ -169,7 +174,9 @@ def test_validate_float_rules_match_a_plain_reference(data):
             first = next(v for v in bad if v not in (0.0, 1.0))
         elif any(v != v or abs(v) == float("inf") for v in bad):
             first = next(v for v in bad if v != v or abs(v) == float("inf"))
-        else:
+        elif any(v > 0 for v in bad):
             first = next(v for v in bad if v > 0)
+        else:
+            first = next(v for v in bad if v < LOGP_FLOOR)
         got = info.value.value
         assert (got != got and first != first) or got == first

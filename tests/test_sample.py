@@ -74,8 +74,8 @@ def test_from_json_refuses_them_naming_the_field(line, field, shown):
     np.array([1, 2, 3], np.int64), np.array([1, 2, 3], np.uint32), np.array([1, 2, 3], np.uint64),
     np.array([1, 2, 3], ">i4"), [1.0, 2.0, 3.0]])
 def test_integer_ids_of_any_width_that_fit_int32_are_accepted(tokens):
-    s = Sample(**base(tokens=tokens, response_len=1,
-                      teacher_topk_logp=[[-0.1, -0.2]], teacher_topk_ids=np.asarray([tokens[:2]])))
+    s = Sample(**base(tokens=tokens, response_len=1, kind="opd", teacher_logp=[-0.5],
+                      teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=np.asarray([tokens[:2]])))
     s.validate()
     assert s.tokens.dtype == np.int32 and s.tokens.tolist() == [1, 2, 3]
     assert s.teacher_topk_ids.dtype == np.int32 and s.teacher_topk_ids.tolist() == [[1, 2]]

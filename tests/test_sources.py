@@ -3,9 +3,13 @@ by each source, the replay source's checkpointed state included."""
 
 from __future__ import annotations
 
+import json
+import os
+
 from clawjax.buffer import BufferClient
 from clawjax.buffer.testing import ServerProcess
-from clawjax.sources import BufferSource, QueueSource, ReplaySource, write_replay
+from clawjax.sources import (BufferSource, QueueSource, ReplaySource, replay_fingerprint,
+                             write_replay)
 from sample_factory import make_samples
 
 
@@ -21,11 +25,13 @@ def test_replay_release_redelivers_from_a_checkpointed_state(tmp_path):
     taken = source.take(4)
     source.release([taken[1], taken[3]])  # e.g. taken[0] and [2] were rejected
     state = source.state()
-    assert state == {"position": 4, "released": [1, 3]}
+    assert state == {"position": 4, "released": [1, 3], "file_samples": 6,
+                     "file_ids_sha256": replay_fingerprint(samples)}
     again = ReplaySource(path)
     again.restore(state)  # a restart from the checkpoint saved at the stop
     assert ids(again.take(3)) == ids([samples[1], samples[3], samples[4]])
-    assert again.state() == {"position": 5}
+    assert again.state() == {"position": 5, "file_samples": 6,
+                             "file_ids_sha256": replay_fingerprint(samples)}
     assert ids(source.take(2)) == ids([samples[1], samples[3]])
 
 
@@ -37,7 +43,8 @@ def test_replay_release_after_the_file_started_over(tmp_path):
     source.take(2)
     taken = source.take(2)  # samples[2], then samples[0] again
     source.release(taken)
-    assert source.state() == {"position": 4, "released": [2, 0]}
+    assert source.state() == {"position": 4, "released": [2, 0], "file_samples": 3,
+                              "file_ids_sha256": replay_fingerprint(samples)}
     assert ids(source.take(3)) == ids([samples[2], samples[0], samples[1]])
 
 
@@ -109,3 +116,33 @@ def test_a_replay_file_repeating_a_sample_id_is_refused_naming_both_lines(tmp_pa
         ReplaySource(path)
     assert f"{path}:5" in str(e.value) and "line 2" in str(e.value)
     assert repr(samples[1].sample_id) in str(e.value)
+
+
+def test_buffer_reject_is_on_disk_before_the_sample_is_acknowledged(tmp_path, monkeypatch):
+    """The buffer forgets an acknowledged sample, so its rejected.jsonl record is all that is
+    left of it: the line must be flushed and fsynced (the directory too, when the file is new)
+    before the ack. Before, the line was only written, left to the OS to flush some time."""
+    path = tmp_path / "rejected.jsonl"
+    events = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        stat = os.fstat(fd)
+        if path.exists() and stat.st_ino == os.stat(path).st_ino:
+            events.append(("fsync file", path.read_text().count("\n")))   # what is written
+        elif stat.st_ino == os.stat(tmp_path).st_ino:
+            events.append(("fsync dir", None))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    source = BufferSource.__new__(BufferSource)     # no server: `commit` is the ack
+    source._rejected_path = str(path)
+    source.commit = lambda sample_ids: events.append(("ack", list(sample_ids)))
+    first, second = make_samples(2, seed=34)
+    source.reject(first, "too long")
+    source.reject(second, "stale")
+    assert events == [("fsync file", 1), ("fsync dir", None), ("ack", [first.sample_id]),
+                      ("fsync file", 2), ("ack", [second.sample_id])]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["reason"], r["sample"]["sample_id"]) for r in records] == \
+        [("too long", first.sample_id), ("stale", second.sample_id)]
