@@ -44,7 +44,7 @@ GOOD = {"text": "hi", "output_ids": [5], "meta_info": {
 
 def scripted_policy(script: dict) -> web.Application:
     """`/generate` answers `script["answer"]` (plain) or the SSE payloads of `script["stream"]`
-    (raw strings, then `[DONE]`). While `script["holds"]` > 0 a call takes one and waits until
+    (raw strings, then `[DONE]`); `script["last_body"]` is the last request body. While `script["holds"]` > 0 a call takes one and waits until
     the `script["release"]` event is set (a generation still running)."""
     app = web.Application()
 
@@ -54,6 +54,7 @@ def scripted_policy(script: dict) -> web.Application:
     async def generate(request):
         body = await request.json()
         script["calls"] += 1
+        script["last_body"] = body
         if script["holds"] > 0:
             script["holds"] -= 1
             while not script["release"].is_set():

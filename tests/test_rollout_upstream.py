@@ -120,3 +120,21 @@ def test_streamed_text_is_each_piece_once_and_ends_as_the_final_text(stack, text
     stack["script"]["stream"] = events
     extra = {"stop": stop} if stop else {}
     assert _streamed_content(stack, **extra) == final
+
+
+@pytest.mark.parametrize("lengths,sent", [
+    ({}, None),                                       # SGLang chat: the rest of the context
+    ({"max_tokens": 7}, 7),
+    ({"max_completion_tokens": 5, "max_tokens": 3}, 5),   # max_completion_tokens wins
+    ({"max_tokens": None}, None),
+])
+def test_the_length_a_chat_request_sets_reaches_generate_as_sglang_chat_sends_it(
+        stack, lengths, sent):
+    """A chat request without a length is sent to `/generate` with `max_new_tokens: null` (what
+    SGLang's own chat does: only the context caps it), not left out (which `/generate` reads as
+    its default of 128 tokens)."""
+    r = httpx.post(stack["proxy"].url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], **lengths})
+    assert r.status_code == 200, r.text
+    params = stack["script"]["last_body"]["sampling_params"]
+    assert "max_new_tokens" in params and params["max_new_tokens"] == sent, params

@@ -126,6 +126,10 @@ def test_chat_without_max_tokens_may_fill_the_context_and_generate_keeps_128(htt
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     out = gen(http, input_ids=[1, 2, 3], sampling_params={"temperature": 0, "ignore_eos": True})
     assert len(out["output_ids"]) == 128
+    # An explicit null is SGLang's "no limit but the context" (what its chat sends /generate).
+    out = gen(http, input_ids=[1, 2, 3], sampling_params={"temperature": 0, "ignore_eos": True,
+                                                          "max_new_tokens": None})
+    assert len(out["output_ids"]) == 256 - 3
 
 
 def test_max_completion_tokens_wins_over_max_tokens(http):

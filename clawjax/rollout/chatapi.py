@@ -9,7 +9,9 @@ servers commonly do; `n` must be 1.
 
 Sampling fields sent to `/generate` are only those the request set (OpenAI names mapped to
 SGLang's: max_tokens/max_completion_tokens → max_new_tokens, min_tokens → min_new_tokens,
-seed → sampling_seed), validated with the embedded server's own rules first.
+seed → sampling_seed), validated with the embedded server's own rules first; a request that
+sets no length sends `max_new_tokens: null`, which SGLang (and the embedded server) read as
+"up to the rest of the context", as their own chat endpoints do.
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                  "sampling_seed": "seed"}.get(e.field, e.field)
         raise RequestError(field, e.value, e.expected)
     sampling = {_SAMPLING[k]: v for k, v in given.items()}
+    # No length given: SGLang's chat sends max_new_tokens None (the rest of the context, which
+    # its /generate honours too), not /generate's own default of 128.
+    sampling.setdefault("max_new_tokens", None)
     stream_options = body.get("stream_options")
     if stream_options is None:
         stream_options = {}

@@ -6,7 +6,10 @@ answers through `replies`.
 Output length when the request sets none (as SGLang): `/generate` min(128, what fits),
 `/v1/completions` min(16, what fits), chat all that fits (`context_len - prompt_len`: SGLang's
 chat sends `max_new_tokens = None`, which only the context caps), so a chat answer ends at EOS,
-a stop, or a full context (finish_reason "length").
+a stop, or a full context (finish_reason "length"). A `/generate` whose `sampling_params` say
+`"max_new_tokens": null` explicitly gets all that fits as well: SGLang's scheduler caps a None
+`max_new_tokens` by the context only (the rollout proxy relies on it for chat requests that set
+no length).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from clawjax.serving.replies import openai_reply, reply, stream_state
 def default_max_new_tokens(body: dict, params, prompt_len: int, context_len: int,
                            keys: tuple[str, ...], *, fill_context: bool = False) -> None:
     """A request that set none of `keys` (absent or null) gets min(its default, what fits),
-    or with `fill_context` all that fits; what fits is `context_len - prompt_len` (>= 0)."""
+    or with `fill_context` all that fits; what fits is `context_len - prompt_len` (>= 0). (For
+    `/generate`, `fill_context` is "max_new_tokens is present, as null".)"""
     if not any(k in body and body[k] is not None for k in keys):
         room = max(0, context_len - prompt_len)
         params.max_new_tokens = room if fill_context else min(params.max_new_tokens, room)
@@ -37,8 +41,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req = parse_generate(body, ctx.engine.config.vocab_size)
     prompt = req.input_ids if req.input_ids is not None else tokenize_text(ctx, req.text, "text")
-    default_max_new_tokens(body.get("sampling_params") or {}, req.sampling, len(prompt),
-                           ctx.engine.context_len, GENERATE_MAX_TOKEN_KEYS)
+    params = body.get("sampling_params") or {}
+    default_max_new_tokens(params, req.sampling, len(prompt), ctx.engine.context_len,
+                           GENERATE_MAX_TOKEN_KEYS, fill_context="max_new_tokens" in params)
     check_lengths(len(prompt), ctx.engine.context_len, req.sampling,
                   field="input_ids" if req.input_ids is not None else "text",
                   return_logprob=req.return_logprob, logprob_start_len=req.logprob_start_len)
