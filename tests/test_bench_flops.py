@@ -14,7 +14,7 @@ import pytest
 
 from clawjax import model as cm
 from clawjax.bench import _flops as flops
-from clawjax.bench import train as bench_train
+from clawjax.bench import _mfu as train_mfu
 from clawjax.config import TINY_QWEN3
 
 GQA = dict(TINY_QWEN3, hidden_size=96, intermediate_size=160, num_attention_heads=6,
@@ -53,16 +53,16 @@ def test_mfu_row_on_a_shrunken_shape(capsys, attention):
     """The product's qwen3_0_6b config (bf16, remat, 2 micro-batches) with a tiny shape and each
     attention implementation (the Pallas kernel interpreted here): the row reports the step's
     FLOPs from the samples actually trained and a finite throughput."""
-    r = bench_train.bench_mfu(1, 2, min_len=16, max_len=64, hf_config=dict(TINY_QWEN3),
+    r = train_mfu.bench_mfu(1, 2, min_len=16, max_len=64, hf_config=dict(TINY_QWEN3),
                               trainer_overrides={"token_budget": 128, "samples_per_step": 6},
                               matmul_n=128, attention=attention)
     assert r["stack_shape"][0] == 2 and r["config"].model.remat
     assert math.isfinite(r["loss"]) and r["timing"].median > 0 and r["matmul"] > 0
-    samples = bench_train.mfu_samples(dict(TINY_QWEN3), 6, 16, 64)
+    samples = train_mfu.mfu_samples(dict(TINY_QWEN3), 6, 16, 64)
     assert r["tokens"] == sum(len(s.tokens) for s in samples)
     assert r["step_flops"] == flops.train_step_flops(
         TINY_QWEN3, [len(s.tokens) for s in samples], [s.response_len for s in samples])
-    bench_train.print_mfu(r)
+    train_mfu.print_mfu(r)
     out = capsys.readouterr().out
     assert ("configs/qwen3_0_6b.py (dtype=bfloat16, remat=True, micro_batches=2, "
             f"attention={attention})") in out
