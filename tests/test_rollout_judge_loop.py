@@ -20,7 +20,7 @@ def test_a_judge_loop_refuses_a_top_k_out_of_range():
     for k in (-1, 1025):
         with pytest.raises(ValueError, match=f"teacher_topk = {k}, expected 0"):
             judge_loop.JudgeLoop(judge=None, teacher=None, encode=None, pusher=None,
-                           stats=emit.Stats(), method="combine", m=1, teacher_topk=k)
+                                 stats=emit.Stats(), method="combine", m=1, teacher_topk=k)
 
 
 # --- the judge loop never loses a turn without counting it -----------------------------------
