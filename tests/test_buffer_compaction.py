@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from clawjax.buffer import append_log as append_log_mod
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import wal as wal_mod
 from clawjax.buffer.compaction import DoneLog, carry_over, ids_payload
@@ -128,8 +129,8 @@ def test_done_log_is_read_from_disk_once_at_start_up_and_again_after_an_append(
     between, or a second call, reads the file again, so nothing appended is missed."""
     DoneLog(tmp_path).append(["a1", "a2"])
     reads = []
-    real = wal_mod.read_records
-    monkeypatch.setattr(wal_mod, "read_records",
+    real = append_log_mod.read_records
+    monkeypatch.setattr(append_log_mod, "read_records",
                         lambda path, copy=True: reads.append(path) or real(path, copy))
     log = DoneLog(tmp_path)
     assert list(log.key_chunks()) == [b"".join(digests(["a1", "a2"]))]

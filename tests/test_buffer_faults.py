@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clawjax.buffer import BufferClient
+from clawjax.buffer import append_log as append_log_mod
 from clawjax.buffer import wal as wal_mod
 from clawjax.buffer import wire
 from clawjax.buffer.compaction import DoneLog
@@ -28,9 +29,9 @@ def _store(path, **kw) -> Store:
 
 
 def _fail_next_write(monkeypatch, written_fraction: float = 0.5):
-    """The next `_write_all` of more than a header writes part of its bytes, then fails with
-    ENOSPC (what a full disk does); later ones work."""
-    real = wal_mod._write_all
+    """The next `write_all` of an append-only log (done.log, stale.log) of more than a header
+    writes part of its bytes, then fails with ENOSPC (what a full disk does); later ones work."""
+    real = append_log_mod.write_all
     state = {"armed": True}
 
     def write(fd, data):
@@ -40,7 +41,7 @@ def _fail_next_write(monkeypatch, written_fraction: float = 0.5):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(wal_mod, "_write_all", write)
+    monkeypatch.setattr(append_log_mod, "write_all", write)
     return state
 
 

@@ -20,8 +20,9 @@ import pathlib
 from typing import Container, Iterable, Iterator, NamedTuple
 
 from clawjax.buffer import rollout_pb2 as pb
+from clawjax.buffer.append_log import AppendOnlyLog
 from clawjax.buffer.done_set import digests
-from clawjax.buffer.wal import AppendOnlyLog, RecordType, push_id
+from clawjax.buffer.records import RecordType, push_id
 
 DONE_CHUNK = 50_000  # ids per DONE record
 

@@ -364,7 +364,7 @@ class BufferServer:
         now and hold across a restart (rebuilt from disk). Every `*_total` counter counts
         events of this server process only and starts again from 0 after a restart, as
         Prometheus counters do (`rate()`/`increase()` treat the drop as a reset); the state
-        they counted is on disk: stale samples in stale.log (`wal.read_stale`), finished ids in
+        they counted is on disk: stale samples in stale.log (`stale.read_stale`), finished ids in
         the WAL and done.log."""
         stats = self.store.stats()
         with self._lock:

@@ -1,17 +1,18 @@
 """The buffer's state: a durable FIFO of serialized samples with leases, acks, staleness and a
-byte capacity, rebuilt from the write-ahead log on open.
+byte capacity, rebuilt from the write-ahead log on open (`recovery.py`).
 
-Every sample the store holds is in exactly one state:
+Every sample the store holds is in exactly one state (kept with the leases by `leases.py`):
   queued    deliverable (in the `_ready` deque, FIFO; nacked and expired leases go to the front)
   leased    handed to a consumer until `deadline` (monotonic seconds); invisible to others;
             `holder` is the consumer token of the request that leased it (None without one)
   finishing being acked or moved aside (the DONE record is being made durable)
 and once the DONE record is durable its id moves to `_done` for good (pushes of it are ignored
 as duplicates forever; it joins `_done` just before it leaves `_entries`, so a push never finds
-it in neither). Compaction moves finished ids out of the WAL into `done.log`, written
-once per id and never rewritten; the in-memory `DoneSet` and that file are the only things that
-grow with the number of samples ever finished (about 16-22 bytes of memory and the id's length +
-18 bytes of disk per id: the id and its 16-byte digest, which a restart loads without hashing).
+it in neither). Compaction (`compactor.py`) moves finished ids out of the WAL into `done.log`,
+written once per id and never rewritten; the in-memory `DoneSet` and that file are the only
+things that grow with the number of samples ever finished (about 16-22 bytes of memory and the
+id's length + 18 bytes of disk per id: the id and its 16-byte digest, which a restart loads
+without hashing).
 
 Invariants:
 - `push` returns only after every new sample is in the WAL and fsynced; a duplicate of an id whose
@@ -25,9 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
-import collections
 import heapq
-import itertools
 import logging
 import math
 import os
@@ -35,15 +34,16 @@ import threading
 import time
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer.compaction import DoneLog, carry_over, done_records
-from clawjax.buffer.consumer import may_touch
+from clawjax.buffer.compaction import DoneLog, done_records
+from clawjax.buffer.compactor import Compactor
 from clawjax.buffer.done_set import DoneSet, digests
+from clawjax.buffer.leases import FINISHING, LEASED, QUEUED, Entry, LeaseTable
+from clawjax.buffer.records import RecordType, encode_push
+from clawjax.buffer.recovery import recover
 from clawjax.buffer.stale import StaleOnce
-from clawjax.buffer.wal import RecordType, WriteAheadLog, decode_push, encode_push
+from clawjax.buffer.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
-
-QUEUED, LEASED, FINISHING = 0, 1, 2
 
 
 class BufferFull(Exception):
@@ -59,20 +59,13 @@ class BatchTooLarge(ValueError):
     """A single push is larger than the whole capacity: it can never succeed."""
 
 
-class _Entry:
-    __slots__ = ("data", "version", "seg", "state", "deadline", "owner", "holder", "wal_bytes")
-
-    def __init__(self, data: bytes, version: int, seg: int):
-        self.data, self.version, self.seg = data, version, seg
-        self.state, self.deadline, self.owner, self.holder = QUEUED, 0.0, None, None
-        self.wal_bytes = len(data) + 32
+_NONE = Entry(b"", 0, 0)
 
 
-_NONE = _Entry(b"", 0, 0)
-
-
-class Store:
-    """Thread-safe buffer state over a `WriteAheadLog` in `directory`."""
+class Store(LeaseTable):
+    """Thread-safe buffer state over a `WriteAheadLog` in `directory`: the durable transitions
+    (push, ack, moving stale samples aside, policy announcements) and compaction, on the
+    in-memory states and leases of `LeaseTable`."""
 
     def __init__(self, directory: str | os.PathLike, max_bytes: int = 1 << 30,
                  lease_timeout_s: float = 60.0, max_staleness: int | None = None,
@@ -85,23 +78,15 @@ class Store:
                              "seconds > 0")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness = {max_staleness}, expected ≥ 0 or None")
-        self.max_bytes, self.lease_timeout_s = int(max_bytes), float(lease_timeout_s)
+        super().__init__(lease_timeout_s)
+        self.max_bytes = int(max_bytes)
         self.max_staleness, self.retry_after_s = max_staleness, retry_after_s
         self.compact_interval_s = compact_interval_s
-        self._cv = threading.Condition()
-        self._entries: dict[str, _Entry] = {}
-        self._ready: collections.deque[str] = collections.deque()
         self._done = DoneSet()
         self._inflight: dict[str, threading.Event] = {}    # pushes being made durable
         self._finishing: dict[str, threading.Event] = {}   # DONE records being made durable
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
-        self._owners: collections.Counter[str] = collections.Counter()
-        self.queued = self.leased = self.bytes = self._reserved = 0
+        self.bytes = self._reserved = 0
         self.policy_version = 0
-        self.counters = collections.Counter()
-        self._compacted_upto = 0
-        self._closed = False   # set by close(): waiting leases and slot waits return at once
         self._policy_lock = threading.Lock()   # orders policy announcements: WAL == memory
         self.wal = WriteAheadLog(directory, segment_bytes=segment_bytes, fsync=fsync)
         self.stale_log = StaleOnce(directory, fsync=fsync)
@@ -109,37 +94,16 @@ class Store:
         self._replay()
         self.stale_log.recover(self._entries)
         self._stop = threading.Event()
-        self._compactor = threading.Thread(target=self._compact_loop, name="wal-compactor",
-                                           daemon=True)
+        self._compactor = Compactor(self.wal, self._done, self.done_log, self._live_wal_bytes,
+                                    compact_interval_s, self._stop)
         self._compactor.start()
         self._sweep_stale()
 
     # ------------------------------------------------------------------ recovery
     def _replay(self) -> None:
-        """A live sample is the first PUSH of an id that no DONE record (in done.log or the WAL)
-        names. A push of a finished id is refused before it is logged, so an id's PUSH records
-        all precede its DONE in the WAL: a DONE drops the entries it names as it is read, and
-        the ids of done.log (whose PUSH records a crash inside a compaction can leave in the
-        WAL) are dropped once, at the end, in one `contains_many`. done.log's stored digests
-        go into the finished set in one bulk merge (`DoneSet.merge_packed`)."""
-        self._done.merge_packed(self.done_log.key_chunks())
-        for seg, rtype, payload in self.wal.replay():
-            if rtype == RecordType.PUSH:
-                sid, version, data = decode_push(payload)
-                if sid not in self._entries:
-                    self._entries[sid] = _Entry(data, version, seg)
-            elif rtype == RecordType.DONE:
-                ids = pb.SampleIds.FromString(payload).sample_ids
-                for sid in ids:
-                    self._entries.pop(sid, None)
-                self._done.update(ids)
-                self._done.consolidate()
-            elif rtype == RecordType.POLICY:
-                self.policy_version = pb.PolicyVersion.FromString(payload).version
-        ids = list(self._entries)
-        for sid, finished in zip(ids, self._done.contains_many(ids)):
-            if finished:
-                del self._entries[sid]
+        """Rebuilds the held samples (all queued) and the policy version from done.log and the
+        WAL (`recovery.recover`)."""
+        self._entries, self.policy_version = recover(self.wal, self.done_log, self._done)
         self._ready.extend(self._entries)
         self.queued = len(self._entries)
         self.bytes = sum(len(e.data) for e in self._entries.values())
@@ -195,7 +159,7 @@ class Store:
                 for i, (sid, version, _) in enumerate(new):
                     del self._inflight[sid]
                     if ok:
-                        self._entries[sid] = _Entry(kept[i], version, seg)
+                        self._entries[sid] = Entry(kept[i], version, seg)
                         self._ready.append(sid)
                 if ok:
                     self.queued += len(new)
@@ -214,35 +178,6 @@ class Store:
         return len(new), dup
 
     # ------------------------------------------------------------------ leases
-    def _expire_locked(self, now: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            deadline, _, sid = heapq.heappop(heap)
-            e = self._entries.get(sid)
-            if e is not None and e.state == LEASED and e.deadline == deadline:
-                self._unlease_locked(e)
-                e.state = QUEUED
-                self._ready.appendleft(sid)
-                self.queued += 1
-                self.counters["expired_total"] += 1
-                self._cv.notify_all()
-
-    def _unlease_locked(self, e: _Entry) -> None:
-        self.leased -= 1
-        if e.owner is not None:
-            self._owners[e.owner] -= 1
-            if self._owners[e.owner] <= 0:
-                del self._owners[e.owner]
-        e.owner = e.holder = None
-
-    def _wait_locked(self, until: float) -> None:
-        """Waits on the condition until `until`, waking early for the next lease expiry."""
-        now = time.monotonic()
-        wake = until if not self._heap else min(until, self._heap[0][0])
-        if wake > now:
-            self._cv.wait(wake - now)
-        self._expire_locked(time.monotonic())
-
     def _is_stale_version(self, version: int | None) -> bool:
         return (version is not None and self.max_staleness is not None
                 and version + self.max_staleness < self.policy_version)
@@ -293,63 +228,7 @@ class Store:
             if out or not stale or time.monotonic() >= until or self._closed:
                 return out
 
-    def in_flight(self, owner: str) -> int:
-        with self._cv:
-            self._expire_locked(time.monotonic())
-            return self._owners.get(owner, 0)
 
-    def wait_for_slot(self, owner: str, max_in_flight: int, timeout_s: float) -> bool:
-        """Waits until `owner` holds fewer than `max_in_flight` leases (True) or timeout (False)."""
-        until = time.monotonic() + timeout_s
-        with self._cv:
-            self._expire_locked(time.monotonic())
-            while self._owners.get(owner, 0) >= max_in_flight:
-                if time.monotonic() >= until or self._closed:
-                    return False
-                self._wait_locked(until)
-            return True
-
-    def extend(self, ids: list[str], lease_timeout_s: float = 0.0, holder: str | None = None
-               ) -> tuple[list[str], list[str]]:
-        """Moves the deadline of each id still leased to `holder` (`consumer.may_touch`) to
-        now + lease_timeout_s (default: the store's); returns (extended, lost). An id leased
-        to another consumer (ours expired and it was redelivered) is lost to us."""
-        length = lease_timeout_s if lease_timeout_s > 0 else self.lease_timeout_s
-        extended, lost = [], []
-        with self._cv:
-            now = time.monotonic()
-            self._expire_locked(now)
-            for sid in ids:
-                e = self._entries.get(sid)
-                if e is None or e.state != LEASED or not may_touch(e.holder, holder):
-                    lost.append(sid)
-                    continue
-                e.deadline = now + length
-                heapq.heappush(self._heap, (e.deadline, next(self._seq), sid))
-                extended.append(sid)
-        return extended, lost
-
-    def nack(self, ids: list[str], holder: str | None = None) -> tuple[int, int]:
-        """Returns ids leased to `holder` (`consumer.may_touch`) to the front of the queue;
-        returns (requeued, unknown). An id leased to another consumer is left alone and counted
-        unknown: a late nack after our lease expired must not take it from its new holder."""
-        requeued = unknown = 0
-        with self._cv:
-            self._expire_locked(time.monotonic())
-            for sid in dict.fromkeys(ids):
-                e = self._entries.get(sid)
-                if e is None or e.state != LEASED or not may_touch(e.holder, holder):
-                    unknown += 1
-                    continue
-                self._unlease_locked(e)
-                e.state = QUEUED
-                self._ready.appendleft(sid)
-                self.queued += 1
-                requeued += 1
-            self.counters["nacked_total"] += requeued
-            self.counters["unknown_acks_total"] += unknown
-            self._cv.notify_all()
-        return requeued, unknown
 
     # ------------------------------------------------------------------ finishing
     def _begin_finish_locked(self, ids
@@ -466,36 +345,14 @@ class Store:
 
     # ------------------------------------------------------------------ compaction
     def maybe_compact(self, force: bool = False) -> int:
-        """Compacts when segments were sealed since the last compaction and at most half of
-        their bytes are still live (or `force`); returns the bytes reclaimed."""
-        sealed = self.wal.sealed()
-        if not sealed or (sealed[-1] <= self._compacted_upto and not force):
-            return 0
-        if not force:
-            size = sum(self.wal._path(n).stat().st_size for n in sealed)
-            with self._cv:
-                live = sum(e.wal_bytes for e in self._entries.values() if e.seg <= sealed[-1])
-            if live > size // 2:
-                return 0
-        def keep(records):
-            # The live done set, not a copy (ids join it only once their DONE is durable), and
-            # the finished ids made durable in done.log before the segments holding them go.
-            compacted = carry_over(records, self._done)
-            self.done_log.append(compacted.finished)
-            return compacted.records
+        """Compacts the WAL when at most half of the newly sealed segments is live, or with
+        `force` (`Compactor.maybe_compact`); returns the bytes reclaimed."""
+        return self._compactor.maybe_compact(force)
 
-        reclaimed = self.wal.compact(keep)
-        self._compacted_upto = sealed[-1]
-        log.info("WAL compaction reclaimed %d bytes", reclaimed)
-        return reclaimed
-
-    def _compact_loop(self) -> None:
-        while not self._stop.wait(self.compact_interval_s):
-            try:
-                self._done.consolidate()
-                self.maybe_compact()
-            except Exception:  # keep serving; the next round retries
-                log.exception("WAL compaction failed")
+    def _live_wal_bytes(self, upto: int) -> int:
+        """The WAL bytes of the held samples pushed into segments ≤ `upto`."""
+        with self._cv:
+            return sum(e.wal_bytes for e in self._entries.values() if e.seg <= upto)
 
     # ------------------------------------------------------------------ stats / close
     def largest_sample_bytes(self) -> int:

@@ -1,13 +1,10 @@
-"""Write-ahead log: checksummed records in numbered segment files, group-committed fsync,
-torn-tail truncation on open, and compaction of sealed segments.
+"""Write-ahead log: records in numbered segment files, group-committed fsync, torn-tail
+truncation on open, and compaction of sealed segments.
 
-On disk (`dir/wal/`): segments `wal-00000001.log`, `wal-00000002.log`, ...; each starts with the
-8-byte `MAGIC` and holds records
-
-    u32 payload length | u32 crc32(type byte + payload) | u8 type | payload
-
-little-endian. Only the highest-numbered segment (the active one) is ever appended to; the others
-are sealed (fully written and fsynced before the next one was created).
+On disk (`dir/wal/`): segments `wal-00000001.log`, `wal-00000002.log`, ...; each is a record
+file (`records.py`: `MAGIC`, then checksummed records). Only the highest-numbered segment (the
+active one) is ever appended to; the others are sealed (fully written and fsynced before the
+next one was created).
 
 Invariants:
 - `append` returns only after its records are written and fsynced (when `fsync=True`). Group
@@ -27,28 +24,28 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import mmap
 import os
 import pathlib
-import struct
 import threading
-import zlib
 from typing import Callable, Iterable, Iterator
 
+# The write helpers, under the names the log calls (fault tests patch them in this module).
+from clawjax.buffer.fileio import fsync_dir as _fsync_dir
+from clawjax.buffer.fileio import write_all as _write_all
+from clawjax.buffer.fileio import writev_all as _writev_all
+from clawjax.buffer.records import (HEADER, MAGIC, RecordType, read_records, record_parts,
+                                    scan_records, truncate_torn_tail)
+
+# Defined here before they got modules of their own, and still imported from here:
+from clawjax.buffer.append_log import AppendOnlyLog  # noqa: F401
+from clawjax.buffer.records import (MAX_RECORD, decode_push, encode_push,  # noqa: F401
+                                    encode_record, push_id)
+from clawjax.buffer.stale import StaleLog, read_stale  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-MAGIC = b"CJWAL\x00\x01\n"
-HEADER = struct.Struct("<IIB")
-MAX_RECORD = 1 << 30
-
-
-class RecordType(enum.IntEnum):
-    PUSH = 1     # payload: encode_push(sample_id, policy_version, sample proto bytes)
-    DONE = 2     # payload: SampleIds proto; the ids are finished for good (acked or moved aside)
-    POLICY = 3   # payload: PolicyVersion proto; the trainer's announced version
 
 
 class WalCorruptError(RuntimeError):
@@ -57,143 +54,6 @@ class WalCorruptError(RuntimeError):
 
 class WalClosedError(RuntimeError):
     """The log was closed, or a write failed and the log refuses further appends."""
-
-
-def record_parts(rtype: int, payload) -> list:
-    """One record as buffers to write in order: header (length, crc32 over type + payload,
-    type), then the payload, which may be given as a list of parts (never copied)."""
-    parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
-    length, crc = 0, zlib.crc32(bytes((rtype,)))
-    for part in parts:
-        length += len(part)
-        crc = zlib.crc32(part, crc)
-    if length > MAX_RECORD:
-        raise ValueError(f"WAL record payload of {length} bytes, expected ≤ {MAX_RECORD}")
-    return [HEADER.pack(length, crc, rtype), *parts]
-
-
-def encode_record(rtype: int, payload) -> bytes:
-    """One record's bytes (see `record_parts`)."""
-    return b"".join(record_parts(rtype, payload))
-
-
-_PUSH_HEAD = struct.Struct("<QH")
-
-
-def encode_push(sample_id: str, policy_version: int, sample_bytes) -> tuple:
-    """PUSH payload as two parts: u64 policy_version | u16 id length | utf-8 id, then the
-    serialized Sample (id and version are readable without parsing the sample)."""
-    sid = sample_id.encode()
-    return _PUSH_HEAD.pack(policy_version, len(sid)) + sid, sample_bytes
-
-
-def decode_push(payload: bytes) -> tuple[str, int, bytes]:
-    """Inverse of `encode_push`: (sample_id, policy_version, serialized Sample)."""
-    version, n = _PUSH_HEAD.unpack_from(payload)
-    start = _PUSH_HEAD.size
-    return payload[start:start + n].decode(), version, payload[start + n:]
-
-
-def push_id(payload) -> str:
-    """The sample id of a PUSH payload, without copying the sample bytes (`decode_push`[0])."""
-    _, n = _PUSH_HEAD.unpack_from(payload)
-    return bytes(payload[_PUSH_HEAD.size:_PUSH_HEAD.size + n]).decode()
-
-
-_TYPE_CRC = {int(t): zlib.crc32(bytes((int(t),))) for t in RecordType}
-
-
-def read_records(path: pathlib.Path, copy: bool = True
-                 ) -> tuple[list[tuple[int, bytes]], int, str | None]:
-    """Reads one segment: (records [(type, payload)], offset of the end of the last good record,
-    why reading stopped early or None). Never raises on bad content. With `copy=False` the
-    payloads are memoryviews of one buffer holding the whole file (no copy per record)."""
-    data = path.read_bytes()
-    records, end, problem, _ = scan_records(data if copy else memoryview(data), verify_push=True)
-    return records, end, problem
-
-
-def scan_records(data, verify_push: bool = True
-                 ) -> tuple[list[tuple[int, bytes]], int, str | None, list[int]]:
-    """Walks the records of a segment held in `data` (bytes, or a memoryview for zero-copy
-    payload slices): (records, end of the last good record, why it stopped early or None,
-    each record's stored crc32). Every non-PUSH record's checksum is verified; PUSH payloads
-    only with `verify_push` (compaction verifies just the ones it keeps: a dead sample's
-    payload is never read, only its record header)."""
-    if len(data) < len(MAGIC) or bytes(data[:len(MAGIC)]) != MAGIC:
-        return [], 0, f"bad or missing magic {bytes(data[:len(MAGIC)])!r}", []
-    records, crcs, off, size = [], [], len(MAGIC), len(data)
-    while off < size:
-        if off + HEADER.size > size:
-            return records, off, f"short header at offset {off}", crcs
-        length, crc, rtype = HEADER.unpack_from(data, off)
-        start = off + HEADER.size
-        if start + length > size:
-            return records, off, f"short payload at offset {off} ({length} bytes announced)", crcs
-        payload = data[start:start + length]
-        if rtype not in _TYPE_CRC or (
-                (verify_push or rtype != RecordType.PUSH)
-                and zlib.crc32(payload, _TYPE_CRC[rtype]) != crc):
-            return records, off, f"checksum or type mismatch at offset {off}", crcs
-        records.append((rtype, payload))
-        crcs.append(crc)
-        off = start + length
-    return records, off, None, crcs
-
-
-def truncate_torn_tail(path: pathlib.Path, end: int, problem: str, fsync: bool = True) -> None:
-    """Cuts a record file at `end`, the end of its last good record (`read_records`), after
-    logging `problem`; a file without even a good `MAGIC` is left holding just `MAGIC`."""
-    log.warning("%s: %s; truncating the torn tail (%d bytes)", path, problem,
-                path.stat().st_size - end)
-    with open(path, "r+b") as f:
-        if end == 0:
-            f.write(MAGIC)
-            end = len(MAGIC)
-        f.truncate(end)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-_IOV_MAX = 1024
-
-
-def _nbytes(buf) -> int:
-    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
-
-
-def _writev_all(fd: int, buffers: list) -> int:
-    """Writes every buffer in order (handles short writes); returns the byte count. Buffers are
-    passed to writev as they are (no per-buffer view objects on the hot path: they would feed
-    the cyclic GC); only a partly written one is re-sliced."""
-    pending = [b for b in buffers if _nbytes(b)]
-    sizes = [_nbytes(b) for b in pending]
-    total = i = 0
-    while i < len(pending):
-        n = os.writev(fd, pending[i:i + _IOV_MAX])
-        total += n
-        while i < len(pending) and n >= sizes[i]:
-            n -= sizes[i]
-            i += 1
-        if n:
-            pending[i] = memoryview(pending[i]).cast("B")[n:]
-            sizes[i] -= n
-    return total
 
 
 class _Waiter:
@@ -424,108 +284,3 @@ class WriteAheadLog:
             _fsync_dir(self.dir)
             self.compactions_total += 1
             return before - after
-
-
-class AppendOnlyLog:
-    """A file of records in the WAL's format (after `MAGIC`), appended and fsynced under a lock,
-    never compacted. On open a torn or corrupt tail is truncated at the first bad record (as for
-    the WAL's active segment); a missing file is created durably (file and directory fsynced,
-    with `fsync`).
-
-    An append that fails part way (a short write, ENOSPC, a failed fsync) is cut back to the
-    file's length before it and raises, so the next append never lands behind torn bytes (on
-    open those would read as a torn tail, and every record after them would be cut). If even
-    the cut fails, the log refuses every later append.
-
-    With `keep_opened`, the records read on open are kept (zero-copy views of the file's bytes)
-    and handed to the first `records()` call, if nothing was appended in between, so a log read
-    once at start-up (done.log) is read from disk once; the first `records()` releases them."""
-
-    def __init__(self, path: str | os.PathLike, fsync: bool = True, keep_opened: bool = False):
-        self.path = pathlib.Path(path)
-        self.fsync = fsync
-        self._lock = threading.Lock()
-        self._opened: list[tuple[int, memoryview]] | None = None
-        self._broken: str | None = None   # why appends are refused (a failed append stuck)
-        if self.path.exists():
-            records, end, problem = read_records(self.path, copy=False)
-            if problem is not None:
-                truncate_torn_tail(self.path, end, problem, fsync=fsync)
-            if keep_opened:
-                self._opened = records
-        else:
-            with open(self.path, "wb") as f:
-                f.write(MAGIC)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            if fsync:
-                _fsync_dir(self.path.parent)
-
-    def append_records(self, records: Iterable[tuple[int, bytes]]) -> None:
-        """Appends (type, payload) records; durable on return (with `fsync`). All or nothing:
-        a failed append leaves the file as it was (see the class docstring) and raises."""
-        data = b"".join(encode_record(rtype, payload) for rtype, payload in records)
-        if not data:
-            return
-        with self._lock:
-            if self._broken is not None:
-                raise OSError(f"{self.path}: appends refused: {self._broken}")
-            self._opened = None
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                start = os.fstat(fd).st_size
-                try:
-                    _write_all(fd, data)
-                    if self.fsync:
-                        os.fsync(fd)
-                except BaseException as error:
-                    self._undo_append(fd, start, error)
-                    raise
-            finally:
-                os.close(fd)
-
-    def _undo_append(self, fd: int, start: int, error: BaseException) -> None:
-        """Cuts the file back to `start` bytes after a failed append (`error`)."""
-        try:
-            os.ftruncate(fd, start)
-            if self.fsync:
-                os.fsync(fd)
-        except OSError as cut_error:
-            self._broken = (f"an append failed ({error!r}) and cutting the file back to "
-                            f"{start} bytes failed too ({cut_error!r})")
-            log.error("%s: %s", self.path, self._broken)
-
-    def records(self) -> list[tuple[int, bytes | memoryview]]:
-        """Every good record, in order (payloads bytes, or memoryviews the first time with
-        `keep_opened`)."""
-        with self._lock:
-            opened, self._opened = self._opened, None
-        if opened is not None:
-            return opened
-        records, _, _ = read_records(self.path)
-        return records
-
-    def disk_bytes(self) -> int:
-        return self.path.stat().st_size
-
-
-class StaleLog(AppendOnlyLog):
-    """`dir/stale.log`: samples moved aside as too stale, kept for inspection (PUSH records)."""
-
-    def __init__(self, directory: str | os.PathLike, fsync: bool = True,
-                 keep_opened: bool = False):
-        super().__init__(pathlib.Path(directory) / "stale.log", fsync, keep_opened)
-
-    def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:
-        """Appends (sample_id, policy_version, serialized Sample) triples durably."""
-        self.append_records((RecordType.PUSH, encode_push(*item)) for item in items)
-
-
-def read_stale(directory: str | os.PathLike) -> list[tuple[str, int, bytes]]:
-    """Samples moved aside in `directory`: [(sample_id, policy_version, serialized Sample)]."""
-    path = pathlib.Path(directory) / "stale.log"
-    if not path.exists():
-        return []
-    records, _, _ = read_records(path)
-    return [decode_push(p) for t, p in records if t == RecordType.PUSH]
