@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from clawjax.buffer import wal as wal_mod
+from clawjax.buffer.stale import StaleLog
 from clawjax.buffer.store import Store
 from clawjax.buffer.wal import RecordType, read_stale
 
@@ -87,6 +88,24 @@ def test_a_stale_log_write_whose_fsync_failed_is_cut_back_and_written_once_on_re
             store.set_policy_version(1)
         assert not state["armed"] and store.stats()["queued"] == 1
         assert store.set_policy_version(1) == 1
+    finally:
+        store.close()
+    assert _stale_ids(tmp_path) == ["old"]
+
+
+def test_a_restart_with_no_stale_sample_held_does_not_read_stale_log(tmp_path, monkeypatch):
+    """stale.log keeps every stale sample ever; a restart reads it only when a sample it holds
+    is stale now (only such a sample can be in stale.log without its DONE record)."""
+    store = _store(tmp_path)
+    store.push([("old", 0, b"o"), ("kept", 3, b"k")])
+    store.set_policy_version(3)                     # "old" moved aside for good
+    store.close()
+    reads = []
+    real = StaleLog.records
+    monkeypatch.setattr(StaleLog, "records", lambda self: reads.append(1) or real(self))
+    store = _store(tmp_path)
+    try:
+        assert reads == [] and store.stats()["queued"] == 1
     finally:
         store.close()
     assert _stale_ids(tmp_path) == ["old"]

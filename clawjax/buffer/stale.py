@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pathlib
 import threading
-from typing import Container, Iterable
+from typing import Collection, Iterable
 
 from clawjax.buffer.append_log import AppendOnlyLog
 from clawjax.buffer.records import RecordType, decode_push, encode_push, push_id, read_records
@@ -50,9 +50,13 @@ class StaleOnce:
         self.pending: set[str] = set()
         self._lock = threading.Lock()
 
-    def recover(self, held: Container[str]) -> None:
+    def recover(self, held: Collection[str]) -> None:
         """On open, after the WAL's replay: the ids in stale.log that the store still `held`
-        (moved aside before a crash or a failed DONE write) are pending."""
+        (moved aside before a crash or a failed DONE write) are pending. With nothing `held`
+        stale.log is not read."""
+        if not held:
+            self.pending = set()
+            return
         ids = (push_id(p) for t, p in self.log.records() if t == RecordType.PUSH)
         self.pending = {sid for sid in ids if sid in held}
 
