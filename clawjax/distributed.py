@@ -252,11 +252,24 @@ def merge_shard_states(parts: list[dict], file_size: int) -> dict:
     """The one stream state (`ReplaySource.state()` format) of n processes' `local_state()`s, in
     process order. Process j's fresh positions are position_j + j + n·m; the stream goes on from
     the furthest any process reached, and the positions a process had not reached yet below it
-    are delivered first, with every index a process gave back (round-robin over processes)."""
+    are delivered first, with every index a process gave back (round-robin over processes).
+
+    A process more than a whole pass of the file behind the furthest (others dropped many
+    samples: each process takes its share per step, dropped ones included) owes only its lane's
+    last pass: older owed positions name the same file indices again, and keeping them grew the
+    checkpointed list by the drops of every step for good. So `released` holds at most
+    `file_size` owed indices plus the indices the processes gave back."""
     n = len(parts)
     furthest = max(int(p["position"]) for p in parts)
+
+    def owed_from(position: int) -> int:
+        """The first owed stream position of a lane at `position`: within the last pass."""
+        behind = furthest - file_size - position
+        return position if behind <= 0 else position + n * -(-behind // n)
+
     owed = [[int(i) for i in p["released"]] +
-            [(pos + j) % file_size for pos in range(int(p["position"]), furthest, n)]
+            [(pos + j) % file_size
+             for pos in range(owed_from(int(p["position"])), furthest, n)]
             for j, p in enumerate(parts)]
     released = [lane[k] for k in range(max(map(len, owed))) for lane in owed if k < len(lane)]
     if released:

@@ -355,6 +355,36 @@ def test_shares_that_drift_and_give_back_resume_with_each_sample_once(tmp_path,
         assert [s.sample_id for s in plain.take(len(delivered))] == delivered
 
 
+def test_a_process_passes_behind_owes_only_its_lanes_last_pass(tmp_path):
+    """Process 0 runs 3½ passes of a 6-sample file ahead of process 1 (it dropped many
+    samples): the merged state owes process 1's lane its last pass only, each of its file
+    indices once, not one entry per position it fell behind (a list that grew with every
+    step's drops); what it gave back stays owed as well."""
+    from sample_factory import make_samples
+
+    from clawjax import distributed
+    from clawjax.sources import write_replay
+
+    path = str(tmp_path / "r.jsonl")
+    write_replay(path, make_samples(6, seed=5))
+    p0, p1 = _shares(path, 2)
+    given = p1.take(1)
+    p1.release(given)                            # lane 1 gave back file index 1
+    for _ in range(21):                          # 21 × 2 positions: 3.5 passes
+        p0.take(1)
+    state = p0.state()
+    assert state["position"] == 42
+    lane1 = [1, 3, 5]                            # positions ≡ 1 (mod 2) of a 6-sample file
+    assert state["released"][0] == 1 and sorted(state["released"][1:]) == lane1
+    far = distributed.merge_shard_states(     # 166 passes behind: still one pass owed
+        [{"position": 1000, "released": []}, {"position": 2, "released": [1]}], 6)
+    assert far["position"] == 1000
+    assert far["released"][0] == 1 and sorted(far["released"][1:]) == lane1
+    near = distributed.merge_shard_states(    # less than a pass behind: every position owed
+        [{"position": 8, "released": []}, {"position": 2, "released": []}], 6)
+    assert near == {"position": 8, "released": [3, 5, 1]}
+
+
 def test_shares_of_a_file_smaller_than_the_global_step_are_refused(tmp_path):
     """trainer.samples_per_step = 4 over 2 processes and a replay file of 3 samples: each
     process's source passes the one-process check (3 ≥ its share of 2: `loop.make_source` runs
