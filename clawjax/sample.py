@@ -326,7 +326,9 @@ class Sample:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> "Sample":
-        """Inverse of `to_json_dict`. Unknown keys raise a `SampleError` naming them."""
+        """Inverse of `to_json_dict`. Unknown keys raise a `SampleError` naming them, and so
+        does a missing `rollout_logp` (DESIGN's data contract: only the teacher fields and
+        `step_rewards` are optional; the constructor's zeros default is for in-process use)."""
         names = {f.name for f in dataclasses.fields(cls)}
         sid = str(data.get("sample_id", "<missing>"))
         unknown = sorted(set(data) - names)
@@ -336,11 +338,18 @@ class Sample:
             if required not in data:
                 raise SampleError(sid, required, None, "a value (required field)")
         try:
-            return cls(**dict(data))
+            sample = cls(**dict(data))
         except SampleError:
             raise                        # already names the sample and the field
         except (TypeError, ValueError) as e:
             raise SampleError(sid, "<construction>", str(e), "values of the documented types") from e
+        if data.get("rollout_logp") is None:     # checked after the fields' own types
+            raise SampleError(sid, "rollout_logp", None, "the rollout engine's log-prob of each "
+                              "response token (required: the PPO ratio's old policy under "
+                              "loss.old_logp = 'rollout'; zeros would train against a policy "
+                              "of probability 1. With loss.old_logp = 'recompute' write any "
+                              "values ≤ 0, e.g. zeros)")
+        return sample
 
     def to_json(self) -> str:
         return json.dumps(self.to_json_dict(), separators=(",", ":"))

@@ -69,6 +69,16 @@ def test_from_json_refuses_them_naming_the_field(line, field, shown):
     assert f"field {field!r} = {shown}," in str(info.value)
 
 
+def test_from_json_wants_the_rollout_logprobs():
+    """A replay line without `rollout_logp` would train against zeros (probability 1) as the old
+    policy: refused naming the field, while a line that has them loads."""
+    with pytest.raises(SampleError) as info:
+        Sample.from_json('{"sample_id":"x","tokens":[1,2,3],"response_len":2}')
+    assert info.value.field == "rollout_logp" and "required" in str(info.value)
+    line = '{"sample_id":"x","tokens":[1,2,3],"response_len":2,"rollout_logp":[-0.5,-1.0]}'
+    assert Sample.from_json(line).rollout_logp.tolist() == [-0.5, -1.0]
+
+
 @pytest.mark.parametrize("tokens", [
     [1, 2, 3], np.array([1, 2, 3], np.int8), np.array([1, 2, 3], np.int16),
     np.array([1, 2, 3], np.int64), np.array([1, 2, 3], np.uint32), np.array([1, 2, 3], np.uint64),
@@ -105,7 +115,7 @@ def test_step_rewards_that_are_not_1d_are_refused_with_a_sample_error(value, sho
 def test_a_replay_line_with_a_scalar_step_rewards_is_a_replay_error(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"sample_id": "a", "tokens": [1, 2, 3], "response_len": 1,
-                                "step_rewards": 0.5}) + "\n")
+                                "rollout_logp": [-0.5], "step_rewards": 0.5}) + "\n")
     with pytest.raises(ReplayError, match=r"r\.jsonl:1: sample 'a': field 'step_rewards'"):
         read_replay(str(path))
 
