@@ -201,9 +201,30 @@ class Checkpointer:
     def discard_after(self, step: int) -> list[int]:
         """Deletes the checkpoints newer than `step` (an abandoned trajectory after a rollback:
         a restart must not resume from it, and training again to those step numbers must be
-        able to save them), once any save in flight is durable. Returns the deleted steps."""
+        able to save them), once any save in flight is durable. Returns the deleted steps.
+
+        With several processes a collective: orbax's delete syncs the processes once per step
+        and only process 0 deletes, so every process must delete the same steps. Each lists
+        them before any is deleted (a process listing after process 0 deleted one would sync
+        once less: a hang, or orbax's "sync_global_devices name mismatch"); listings that
+        differ raise `CheckpointError` on every process alike."""
         self.wait()
+        several = jax.process_count() > 1
+        if several:
+            from jax.experimental import multihost_utils
+
+            # Process 0 commits each save: every process's wait is over before any lists.
+            multihost_utils.sync_global_devices("clawjax.checkpoint.discard_after.wait")
         gone = [s for s in self.all_steps() if s > step]
+        if several:
+            from clawjax.distributed import gather_json
+
+            listed = gather_json(gone)
+            if any(part != listed[0] for part in listed):
+                raise CheckpointError(
+                    f"the processes list different checkpoints newer than step {step} under "
+                    f"{self.directory!r} to delete: {listed} (in process order; expected one "
+                    "directory every process sees alike)")
         for s in gone:
             self._manager.delete(s)
         return gone
