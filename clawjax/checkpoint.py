@@ -29,6 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from clawjax.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 GATE_RECORD = "gate.json"
 
@@ -76,11 +78,7 @@ def _write_json_durably(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 class Checkpointer:

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from clawjax import publish_snapshot
+from clawjax.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 @dataclass
@@ -278,7 +271,7 @@ class Publisher:
         if final.exists():
             self._retire(final)
         os.rename(staging, final)
-        _fsync_dir(self.publish_dir)
+        fsync_dir(self.publish_dir)
         with self._cv:
             self._written = [v for v in self._written if v != version] + [version]
         return final

@@ -26,6 +26,7 @@ import time
 from typing import Iterable
 
 from clawjax.config import ConfigError
+from clawjax.durable import fsync_dir
 from clawjax.sample import Sample, SampleError
 
 log = logging.getLogger("clawjax.sources")
@@ -163,11 +164,7 @@ def append_durably(path: str, line: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     if created:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class ReplaySource:

@@ -12,16 +12,8 @@ Invariants:
 from __future__ import annotations
 
 import os
-import pathlib
 
-
-def fsync_dir(path: pathlib.Path) -> None:
-    """Makes the entries of directory `path` durable (a created, renamed or deleted file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from clawjax.durable import fsync_dir as fsync_dir  # re-exported for the record files
 
 
 def write_all(fd: int, data: bytes) -> None:
