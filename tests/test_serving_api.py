@@ -143,6 +143,14 @@ def test_max_completion_tokens_wins_over_max_tokens(http):
     assert alone["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+def test_chat_length_past_the_context_names_the_field_sent(http, key):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, key: 10_000})
+    assert r.status_code == 400
+    assert r.json()["param"] == key, r.text
+    assert "10000" in r.json()["message"] and "context length 256" in r.json()["message"]
+
+
 # --- /v1/completions (OpenAI completions, as SGLang serves them) ------------------------------
 
 def stream_completion(http, body: dict) -> list[dict]:

@@ -26,6 +26,13 @@ from clawjax.serving.protocol import (CHAT_MAX_TOKEN_KEYS, COMPLETION_MAX_TOKEN_
 from clawjax.serving.replies import openai_reply, reply, stream_state
 
 
+def length_field(body: dict, keys: tuple[str, ...]) -> str:
+    """The body's field the output length came from: the last of `keys` set (not null), as
+    they are applied in order (`max_completion_tokens` wins over `max_tokens`); `keys[0]`
+    when none is set."""
+    return next((k for k in reversed(keys) if body.get(k) is not None), keys[0])
+
+
 def default_max_new_tokens(body: dict, params, prompt_len: int, context_len: int,
                            keys: tuple[str, ...], *, fill_context: bool = False) -> None:
     """A request that set none of `keys` (absent or null) gets min(its default, what fits),
@@ -74,7 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     default_max_new_tokens(body, req.sampling, len(prompt), ctx.engine.context_len,
                            CHAT_MAX_TOKEN_KEYS, fill_context=True)
     check_lengths(len(prompt), ctx.engine.context_len, req.sampling, field="messages",
-                  max_field="max_tokens")
+                  max_field=length_field(body, CHAT_MAX_TOKEN_KEYS))
     r, events = submit(ctx, prompt, req.sampling, rid=req.rid, stream=req.stream,
                        return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs)
     name = req.model or ctx.served_model_name
