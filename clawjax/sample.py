@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from clawjax.error_text import shown_value
+
 KINDS = ("rl", "opd", "both")
 
 # Size limits a single sample must respect (the buffer enforces them as well).
@@ -53,11 +55,8 @@ class SampleError(ValueError):
         self.field = field
         self.value = value
         self.expected = expected
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
         super().__init__(
-            f"sample {sample_id!r}: field {field!r} = {shown}, expected {expected}")
+            f"sample {sample_id!r}: field {field!r} = {shown_value(value)}, expected {expected}")
 
 
 _FLOOR_RULE = (f"log-probs ≥ LOGP_FLOOR = {LOGP_FLOOR:g} (lower values overflow the OPD "

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from clawjax.error_text import shown_value
+
 
 class MalformedAnswer(ValueError):
     """A `/generate` answer field of the wrong type: `field` (dotted path), value, expected."""
 
     def __init__(self, field: str, value: Any, expected: str):
         self.field, self.value, self.expected = field, value, expected
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"policy answer field {field!r} = {shown}, expected {expected}")
+        super().__init__(f"policy answer field {field!r} = {shown_value(value)}, expected {expected}")
 
 
 def _is_int(value: Any) -> bool:

@@ -21,6 +21,7 @@ import json
 import math
 from typing import Any, Mapping
 
+from clawjax.error_text import shown_value
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -41,10 +42,7 @@ class RequestError(ValueError):
 
     def __init__(self, field: str, value: Any, expected: str, status: int = 400):
         self.field, self.value, self.expected, self.status = field, value, expected, status
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"field {field!r} = {shown}, expected {expected}")
+        super().__init__(f"field {field!r} = {shown_value(value)}, expected {expected}")
 
 
 @dataclasses.dataclass

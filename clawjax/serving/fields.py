@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from clawjax.error_text import shown_value
+
 # Sampling parameters we do not implement (SGLang names), accepted at their neutral values.
 NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
            "n": 1}
@@ -27,10 +29,7 @@ class ProtocolError(ValueError):
         self.field = field
         self.value = value
         self.expected = expected
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"field {field!r} = {shown}, expected {expected}")
+        super().__init__(f"field {field!r} = {shown_value(value)}, expected {expected}")
 
 
 def is_off(value: Any) -> bool:

@@ -30,6 +30,8 @@ import dataclasses
 import re
 from typing import Any, ClassVar, Mapping
 
+from clawjax.error_text import shown_value
+
 ROLES = ("user", "tool")
 
 
@@ -41,10 +43,7 @@ class EnvError(ValueError):
         self.field = field
         self.value = value
         self.expected = expected
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"{env} environment: {field} = {shown}, expected {expected}")
+        super().__init__(f"{env} environment: {field} = {shown_value(value)}, expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
