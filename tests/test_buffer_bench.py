@@ -9,13 +9,18 @@ import sys
 def test_bench_buffer_smoke():
     out = subprocess.run(
         [sys.executable, "-m", "clawjax.bench", "buffer", "--samples", "64", "--tokens", "256",
-         "--batch", "8", "--pushers", "2", "--rounds", "1", "--rate", "200", "--seconds", "0.5"],
+         "--batch", "8", "--pushers", "2", "--rounds", "1", "--rate", "200", "--seconds", "0.5",
+         "--breakdown"],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"ratio buffer / echo: \d+\.\d\dx", out.stdout), out.stdout
     assert re.search(r"lease latency \(Lease RPC\)\s+p50\s+\d+\.\d+ ms\s+p99\s+\d+\.\d+ ms",
                      out.stdout), out.stdout
     assert "echo (bare gRPC" in out.stdout and "disk write + fdatasync" in out.stdout
+    assert re.search(r"push only \(durable\)\s+\d+\.\d MB/s vs upload-only echo\s+\d+\.\d "
+                     r"MB/s: \d+\.\d\dx", out.stdout), out.stdout
+    assert re.search(r"stream \+ ack\s+\d+\.\d MB/s vs download-only echo\s+\d+\.\d MB/s: "
+                     r"\d+\.\d\dx", out.stdout), out.stdout
 
 
 def test_bench_compaction_smoke():

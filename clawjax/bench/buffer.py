@@ -14,6 +14,11 @@ Both servers run as subprocesses on loopback; this process is the client side.
    latency = the Lease RPC round trip (client call to samples in hand; target p99 < 20 ms). Also
    shown: Ack and Push round trips, and delivery latency (push returned, i.e. durable → leased,
    which includes the consumer's 5 ms work gaps).
+3. With `--breakdown`, each half of the round alone, against the matching half of a bare gRPC
+   round trip: push only (durable, nobody consuming) vs an upload-only echo (the same request
+   bytes in, an empty answer out), and stream + ack of what was pushed vs a download-only echo
+   (a small request, the same answer bytes out). Shows which half of the buffer's path costs
+   what (one round each, after the throughput rounds).
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ server = grpc.server(concurrent.futures.ThreadPoolExecutor(16), options=[
     ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
 ident = lambda b: b
 echo = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req, ident, ident)
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo",
-                                                                      {"Echo": echo}),))
+up = grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"", ident, ident)
+answers = {}  # Down: the request is the answer's size in ASCII; one buffer per size
+def answer(req, ctx):
+    if req not in answers:
+        answers[req] = bytes(int(req))
+    return answers[req]
+down = grpc.unary_unary_rpc_method_handler(answer, ident, ident)
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    "bench.Echo", {"Echo": echo, "Up": up, "Down": down}),))
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(f"echo listening on 127.0.0.1:{port}", flush=True)
@@ -62,8 +74,10 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
 
 
-def bench_echo(batches: list[bytes], pushers: int) -> float:
-    """Seconds to send every batch up and receive it back through the echo service."""
+def bench_echo(batches: list[bytes], pushers: int, method: str = "Echo") -> float:
+    """Seconds to send every batch up and receive it back through the echo service. `method`
+    "Up" sends each batch and gets an empty answer; "Down" asks for each batch's size and
+    gets that many bytes back."""
     import grpc
     proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -71,12 +85,17 @@ def bench_echo(batches: list[bytes], pushers: int) -> float:
         address = proc.stdout.readline().split()[-1]
         options = [("grpc.max_receive_message_length", 256 << 20)]
         channels = [grpc.insecure_channel(address, options=options) for _ in range(pushers)]
-        calls = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
-        calls[0](b"warm-up", timeout=30)
+        calls = [ch.unary_unary(f"/bench.Echo/{method}") for ch in channels]
+        calls[0](b"7" if method == "Down" else b"warm-up", timeout=30)
+        if method == "Down":
+            batches = [str(len(b)).encode() for b in batches]
+            want = [int(b) for b in batches]
+        else:
+            want = [0 if method == "Up" else len(b) for b in batches]
 
         def run(k: int) -> None:
-            for batch in batches[k::pushers]:
-                assert len(calls[k](batch, timeout=60)) == len(batch)
+            for batch, size in zip(batches[k::pushers], want[k::pushers]):
+                assert len(calls[k](batch, timeout=60)) == size
 
         threads = [threading.Thread(target=run, args=(k,)) for k in range(pushers)]
         t0 = time.perf_counter()
@@ -145,6 +164,47 @@ def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> flo
     return elapsed
 
 
+def bench_push_only(address: str, batches: list[list[Sample]], pushers: int) -> float:
+    """Seconds to push every batch (durable on return) with nobody consuming."""
+    clients = [BufferClient(address) for _ in range(pushers)]
+
+    def push(k: int) -> None:
+        for batch in batches[k::pushers]:
+            clients[k].push(batch)
+
+    threads = [threading.Thread(target=push, args=(k,)) for k in range(pushers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return elapsed
+
+
+def bench_drain(address: str, total: int) -> float:
+    """Seconds to stream and ack `total` samples already in the buffer (as `bench_buffer`'s
+    consumer: in flight 512, acks of `ACK_EVERY`)."""
+    with BufferClient(address) as consumer:
+        consumer.stats()
+        acked, pending = 0, []
+        t0 = time.perf_counter()
+        stream = consumer.stream(max_in_flight=512)
+        for sample in stream:
+            pending.append(sample.sample_id)
+            if len(pending) >= ACK_EVERY or acked + len(pending) == total:
+                consumer.ack(pending)
+                acked += len(pending)
+                pending = []
+                if acked == total:
+                    break
+        elapsed = time.perf_counter() - t0
+        stream.close()
+    return elapsed
+
+
 def bench_latency(address: str, rate: float, seconds: float, tokens: int) -> dict[str, list]:
     """Paced pushes of 10 samples every 10/rate s; a consumer leases, acks, works 5 ms."""
     per_push = 10
@@ -204,6 +264,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--latency-tokens", type=int, default=2048)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each half (push only; stream + ack) against its echo half")
     args = p.parse_args(argv)
 
     rounds = []
@@ -231,6 +293,16 @@ def main(argv: list[str]) -> int:
                 disk_s.append(bench_disk(tmp, echo_batches, args.pushers))
             with BufferClient(proc.address) as c:
                 stats = c.stats()
+            halves = None
+            if args.breakdown:
+                split = make_samples(args.samples, args.tokens, seed=7, prefix="half-")
+                up_s = bench_echo(echo_batches, args.pushers, "Up")
+                push_s = bench_push_only(proc.address, [split[i:i + args.batch] for i in
+                                                        range(0, len(split), args.batch)],
+                                         args.pushers)
+                down_s = bench_echo(echo_batches, args.pushers, "Down")
+                drain_s = bench_drain(proc.address, args.samples)
+                halves = (up_s, push_s, down_s, drain_s)
             lat = bench_latency(proc.address, args.rate, args.seconds, args.latency_tokens)
     echo_mbs = [nbytes / t / 1e6 for t in echo_s]
     buffer_mbs = [nbytes / t / 1e6 for t in buffer_s]
@@ -247,6 +319,12 @@ def main(argv: list[str]) -> int:
           f"{float(np.median(disk_mbs)):7.1f} MB/s  rounds {', '.join(f'{x:.1f}' for x in disk_mbs)}")
     ratio = buffer_med / echo_med
     print(f"ratio buffer / echo: {ratio:.2f}x (target >= 0.5x): {'ok' if ratio >= 0.5 else 'MISSED'}")
+    if halves is not None:
+        up_s, push_s, down_s, drain_s = halves
+        print(f"halves      push only (durable) {nbytes / push_s / 1e6:7.1f} MB/s vs upload-only "
+              f"echo {nbytes / up_s / 1e6:7.1f} MB/s: {up_s / push_s:.2f}x")
+        print(f"            stream + ack        {nbytes / drain_s / 1e6:7.1f} MB/s vs "
+              f"download-only echo {nbytes / down_s / 1e6:7.1f} MB/s: {down_s / drain_s:.2f}x")
     print(f"latency at {args.rate:.0f} samples/s of {args.latency_tokens} tokens for "
           f"{args.seconds:.0f} s ({len(lat['delivery'])} samples, {len(lat['lease_rpc'])} leases):")
     for name, label in (("lease_rpc", "lease latency (Lease RPC)"), ("ack_rpc", "Ack RPC"),
