@@ -23,3 +23,23 @@ _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix="clawjax-tests-xla-")
 atexit.register(shutil.rmtree, _SESSION_XLA_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _SESSION_XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program
+
+
+# The slowest test files (seconds on 2 cores, 2026-11-29), collected first. `--dist loadfile`
+# hands files to the two workers in collection order, one whole file at a time; with the
+# alphabetical order a long file handed out last kept one worker busy while the other sat idle.
+# Longest first keeps the tail short. Order within a file is unchanged.
+_SLOW_FILES_FIRST = (
+    "test_bench_loops.py",      # 275 s: the whole-loop bench smoke runs
+    "test_gate.py",             # 242 s
+    "test_trainer.py",          # 178 s
+    "test_default_run.py",      # 172 s
+    "test_multihost_gate.py",   # 97 s
+    "test_multihost.py",        # 63 s
+    "test_train_cli.py",        # 48 s
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
