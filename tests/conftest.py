@@ -25,10 +25,11 @@ jax.config.update("jax_compilation_cache_dir", _SESSION_XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program
 
 
-# The slowest test files (seconds on 2 cores, 2026-11-29), collected first. `--dist loadfile`
-# hands files to the two workers in collection order, one whole file at a time; with the
-# alphabetical order a long file handed out last kept one worker busy while the other sat idle.
-# Longest first keeps the tail short. Order within a file is unchanged.
+# The slowest test files (seconds on 2 cores, 2026-11-29), collected first, and xdist told to
+# hand files out in collection order. By default `--dist loadfile` hands out the files with the
+# most tests first, so a slow file of few tests (test_default_run: 2 tests, 172 s) started near
+# the end and kept one worker busy while the other sat idle. Longest first keeps the tail
+# short. Order within a file is unchanged.
 _SLOW_FILES_FIRST = (
     "test_bench_loops.py",      # 275 s: the whole-loop bench smoke runs
     "test_gate.py",             # 242 s
@@ -43,3 +44,8 @@ _SLOW_FILES_FIRST = (
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):   # pytest-xdist: keep the order above
+        config.option.loadscopereorder = False
