@@ -27,7 +27,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every pr
 
 # The slowest test files (seconds on 2 cores, 2026-11-29), collected first, and xdist told to
 # hand files out in collection order. By default `--dist loadfile` hands out the files with the
-# most tests first, so a slow file of few tests (test_default_run: 2 tests, 172 s) started near
+# most tests first, so a slow file of few tests (test_default_run: 3 tests, 172 s) started near
 # the end and kept one worker busy while the other sat idle. Longest first keeps the tail
 # short. Order within a file is unchanged.
 _SLOW_FILES_FIRST = (
