@@ -74,6 +74,16 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
 
 
+def _run_all(threads: list[threading.Thread]) -> float:
+    """Starts every thread, joins them all; returns the seconds in between."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def bench_echo(batches: list[bytes], pushers: int, method: str = "Echo") -> float:
     """Seconds to send every batch up and receive it back through the echo service. `method`
     "Up" sends each batch and gets an empty answer; "Down" asks for each batch's size and
@@ -97,13 +107,7 @@ def bench_echo(batches: list[bytes], pushers: int, method: str = "Echo") -> floa
             for batch, size in zip(batches[k::pushers], want[k::pushers]):
                 assert len(calls[k](batch, timeout=60)) == size
 
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(pushers)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
+        elapsed = _run_all([threading.Thread(target=run, args=(k,)) for k in range(pushers)])
         for ch in channels:
             ch.close()
         return elapsed
@@ -129,23 +133,22 @@ def bench_disk(directory: str, batches: list[bytes], pushers: int) -> float:
         os.unlink(path)
 
 
-def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> float:
-    """Seconds from the first push to the last ack of every sample (push → stream → ack)."""
-    total = sum(len(b) for b in batches)
+def _pushers(address: str, batches: list[list[Sample]], pushers: int
+             ) -> tuple[list[threading.Thread], list[BufferClient]]:
+    """`pushers` threads (not started), each with its own client, pushing every `pushers`-th
+    batch in turn."""
     clients = [BufferClient(address) for _ in range(pushers)]
-    consumer = BufferClient(address)
-    consumer.stats()
-    acked = 0
 
     def push(k: int) -> None:
         for batch in batches[k::pushers]:
             clients[k].push(batch)
 
-    threads = [threading.Thread(target=push, args=(k,)) for k in range(pushers)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    pending: list[str] = []
+    return [threading.Thread(target=push, args=(k,)) for k in range(pushers)], clients
+
+
+def _consume(consumer: BufferClient, total: int) -> None:
+    """Streams and acks `total` samples (in flight 512, acks of `ACK_EVERY`)."""
+    acked, pending = 0, []
     stream = consumer.stream(max_in_flight=512)
     for sample in stream:
         pending.append(sample.sample_id)
@@ -155,8 +158,19 @@ def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> flo
             pending = []
             if acked == total:
                 break
-    elapsed = time.perf_counter() - t0
     stream.close()
+
+
+def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> float:
+    """Seconds from the first push to the last ack of every sample (push → stream → ack)."""
+    threads, clients = _pushers(address, batches, pushers)
+    consumer = BufferClient(address)
+    consumer.stats()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    _consume(consumer, sum(len(b) for b in batches))
+    elapsed = time.perf_counter() - t0
     for t in threads:
         t.join()
     for c in clients + [consumer]:
@@ -166,19 +180,8 @@ def bench_buffer(address: str, batches: list[list[Sample]], pushers: int) -> flo
 
 def bench_push_only(address: str, batches: list[list[Sample]], pushers: int) -> float:
     """Seconds to push every batch (durable on return) with nobody consuming."""
-    clients = [BufferClient(address) for _ in range(pushers)]
-
-    def push(k: int) -> None:
-        for batch in batches[k::pushers]:
-            clients[k].push(batch)
-
-    threads = [threading.Thread(target=push, args=(k,)) for k in range(pushers)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    threads, clients = _pushers(address, batches, pushers)
+    elapsed = _run_all(threads)
     for c in clients:
         c.close()
     return elapsed
@@ -186,23 +189,12 @@ def bench_push_only(address: str, batches: list[list[Sample]], pushers: int) -> 
 
 def bench_drain(address: str, total: int) -> float:
     """Seconds to stream and ack `total` samples already in the buffer (as `bench_buffer`'s
-    consumer: in flight 512, acks of `ACK_EVERY`)."""
+    consumer)."""
     with BufferClient(address) as consumer:
         consumer.stats()
-        acked, pending = 0, []
         t0 = time.perf_counter()
-        stream = consumer.stream(max_in_flight=512)
-        for sample in stream:
-            pending.append(sample.sample_id)
-            if len(pending) >= ACK_EVERY or acked + len(pending) == total:
-                consumer.ack(pending)
-                acked += len(pending)
-                pending = []
-                if acked == total:
-                    break
-        elapsed = time.perf_counter() - t0
-        stream.close()
-    return elapsed
+        _consume(consumer, total)
+        return time.perf_counter() - t0
 
 
 def bench_latency(address: str, rate: float, seconds: float, tokens: int) -> dict[str, list]:
