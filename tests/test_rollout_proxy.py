@@ -455,6 +455,12 @@ def test_bad_requests_get_openai_errors_naming_the_field(servers):
         ({"messages": ok, "session_id": "b"}, {"X-Outcome-Reward": "high"}, "X-Outcome-Reward"),
         ({"messages": ok, "max_tokens": 100000}, {}, "max_tokens"),  # refused by the server
         ({"messages": ok, "max_tokens": 100000, "stream": True}, {}, "max_tokens"),
+        # the field the request used (max_completion_tokens wins over max_tokens)
+        ({"messages": ok, "max_completion_tokens": -1}, {}, "max_completion_tokens"),
+        ({"messages": ok, "max_tokens": 4, "max_completion_tokens": 100000}, {},
+         "max_completion_tokens"),
+        ({"messages": ok, "max_completion_tokens": 100000, "stream": True}, {},
+         "max_completion_tokens"),
         ([1, 2], {}, "body"),
     ]
     for body, headers, field in cases:

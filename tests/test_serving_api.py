@@ -149,6 +149,14 @@ def test_chat_length_past_the_context_names_the_field_sent(http, key):
     assert r.status_code == 400
     assert r.json()["param"] == key, r.text
     assert "10000" in r.json()["message"] and "context length 256" in r.json()["message"]
+    for bad in (-1, 1.5, "8"):   # refused before the context is considered, same field
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, key: bad})
+        assert r.status_code == 400 and r.json()["param"] == key, (bad, r.text)
+    r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": -1})
+    assert r.status_code == 400 and r.json()["param"] == "max_tokens", r.text
+    for body, field in (({"min_tokens": -1}, "min_tokens"), ({"seed": "x"}, "seed")):
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, **body})
+        assert r.status_code == 400 and r.json()["param"] == field, r.text
 
 
 # --- /v1/completions (OpenAI completions, as SGLang serves them) ------------------------------

@@ -22,6 +22,7 @@ import math
 from typing import Any, Mapping
 
 from clawjax.error_text import shown_value
+from clawjax.serving.openai_requests import length_field
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -63,6 +64,7 @@ class ChatCall:
     session_done: bool = False
     episode: bool = False  # the session is a general-agent episode (samples wait for the outcome)
     outcome_reward: float | None = None  # the episode's verified outcome, sent on its last call
+    length_field: str = "max_tokens"  # the OpenAI field max_new_tokens came from (for errors)
 
     @property
     def close_only(self) -> bool:
@@ -184,9 +186,7 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
         parse_sampling_params(checked, vocab_size, prefix="", aliases={
             k: v for k, v in _SAMPLING.items() if k != v and k not in _PENALTIES})
     except ProtocolError as e:
-        field = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                 "sampling_seed": "seed"}.get(e.field, e.field)
-        raise RequestError(field, e.value, e.expected)
+        raise RequestError(openai_name(e.field, length_field(body)), e.value, e.expected)
     sampling = {_SAMPLING[k]: v for k, v in given.items()}
     # No length given: SGLang's chat sends max_new_tokens None (the rest of the context, which
     # its /generate honours too), not /generate's own default of 128.
@@ -215,7 +215,14 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                     include_usage=bool(include_usage),
                     logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
                     session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
-                    outcome_reward=outcome)
+                    outcome_reward=outcome, length_field=length_field(body))
+
+
+def openai_name(sglang_field: str, length: str = "max_tokens") -> str:
+    """The OpenAI chat field an SGLang sampling field came from (`length`: the one that set
+    `max_new_tokens`, `max_tokens` or `max_completion_tokens`); other names are their own."""
+    return {"max_new_tokens": length, "min_new_tokens": "min_tokens",
+            "sampling_seed": "seed"}.get(sglang_field, sglang_field)
 
 
 def generate_body(call: ChatCall, prompt_ids: list[int]) -> dict:

@@ -14,7 +14,7 @@ import asyncio
 from typing import Any
 
 from clawjax.rollout import answers
-from clawjax.rollout.chatapi import RequestError
+from clawjax.rollout.chatapi import RequestError, openai_name
 from clawjax.serving.client import BadRequest, ServerUnavailable, ServingError
 
 MAX_ABORT_RETRIES = 3
@@ -24,14 +24,14 @@ class GenerationFailed(RuntimeError):
     """The policy fleet could not serve the request (503 to the agent)."""
 
 
-def _param(param: str | None) -> str | None:
+def _param(param: str | None, length_field: str = "max_tokens") -> str | None:
+    """The OpenAI chat field a `/generate` error's `param` names (`length_field`: the one that
+    set the output length)."""
     if param is None:
         return None
     if param == "input_ids":
         return "messages"
-    name = param.removeprefix("sampling_params.")
-    return {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-            "sampling_seed": "seed"}.get(name, name)
+    return openai_name(param.removeprefix("sampling_params."), length_field)
 
 
 def _upstream(field: str, value: Any, expected: str) -> RequestError:
@@ -54,14 +54,15 @@ def _aborted(result: dict) -> bool:
     return isinstance(finish, dict) and finish.get("type") == "abort"
 
 
-async def generate(policy, body: dict) -> dict:
+async def generate(policy, body: dict, length_field: str = "max_tokens") -> dict:
     """One non-streaming `/generate` through the fleet. A 4xx becomes a RequestError naming
-    the OpenAI field; an unavailable fleet or repeated aborts (weights being swapped) a 503."""
+    the OpenAI field (`length_field` for the output length: `ChatCall.length_field`); an
+    unavailable fleet or repeated aborts (weights being swapped) a 503."""
     for _ in range(MAX_ABORT_RETRIES):
         try:
             result = await policy.generate_raw(body)
         except BadRequest as e:
-            raise RequestError(_param(e.param) or "body", "<request>", f"what the policy "
+            raise RequestError(_param(e.param, length_field) or "body", "<request>", f"what the policy "
                                f"server accepts: {e}", status=400) from e
         except ServingError as e:
             raise RequestError("model", "<policy fleet>", f"an available policy server: {e}",
@@ -74,7 +75,8 @@ async def generate(policy, body: dict) -> dict:
                        f"fleet aborted it {MAX_ABORT_RETRIES} times)", status=503)
 
 
-async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
+async def generate_stream(policy, body: dict, events: asyncio.Queue,
+                          length_field: str = "max_tokens") -> None:
     """Streams `/generate` through the fleet onto `events`: ("event", sglang_event) while
     generating, then ("end", result) with the output ids / log-probs of the whole response, or
     ("error", RequestError): always exactly one of the two, whatever the server sends (a
@@ -114,7 +116,7 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue) -> None:
         result["meta_info"] = meta
         await events.put(("end", check_answer(result)))
     except BadRequest as e:
-        await events.put(("error", RequestError(_param(e.param) or "body", "<request>",
+        await events.put(("error", RequestError(_param(e.param, length_field) or "body", "<request>",
                                                 f"what the policy server accepts: {e}")))
     except (ServingError, GenerationFailed) as e:
         await events.put(("error", RequestError("model", "<policy fleet>",

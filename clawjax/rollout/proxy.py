@@ -120,7 +120,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if call.stream:
             return await _stream(request, proxy, call, body, index, prompt_ids)
         t1 = time.perf_counter()
-        result = await policy_calls.generate(proxy.policy, body)
+        result = await policy_calls.generate(proxy.policy, body, call.length_field)
         t2 = time.perf_counter()
         proxy.record(call, index, prompt_ids, result)
         resp = web.json_response(chat_bodies.completion(
@@ -136,7 +136,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, body: dict,
                   index: int, prompt_ids: list[int]) -> web.StreamResponse:
     events: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(policy_calls.generate_stream(proxy.policy, body, events))
+    task = asyncio.create_task(policy_calls.generate_stream(proxy.policy, body, events,
+                                                         call.length_field))
     resp: web.StreamResponse | None = None
     ident, created, sent, first = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), "", True
     # Stop strings the server trims from the final text: their first characters wait.

@@ -20,17 +20,11 @@ from aiohttp import web
 
 from clawjax.serving import chat, completions
 from clawjax.serving.context import CTX, ServerContext, read_json, submit, tokenize_text
+from clawjax.serving.openai_requests import length_field
 from clawjax.serving.protocol import (CHAT_MAX_TOKEN_KEYS, COMPLETION_MAX_TOKEN_KEYS,
                                       GENERATE_MAX_TOKEN_KEYS, ProtocolError, check_lengths,
                                       parse_chat, parse_completion, parse_generate)
 from clawjax.serving.replies import openai_reply, reply, stream_state
-
-
-def length_field(body: dict, keys: tuple[str, ...]) -> str:
-    """The body's field the output length came from: the last of `keys` set (not null), as
-    they are applied in order (`max_completion_tokens` wins over `max_tokens`); `keys[0]`
-    when none is set."""
-    return next((k for k in reversed(keys) if body.get(k) is not None), keys[0])
 
 
 def default_max_new_tokens(body: dict, params, prompt_len: int, context_len: int,

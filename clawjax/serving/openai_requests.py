@@ -80,15 +80,29 @@ _OPENAI_SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p
                     "no_stop_trim", "min_tokens", "seed")
 
 
+def length_field(body: Mapping, keys: tuple[str, ...] = CHAT_MAX_TOKEN_KEYS) -> str:
+    """The body's field the output length comes from: the last of `keys` set (not null), as
+    they are applied in order (`max_completion_tokens` wins over `max_tokens`); `keys[0]`
+    when none is set."""
+    return next((k for k in reversed(keys) if body.get(k) is not None), keys[0])
+
+
 def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str | None, bool,
                                                             bool]:
-    """The fields chat and completions share: (sampling, model, stream, include_usage)."""
-    sampling = parse_sampling_params(
-        {k: body[k] for k in _OPENAI_SAMPLING if k in body}, vocab_size, prefix="",
-        # Applied in order: max_completion_tokens overrides max_tokens when both are set, as
-        # SGLang's chat adapter does (`max_completion_tokens or max_tokens`).
-        aliases={"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                 "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
+    """The fields chat and completions share: (sampling, model, stream, include_usage). A bad
+    sampling value is refused under the OpenAI name the request used (`max_tokens` or
+    `max_completion_tokens`, `min_tokens`, `seed`), not SGLang's that it maps onto."""
+    try:
+        sampling = parse_sampling_params(
+            {k: body[k] for k in _OPENAI_SAMPLING if k in body}, vocab_size, prefix="",
+            # Applied in order: max_completion_tokens overrides max_tokens when both are set,
+            # as SGLang's chat adapter does (`max_completion_tokens or max_tokens`).
+            aliases={"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                     "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
+    except ProtocolError as e:
+        sent = {"max_new_tokens": length_field(body), "min_new_tokens": "min_tokens",
+                "sampling_seed": "seed"}.get(e.field, e.field)
+        raise ProtocolError(sent, e.value, e.expected) from None
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError("model", model, "a string")
