@@ -22,7 +22,7 @@ import math
 from typing import Any, Mapping
 
 from clawjax.error_text import shown_value
-from clawjax.serving.openai_requests import length_field
+from clawjax.serving.openai_requests import length_field, openai_name
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -216,13 +216,6 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                     logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
                     session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
                     outcome_reward=outcome, length_field=length_field(body))
-
-
-def openai_name(sglang_field: str, length: str = "max_tokens") -> str:
-    """The OpenAI chat field an SGLang sampling field came from (`length`: the one that set
-    `max_new_tokens`, `max_tokens` or `max_completion_tokens`); other names are their own."""
-    return {"max_new_tokens": length, "min_new_tokens": "min_tokens",
-            "sampling_seed": "seed"}.get(sglang_field, sglang_field)
 
 
 def generate_body(call: ChatCall, prompt_ids: list[int]) -> dict:

@@ -14,8 +14,9 @@ import asyncio
 from typing import Any
 
 from clawjax.rollout import answers
-from clawjax.rollout.chatapi import RequestError, openai_name
+from clawjax.rollout.chatapi import RequestError
 from clawjax.serving.client import BadRequest, ServerUnavailable, ServingError
+from clawjax.serving.openai_requests import openai_name
 
 MAX_ABORT_RETRIES = 3
 

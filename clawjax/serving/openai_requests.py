@@ -87,6 +87,13 @@ def length_field(body: Mapping, keys: tuple[str, ...] = CHAT_MAX_TOKEN_KEYS) -> 
     return next((k for k in reversed(keys) if body.get(k) is not None), keys[0])
 
 
+def openai_name(sglang_field: str, length: str = "max_tokens") -> str:
+    """The OpenAI field an SGLang sampling field came from (`length`: the one that set
+    `max_new_tokens`, see `length_field`); other names are their own."""
+    return {"max_new_tokens": length, "min_new_tokens": "min_tokens",
+            "sampling_seed": "seed"}.get(sglang_field, sglang_field)
+
+
 def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str | None, bool,
                                                             bool]:
     """The fields chat and completions share: (sampling, model, stream, include_usage). A bad
@@ -100,9 +107,8 @@ def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str 
             aliases={"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                      "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
     except ProtocolError as e:
-        sent = {"max_new_tokens": length_field(body), "min_new_tokens": "min_tokens",
-                "sampling_seed": "seed"}.get(e.field, e.field)
-        raise ProtocolError(sent, e.value, e.expected) from None
+        raise ProtocolError(openai_name(e.field, length_field(body)), e.value,
+                            e.expected) from None
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError("model", model, "a string")
