@@ -23,7 +23,8 @@ class MalformedAnswer(ValueError):
 
     def __init__(self, field: str, value: Any, expected: str):
         self.field, self.value, self.expected = field, value, expected
-        super().__init__(f"policy answer field {field!r} = {shown_value(value)}, expected {expected}")
+        super().__init__(
+            f"policy answer field {field!r} = {shown_value(value)}, expected {expected}")
 
 
 def _is_int(value: Any) -> bool:

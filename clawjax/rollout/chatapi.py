@@ -182,11 +182,12 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                              not math.isfinite(given[key])):
             raise RequestError(key, given[key], f"a finite number (default {neutral})")
     checked = {k: v for k, v in given.items() if k not in _PENALTIES}
+    length = length_field(body)
     try:
         parse_sampling_params(checked, vocab_size, prefix="", aliases={
             k: v for k, v in _SAMPLING.items() if k != v and k not in _PENALTIES})
     except ProtocolError as e:
-        raise RequestError(openai_name(e.field, length_field(body)), e.value, e.expected)
+        raise RequestError(openai_name(e.field, length), e.value, e.expected)
     sampling = {_SAMPLING[k]: v for k, v in given.items()}
     # No length given: SGLang's chat sends max_new_tokens None (the rest of the context, which
     # its /generate honours too), not /generate's own default of 128.
@@ -215,7 +216,7 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
                     include_usage=bool(include_usage),
                     logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
                     session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
-                    outcome_reward=outcome, length_field=length_field(body))
+                    outcome_reward=outcome, length_field=length)
 
 
 def generate_body(call: ChatCall, prompt_ids: list[int]) -> dict:

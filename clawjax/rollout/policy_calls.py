@@ -63,8 +63,8 @@ async def generate(policy, body: dict, length_field: str = "max_tokens") -> dict
         try:
             result = await policy.generate_raw(body)
         except BadRequest as e:
-            raise RequestError(_param(e.param, length_field) or "body", "<request>", f"what the policy "
-                               f"server accepts: {e}", status=400) from e
+            raise RequestError(_param(e.param, length_field) or "body", "<request>",
+                               f"what the policy server accepts: {e}", status=400) from e
         except ServingError as e:
             raise RequestError("model", "<policy fleet>", f"an available policy server: {e}",
                                status=503) from e
@@ -117,7 +117,8 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue,
         result["meta_info"] = meta
         await events.put(("end", check_answer(result)))
     except BadRequest as e:
-        await events.put(("error", RequestError(_param(e.param, length_field) or "body", "<request>",
+        await events.put(("error", RequestError(_param(e.param, length_field) or "body",
+                                                "<request>",
                                                 f"what the policy server accepts: {e}")))
     except (ServingError, GenerationFailed) as e:
         await events.put(("error", RequestError("model", "<policy fleet>",

@@ -87,11 +87,21 @@ def length_field(body: Mapping, keys: tuple[str, ...] = CHAT_MAX_TOKEN_KEYS) -> 
     return next((k for k in reversed(keys) if body.get(k) is not None), keys[0])
 
 
+# OpenAI sampling names → SGLang's, applied in order: max_completion_tokens overrides max_tokens
+# when both are set, as SGLang's chat adapter does (`max_completion_tokens or max_tokens`).
+OPENAI_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                  "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
+# SGLang's names back to OpenAI's, but for max_new_tokens (two sources: `length_field`).
+_OPENAI_NAME = {ours: theirs for theirs, ours in OPENAI_ALIASES.items()
+                if ours != "max_new_tokens"}
+
+
 def openai_name(sglang_field: str, length: str = "max_tokens") -> str:
     """The OpenAI field an SGLang sampling field came from (`length`: the one that set
     `max_new_tokens`, see `length_field`); other names are their own."""
-    return {"max_new_tokens": length, "min_new_tokens": "min_tokens",
-            "sampling_seed": "seed"}.get(sglang_field, sglang_field)
+    if sglang_field == "max_new_tokens":
+        return length
+    return _OPENAI_NAME.get(sglang_field, sglang_field)
 
 
 def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str | None, bool,
@@ -102,10 +112,7 @@ def _openai_common(body: Mapping, vocab_size: int) -> tuple[SamplingParams, str 
     try:
         sampling = parse_sampling_params(
             {k: body[k] for k in _OPENAI_SAMPLING if k in body}, vocab_size, prefix="",
-            # Applied in order: max_completion_tokens overrides max_tokens when both are set,
-            # as SGLang's chat adapter does (`max_completion_tokens or max_tokens`).
-            aliases={"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                     "min_tokens": "min_new_tokens", "seed": "sampling_seed"})
+            aliases=OPENAI_ALIASES)
     except ProtocolError as e:
         raise ProtocolError(openai_name(e.field, length_field(body)), e.value,
                             e.expected) from None
