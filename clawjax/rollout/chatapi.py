@@ -22,17 +22,16 @@ import math
 from typing import Any, Mapping
 
 from clawjax.error_text import shown_value
-from clawjax.serving.openai_requests import length_field, openai_name
+from clawjax.serving.openai_requests import OPENAI_ALIASES, length_field, openai_name
 from clawjax.serving.protocol import ProtocolError, parse_sampling_params
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-             "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "min_p": "min_p", "stop": "stop", "stop_token_ids": "stop_token_ids",
-             "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
-             "no_stop_trim": "no_stop_trim", "min_tokens": "min_new_tokens",
-             "seed": "sampling_seed", "frequency_penalty": "frequency_penalty",
-             "presence_penalty": "presence_penalty", "repetition_penalty": "repetition_penalty"}
+# OpenAI chat sampling fields → SGLang's (`OPENAI_ALIASES`, the embedded server's table; the
+# others keep their names). Ordered: max_completion_tokens after max_tokens, so it wins.
+_SAMPLING = {k: OPENAI_ALIASES.get(k, k) for k in (
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
+    "stop_token_ids", "ignore_eos", "skip_special_tokens", "no_stop_trim", "min_tokens", "seed",
+    "frequency_penalty", "presence_penalty", "repetition_penalty")}
 _PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
 MAX_SESSION_ID_BYTES = 256  # sample ids embed it; the buffer allows 1024-byte ids
@@ -184,8 +183,7 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
     checked = {k: v for k, v in given.items() if k not in _PENALTIES}
     length = length_field(body)
     try:
-        parse_sampling_params(checked, vocab_size, prefix="", aliases={
-            k: v for k, v in _SAMPLING.items() if k != v and k not in _PENALTIES})
+        parse_sampling_params(checked, vocab_size, prefix="", aliases=OPENAI_ALIASES)
     except ProtocolError as e:
         raise RequestError(openai_name(e.field, length), e.value, e.expected)
     sampling = {_SAMPLING[k]: v for k, v in given.items()}
