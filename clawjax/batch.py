@@ -36,7 +36,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from clawjax.sample import Sample, SampleError
+from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 __all__ = ["Sample", "SampleError", "TokenBatch", "pack", "DEFAULT_ROW_BUCKETS", "row_bucket",
            "score_capacity", "with_score_index"]
@@ -103,7 +103,8 @@ def _first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
     return rows
 
 
-def _check(samples: Sequence[Sample], token_budget: int, vocab_size: int | None) -> int | None:
+def _check(samples: Sequence[Sample], token_budget: int, vocab_size: int | None,
+           need_rollout_logp: bool) -> int | None:
     """Validates every sample; returns the shared top-K width (None if no sample has top-K)."""
     seen: set[str] = set()
     topk = None
@@ -118,6 +119,9 @@ def _check(samples: Sequence[Sample], token_budget: int, vocab_size: int | None)
         if s.sample_id in seen:
             raise SampleError(s.sample_id, "sample_id", s.sample_id, "unique within one pack call")
         seen.add(s.sample_id)
+        if need_rollout_logp:
+            require_rollout_logp(s, "(pack: pass need_rollout_logp=False when the batch's old "
+                                    "policy is recomputed or unused, e.g. SFT)")
         if s.teacher_topk_logp is not None:
             k = int(s.teacher_topk_logp.shape[1])
             if topk is not None and k != topk:
@@ -150,7 +154,8 @@ def _fill_rows(samples: Sequence[Sample], rows: list[list[int]], n_rows: int, le
             a["segment_ids"][r, seg] = k + 1
             a["rewards"][r, seg] = s.reward
             a["loss_mask"][r, resp] = s.loss_mask
-            a["rollout_logp"][r, resp] = s.rollout_logp
+            if s.rollout_logp is not None:
+                a["rollout_logp"][r, resp] = s.rollout_logp
             if s.teacher_logp is not None:
                 a["teacher_logp"][r, resp] = s.teacher_logp
                 a["teacher_mask"][r, resp] = 1.0
@@ -196,14 +201,17 @@ def with_score_index(batch: TokenBatch, capacity: int | None = None) -> TokenBat
 
 def pack(samples: Sequence[Sample], token_budget: int,
          row_buckets: Sequence[int] = DEFAULT_ROW_BUCKETS, row_multiple: int = 1,
-         vocab_size: int | None = None) -> list[TokenBatch]:
+         vocab_size: int | None = None, need_rollout_logp: bool = True) -> list[TokenBatch]:
     """Packs samples into rows of `token_budget` tokens (first-fit-decreasing) → TokenBatches.
 
     Every sample is validated (`Sample.validate`); one longer than `token_budget` raises a
     `SampleError` naming its id and length (never truncated), as do duplicate ids and mixed
-    top-K widths. Rows are grouped into batches of at most `max(row_buckets)` rows (rounded up
-    to `row_multiple`); each batch's row count is rounded up to a bucket (`row_bucket`), so a
-    run compiles one shape per bucket. Padding rows are all zeros (segment 0). Each sample lands
+    top-K widths, and (with `need_rollout_logp`, the default) a sample without `rollout_logp`:
+    the batch's `old_logp` is their copy. With `need_rollout_logp=False` (the old policy is
+    recomputed, or no ratio is taken: SFT, probes) such a sample packs zeros there. Rows are
+    grouped into batches of at most `max(row_buckets)` rows (rounded up to `row_multiple`);
+    each batch's row count is rounded up to a bucket (`row_bucket`), so a run compiles one
+    shape per bucket. Padding rows are all zeros (segment 0). Each sample lands
     in exactly one row of one batch. Returns numpy-backed TokenBatches (`[] ` for no samples);
     the trainer device_puts them with its sharding.
     """
@@ -215,7 +223,7 @@ def pack(samples: Sequence[Sample], token_budget: int,
     if isinstance(row_multiple, bool) or int(row_multiple) < 1:
         raise ValueError(f"pack: row_multiple = {row_multiple!r}, expected an int ≥ 1")
     token_budget, row_multiple = int(token_budget), int(row_multiple)
-    topk = _check(samples, token_budget, vocab_size)
+    topk = _check(samples, token_budget, vocab_size, need_rollout_logp)
     rows = _first_fit_decreasing([int(s.tokens.shape[0]) for s in samples], token_budget)
     per_batch = row_bucket(max(int(b) for b in row_buckets), (1,), row_multiple)
     batches = []

@@ -19,6 +19,7 @@ import os
 import time
 
 import httpx
+import numpy as np
 
 from clawjax import config as config_lib
 from clawjax import default_task, report, warmstart
@@ -123,8 +124,9 @@ def probe_file(path: str, tokenizer, tasks: list[dict]) -> str:
             messages = [{"role": "user", "content": default_task.first_message(t)}]
             prompt, response = warmstart.encode(tokenizer, messages,
                                                 default_task.answer(t, default_task.PREFERENCE))
+            # The replay format requires rollout log-probs; the gate takes no ratio: zeros.
             s = Sample(sample_id=f"probe-{i}", tokens=prompt + response,
-                       response_len=len(response))
+                       response_len=len(response), rollout_logp=np.zeros(len(response)))
             f.write(s.to_json() + "\n")
     return path
 

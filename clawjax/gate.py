@@ -43,7 +43,7 @@ class RegressionGate:
         if margin < 0:
             raise ValueError(f"gate.margin = {margin}, expected a value ≥ 0")
         self.margin = margin
-        self.batches = batch_lib.pack(probe, token_budget)
+        self.batches = batch_lib.pack(probe, token_budget, need_rollout_logp=False)  # no ratio
         self.serving_score: float | None = None
 
         @jax.jit

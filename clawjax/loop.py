@@ -229,6 +229,10 @@ class TrainLoop(GateMixin):
         except SampleError as e:
             log.warning("rejected: %s", e)
             return "invalid"
+        if sample.rollout_logp is None and self.config.loss.old_logp == "rollout":
+            log.warning("rejected sample %r: no rollout_logp, the old policy under "
+                        "loss.old_logp = 'rollout'", sample.sample_id)
+            return "invalid"
         if len(sample.tokens) > self.config.trainer.token_budget:
             log.warning("rejected sample %r: %d tokens > trainer.token_budget %d",
                         sample.sample_id, len(sample.tokens), self.config.trainer.token_budget)
@@ -280,7 +284,8 @@ class TrainLoop(GateMixin):
         several processes each packs its own samples and the global stack joins their rows."""
         micro = self.config.trainer.micro_batches
         packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
-                                row_multiple=micro * self.local_data_parallel)
+                                row_multiple=micro * self.local_data_parallel,
+                                need_rollout_logp=self.config.loss.old_logp == "rollout")
         assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
         rows = dist_lib.pad_rows_to_common(packed[0]) if jax.process_count() > 1 else packed[0]
         capacity = batch_lib.score_capacity(np.asarray(rows.loss_mask))

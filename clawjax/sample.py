@@ -59,6 +59,11 @@ class SampleError(ValueError):
             f"sample {sample_id!r}: field {field!r} = {shown_value(value)}, expected {expected}")
 
 
+# What a missing `rollout_logp` is refused with where the field is required (the buffer's
+# wire, replay JSONL, `pack` for a PPO ratio against the rollout policy).
+ROLLOUT_LOGP_REQUIRED = ("the rollout engine's log-prob of each response token (required: the "
+                         "PPO ratio's old policy under loss.old_logp = 'rollout'; zeros would "
+                         "train against a policy of probability 1)")
 _FLOOR_RULE = (f"log-probs ≥ LOGP_FLOOR = {LOGP_FLOOR:g} (lower values overflow the OPD "
                "advantage; an impossible token is -9999.0 on the wire)")
 _TOPK_MASS_MAX = math.exp(TOPK_MASS_SLACK)
@@ -108,6 +113,14 @@ def _as_int(sample_id: str, field: str, value) -> int:
     raise SampleError(sample_id, field, value, "an integer")
 
 
+def require_rollout_logp(sample: "Sample", where: str) -> None:
+    """Raises `SampleError` (field `rollout_logp`, `ROLLOUT_LOGP_REQUIRED` and `where`, e.g.
+    "on the buffer's wire") for a sample that carries no rollout log-probs."""
+    if sample.rollout_logp is None:
+        raise SampleError(str(sample.sample_id), "rollout_logp", None,
+                          f"{ROLLOUT_LOGP_REQUIRED} {where}")
+
+
 @dataclasses.dataclass(eq=False)
 class Sample:
     """One trained turn. Arrays are numpy; construction converts lists to the right dtype.
@@ -121,7 +134,11 @@ class Sample:
       teacher_logp [R] float32 or None (present ⇒ OPD sample),
       teacher_topk_logp [R, K] float32 / teacher_topk_ids [R, K] int32, both or neither,
       step_rewards [S] float32 or None.
-    `loss_mask` defaults to all ones and `rollout_logp` to zeros when omitted.
+    `loss_mask` defaults to all ones. An omitted `rollout_logp` stays None: not known (SFT
+    data, gate probes). Such a sample is valid in process, but it cannot travel (the buffer's
+    wire and the replay JSONL require the field) and `pack` refuses it unless told the batch
+    needs no rollout log-probs (`need_rollout_logp=False`: loss.old_logp = 'recompute', SFT):
+    zeros in its place would be an old policy of probability 1.
     """
 
     sample_id: str
@@ -147,8 +164,6 @@ class Sample:
         self.response_len = _as_int(sid, "response_len", self.response_len)
         if self.loss_mask is None:
             self.loss_mask = np.ones((max(self.response_len, 0),), np.float32)
-        if self.rollout_logp is None:
-            self.rollout_logp = np.zeros((max(self.response_len, 0),), np.float32)
         self.loss_mask = _as_array(self.loss_mask, np.float32)
         self.rollout_logp = _as_array(self.rollout_logp, np.float32)
         self.teacher_logp = _as_array(self.teacher_logp, np.float32)
@@ -343,11 +358,8 @@ class Sample:
         except (TypeError, ValueError) as e:
             raise SampleError(sid, "<construction>", str(e), "values of the documented types") from e
         if data.get("rollout_logp") is None:     # checked after the fields' own types
-            raise SampleError(sid, "rollout_logp", None, "the rollout engine's log-prob of each "
-                              "response token (required: the PPO ratio's old policy under "
-                              "loss.old_logp = 'rollout'; zeros would train against a policy "
-                              "of probability 1. With loss.old_logp = 'recompute' write any "
-                              "values ≤ 0, e.g. zeros)")
+            raise SampleError(sid, "rollout_logp", None, ROLLOUT_LOGP_REQUIRED + " (with "
+                              "loss.old_logp = 'recompute' write any values ≤ 0, e.g. zeros)")
         return sample
 
     def to_json(self) -> str:

@@ -27,7 +27,7 @@ from typing import Iterable
 
 from clawjax.config import ConfigError
 from clawjax.durable import fsync_dir
-from clawjax.sample import Sample, SampleError
+from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 log = logging.getLogger("clawjax.sources")
 
@@ -69,6 +69,11 @@ def read_replay(path: str, vocab_size: int | None = None) -> list[Sample]:
 
 
 def write_replay(path: str, samples: Iterable[Sample]) -> None:
+    """One JSON line per sample. Refuses (`SampleError`, before writing) a sample without
+    `rollout_logp`: `read_replay` would refuse its line."""
+    samples = list(samples)
+    for s in samples:
+        require_rollout_logp(s, "in a replay file")
     with open(path, "w") as f:
         for s in samples:
             f.write(s.to_json() + "\n")

@@ -120,7 +120,8 @@ def warm_start(out_dir: str, settings, progress: bool = True) -> str:
         chosen = [samples[j] for j in rng.choice(len(samples), settings.batch_size, replace=False)]
         # Same row count every step (one compile): pad the bucket to a fixed number of rows.
         (packed,) = batch_lib.pack(chosen, settings.token_budget,
-                                   row_buckets=(settings.rows,), row_multiple=1)
+                                   row_buckets=(settings.rows,), row_multiple=1,
+                                   need_rollout_logp=False)   # SFT: no policy ratio
         params, opt_state, loss = step(params, opt_state, packed)
         if bar is not None:
             bar.update(1)

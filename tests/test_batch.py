@@ -97,8 +97,8 @@ def test_pack_lays_every_sample_out_exactly_once(seed, n, budget, multiple, topk
 
 def test_first_fit_decreasing_rows_and_buckets():
     lens = [9, 7, 6, 5, 3, 2, 2]                    # FFD into 10: [9], [7, 3], [6, 2, 2], [5]
-    samples = [Sample(sample_id=f"x{i}", tokens=np.arange(n) % 7, response_len=1)
-               for i, n in enumerate(lens)]
+    samples = [Sample(sample_id=f"x{i}", tokens=np.arange(n) % 7, response_len=1,
+                      rollout_logp=[-0.5]) for i, n in enumerate(lens)]
     (batch,) = pack(samples, 10)
     assert batch.sample_ids == (("x0",), ("x1", "x4"), ("x2", "x5", "x6"), ("x3",))
     (batch,) = pack(samples, 10, row_buckets=(3, 6))
@@ -112,8 +112,8 @@ def test_first_fit_decreasing_rows_and_buckets():
 def test_pack_packs_a_long_tailed_mix_densely():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5.5, 1.2, 300), 16, 4096).astype(int)
-    samples = [Sample(sample_id=f"l{i}", tokens=np.zeros(n, np.int32), response_len=n // 2)
-               for i, n in enumerate(lengths)]
+    samples = [Sample(sample_id=f"l{i}", tokens=np.zeros(n, np.int32), response_len=n // 2,
+                      rollout_logp=np.full(n // 2, -0.5)) for i, n in enumerate(lengths)]
     batches = pack(samples, 4096, row_buckets=(64,))
     real = sum(int((b.segment_ids > 0).sum()) for b in batches)
     rows_used = sum(sum(1 for ids in b.sample_ids if ids) for b in batches)
@@ -137,9 +137,10 @@ def test_pack_rejects_invalid_duplicate_and_mixed_topk_samples():
     with pytest.raises(SampleError, match="sample_id.*unique"):
         pack(good + [dataclasses.replace(good[0])], 32)
     a = Sample(sample_id="k2", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
-               teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 5]])
+               rollout_logp=[-1.0], teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 5]])
     b = Sample(sample_id="k3", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
-               teacher_topk_logp=[[-1.0, -2.0, -3.0]], teacher_topk_ids=[[4, 5, 6]])
+               rollout_logp=[-1.0], teacher_topk_logp=[[-1.0, -2.0, -3.0]],
+               teacher_topk_ids=[[4, 5, 6]])
     with pytest.raises(SampleError, match="'k3'.*K = 3"):
         pack([a, b], 32)
     with pytest.raises(ValueError, match="token_budget"):
@@ -150,10 +151,30 @@ def test_pack_rejects_invalid_duplicate_and_mixed_topk_samples():
         pack(good, 32, row_buckets=())
 
 
+def test_pack_wants_rollout_logprobs_unless_told_they_are_not_needed():
+    """Under loss.old_logp = 'rollout' a sample's `rollout_logp` is the PPO ratio's old policy:
+    one without them is refused naming it. `need_rollout_logp=False` (SFT, probes, 'recompute')
+    packs them as zeros, and a sample that has them keeps them."""
+    known = random_samples(np.random.default_rng(4), 1, max_len=10)[0]
+    unknown = Sample(sample_id="no-logp", tokens=[5, 6, 7, 8], response_len=2)
+    with pytest.raises(SampleError) as info:
+        pack([known, unknown], 32)
+    assert info.value.sample_id == "no-logp" and info.value.field == "rollout_logp"
+    assert "need_rollout_logp=False" in str(info.value)
+    (batch,) = pack([known, unknown], 32, need_rollout_logp=False)
+    for s in (known, unknown):
+        r, k = next((r, ids.index(s.sample_id)) for r, ids in enumerate(batch.sample_ids)
+                    if s.sample_id in ids)
+        resp = np.flatnonzero(batch.segment_ids[r] == k + 1)[-s.response_len:]
+        want = np.zeros(s.response_len) if s.rollout_logp is None else s.rollout_logp
+        np.testing.assert_array_equal(batch.rollout_logp[r, resp], want)
+        np.testing.assert_array_equal(batch.old_logp[r, resp], want)
+
+
 def test_pack_rejects_top_k_ids_outside_the_vocabulary_naming_the_field():
     """An id >= vocab_size would match no logit and score as if its logit were 0."""
     ok = Sample(sample_id="in", tokens=[1, 2, 3], response_len=1, kind="opd", teacher_logp=[-1.0],
-                teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 31]])
+                rollout_logp=[-1.0], teacher_topk_logp=[[-1.0, -2.0]], teacher_topk_ids=[[4, 31]])
     out = dataclasses.replace(ok, sample_id="out", teacher_topk_ids=np.array([[4, 32]]))
     assert len(pack([ok], 32, vocab_size=32)) == 1
     with pytest.raises(SampleError, match=r"'out'.*teacher_topk_ids.*32.*vocab_size 32"):

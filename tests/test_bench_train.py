@@ -46,7 +46,7 @@ def test_torch_packed_rows_match_each_sequence_alone():
     model = hf_tiny.build("qwen3", seed=1)
     rng = np.random.default_rng(3)
     samples = [Sample(sample_id=f"s{i}", tokens=rng.integers(1, hf_tiny.VOCAB, n).astype(np.int32),
-                      response_len=2) for i, n in enumerate((9, 6, 12))]
+                      response_len=2, rollout_logp=[-1.0, -2.0]) for i, n in enumerate((9, 6, 12))]
     (batch,) = pack(samples, 32, row_buckets=(1,))
     inputs = bench_train.torch_inputs(batch)
     with torch.no_grad():

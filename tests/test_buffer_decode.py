@@ -51,7 +51,8 @@ def _no_fallback(monkeypatch):
 @pytest.mark.parametrize("copy", [False, True])
 def test_fast_path_matches_protobuf_on_this_package_encoding(monkeypatch, copy):
     samples = [full_sample(), *make_samples(6, seed=3),
-               Sample("empties", [1, 2], 1, step_rewards=[], teacher_logp=[-0.5], kind="opd",
+               Sample("empties", [1, 2], 1, rollout_logp=[-0.5], step_rewards=[],
+                      teacher_logp=[-0.5], kind="opd",
                       teacher_topk_logp=np.zeros((1, 2)), teacher_topk_ids=np.zeros((1, 2)))]
     encoded = [wire.encode_sample(s) for s in samples]
     _no_fallback(monkeypatch)
@@ -59,7 +60,8 @@ def test_fast_path_matches_protobuf_on_this_package_encoding(monkeypatch, copy):
         got = decode.to_sample(decode.parse(data, copy=copy))
         assert same(got, reference(data)) and got.equals(s)
         assert got.tokens.flags.writeable == copy
-    absent = decode.to_sample(decode.parse(wire.encode_sample(Sample("a", [1, 2, 3], 2))))
+    absent = decode.to_sample(decode.parse(wire.encode_sample(
+        Sample("a", [1, 2, 3], 2, rollout_logp=[-0.5, -0.25]))))
     assert absent.step_rewards is None and absent.teacher_logp is None
     assert absent.teacher_topk_logp is None and absent.metadata == {}
 

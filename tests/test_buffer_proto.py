@@ -69,6 +69,15 @@ def test_absent_optionals_stay_absent_and_empty_stays_empty():
     assert back.equals(s)
 
 
+@pytest.mark.parametrize("encode", [codec.to_proto, wire.encode_sample])
+def test_a_sample_without_rollout_logprobs_is_refused_before_it_travels(encode):
+    """The buffer's data contract requires them (a trainer under old_logp = 'rollout' reads
+    them as the old policy): refused at the client, naming the sample and the field."""
+    with pytest.raises(SampleError) as info:
+        encode(Sample("no-logp", [3, 4, 5], 1))
+    assert info.value.sample_id == "no-logp" and info.value.field == "rollout_logp"
+
+
 def test_tokens_and_logps_are_packed_on_the_wire():
     s = Sample("p", np.arange(1000), 500, rollout_logp=np.full(500, -1.0))
     size = codec.to_proto(s).ByteSize()
@@ -79,8 +88,9 @@ def test_tokens_and_logps_are_packed_on_the_wire():
 
 @pytest.mark.parametrize("sample", [
     full_sample(),
-    Sample("rl", [5, 6, 7], 2),
-    Sample("neg", [-1, -2**31, 2**31 - 1, 0, 300], 2, step_rewards=np.zeros(0, np.float32),
+    Sample("rl", [5, 6, 7], 2, rollout_logp=[0.0, -1.5]),
+    Sample("neg", [-1, -2**31, 2**31 - 1, 0, 300], 2, rollout_logp=[-1.0, -2.0],
+           step_rewards=np.zeros(0, np.float32),
            teacher_logp=np.zeros(0, np.float32), kind="opd"),
     Sample("nan", [1, 2], 1, rollout_logp=[float("nan")], reward=float("inf"),
            teacher_topk_logp=np.zeros((0, 3)), teacher_topk_ids=np.zeros((0, 3))),
@@ -110,6 +120,6 @@ def test_topk_payload_that_does_not_reshape_names_the_field():
 
 
 def test_negative_counter_cannot_be_encoded_and_names_the_field():
-    s = Sample("neg", [1, 2], 1, turn_index=-1)
+    s = Sample("neg", [1, 2], 1, rollout_logp=[-0.5], turn_index=-1)
     with pytest.raises(SampleError, match="turn_index"):
         codec.to_proto(s)

@@ -22,6 +22,7 @@ def sample(i, prompt, reward, kind="rl", group=None):
     meta = {"group_id": group} if group is not None else {}
     r = 3
     return Sample(f"s{i}", list(prompt) + [7, 8, 9], r, reward=reward, kind=kind,
+                  rollout_logp=[-0.5] * r,
                   teacher_logp=[-0.1] * r if kind != "rl" else None, metadata=meta)
 
 
@@ -96,7 +97,8 @@ def test_the_trainer_trains_on_group_normalised_rewards(tmp_path):
     rewards = [1.0, -1.0, 1.0, 1.0, -1.0, 0.0, 1.0, -1.0]
     samples = [sample(i, prompts[i % 2], r) for i, r in enumerate(rewards)]
     normalized = reference(rewards, [i % 2 for i in range(8)], True)
-    pre = [Sample(s.sample_id, s.tokens, s.response_len, reward=float(a), kind=s.kind)
+    pre = [Sample(s.sample_id, s.tokens, s.response_len, reward=float(a), kind=s.kind,
+                  rollout_logp=s.rollout_logp)
            for s, a in zip(samples, normalized)]
     params = {}
     for name, batch, mode in (("grouped", samples, "mean_std"), ("pre", pre, "none")):

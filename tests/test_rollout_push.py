@@ -17,7 +17,7 @@ from clawjax.serving.launch import free_port
 
 def sample(i: int, **changes) -> Sample:
     fields = dict(sample_id=f"p-{i}", tokens=np.arange(1, 9), response_len=3, reward=1.0,
-                  session_id="push", turn_index=i)
+                  rollout_logp=[-0.5, -1.0, -0.25], session_id="push", turn_index=i)
     return Sample(**{**fields, **changes})
 
 

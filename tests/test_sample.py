@@ -79,6 +79,18 @@ def test_from_json_wants_the_rollout_logprobs():
     assert Sample.from_json(line).rollout_logp.tolist() == [-0.5, -1.0]
 
 
+def test_omitted_rollout_logprobs_stay_unknown_not_zeros():
+    """Zeros would be a made-up old policy of probability 1: an omitted `rollout_logp` is None
+    (valid in process: SFT data, probes), left out of the JSON line, which then does not load."""
+    s = Sample(**base())
+    assert s.rollout_logp is None and s.validate() is s
+    assert "rollout_logp" not in s.to_json_dict() and s.num_bytes == Sample(**base()).num_bytes
+    with pytest.raises(SampleError) as info:
+        Sample.from_json(s.to_json())
+    assert info.value.field == "rollout_logp"
+    assert not s.equals(Sample(**base(rollout_logp=[0.0, 0.0])))
+
+
 @pytest.mark.parametrize("tokens", [
     [1, 2, 3], np.array([1, 2, 3], np.int8), np.array([1, 2, 3], np.int16),
     np.array([1, 2, 3], np.int64), np.array([1, 2, 3], np.uint32), np.array([1, 2, 3], np.uint64),

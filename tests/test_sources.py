@@ -3,11 +3,15 @@ by each source, the replay source's checkpointed state included."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import pytest
+
 from clawjax.buffer import BufferClient
 from clawjax.buffer.testing import ServerProcess
+from clawjax.sample import SampleError
 from clawjax.sources import (BufferSource, QueueSource, ReplaySource, replay_fingerprint,
                              write_replay)
 from sample_factory import make_samples
@@ -33,6 +37,18 @@ def test_replay_release_redelivers_from_a_checkpointed_state(tmp_path):
     assert again.state() == {"position": 5, "file_samples": 6,
                              "file_ids_sha256": replay_fingerprint(samples)}
     assert ids(source.take(2)) == ids([samples[1], samples[3]])
+
+
+def test_a_replay_file_is_not_written_with_a_sample_it_could_not_read(tmp_path):
+    """A sample without `rollout_logp` writes a line `read_replay` refuses: refused before any
+    line is written, naming the sample and the field."""
+    samples = make_samples(3, seed=32)
+    samples[1] = dataclasses.replace(samples[1], rollout_logp=None)
+    path = tmp_path / "replay.jsonl"
+    with pytest.raises(SampleError) as info:
+        write_replay(str(path), samples)
+    assert (info.value.sample_id, info.value.field) == (samples[1].sample_id, "rollout_logp")
+    assert "replay file" in str(info.value) and not path.exists()
 
 
 def test_replay_release_after_the_file_started_over(tmp_path):

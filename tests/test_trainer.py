@@ -155,13 +155,27 @@ def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
     nan_logp = make_samples(1, seed=6, prefix="nan")[0]
     nan_logp.rollout_logp[0] = np.nan
     huge = make_samples(1, seed=7, prefix="long", min_len=400, max_len=400)[0]
+    unknown = dataclasses.replace(make_samples(1, seed=8, prefix="no-logp")[0], rollout_logp=None)
     source = QueueSource()
-    source.put([nan_logp, huge, *good])
+    source.put([nan_logp, huge, unknown, *good])
     loop = TrainLoop(tiny_config(tmp_path / "drop", **{"trainer.samples_per_step": 4}),
                      source=source)
     taken = loop.take_samples()
     assert [s.sample_id for s in taken] == [s.sample_id for s in good]
-    assert loop.dropped == {"invalid": 1, "too_long": 1, "stale": 0}  # zeros listed too
+    assert loop.dropped == {"invalid": 2, "too_long": 1, "stale": 0}  # zeros listed too
+
+
+def test_recomputed_old_logprobs_need_no_rollout_logprobs(tmp_path):
+    """Under loss.old_logp = 'recompute' the old policy is the parameters before the update: a
+    sample without `rollout_logp` is admitted and trained."""
+    samples = [dataclasses.replace(s, rollout_logp=None) for s in make_samples(4, seed=12)]
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "recompute", **{
+        "trainer.samples_per_step": 4, "loss.old_logp": "recompute"}), source=source)
+    taken = loop.take_samples()
+    assert [s.sample_id for s in taken] == [s.sample_id for s in samples]
+    assert math.isfinite(loop.train_step(taken)["loss"])
 
 
 def test_stale_samples_are_dropped(tmp_path):

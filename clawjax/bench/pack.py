@@ -21,8 +21,12 @@ def long_tailed_samples(n: int, seed: int, median: float, sigma: float,
                         lo: int = 16, hi: int = 8192) -> list[Sample]:
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(median), sigma, n), lo, hi).astype(int)
-    return [Sample(sample_id=f"s{i}", tokens=np.zeros(int(m), np.int32),
-                   response_len=int(m) - max(1, int(m) // 4)) for i, m in enumerate(lengths)]
+    samples = []
+    for i, m in enumerate(int(m) for m in lengths):
+        r = m - max(1, m // 4)
+        samples.append(Sample(sample_id=f"s{i}", tokens=np.zeros(m, np.int32), response_len=r,
+                              rollout_logp=np.full(r, -1.0, np.float32)))
+    return samples
 
 
 def measure(samples: list[Sample], budget: int) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.sample import Sample, SampleError
+from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 
 def _floats(container) -> np.ndarray:
@@ -65,7 +65,9 @@ def checked_topk(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 
 def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
     """Host sample → wire message. Raises `SampleError` for values the wire cannot carry
-    (negative counters, non-string metadata, unpaired top-K arrays), naming the field."""
+    (no rollout log-probs, negative counters, non-string metadata, unpaired top-K arrays),
+    naming the field."""
+    require_rollout_logp(sample, "on the buffer's wire")
     msg = scalars_to_proto(sample, pb.Sample() if out is None else out)
     msg.tokens.extend(np.asarray(sample.tokens).reshape(-1).tolist())
     msg.loss_mask.extend(np.asarray(sample.loss_mask).reshape(-1).tolist())
