@@ -8,7 +8,6 @@ import errno
 import pytest
 
 from clawjax.buffer import wal as wal_mod
-from clawjax.buffer.stale import StaleLog
 from clawjax.buffer.store import Store
 from clawjax.buffer.wal import RecordType, read_stale
 
@@ -93,19 +92,40 @@ def test_a_stale_log_write_whose_fsync_failed_is_cut_back_and_written_once_on_re
     assert _stale_ids(tmp_path) == ["old"]
 
 
-def test_a_restart_with_no_stale_sample_held_does_not_read_stale_log(tmp_path, monkeypatch):
-    """stale.log keeps every stale sample ever; a restart reads it only when a sample it holds
-    is stale now (only such a sample can be in stale.log without its DONE record)."""
+def test_a_restart_under_a_looser_bound_does_not_copy_it_again_when_it_goes_stale(tmp_path):
+    """A sample copied to stale.log whose DONE was lost is held again; restarted with a larger
+    --max-staleness it is not stale (delivered, or held as here), and when it goes stale again
+    later its copy is not written a second time."""
     store = _store(tmp_path)
     store.push([("old", 0, b"o"), ("kept", 3, b"k")])
-    store.set_policy_version(3)                     # "old" moved aside for good
-    store.close()
-    reads = []
-    real = StaleLog.records
-    monkeypatch.setattr(StaleLog, "records", lambda self: reads.append(1) or real(self))
-    store = _store(tmp_path)
+    _fail_next_done(store)
+    with pytest.raises(OSError, match="I/O error"):
+        store.set_policy_version(3)
+    store.close()                                   # as a crash before the DONE record
+    store = Store(tmp_path, compact_interval_s=3600, max_staleness=5)
     try:
-        assert reads == [] and store.stats()["queued"] == 1
+        assert store.stats()["queued"] == 2         # 3 - 0 ≤ 5: not stale now
+        assert store.set_policy_version(6) == 1     # 6 - 0 > 5: moved aside, not copied again
+        assert store.stale_log.pending == set()
     finally:
         store.close()
+    assert _stale_ids(tmp_path) == ["old"]
+
+
+def test_stale_log_records_read_on_open_are_not_kept(tmp_path):
+    """stale.log keeps every stale sample ever and is read whole on open (torn-tail check);
+    the store matches its ids against the held samples then and keeps none of its bytes."""
+    store = _store(tmp_path)
+    store.push([("old", 0, b"o" * 4096), ("kept", 3, b"k")])
+    store.set_policy_version(3)                     # "old" moved aside for good
+    store.close()
+    for held in (True, False):
+        store = _store(tmp_path)
+        try:
+            assert store.stats()["queued"] == (1 if held else 0)
+            assert store.stale_log.log._opened is None and store.stale_log.pending == set()
+            if held:
+                store.ack(["kept"])
+        finally:
+            store.close()
     assert _stale_ids(tmp_path) == ["old"]

@@ -52,12 +52,10 @@ class StaleOnce:
 
     def recover(self, held: Collection[str]) -> None:
         """On open, after the WAL's replay: the ids in stale.log that the store still `held`
-        (moved aside before a crash or a failed DONE write) are pending. With nothing `held`
-        stale.log is not read."""
-        if not held:
-            self.pending = set()
-            return
-        ids = (push_id(p) for t, p in self.log.records() if t == RecordType.PUSH)
+        (moved aside before a crash or a failed DONE write) are pending. Takes the records the
+        log read on open (its torn-tail check reads it whole), so none of its bytes stay."""
+        records = self.log.records()
+        ids = (push_id(p) for t, p in records if t == RecordType.PUSH) if held else ()
         self.pending = {sid for sid in ids if sid in held}
 
     def append(self, items: Iterable[tuple[str, int, bytes]]) -> None:

@@ -92,11 +92,10 @@ class Store(LeaseTable):
         self.stale_log = StaleOnce(directory, fsync=fsync)
         self.done_log = DoneLog(directory, fsync=fsync)
         self._replay()
-        # Only a sample stale now can have been moved aside before a crash or a failed DONE
-        # write (the policy version that made it stale is in the WAL before any sweep): with
-        # none held, stale.log (which keeps every stale sample ever) is not read at all.
-        self.stale_log.recover({sid for sid, e in self._entries.items()
-                                if self._is_stale_version(e.version)})
+        # Any held sample may have been copied to stale.log before a crash or a failed DONE
+        # write, under this bound or another (a restart with a larger --max-staleness holds it
+        # as not stale now, and it may go stale again).
+        self.stale_log.recover(self._entries.keys())
         self._stop = threading.Event()
         self._compactor = Compactor(self.wal, self._done, self.done_log, self._live_wal_bytes,
                                     compact_interval_s, self._stop)
