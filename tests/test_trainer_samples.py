@@ -1,0 +1,146 @@
+"""The samples a training loop takes: invalid, too long, stale and rollout-log-prob-less ones
+are counted and not trained; a replay too short for one step is refused naming the counts; a
+stop mid-step trains no short step and gives the samples in hand back. Helpers are
+test_trainer's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from clawjax import config as config_lib
+from clawjax.loop import TrainLoop
+from clawjax.sources import QueueSource, ReplaySource, write_replay
+from sample_factory import make_samples
+from test_trainer import tiny_config
+
+
+def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
+    good = make_samples(4, seed=5)
+    nan_logp = make_samples(1, seed=6, prefix="nan")[0]
+    nan_logp.rollout_logp[0] = np.nan
+    huge = make_samples(1, seed=7, prefix="long", min_len=400, max_len=400)[0]
+    unknown = dataclasses.replace(make_samples(1, seed=8, prefix="no-logp")[0], rollout_logp=None)
+    source = QueueSource()
+    source.put([nan_logp, huge, unknown, *good])
+    loop = TrainLoop(tiny_config(tmp_path / "drop", **{"trainer.samples_per_step": 4}),
+                     source=source)
+    taken = loop.take_samples()
+    assert [s.sample_id for s in taken] == [s.sample_id for s in good]
+    assert loop.dropped == {"invalid": 2, "too_long": 1, "stale": 0}  # zeros listed too
+
+
+def test_recomputed_old_logprobs_need_no_rollout_logprobs(tmp_path):
+    """Under loss.old_logp = 'recompute' the old policy is the parameters before the update: a
+    sample without `rollout_logp` is admitted and trained."""
+    samples = [dataclasses.replace(s, rollout_logp=None) for s in make_samples(4, seed=12)]
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "recompute", **{
+        "trainer.samples_per_step": 4, "loss.old_logp": "recompute"}), source=source)
+    taken = loop.take_samples()
+    assert [s.sample_id for s in taken] == [s.sample_id for s in samples]
+    assert math.isfinite(loop.train_step(taken)["loss"])
+
+
+def test_stale_samples_are_dropped(tmp_path):
+    samples = make_samples(4, seed=8)
+    old = make_samples(1, seed=9, prefix="old")[0]
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "stale", **{
+        "trainer.samples_per_step": 4, "trainer.max_staleness": 0}), source=source)
+    first = loop.train_step(loop.take_samples())
+    source.put([old, *make_samples(4, seed=10, prefix="new")])
+    for s in source._queue.queue:
+        if s.sample_id.startswith("new"):
+            s.policy_version = 1
+    taken = loop.take_samples()
+    assert all(s.sample_id.startswith("new") for s in taken)
+    assert loop.dropped["stale"] == 1
+    second = loop.train_step(taken)
+    # Every reason is in every step's metrics, zeros included: a count is never just absent.
+    assert {k: v for k, v in first.items() if k.startswith("dropped_")} == {
+        "dropped_invalid": 0.0, "dropped_too_long": 0.0, "dropped_stale": 0.0}
+    assert second["dropped_stale"] == 1.0 and second["dropped_invalid"] == 0.0
+
+
+def test_a_replay_file_smaller_than_one_step_is_refused_at_start_up(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(3, seed=4))
+    config = tiny_config(tmp_path / "run", replay=replay, **{"trainer.samples_per_step": 4})
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"'replay' = .*replay\.jsonl.*expected a file of at least "
+                             r"trainer.samples_per_step = 4 samples .*it holds 3") as refused:
+        TrainLoop(config)
+    assert refused.value.key == "replay"  # the key every config error names (the CLI's line)
+
+
+def test_a_replay_that_starts_over_within_a_step_names_replay_and_the_counts(tmp_path):
+    """Too long samples rejected at admit leave fewer admissible samples than one step needs:
+    the replay would start over and take a sample already in hand (before: two copies in one
+    step and a misleading error from `pack`)."""
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), make_samples(7, seed=1, prefix="short") +
+                 make_samples(3, seed=2, min_len=300, max_len=400, prefix="long"))
+    loop = TrainLoop(tiny_config(tmp_path / "run", replay=replay, **{
+        "trainer.samples_per_step": 8}))
+    with pytest.raises(config_lib.ConfigError, match=(
+            r"'replay' = .*replay\.jsonl.*trainer\.samples_per_step = 8.* found 7 admissible")):
+        loop.take_samples()
+    assert loop.dropped["too_long"] == 3
+    loop.close()
+
+
+def test_a_stop_while_waiting_trains_no_short_step_and_gives_the_samples_back(tmp_path):
+    """A stop while `take_samples` waits (3 of samples_per_step = 8 in hand) trains nothing:
+    the 3 go back to the source (before: a 3-sample step was trained and checkpointed)."""
+    source = QueueSource()
+    samples = make_samples(3, seed=41)
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.steps": 5, "trainer.samples_per_step": 8, "trainer.take_timeout_s": 0.5}),
+        source=source)
+    threading.Timer(1.0, loop.stop).start()
+    loop.run()
+    assert loop.step == 0 and not (tmp_path / "run" / "trained.jsonl").exists()
+    assert loop.checkpointer.latest_step() == 0
+    assert [s.sample_id for s in source.take(8, timeout_s=0.5)] == [
+        s.sample_id for s in samples]
+    loop.close()
+
+
+def test_a_replay_stop_mid_step_is_trained_in_full_after_the_restart(tmp_path):
+    """A stop mid-step with a replay source: the samples in hand are not trained, and the
+    checkpoint saved at the stop records them as not consumed, so the resumed run's first
+    step is exactly the interrupted one (the rejected sample is not counted twice)."""
+    short = make_samples(9, seed=42)
+    long_ = make_samples(1, seed=43, min_len=300, max_len=300, prefix="long")
+    replay = tmp_path / "replay.jsonl"
+    write_replay(str(replay), short[:3] + long_ + short[3:])
+    overrides = {"trainer.steps": 1, "trainer.samples_per_step": 4}
+    loop_ref = [None]
+
+    class StopOnReject(ReplaySource):  # a SIGTERM landing between two takes of one step
+        def reject(self, sample, reason):
+            loop_ref[0].stop()
+
+    loop = TrainLoop(tiny_config(tmp_path / "run", **overrides),
+                     source=StopOnReject(str(replay)))
+    loop_ref[0] = loop
+    loop.run()
+    loop.close()
+    assert loop.step == 0 and not (tmp_path / "run" / "trained.jsonl").exists()
+    resumed = TrainLoop(tiny_config(tmp_path / "run", replay=replay, **{
+        **overrides, "trainer.resume": True}))
+    resumed.run()
+    resumed.close()
+    with open(tmp_path / "run" / "trained.jsonl") as f:
+        lineage = [json.loads(line) for line in f]
+    assert lineage == [{"step": 1, "sample_ids": [s.sample_id for s in short[:4]]}]
+    assert resumed.dropped["too_long"] == 1
