@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF checkpoint directory; "" = random init from model.hf_config
     c.model.hf_config = dict(TINY_QWEN3)
-    c.model.dtype = "float32"  # parameter and compute dtype: float32 | bfloat16
+    c.model.dtype = "float32"  # weight and compute dtype: float32 | bfloat16 (float32 masters)
     c.model.remat = False  # rematerialise each block in the backward pass
     c.model.attention = "xla"  # training self-attention: xla | pallas_gpu | pallas_tpu (flash kernels)
     c.model.seed = 0

@@ -80,7 +80,8 @@ class TrainLoop(GateMixin):
             logp_chunk=config.loss.logp_chunk,
             use_ref=self.loss_config.kl_coef > 0 or bool(config.loss.report_kl))
         t = config.trainer
-        self.optimizer = trainer.make_optimizer(t.lr, t.b1, t.b2, t.weight_decay, t.grad_clip)
+        self.optimizer = trainer.make_optimizer(t.lr, t.b1, t.b2, t.weight_decay, t.grad_clip,
+                                                float32_master=config.model.dtype != "float32")
         self.state = jax.jit(
             lambda p: trainer.init_state(p, self.optimizer, t.seed))(params)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)

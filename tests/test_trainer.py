@@ -127,6 +127,51 @@ def test_remat_with_micro_batches_equals_the_plain_step(tmp_path):
     assert max_param_diff(params_of(plain), params_of(remat)) <= 1e-6
 
 
+def test_low_precision_weights_take_every_update_through_float32_master_copies():
+    """SPEC §6's lr 1e-5 moves a weight by ~1e-5, below half a bfloat16 spacing for |w| > ~4e-3:
+    applied to bfloat16 weights directly it rounds away. The optimizer keeps float32 masters;
+    the weights are the masters rounded (float64 reference: w − n·lr·g)."""
+    from clawjax import trainer
+    import optax
+
+    w = {"a": jnp.asarray([1.0, 0.02, -0.5], jnp.bfloat16)}
+    g = {"a": jnp.asarray([1.0, -1.0, 0.5], jnp.bfloat16)}
+    for master in (False, True):
+        opt = trainer.with_float32_master(optax.sgd(1e-5)) if master else optax.sgd(1e-5)
+        params, state = w, opt.init(w)
+        for _ in range(1000):
+            updates, state = opt.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        got = np.asarray(params["a"], np.float64)
+        want = np.asarray(w["a"], np.float64) - 1000 * 1e-5 * np.asarray(g["a"], np.float64)
+        if master:
+            assert params["a"].dtype == jnp.bfloat16
+            np.testing.assert_array_equal(got, np.asarray(jnp.asarray(want, jnp.bfloat16),
+                                                          np.float64))
+        else:   # the failure the masters prevent: most of the updates rounded away
+            assert np.abs(got - want).max() > 5e-3
+
+
+def test_a_bfloat16_run_keeps_float32_masters_that_take_every_update(tmp_path):
+    """Each bfloat16 weight is its float32 master rounded; after two steps at lr 1e-5 the
+    masters of (nearly) all weights moved (weight decay alone moves an unused one), where the
+    bfloat16 weights themselves move only as the masters cross a rounding boundary."""
+    loop = one_step(tmp_path, "bf16", make_samples(4, seed=14), **{
+        "model.dtype": "bfloat16", "trainer.lr": 1e-5, "trainer.samples_per_step": 4,
+        "loss.report_kl": True})   # keeps the initial weights as the KL reference
+    start = jax.tree.map(lambda w: np.asarray(w, np.float32), jax.device_get(loop.ref_params))
+    loop.train_step(make_samples(4, seed=15, prefix="again"))
+    masters = jax.device_get(loop.state.opt_state.master)
+    params = jax.device_get(loop.state.params)
+    for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(masters)):
+        assert w.dtype == jnp.bfloat16 and m.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(m.astype(jnp.bfloat16)))
+    moved = [np.mean(np.asarray(m) != s) for m, s in
+             zip(jax.tree.leaves(masters), jax.tree.leaves(start))]
+    assert np.mean(moved) > 0.9, moved
+    loop.close()
+
+
 def test_non_finite_gradient_skips_the_update_and_counts_it(tmp_path):
     loop = TrainLoop(tiny_config(tmp_path / "nan"), source=QueueSource())
     before = params_of(loop)
