@@ -1,5 +1,6 @@
 """The committed protobuf modules match rollout.proto; Sample ⇄ wire message is lossless."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -123,3 +124,24 @@ def test_negative_counter_cannot_be_encoded_and_names_the_field():
     s = Sample("neg", [1, 2], 1, rollout_logp=[-0.5], turn_index=-1)
     with pytest.raises(SampleError, match="turn_index"):
         codec.to_proto(s)
+
+
+NO_UTF8 = "user-\ud83d"   # a lone surrogate (half an emoji, as a JS client may cut it): no UTF-8
+
+
+@pytest.mark.parametrize("encode", [codec.to_proto, wire.encode_sample])
+@pytest.mark.parametrize("changes, field", [
+    ({"sample_id": NO_UTF8}, "sample_id"),
+    ({"session_id": NO_UTF8}, "session_id"),
+    ({"kind": NO_UTF8}, "kind"),
+    ({"metadata": {NO_UTF8: "v"}}, "metadata"),
+    ({"metadata": {"k": NO_UTF8}}, "metadata"),
+], ids=["sample_id", "session_id", "kind", "metadata-key", "metadata-value"])
+def test_a_string_without_utf8_encoding_is_refused_naming_the_field(encode, changes, field):
+    """A string the wire cannot carry is a `SampleError` naming the field (as a wrong type is),
+    never a bare UnicodeEncodeError that a pusher would take for a transient failure."""
+    s = dataclasses.replace(full_sample(), **changes)
+    with pytest.raises(SampleError, match=field) as info:
+        encode(s)
+    assert info.value.field == field and "UTF-8" in info.value.expected
+    assert "\\ud83d" in str(info.value)   # the value shown escaped, printable anywhere

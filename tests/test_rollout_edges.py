@@ -193,14 +193,21 @@ def test_a_restarted_agents_process_never_reuses_a_round_prefix(monkeypatch):
     ({"top_logprobs": False}, "top_logprobs", "False", "an integer in [0, 20]"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty", "nan", "a finite number"),
     ({"presence_penalty": float("inf")}, "presence_penalty", "inf", "a finite number"),
+    ({"top_logprobs": 3}, "top_logprobs", "3", "0 or null unless 'logprobs' is true"),
+    ({"top_logprobs": 3, "logprobs": False}, "top_logprobs", "3",
+     "0 or null unless 'logprobs' is true"),
+    ({"session_id": "user-\ud83d"}, "session_id", "'user-\\ud83d'", "in UTF-8"),
 ], ids=["n-true", "n-float", "n-2", "include_usage-str", "include_usage-int",
         "stream_options-false", "stream_options-list", "top_logprobs-false", "penalty-nan",
-        "penalty-inf"])
+        "penalty-inf", "top_logprobs-no-logprobs", "top_logprobs-logprobs-false",
+        "session_id-lone-surrogate"])
 def test_a_field_of_the_wrong_json_type_is_refused_naming_it(stack, extra, field, value,
                                                              expected):
     """`n: true` and `n: 1.0` equal 1 in Python, `include_usage: "no"` is truthy: each is a
     value of the wrong JSON type, refused like any other bad value. A non-finite penalty (JSON
-    NaN / Infinity, which Python's parser accepts) would reach the sampler."""
+    NaN / Infinity, which Python's parser accepts) would reach the sampler. Also refused: a
+    `top_logprobs` without `logprobs: true` (as OpenAI and the embedded server do), and a
+    session id with no UTF-8 encoding (JSON "\\ud83d"), whose samples could never be pushed."""
     body = json.dumps({"messages": msgs(("user", "hi")), **extra})    # NaN/Infinity literals
     r = httpx.post(stack["proxy"].url + "/v1/chat/completions", content=body, timeout=60,
                    headers={"Content-Type": "application/json"})
@@ -212,9 +219,21 @@ def test_a_field_of_the_wrong_json_type_is_refused_naming_it(stack, extra, field
 
 def test_null_or_absent_optional_fields_are_accepted(stack, script):
     for extra in ({"n": None}, {"n": 1}, {"stream_options": None},
-                  {"stream_options": {"include_usage": None}}, {"top_logprobs": None}):
+                  {"stream_options": {"include_usage": None}}, {"top_logprobs": None},
+                  {"top_logprobs": 0}, {"top_logprobs": 2, "logprobs": True}):
         r = post(stack, {"messages": msgs(("user", "hi")), **extra})
         assert r.status_code == 200, (extra, r.text)
+
+
+def test_a_session_id_header_that_is_not_utf8_is_refused_naming_it(stack):
+    """A sample's ids must encode as UTF-8 on the buffer's wire: an `X-Session-Id` of other
+    bytes (read with surrogate escapes) is refused at the door, not accepted and then stuck."""
+    r = httpx.post(stack["proxy"].url + "/v1/chat/completions", timeout=60,
+                   json={"messages": msgs(("user", "hi"))},
+                   headers={"X-Session-Id": b"user-\xff"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "X-Session-Id" and "in UTF-8" in error["message"], error
 
 
 # --- 4. malformed policy server answers -------------------------------------------------------

@@ -75,3 +75,34 @@ def test_a_refused_sample_is_isolated_and_counted(tmp_path):
     finally:
         client.close()
         server.stop()
+
+
+def test_a_sample_that_cannot_be_encoded_is_isolated_and_does_not_block_later_ones(tmp_path):
+    """A sample the client cannot encode (a session id with a lone surrogate: no UTF-8) is
+    dropped and counted like one the buffer refuses; the rest of its batch and every later
+    sample still reach the buffer (it is not retried forever)."""
+    server = BufferServer(tmp_path, fsync=False)
+    port = server.start()
+    stats = Stats()
+    stats.emitted["rl"] = 4
+    client = BufferClient(f"127.0.0.1:{port}")
+
+    async def main():
+        pusher = Pusher(client, stats, batch=8, linger_s=0.05, backoff_s=0.05,
+                        backoff_max_s=0.1).start()
+        for s in (sample(0), sample(1, session_id="push-\ud83d"), sample(2)):
+            await pusher.put(s)
+        assert await pusher.drain(10)
+        await pusher.put(sample(3))
+        assert await pusher.drain(10)
+        await pusher.aclose()
+
+    try:
+        asyncio.run(main())
+        got = client.lease(100, timeout_s=1)
+        assert sorted(s.sample_id for s in got) == ["p-0", "p-2", "p-3"]
+        assert stats.drops["invalid"] == 1 and stats.emitted["rl"] == 3
+        assert stats.push["failures"] == 0
+    finally:
+        client.close()
+        server.stop()

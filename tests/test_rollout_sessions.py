@@ -26,6 +26,29 @@ def test_next_state_is_the_trailing_user_or_tool_messages():
     assert sessions.next_state_of(parts) == NextState("user", "hi there")
 
 
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_a_system_message_before_the_reply_is_skipped_not_the_next_state(role):
+    """SPEC §8: the user's reply (or the tool output) is the next state of the turn before it,
+    also when the agent put a system/developer message (a reminder, injected context) between
+    that turn's answer and the reply; the instruction itself is not part of the next state."""
+    note = (role, "Reminder: be brief.")
+    assert sessions.next_state_of(msgs(("user", "q"), ("assistant", "a"), note,
+                                       ("user", "thx"))) == NextState("user", "thx")
+    assert sessions.next_state_of(msgs(("user", "q"), ("assistant", "call"), ("tool", "OK 1"),
+                                       note, ("tool", "OK 2"))) == NextState("tool", "OK 1\nOK 2")
+    # Unchanged: messages that end otherwise, or hold no assistant message, carry none.
+    assert sessions.next_state_of(msgs(("assistant", "a"), ("user", "thx"), note)) is None
+    assert sessions.next_state_of(msgs(("assistant", "a"), note)) is None
+    assert sessions.next_state_of(msgs(note, ("user", "q"))) is None
+    table = SessionTable(idle_expiry_s=10)
+    table.begin("s", "main", msgs(("user", "q")), 0)
+    t0 = turn(index=0)
+    table.finish(t0, 1)
+    _, ev = table.begin("s", "main", msgs(("user", "q"), ("assistant", "a"), note,
+                                          ("user", "Thanks!")), 2)
+    assert ev == [JudgeJob(t0, NextState("user", "Thanks!"))]
+
+
 def test_a_session_walks_through_its_turns():
     table = SessionTable(idle_expiry_s=10)
     i, ev = table.begin("s", "main", msgs(("user", "q")), now=0)

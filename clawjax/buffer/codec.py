@@ -24,14 +24,24 @@ def _ints(container) -> np.ndarray:
     return np.asarray(container, dtype=np.int32)
 
 
+UTF8_TEXT = "a string encodable as UTF-8 (no lone surrogates)"
+
+
+def _set_text(msg: pb.Sample, name: str, value, sid: str) -> None:
+    """`msg.<name> = value`, or `SampleError` naming `name`: the value is not a string, or one
+    without a UTF-8 encoding (protobuf raises UnicodeEncodeError, a ValueError)."""
+    try:
+        setattr(msg, name, value)
+    except (TypeError, ValueError) as e:
+        raise SampleError(sid, name, value, UTF8_TEXT) from e
+
+
 def scalars_to_proto(sample: Sample, msg: pb.Sample) -> pb.Sample:
     """Sets the non-array fields of `msg` from `sample` (ids, counters, reward, kind,
-    metadata). Raises `SampleError` for values the wire cannot carry, naming the field."""
+    metadata). Raises `SampleError` for values the wire cannot carry, naming the field: every
+    string (ids, kind, metadata keys and values) must be a str with a UTF-8 encoding."""
     sid = sample.sample_id if isinstance(sample.sample_id, str) else repr(sample.sample_id)
-    try:
-        msg.sample_id = sample.sample_id
-    except TypeError as e:
-        raise SampleError(sid, "sample_id", sample.sample_id, "a string") from e
+    _set_text(msg, "sample_id", sample.sample_id, sid)
     for name in ("turn_index", "policy_version", "created_unix_ms", "response_len"):
         value = getattr(sample, name)
         try:
@@ -39,17 +49,14 @@ def scalars_to_proto(sample: Sample, msg: pb.Sample) -> pb.Sample:
         except (TypeError, ValueError, OverflowError) as e:
             raise SampleError(sid, name, value, "a non-negative integer") from e
     for name in ("session_id", "kind"):
-        value = getattr(sample, name)
-        try:
-            setattr(msg, name, value)
-        except TypeError as e:
-            raise SampleError(sid, name, value, "a string") from e
+        _set_text(msg, name, getattr(sample, name), sid)
     msg.reward = float(sample.reward)
     for key, value in sample.metadata.items():
         try:
             msg.metadata[key] = value
         except (TypeError, ValueError) as e:
-            raise SampleError(sid, "metadata", {key: value}, "a map of string to string") from e
+            raise SampleError(sid, "metadata", {key: value},
+                              f"a map of string to string, each {UTF8_TEXT}") from e
     return msg
 
 

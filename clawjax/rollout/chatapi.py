@@ -133,17 +133,33 @@ def _outcome(body: Mapping, headers: Mapping) -> float | None:
     return float(value)
 
 
-def _session(body: Mapping, headers: Mapping) -> tuple[str | None, str, bool]:
-    sid = body.get("session_id")
+def _utf8_size(text: str) -> int | None:
+    """The length of `text` in UTF-8 bytes, or None when it has no UTF-8 encoding (a lone
+    surrogate: JSON allows "\\ud83d", and aiohttp reads header bytes that are not UTF-8 with
+    surrogate escapes). Such a string could never be written to the buffer's wire."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _session_id(body: Mapping, headers: Mapping) -> str | None:
+    """`session_id` (body) or `X-Session-Id` (header): None, or a non-blank string of at most
+    MAX_SESSION_ID_BYTES bytes in strict UTF-8 (the session id goes into every sample's ids)."""
+    sid, field = body.get("session_id"), "session_id"
     if sid is None:
-        sid = headers.get("X-Session-Id")
-        field = "X-Session-Id"
-    else:
-        field = "session_id"
-    if sid is not None and (not isinstance(sid, str) or not sid.strip() or
-                            len(sid.encode("utf-8", "replace")) > MAX_SESSION_ID_BYTES):
+        sid, field = headers.get("X-Session-Id"), "X-Session-Id"
+    if sid is None:
+        return None
+    size = _utf8_size(sid) if isinstance(sid, str) and sid.strip() else None
+    if size is None or size > MAX_SESSION_ID_BYTES:
         raise RequestError(field, sid, f"a non-empty string of at most {MAX_SESSION_ID_BYTES} "
-                           "bytes (UTF-8)")
+                           "bytes in UTF-8 (no lone surrogates)")
+    return sid
+
+
+def _session(body: Mapping, headers: Mapping) -> tuple[str | None, str, bool]:
+    sid = _session_id(body, headers)
     turn_type = body.get("turn_type")
     field = "turn_type"
     if turn_type is None:
@@ -152,6 +168,18 @@ def _session(body: Mapping, headers: Mapping) -> tuple[str | None, str, bool]:
         raise RequestError(field, turn_type, "'main' or 'side'")
     done = _flag(body, headers, "session_done", "X-Session-Done")
     return sid, turn_type, done
+
+
+def _top_logprobs(body: Mapping, logprobs: bool) -> int:
+    """`top_logprobs`: an integer in [0, 20] (null: 0), and 0 unless `logprobs` is true (as
+    OpenAI and the embedded server's parser require)."""
+    top = body.get("top_logprobs")
+    top = 0 if top is None else top
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+        raise RequestError("top_logprobs", top, "an integer in [0, 20]")
+    if top and not logprobs:
+        raise RequestError("top_logprobs", top, "0 or null unless 'logprobs' is true")
+    return top
 
 
 def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
@@ -205,14 +233,12 @@ def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise RequestError("tools", tools, "a list of tool definitions")
-    top = body.get("top_logprobs")
-    top = 0 if top is None else top
-    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
-        raise RequestError("top_logprobs", top, "an integer in [0, 20]")
+    logprobs = _flag(body, {}, "logprobs", "")
+    top = _top_logprobs(body, logprobs)
     return ChatCall(messages=messages, sampling=sampling, model=model,
                     stream=_flag(body, {}, "stream", ""),
                     include_usage=bool(include_usage),
-                    logprobs=_flag(body, {}, "logprobs", ""), top_logprobs=top, tools=tools,
+                    logprobs=logprobs, top_logprobs=top, tools=tools,
                     session_id=sid, turn_type=turn_type, session_done=done, episode=episode,
                     outcome_reward=outcome, length_field=length)
 

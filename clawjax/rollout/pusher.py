@@ -3,8 +3,10 @@
 Samples built by `clawjax.rollout.emit` wait in a bounded asyncio queue; one task takes up to
 `batch` of them (waiting at most `linger_s` for a batch to fill) and pushes them with the
 synchronous `BufferClient.push` in a worker thread. A failed push is retried with backoff; a
-batch the buffer refuses as invalid is split so only the refused samples are dropped (counted as
-`invalid` in `emit.Stats`).
+batch the buffer refuses as invalid, or one holding a sample that cannot be encoded for the wire
+(`SampleError`, e.g. a string without a UTF-8 encoding), is split so only the bad samples are
+dropped (counted as `invalid` in `emit.Stats`): such a batch is never retried as is, so one bad
+sample never holds back the samples after it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 
 from clawjax.rollout.emit import Stats
-from clawjax.sample import Sample
+from clawjax.sample import Sample, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +24,9 @@ log = logging.getLogger(__name__)
 class Pusher:
     """Pushes samples to the buffer in batches from a bounded queue (`maxsize` samples:
     `put` waits when it is full). A failed push is logged and retried with backoff, never
-    dropped; a batch the buffer refuses as invalid is retried one sample at a time and only the
-    refused samples are dropped (counted as `invalid`). `client.push` is the synchronous
-    `BufferClient.push`, run in a worker thread."""
+    dropped; a batch the buffer refuses as invalid, or that cannot be encoded (`SampleError`), is
+    retried one sample at a time and only the bad samples are dropped (counted as `invalid`).
+    `client.push` is the synchronous `BufferClient.push`, run in a worker thread."""
 
     def __init__(self, client, stats: Stats, *, batch: int = 64, maxsize: int = 4096,
                  linger_s: float = 0.01, backoff_s: float = 0.2, backoff_max_s: float = 5.0):
@@ -89,14 +91,8 @@ class Pusher:
                 self.stats.push["duplicates"] += res.duplicates
                 self.stats.push["batches"] += 1
                 return
-            except InvalidSampleError as e:
-                if len(batch) == 1:
-                    log.error("buffer refused sample %s: %s", batch[0].sample_id, e)
-                    self.stats.drops["invalid"] += 1
-                    self.stats.emitted[batch[0].kind] -= 1
-                    return
-                for sample in batch:
-                    await self._push([sample])
+            except (InvalidSampleError, SampleError) as e:
+                await self._refused(batch, e)
                 return
             except Exception as e:  # noqa: BLE001 - never drop: log, back off, retry
                 self.stats.push["failures"] += 1
@@ -105,3 +101,17 @@ class Pusher:
                             len(batch), delay, e)
                 attempt += 1
                 await asyncio.sleep(delay)
+
+    async def _refused(self, batch: list[Sample], error: Exception) -> None:
+        """`batch` can never be stored as it is (the buffer refused it as invalid, or a sample
+        cannot be encoded): a lone sample is dropped and counted as `invalid` (and no longer as
+        emitted, when its kind is one counted there); several are pushed one at a time, so only
+        the bad ones are dropped. Never raises: the pusher task must outlive any sample."""
+        if len(batch) > 1:
+            for sample in batch:
+                await self._push([sample])
+            return
+        log.error("dropped sample %r, refused: %s", batch[0].sample_id, error)
+        self.stats.drops["invalid"] += 1
+        if batch[0].kind in self.stats.emitted:  # a bad kind may be why it was refused
+            self.stats.emitted[batch[0].kind] -= 1

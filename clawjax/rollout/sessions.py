@@ -31,9 +31,11 @@ Rules:
   - A main request whose messages END in user/tool messages (after its last assistant message)
     carries the next state of the session's pending main turn (the last finished main turn not
     yet judged): those trailing messages, role = the role of the last one, texts joined by
-    newlines. Each turn is judged at most once. A main request whose messages are exactly the
-    pending turn's own prompt (a client retrying or regenerating that request: its trailing
-    messages came BEFORE the pending response, not after it) carries no next state.
+    newlines. System/developer messages among them (a reminder injected before the reply) are
+    skipped: they are not the next state, the user/tool messages are (SPEC §8). Each turn is
+    judged at most once. A main request whose messages are exactly the pending turn's own
+    prompt (a client retrying or regenerating that request: its trailing messages came BEFORE
+    the pending response, not after it) carries no next state.
   - Turn indices count every request of a session in arrival order, from 0 (but see below:
     a session id reused while requests of its closed session are in flight counts on).
   - A closed session is never recreated by a turn that finishes after its close (a request
@@ -63,6 +65,8 @@ from typing import Any, Sequence
 
 TURN_TYPES = ("main", "side")
 NEXT_ROLES = ("user", "tool")
+# Between an answer and the reply to it: instructions (never a next state), passed over.
+SKIPPED_ROLES = ("system", "developer")
 
 
 @dataclasses.dataclass
@@ -146,18 +150,23 @@ def _text(content: Any) -> str:
 
 
 def next_state_of(messages: Sequence[dict]) -> NextState | None:
-    """The trailing user/tool messages after the last assistant message, or None when the
-    messages end otherwise (or hold no assistant message before them)."""
+    """The user/tool messages after the last assistant message (role = the last one's, texts
+    joined by newlines), or None when the messages end otherwise (not in a user/tool message)
+    or hold no assistant message before them. System/developer messages among them (a
+    reminder or context the agent injected before the reply) are skipped: instructions, not
+    the reply, so never part of the next state. Any other role there: None."""
+    if not messages or messages[-1].get("role") not in NEXT_ROLES:
+        return None
     tail: list[dict] = []
     for message in reversed(messages):
         role = message.get("role")
-        if role in NEXT_ROLES:
-            tail.append(message)
-            continue
-        if role == "assistant" and tail:
+        if role == "assistant":
             tail.reverse()
             return NextState(tail[-1]["role"], "\n".join(_text(m.get("content")) for m in tail))
-        return None
+        if role in NEXT_ROLES:
+            tail.append(message)
+        elif role not in SKIPPED_ROLES:
+            return None
     return None
 
 
