@@ -122,8 +122,8 @@ def _check(samples: Sequence[Sample], token_budget: int, vocab_size: int | None,
         if need_rollout_logp:
             require_rollout_logp(s, "(pack: pass need_rollout_logp=False when the batch's old "
                                     "policy is recomputed or unused, e.g. SFT)")
-        if s.teacher_topk_logp is not None:
-            k = int(s.teacher_topk_logp.shape[1])
+        k = s.topk_width
+        if k is not None:
             if topk is not None and k != topk:
                 raise SampleError(s.sample_id, "teacher_topk_logp", f"K = {k}",
                                   f"the same K = {topk} as the other samples in the batch")

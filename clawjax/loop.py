@@ -37,7 +37,7 @@ from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
 from clawjax.loop_setup import build_model, make_publisher, make_source
 from clawjax.metrics import MetricsWriter
-from clawjax.sample import Sample, SampleError
+from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 log = logging.getLogger("clawjax.train")
 
@@ -195,12 +195,28 @@ class TrainLoop(GateMixin):
                  step, len(self.skip_ids))
 
     def _truncate_trained_log(self, step: int) -> None:
+        """Keeps the lines of trained.jsonl up to the restored `step`, replacing the file whole.
+        A line that does not parse (half a line from a crash mid-append) is dropped and logged:
+        the checkpoint, not this log, is what the resume goes on from."""
         if not os.path.exists(self._trained_log):
             return
+        kept = []
         with open(self._trained_log) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self._trained_log, "w") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry_step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("%s line %d is torn or not a trained-step entry: dropped (%r)",
+                                self._trained_log, number, line[:80])
+                    continue
+                if entry_step <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        partial = self._trained_log + ".partial"
+        with open(partial, "w") as f:
             f.writelines(kept)
+        os.replace(partial, self._trained_log)
 
     def save_checkpoint(self) -> None:
         if self._saved_step == self.step:
@@ -222,17 +238,28 @@ class TrainLoop(GateMixin):
         self.checkpointer.save(self.step, self.state, meta, on_commit=committed)
 
     # ------------------------------------------------------------------ samples
-    def admit(self, sample: Sample) -> str | None:
+    @property
+    def needs_rollout_logp(self) -> bool:
+        """Whether the loss reads each sample's `rollout_logp`: as the old policy
+        (loss.old_logp = 'rollout') or in the truncated importance weight (loss.use_tis)."""
+        return self.config.loss.old_logp == "rollout" or bool(self.config.loss.use_tis)
+
+    def admit(self, sample: Sample, topk: int | None = None) -> str | None:
         """None if `sample` may be trained now, else the drop reason, one of `DROP_REASONS`
-        (counted and kept)."""
+        (counted and kept). `topk`: the top-K width of the step being gathered (None: not
+        known yet); one step packs one width."""
         try:
             sample.validate(vocab_size=self.model_config.vocab_size)
+            if self.needs_rollout_logp:
+                require_rollout_logp(sample, "(loss.old_logp = 'rollout' or loss.use_tis)")
+            width = sample.topk_width
+            topk = self.config.rollout.teacher_topk or topk
+            if width is not None and topk is not None and width != topk:
+                raise SampleError(sample.sample_id, "teacher_topk_logp", f"K = {width}",
+                                  f"K = {topk}, the top-K width of this step's samples "
+                                  "(rollout.teacher_topk, else the first top-K sample's)")
         except SampleError as e:
             log.warning("rejected: %s", e)
-            return "invalid"
-        if sample.rollout_logp is None and self.config.loss.old_logp == "rollout":
-            log.warning("rejected sample %r: no rollout_logp, the old policy under "
-                        "loss.old_logp = 'rollout'", sample.sample_id)
             return "invalid"
         if len(sample.tokens) > self.config.trainer.token_budget:
             log.warning("rejected sample %r: %d tokens > trainer.token_budget %d",
@@ -251,6 +278,7 @@ class TrainLoop(GateMixin):
         want = self.config.trainer.samples_per_step
         out: list[Sample] = []
         seen: set[str] = set()  # every id taken for this step, admitted or not
+        topk: int | None = None  # the step's top-K width, once a top-K sample is in
         while len(out) < want and not self.stopping:
             got = self.source.take(want - len(out), self.config.trainer.take_timeout_s)
             for s in got:
@@ -263,11 +291,12 @@ class TrainLoop(GateMixin):
                 if self.source.redelivers and s.sample_id in self._in_hand:
                     # redelivered (e.g. the buffer restarted)
                     continue  # its update is in hand; the next checkpoint acknowledges it
-                if self.source.redelivers and any(s.sample_id == o.sample_id for o in out):
+                if any(s.sample_id == o.sample_id for o in out):  # a redelivery, a re-put
                     continue
-                reason = self.admit(s)
+                reason = self.admit(s, topk)
                 if reason is None:
                     out.append(s)
+                    topk = topk if topk is not None else s.topk_width
                 else:
                     self.dropped[reason] += 1
                     self.source.reject(s, reason)
@@ -286,7 +315,7 @@ class TrainLoop(GateMixin):
         micro = self.config.trainer.micro_batches
         packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
                                 row_multiple=micro * self.local_data_parallel,
-                                need_rollout_logp=self.config.loss.old_logp == "rollout")
+                                need_rollout_logp=self.needs_rollout_logp)
         assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
         rows = dist_lib.pad_rows_to_common(packed[0]) if jax.process_count() > 1 else packed[0]
         capacity = batch_lib.score_capacity(np.asarray(rows.loss_mask))

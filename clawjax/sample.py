@@ -184,6 +184,11 @@ class Sample:
         return self.teacher_logp is not None
 
     @property
+    def topk_width(self) -> int | None:
+        """K of the teacher top-K arrays `[R, K]` (None without them)."""
+        return None if self.teacher_topk_logp is None else int(self.teacher_topk_logp.shape[1])
+
+    @property
     def num_bytes(self) -> int:
         """Approximate payload size, used for buffer capacity accounting."""
         arrays = (self.tokens, self.loss_mask, self.rollout_logp, self.step_rewards,

@@ -236,7 +236,9 @@ class ReplaySource:
 class QueueSource:
     """An in-process queue that a rollout loop in the same process feeds with `put`. Samples
     given back by `release` are taken first, before the queue (lost with the process, as the
-    queue is)."""
+    queue is). A put is idempotent by `sample_id`, as the buffer's push: an id put before (a
+    retried put) is ignored and counted in `duplicates`, so it is trained once; the ids are
+    kept for the process's lifetime (about 100 bytes each)."""
 
     redelivers = False
     loops = False
@@ -245,9 +247,17 @@ class QueueSource:
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize)
         self._released: list[Sample] = []
         self._closed = threading.Event()
+        self._put_ids: set[str] = set()
+        self._put_lock = threading.Lock()
+        self.duplicates = 0
 
     def put(self, samples: Iterable[Sample]) -> None:
         for s in samples:
+            with self._put_lock:
+                if s.sample_id in self._put_ids:
+                    self.duplicates += 1
+                    continue
+                self._put_ids.add(s.sample_id)
             self._queue.put(s)
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:

@@ -236,7 +236,8 @@ def test_kl_to_the_reference_is_reported_at_kl_coef_zero(tmp_path):
     runs = {}
     for report in (True, False):
         source = QueueSource()
-        source.put(samples + samples)
+        again = [dataclasses.replace(s, sample_id=s.sample_id + "-again") for s in samples]
+        source.put(samples + again)   # the same data twice: ids are unique (puts idempotent)
         loop = TrainLoop(tiny_config(tmp_path / f"report-{report}", method="combine", **{
             "loss.report_kl": report, "trainer.samples_per_step": 8}), source=source)
         assert config_lib.resolved_loss_kwargs(loop.config)["kl_coef"] == 0.0
@@ -300,6 +301,22 @@ def _resume(workdir, **overrides) -> TrainLoop:
     return TrainLoop(tiny_config(workdir, **{"trainer.samples_per_step": 4,
                                              "trainer.resume": True, **overrides}),
                      source=source)
+
+
+def test_a_torn_last_line_of_the_trained_log_does_not_block_the_resume(tmp_path):
+    """A crash (or a full disk) mid-append leaves trained.jsonl with half a line; the checkpoint
+    is whole, so the resume goes on: the torn line is dropped (logged), the rest kept."""
+    loop = one_step(tmp_path, "run", make_samples(8, seed=1), **{"trainer.samples_per_step": 4})
+    loop.save_checkpoint()
+    loop.close()
+    log_path = tmp_path / "run" / "trained.jsonl"
+    whole = log_path.read_text()
+    log_path.write_text(whole + '{"step": 2, "sample_ids": ["s1-')
+    resumed = _resume(tmp_path / "run")
+    try:
+        assert resumed.step == 1 and log_path.read_text() == whole
+    finally:
+        resumed.close()
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_config_or_dtype(tmp_path):

@@ -144,3 +144,66 @@ def test_a_replay_stop_mid_step_is_trained_in_full_after_the_restart(tmp_path):
         lineage = [json.loads(line) for line in f]
     assert lineage == [{"step": 1, "sample_ids": [s.sample_id for s in short[:4]]}]
     assert resumed.dropped["too_long"] == 1
+
+
+def _with_topk(sample, k: int):
+    """`sample` as an OPD sample carrying a teacher top-K of width `k` (rows of mass 0.5)."""
+    r = sample.response_len
+    ids = np.stack([np.arange(k) + 3 * i for i in range(r)]).astype(np.int32)
+    return dataclasses.replace(sample, kind="opd", reward=0.0, teacher_logp=np.full(r, -1.0),
+                               teacher_topk_logp=np.log(np.full((r, k), 0.5 / k)),
+                               teacher_topk_ids=ids)
+
+
+@pytest.mark.parametrize("configured", [0, 2])
+def test_a_sample_of_another_top_k_width_is_dropped_not_a_crash(tmp_path, configured):
+    """One step packs one top-K width: `rollout.teacher_topk` when set, else the first top-K
+    sample's. A sample of another width (e.g. the proxy restarted with another --teacher-topk)
+    is dropped as invalid; before, `pack` raised in `train_step` and the run died."""
+    four, two, *rest = make_samples(5, seed=16)
+    four, two = _with_topk(four, 4), _with_topk(two, 2)
+    source = QueueSource()
+    source.put([four, two, *rest])
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.samples_per_step": 4, "loss.topk_coef": 1.0,
+        "rollout.teacher_topk": configured}), source=source)
+    taken = loop.take_samples()
+    kept = four if configured == 0 else two
+    assert [s.sample_id for s in taken] == [kept.sample_id] + [s.sample_id for s in rest]
+    assert loop.dropped["invalid"] == 1
+    assert math.isfinite(loop.train_step(taken)["loss"])
+    loop.close()
+
+
+def test_a_sample_put_twice_into_the_queue_is_trained_once(tmp_path):
+    """Puts are idempotent by sample_id (a retried put): the second copy is ignored, within a
+    step (before: `pack` refused the step) and across steps (before: trained twice)."""
+    samples = make_samples(6, seed=17)
+    source = QueueSource()
+    source.put(samples[:2])
+    source.put([samples[1], samples[0], samples[2]])
+    source.put(samples[3:])
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.samples_per_step": 3, "trainer.steps": 2, "trainer.take_timeout_s": 0.5}),
+        source=source)
+    loop.run()
+    loop.close()
+    with open(tmp_path / "run" / "trained.jsonl") as f:
+        trained = [sid for line in f for sid in json.loads(line)["sample_ids"]]
+    assert sorted(trained) == sorted(s.sample_id for s in samples)
+
+
+def test_truncated_importance_weights_need_rollout_logprobs_even_when_recomputing(tmp_path):
+    """`loss.use_tis` weighs by exp(old_logp − rollout_logp): with 'recompute' a sample without
+    `rollout_logp` would weigh by p(token) (zeros in their place). Dropped as invalid."""
+    samples = make_samples(4, seed=18)
+    unknown = dataclasses.replace(make_samples(1, seed=19, prefix="nologp")[0],
+                                  rollout_logp=None)
+    source = QueueSource()
+    source.put([unknown, *samples])
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.samples_per_step": 4, "loss.old_logp": "recompute", "loss.use_tis": True}),
+        source=source)
+    assert [s.sample_id for s in loop.take_samples()] == [s.sample_id for s in samples]
+    assert loop.dropped["invalid"] == 1
+    loop.close()
