@@ -87,24 +87,26 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue,
 
     async def consume(client):
         try:
-            last, ids, logps = None, [], []
+            last, ids, logps, tops = None, [], [], []
             async for event in client.generate_stream(body):
                 text = event.get("text")  # not an object: the generic 502 below
                 if text is not None and not isinstance(text, str):
                     raise _upstream("text", text, "a string")
                 last = event
                 ids.extend(event.get("output_ids") or [])
-                logps.extend((event.get("meta_info") or {}).get("output_token_logprobs") or [])
+                meta = event.get("meta_info") or {}
+                logps.extend(meta.get("output_token_logprobs") or [])
+                tops.extend(meta.get("output_top_logprobs") or [])
                 state["sent"] = True
                 await events.put(("event", event))
-            return last, ids, logps
+            return last, ids, logps, tops
         except ServerUnavailable as e:
             if state["sent"]:
                 raise GenerationFailed(str(e)) from e
             raise
 
     try:
-        last, ids, logps = await policy.call(consume)
+        last, ids, logps, tops = await policy.call(consume)
         if last is None or _aborted(last):
             raise RequestError("model", "<policy fleet>", "a generation that is not aborted",
                                status=503)
@@ -114,6 +116,8 @@ async def generate_stream(policy, body: dict, events: asyncio.Queue,
         if len(last.get("output_ids") or []) != n and len(ids) == n:  # incremental stream
             result["output_ids"] = ids
             meta["output_token_logprobs"] = logps
+            if "output_top_logprobs" in meta:   # asked for: every event carried its part
+                meta["output_top_logprobs"] = tops
         result["meta_info"] = meta
         await events.put(("end", check_answer(result)))
     except BadRequest as e:

@@ -140,6 +140,7 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
                                                          call.length_field))
     resp: web.StreamResponse | None = None
     ident, created, sent, first = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), "", True
+    logged = 0  # output tokens whose log-probs the chunks carried (with `logprobs` only)
     # Stop strings the server trims from the final text: their first characters wait.
     stops = () if call.sampling.get("no_stop_trim") else call.sampling.get("stop") or ()
     try:
@@ -160,12 +161,15 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
                                                   stops=stops)
                 if chunk is not None:
                     first = False
+                    if call.logprobs:
+                        logged = chat_bodies.add_logprobs(chunk, item, proxy.tokenizer, logged)
                     await resp.write(chat_bodies.sse(chunk))
                 continue
             result = item  # kind == "end": the whole result, output ids and log-probs joined
             proxy.record(call, index, prompt_ids, result)
             for chunk in chat_bodies.final_chunks(result, call, ident, created,
-                                                  proxy.model_name, sent, first, index):
+                                                  proxy.model_name, sent, first, index,
+                                                  proxy.tokenizer, logged):
                 await resp.write(chat_bodies.sse(chunk))
             break
         await resp.write(b"data: [DONE]\n\n")
