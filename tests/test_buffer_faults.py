@@ -307,3 +307,24 @@ def test_a_restart_under_a_message_limit_a_held_sample_exceeds_is_refused(tmp_pa
     with BufferServer(tmp_path, max_message_bytes=1 << 20, fsync=False) as server, \
             BufferClient(server.address, retry_budget_s=10) as client:
         assert [s.sample_id for s in client.lease(4, timeout_s=5)] == ["big"]
+
+
+def test_a_sample_as_large_as_a_push_can_carry_restarts_under_the_same_limit(tmp_path):
+    """A Lease answer frames a sample exactly as the push that carried it did (a tag byte and
+    a length varint), so a restart with the very flags it was accepted under starts and leases
+    it (the start-up check counted 11 framing bytes and refused the restart)."""
+    from clawjax.buffer import wire
+
+    limit, pad = 1 << 16, 65_000
+    for _ in range(4):   # the sample whose PushRequest is exactly `limit` bytes
+        big = Sample("big", np.arange(8), 4, rollout_logp=np.full(4, -0.5),
+                     metadata={"pad": "p" * pad})
+        size = len(wire.encode_sample(big))
+        pad += limit - (size + 1 + len(wire.varint(size)))
+    assert 1 + len(wire.varint(size)) + size == limit
+    with BufferServer(tmp_path, max_message_bytes=limit, fsync=False) as server, \
+            BufferClient(server.address, retry_budget_s=10) as client:
+        assert client.push([big]) == (1, 0)
+    with BufferServer(tmp_path, max_message_bytes=limit, fsync=False) as server, \
+            BufferClient(server.address, retry_budget_s=10) as client:
+        assert [s.sample_id for s in client.lease(4, timeout_s=5)] == ["big"]

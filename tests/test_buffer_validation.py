@@ -180,3 +180,26 @@ def test_validate_float_rules_match_a_plain_reference(data):
             first = next(v for v in bad if v < LOGP_FLOOR)
         got = info.value.value
         assert (got != got and first != first) or got == first
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(rollout_logp=[-1e7, -0.5]), "rollout_logp"),
+    (dict(kind="opd", teacher_logp=[-3e6, -0.1]), "teacher_logp"),
+    (dict(kind="both", teacher_logp=[-0.5, -2 * 1e6]), "teacher_logp"),
+    (dict(reward=1e300), "reward"),
+    (dict(reward=-1e39), "reward"),
+], ids=["logp-below-floor", "teacher-below-floor", "both-below-floor", "reward-past-f32",
+        "reward-past-f32-negative"])
+def test_the_servers_fast_check_refuses_what_validate_refuses(changes, field):
+    """`check_wire` clears ordinary samples on a fast path (`_surely_valid`); it must not clear
+    one `Sample.validate` refuses: log-probs below LOGP_FLOOR, a reward past float32 (the
+    wire's reward is a double) went through and were stored."""
+    from clawjax.buffer import validate, wire
+    from clawjax.sample import SampleError
+
+    sample = Sample("fast", np.arange(4), 2, **{"rollout_logp": [-0.5, -0.5], **changes})
+    with pytest.raises(SampleError) as want:
+        sample.validate()
+    with pytest.raises(SampleError) as got:
+        validate.check_wire(wire.encode_sample(sample))
+    assert got.value.field == want.value.field == field

@@ -39,7 +39,12 @@ from clawjax.sample import MAX_TOKENS, SampleError
 log = logging.getLogger(__name__)
 
 SERVICE = "clawjax.buffer.RolloutBuffer"
-LEASE_FRAMING_BYTES = 11   # a sample's tag and length varint in a Lease/Stream answer
+
+
+def lease_framing_bytes(sample_bytes: int) -> int:
+    """A sample's tag and length varint in a Lease/Stream answer: as in the PushRequest that
+    carried it (both are `repeated Sample = 1`)."""
+    return 1 + len(wire.varint(sample_bytes))
 
 
 def is_loopback(host: str) -> bool:
@@ -177,7 +182,7 @@ class BufferServer:
 
     def _check_held_samples_fit(self) -> None:
         largest = self.store.largest_sample_bytes()
-        need = largest + LEASE_FRAMING_BYTES
+        need = largest + lease_framing_bytes(largest)
         if largest and need > self.max_message_bytes:
             raise ValueError(
                 f"max_message_bytes (--max-message-bytes) = {self.max_message_bytes}: the "

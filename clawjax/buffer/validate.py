@@ -8,13 +8,12 @@ Every failure is a `SampleError` naming sample id, field, value and expectation.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 from clawjax.buffer import codec, decode
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.sample import KINDS, MAX_TOKENS, Sample, SampleError
+from clawjax.sample import FLOAT32_MAX, KINDS, LOGP_FLOOR, MAX_TOKENS, Sample, SampleError
 
 MAX_ID_BYTES = 1024
 MAX_LEASE_SAMPLES = 100_000  # the most samples a Lease (or a Stream's max_in_flight) asks for
@@ -71,8 +70,9 @@ def check_wire(data, limits: Limits = Limits()) -> tuple[str, int]:
 
 
 def _logp_ok(a: np.ndarray, n: int) -> bool:
-    """n entries, all finite and ≤ 0 (max ≤ 0 rules out NaN, +inf and positives)."""
-    return a.shape[0] == n and bool(a.max() <= 0) and bool(a.min() > -np.inf)
+    """n entries, all in [LOGP_FLOOR, 0] (max ≤ 0 rules out NaN, +inf and positives; the
+    floor, -inf)."""
+    return a.shape[0] == n and bool(a.max() <= 0) and bool(a.min() >= LOGP_FLOOR)
 
 
 def _surely_valid(p: decode.Parsed, size: int, limits: Limits) -> bool:
@@ -91,7 +91,7 @@ def _surely_valid(p: decode.Parsed, size: int, limits: Limits) -> bool:
         return False
     if mask.shape[0] != r or np.count_nonzero(mask == 0) + np.count_nonzero(mask == 1) != r:
         return False  # an entry that is neither 0 nor 1 (NaN included)
-    if not _logp_ok(logp, r) or not math.isfinite(msg.reward):
+    if not _logp_ok(logp, r) or not abs(msg.reward) <= FLOAT32_MAX:   # NaN, ±inf included
         return False
     if msg.kind == "opd" and msg.reward != 0:   # an OPD-only sample carries no reward
         return False
