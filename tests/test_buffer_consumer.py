@@ -127,3 +127,25 @@ def test_store_nack_and_extend_only_move_the_holders_lease(tmp_path):
         assert store.stats()["unknown_acks_total"] == 2
     finally:
         store.close()
+
+
+def test_a_lease_whose_caller_left_stops_waiting_and_leases_nothing_to_it(tmp_path):
+    """A Lease cancelled while it waits (the caller gave up or died) frees its wait slot at
+    once and never takes a sample pushed after it left: the sample goes to a live consumer
+    now, not after a lease expiry (before: the dead call waited its whole timeout holding a
+    slot, then leased the next sample to nobody)."""
+    import time
+
+    with BufferServer(tmp_path, lease_timeout_s=30, max_workers=2, fsync=False) as server, \
+            BufferClient(server.address, retry_budget_s=10) as client:
+        channel = grpc.insecure_channel(server.address)
+        waiting = pb_grpc.RolloutBufferStub(channel).Lease.future(
+            pb.LeaseRequest(max_samples=1, timeout_s=60))
+        time.sleep(0.5)
+        waiting.cancel()
+        time.sleep(0.5)   # the server notices within its wait slice
+        client.push([Sample("after", np.arange(4), 2, rollout_logp=[-0.5, -0.5])])
+        got = client.lease(1, timeout_s=2)   # 1 wait slot of max_workers = 2: free again
+        assert [s.sample_id for s in got] == ["after"]
+        assert client.stats()["expired_total"] == 0
+        channel.close()

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 import uuid
 
 import grpc
@@ -39,6 +40,7 @@ from clawjax.sample import MAX_TOKENS, SampleError
 log = logging.getLogger(__name__)
 
 SERVICE = "clawjax.buffer.RolloutBuffer"
+WAIT_SLICE_S = 0.25   # a waiting Lease or Stream checks its caller is still there this often
 
 
 def lease_framing_bytes(sample_bytes: int) -> int:
@@ -297,19 +299,36 @@ class BufferServer:
                           f"field {name!r} = {value}, expected between {low} and {high}")
 
     def _lease(self, request: pb.LeaseRequest, context) -> bytes:
+        """Samples leased to the caller. A wait is taken in slices of `WAIT_SLICE_S`: a caller
+        that left (cancelled, died) frees its wait slot within one, and what it was leased
+        after it left is nacked at once, as for a Stream."""
         self._check_count(context, "max_samples", request.max_samples, 1, MAX_LEASE_SAMPLES)
         timeout = lease_wait_s(request.timeout_s)
         holder = token_of(context.invocation_metadata())
         if timeout > 0 and self._wait_slots.acquire(blocking=False):
             try:
-                got = self.store.lease(request.max_samples, timeout, holder=holder,
-                                       max_out_bytes=self.max_message_bytes // 2)
+                got = self._lease_waiting(request.max_samples, timeout, holder, context)
             finally:
                 self._wait_slots.release()
         else:   # no wait asked, or every waiting thread taken: answer with what is queued
             got = self.store.lease(request.max_samples, 0.0, holder=holder,
                                    max_out_bytes=self.max_message_bytes // 2)
+        if got and not context.is_active():   # the caller left: nobody reads the answer
+            self.store.nack([sid for sid, _ in got], holder=holder)
+            return b""
         return wire.join_repeated([data for _, data in got])
+
+    def _lease_waiting(self, max_samples: int, timeout: float, holder: str | None, context):
+        """`Store.lease` waiting up to `timeout` s for the first sample, in slices, while the
+        caller is there and the server is not stopping."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            got = self.store.lease(max_samples, min(max(left, 0.0), WAIT_SLICE_S),
+                                   holder=holder, max_out_bytes=self.max_message_bytes // 2)
+            if (got or left <= WAIT_SLICE_S or not context.is_active()
+                    or self._stopping.is_set()):
+                return got
 
     def _stream(self, request: pb.StreamRequest, context):
         """Batches of leased samples, at most `max_in_flight` unacked at a time. Samples already
@@ -331,10 +350,10 @@ class BufferServer:
         """`_stream`'s loop, on a wait slot."""
         owner, holder = uuid.uuid4().hex, token_of(context.invocation_metadata())
         while context.is_active() and not self._stopping.is_set():
-            if not self.store.wait_for_slot(owner, limit, 0.25):
+            if not self.store.wait_for_slot(owner, limit, WAIT_SLICE_S):
                 continue
             free = limit - self.store.in_flight(owner)
-            got = self.store.lease(free, 0.25, owner=owner, holder=holder,
+            got = self.store.lease(free, WAIT_SLICE_S, owner=owner, holder=holder,
                                    max_out_bytes=self.max_message_bytes // 2)
             if got and not context.is_active():   # the client left while we waited
                 self.store.nack([sid for sid, _ in got], holder=holder)
