@@ -49,6 +49,12 @@ DROP_REASONS = ("invalid", "too_long", "stale")
 ROW_BUCKETS = tuple(2 ** i for i in range(16))
 
 
+def own_logs() -> tuple[str, ...]:
+    """This process's metrics and trained-step logs: file names under the workdir."""
+    return tuple(os.path.basename(dist_lib.file_for_process(name))
+                 for name in ("metrics.jsonl", "trained.jsonl"))
+
+
 def _cache_size(jitted) -> int:
     """How many shape signatures `jitted` (a `jax.jit` function) has compiled (0 where this
     JAX does not say)."""
@@ -68,7 +74,8 @@ class TrainLoop(GateMixin):
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         workdir_lib.require_fresh(self.workdir, config.trainer.resume,  # before writing a file
-                                  publish_dir=workdir_lib.own_publish_dir(config))
+                                  publish_dir=workdir_lib.own_publish_dir(config),
+                                  logs=own_logs())
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         model, self.model_config = build_model(config, self.mesh)

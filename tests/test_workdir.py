@@ -89,6 +89,22 @@ def test_require_fresh_refuses_a_workdir_with_an_earlier_runs_published_versions
     workdir_lib.require_fresh(str(tmp_path), resume=True)
 
 
+def test_require_fresh_refuses_the_logs_of_a_run_that_left_no_checkpoint(tmp_path):
+    """A run killed before its first checkpoint (and publishing nothing) leaves its logs: a new
+    run there appended to them (metrics and trained steps 1, 2, 1, 2). Each process checks its
+    own logs (`logs`): another process's are not its business."""
+    make_files(tmp_path, ["checkpoints/.keep", "tensorboard/events", "eval.jsonl"])
+    workdir_lib.require_fresh(str(tmp_path), resume=False)   # no log of a TrainLoop: fine
+    make_files(tmp_path, ["metrics.jsonl", "trained.jsonl"])
+    with pytest.raises(ConfigError, match=r"'workdir' = .*, expected a workdir without an "
+                                          r"earlier run's files: it holds its logs "
+                                          r"\['metrics.jsonl', 'trained.jsonl'\]"):
+        workdir_lib.require_fresh(str(tmp_path), resume=False)
+    workdir_lib.require_fresh(str(tmp_path), resume=False,
+                              logs=("metrics.process1.jsonl", "trained.process1.jsonl"))
+    workdir_lib.require_fresh(str(tmp_path), resume=True)
+
+
 def test_check_start_refuses_a_publish_dir_with_an_earlier_runs_versions(tmp_path):
     """`publish.dir` outside the workdir: a fresh workdir does not make it fresh. A new run there
     would number its versions among the earlier run's (v3 < the earlier v40)."""
