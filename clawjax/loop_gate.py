@@ -41,7 +41,7 @@ def make_gate(config, graphdef, vocab_size: int):
     if not config.gate.probe:
         raise config_lib.ConfigError("gate.probe", config.gate.probe,
                                      "a JSONL file of probe samples when gate.enabled")
-    probe = sources.read_replay(config.gate.probe, vocab_size=vocab_size)
+    probe = sources.read_replay(config.gate.probe, vocab_size=vocab_size, key="gate.probe")
     return RegressionGate(graphdef, probe, config.gate.margin, config.trainer.token_budget,
                           chunk=config.loss.logp_chunk)
 

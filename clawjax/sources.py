@@ -36,11 +36,12 @@ class ReplayError(ValueError):
     """A replay file line is malformed; names the file, the line, the sample and the field."""
 
 
-def read_replay(path: str, vocab_size: int | None = None) -> list[Sample]:
+def read_replay(path: str, vocab_size: int | None = None, key: str = "replay") -> list[Sample]:
     """Reads and validates every line of a JSONL replay file (one Sample per line, each
-    `sample_id` on one line only: samples are tracked by id)."""
+    `sample_id` on one line only: samples are tracked by id). `key`: the config key that named
+    the file, in the error for a missing one."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"replay = {path!r}: no such file")
+        raise FileNotFoundError(f"{key} = {path!r}: no such file")
     samples = []
     lines: dict[str, int] = {}  # sample id -> the line that holds it
     with open(path) as f:

@@ -73,19 +73,51 @@ def require_sample_source(config) -> None:
         "other sample source (rollout.local=True runs the local default stack)")
 
 
+def require_paths(config) -> None:
+    """Raises `ConfigError` naming the key for a path the run would fail on later, with a
+    traceback and after side effects: `replay` and (with the gate) `gate.probe` not files,
+    `model.path` without a config.json, `publish.dir` not a directory, `trainer.resume` with no
+    checkpoint to resume (the local default run: only the paths it does not supply)."""
+    def refuse_unless(ok: bool, key: str, value, expected: str) -> None:
+        if not ok:
+            raise config_lib.ConfigError(key, value, expected)
+
+    if config.replay:
+        refuse_unless(os.path.isfile(config.replay), "replay", config.replay,
+                      "an existing JSONL file of samples")
+    if config.gate.enabled and config.gate.probe:
+        refuse_unless(os.path.isfile(config.gate.probe), "gate.probe", config.gate.probe,
+                      "an existing JSONL file of probe samples")
+    if config.model.path:
+        refuse_unless(os.path.isfile(os.path.join(config.model.path, "config.json")),
+                      "model.path", config.model.path,
+                      "a Hugging Face model directory (holding config.json)")
+    publish_dir = str(config.publish.dir or "")
+    if publish_dir and int(config.publish.every_steps) > 0:
+        refuse_unless(not os.path.exists(publish_dir) or os.path.isdir(publish_dir),
+                      "publish.dir", publish_dir, "a directory (or a path to create one at)")
+    if config.trainer.resume and not config.rollout.local:
+        from clawjax import workdir as workdir_lib
+
+        workdir = os.path.abspath(config.workdir)
+        refuse_unless(bool(workdir_lib.checkpoint_steps(workdir)), "trainer.resume", True,
+                      f"False for a new run: no checkpoint exists under {workdir} to resume")
+
+
 def check_start(config) -> None:
     """The start-up checks, run before any side effect (the compilation cache directory,
     jax.distributed, the default run moving an earlier run aside and warm-starting): on the
     local run, no user value for a key it supplies (first: it would make a misleading error of
-    the checks after it); every config value, a sample source, and a workdir without an earlier
-    run's checkpoints (the local default run moves those aside instead). Raises `ConfigError`
-    naming the key."""
+    the checks after it); every config value, a sample source, the paths (`require_paths`), and
+    a workdir without an earlier run's checkpoints (the local default run moves those aside
+    instead). Raises `ConfigError` naming the key."""
     if config.rollout.local:
         from clawjax.default_run import check_local_keys
 
         check_local_keys(config)
     config_lib.validate(config)
     require_sample_source(config)
+    require_paths(config)
     if not config.rollout.local:
         from clawjax import workdir as workdir_lib
 

@@ -185,10 +185,24 @@ def test_bad_value_on_the_default_path_is_refused_before_touching_the_workdir(tm
     (["--config.distributed.enabled=True", "--config.distributed.local_device_ids=0,x"],
      ["'distributed.local_device_ids' = '0,x'"]),
     (["--config.trainer.max_staleness=1"], ["'trainer.max_staleness' = 1", "replay"]),
-])
+    (["--config.replay=/nonexistent/r.jsonl"], ["'replay' = '/nonexistent/r.jsonl'",
+                                                "an existing JSONL file"]),
+    (["--config.publish.every_steps=1", "--config.gate.enabled=True",
+      "--config.gate.probe=/nonexistent/p.jsonl"], ["'gate.probe' = '/nonexistent/p.jsonl'"]),
+    (["--config.model.path=/nonexistent/model"], ["'model.path' = '/nonexistent/model'",
+                                                  "config.json"]),
+    (["--config.publish.every_steps=1", "--config.publish.dir={replay}"],
+     ["'publish.dir' = ", "a directory"]),
+    (["--config.trainer.resume=True"], ["'trainer.resume' = True", "no checkpoint"]),
+], ids=["local-device-ids", "staleness", "replay", "gate-probe", "model-path", "publish-dir",
+        "resume"])
 def test_bad_values_are_refused_before_any_side_effect(tmp_path, extra, named):
+    """Each a single `error:` line naming the key, exit 2, nothing created (files and
+    directories that are not there, or not of their kind, included: they ended in tracebacks,
+    after the compilation cache was made, and the gate probe's named `replay`)."""
     replay = tmp_path / "replay.jsonl"
     write_replay(str(replay), make_samples(4, seed=15))
+    extra = [flag.format(replay=replay) for flag in extra]
     out = run_train(*train_cmd(tmp_path / "w", replay, 1, *extra)[3:])
     assert_refused(out, *named)
     assert not (tmp_path / "w").exists()  # not even xla_cache/
