@@ -93,3 +93,11 @@ def proxy_stack(tmp_path_factory, name: str):
     buffer.stop()
     judge.stop()
     policy.stop()
+
+
+def script_for_one_test(stack: dict):
+    """Yields `stack`'s script (a fixture's body); after the test, releases any held call and
+    resets the script to the good plain answer, no stream payloads and no holds."""
+    yield stack["script"]
+    stack["script"]["release"].set()
+    stack["script"].update(answer=GOOD, stream=[], holds=0, release=threading.Event())

@@ -15,21 +15,18 @@ import pytest
 from clawjax.buffer import BufferClient
 from clawjax.rollout import agents
 from clawjax.rollout.sessions import Dropped, JudgeJob, LoneTurn, SessionTable, Turn
-from scripted_upstream import GOOD, proxy_stack
+from scripted_upstream import GOOD, proxy_stack, script_for_one_test
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     yield from proxy_stack(tmp_path_factory, "edges")
 
 
-
-
 @pytest.fixture
 def script(stack):
     """The policy's script, reset to a good plain answer after each test."""
-    yield stack["script"]
-    stack["script"]["release"].set()
-    stack["script"].update(answer=GOOD, stream=[], holds=0, release=threading.Event())
+    yield from script_for_one_test(stack)
 
 
 def post(stack, body: dict) -> httpx.Response:

@@ -8,12 +8,11 @@ needed (a character-level one: "H", "i", "!" are the tokens 49, 24, 68)."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
 
-from scripted_upstream import GOOD, proxy_stack
+from scripted_upstream import proxy_stack, script_for_one_test
 
 TOKENS = [(49, "H", -0.25), (24, "i", -0.5), (68, "!", -1.0)]  # (id, text, logprob)
 RIVALS = [(16, -2.0), (17, -3.0)]                                # top alternatives (a, b)
@@ -27,8 +26,7 @@ def stack(tmp_path_factory):
 @pytest.fixture
 def script(stack):
     """The policy's script, reset to a good plain answer after each test."""
-    yield stack["script"]
-    stack["script"].update(answer=GOOD, stream=[], holds=0, release=threading.Event())
+    yield from script_for_one_test(stack)
 
 
 def event(upto: int, start: int = 0) -> dict:
