@@ -314,18 +314,25 @@ class GateMixin:
         samples trained since were consumed and their updates are discarded. Only the train
         state goes back, the same for both `gate.rollback` modes: the data source, the ids to
         acknowledge and the drop counts go on (the samples are not trained again), also after
-        a crash before the next checkpoint (`_carry_on_after_rollback`)."""
+        a crash before the next checkpoint (`_carry_on_after_rollback`). In "memory" mode an
+        accepted state not on disk is checkpointed (and waited for) before the deletion, so a
+        crash resumes from it."""
         self._carry_on_after_rollback(self._good_step)
         self._record_gate()  # the refusal is acted on; recorded before the deletion
+        if self._good_state is not None:
+            self.state = _device_copy(self._good_state)
+            if self._good_step not in self.checkpointer.all_steps():
+                # Durable before the newer checkpoints go: a crash in between must resume
+                # from it, not from an older one with the source past the accepted steps'
+                # samples (their updates would be lost). It holds the rollback's carry.
+                self._saved_step = -1
+                self.save_checkpoint()
+                self.checkpointer.wait()
+            self._saved_step = self._good_step
         self.checkpointer.discard_after(self._good_step)
         with self._gate_lock:
             self._undecided.clear()
         self._protect_checkpoints()
         if self._good_state is None:
             self._load_state(self._good_step)
-        else:
-            self.state = _device_copy(self._good_state)
-            # A later save of this step number must not be skipped if it is not on disk.
-            self._saved_step = (self._good_step
-                                if self._good_step in self.checkpointer.all_steps() else -1)
         self._truncate_trained_log(self._good_step)

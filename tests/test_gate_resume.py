@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from clawjax.sources import write_replay
+from sample_factory import make_samples
 from test_gate import (MODES, corrupt, gated_loop, publish, published, replay_gated_loop,
                        train_and_corrupt_the_last)
 from test_trainer import max_param_diff, params_of
@@ -174,5 +176,37 @@ def test_memory_mode_keeps_the_newest_checkpoint_at_or_below_the_accepted_step(t
         assert resumed.step == 0 and resumed.gate_refusals == 1
         assert max_param_diff(start, params_of(resumed)) == 0.0
         assert resumed.checkpointer.all_steps() == [0]
+    finally:
+        resumed.close()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_crash_after_a_memory_rollback_resumes_from_the_accepted_state(tmp_path, background):
+    """`gate.rollback = "memory"` keeps the accepted state on device only. A refusal's rollback
+    deletes the newer checkpoints; a crash before the next checkpoint resumed from an older one
+    (step 1) while the data source went on past the accepted steps' samples: their updates
+    were lost. The rollback now saves the accepted state before deleting anything."""
+    write_replay(str(tmp_path / "replay.jsonl"), make_samples(20, seed=5))
+    loop = replay_gated_loop(tmp_path, "memory", background, **{"publish.every_steps": 2})
+    loop.train_step(loop.take_samples())
+    loop.save_checkpoint()                         # step 1: the only checkpoint below step 2
+    loop.train_step(loop.take_samples())
+    publish(loop)                                  # step 2 accepted, in memory only
+    accepted = params_of(loop)
+    loop.train_step(loop.take_samples())
+    loop.save_checkpoint()                         # step 3
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    publish(loop)                                  # step 4 refused: back to step 2
+    assert loop.step == 2 and loop.gate_refusals == 1
+    loop.close()                                   # the crash, before any later checkpoint
+
+    resumed = replay_gated_loop(tmp_path, "memory", background,
+                                **{"publish.every_steps": 2, "trainer.resume": True})
+    try:
+        assert resumed.step == 2 and max_param_diff(accepted, params_of(resumed)) == 0.0
+        assert trained_steps(resumed) == [1, 2]
+        assert [s.sample_id for s in resumed.take_samples()] == [f"s5-{i}" for i in
+                                                                 range(16, 20)]
     finally:
         resumed.close()

@@ -126,10 +126,12 @@ def test_check_start_refuses_a_publish_dir_with_an_earlier_runs_versions(tmp_pat
     assert not os.path.exists(config.workdir)
     config.publish.every_steps = 0  # not publishing: nothing to mix with
     train.check_start(config)
-    config.publish.every_steps, config.trainer.resume = 3, True  # continuing the earlier run
-    train.check_start(config)
-    config.trainer.resume = False
+    config.publish.every_steps = 3
     config.publish.dir = str(tmp_path / "new")  # not there yet
+    train.check_start(config)
+    config.publish.dir = str(elsewhere)
+    make_files(tmp_path / "run", ["checkpoints/5/x"])   # the earlier run's checkpoint
+    config.trainer.resume = True  # continuing the earlier run: its versions are its own
     train.check_start(config)
 
 
