@@ -180,12 +180,13 @@ def test_memory_mode_keeps_the_newest_checkpoint_at_or_below_the_accepted_step(t
         resumed.close()
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_a_crash_after_a_memory_rollback_resumes_from_the_accepted_state(tmp_path, background):
+def test_a_crash_after_a_memory_rollback_resumes_from_the_accepted_state(tmp_path):
     """`gate.rollback = "memory"` keeps the accepted state on device only. A refusal's rollback
     deletes the newer checkpoints; a crash before the next checkpoint resumed from an older one
     (step 1) while the data source went on past the accepted steps' samples: their updates
-    were lost. The rollback now saves the accepted state before deleting anything."""
+    were lost. The rollback now saves the accepted state before deleting anything. (The
+    background gate reaches the same `rollback` through `settle_gate`: both failed before.)"""
+    background = True
     write_replay(str(tmp_path / "replay.jsonl"), make_samples(20, seed=5))
     loop = replay_gated_loop(tmp_path, "memory", background, **{"publish.every_steps": 2})
     loop.train_step(loop.take_samples())
