@@ -39,7 +39,9 @@ def _set_text(msg: pb.Sample, name: str, value, sid: str) -> None:
 def scalars_to_proto(sample: Sample, msg: pb.Sample) -> pb.Sample:
     """Sets the non-array fields of `msg` from `sample` (ids, counters, reward, kind,
     metadata). Raises `SampleError` for values the wire cannot carry, naming the field: every
-    string (ids, kind, metadata keys and values) must be a str with a UTF-8 encoding."""
+    string (ids, kind, metadata keys and values) must be a str with a UTF-8 encoding, and the
+    sample must carry its rollout log-probs (checked here for both encoders)."""
+    require_rollout_logp(sample, "on the buffer's wire")
     sid = sample.sample_id if isinstance(sample.sample_id, str) else repr(sample.sample_id)
     _set_text(msg, "sample_id", sample.sample_id, sid)
     for name in ("turn_index", "policy_version", "created_unix_ms", "response_len"):
@@ -74,7 +76,6 @@ def to_proto(sample: Sample, out: pb.Sample | None = None) -> pb.Sample:
     """Host sample → wire message. Raises `SampleError` for values the wire cannot carry
     (no rollout log-probs, negative counters, non-string metadata, unpaired top-K arrays),
     naming the field."""
-    require_rollout_logp(sample, "on the buffer's wire")
     msg = scalars_to_proto(sample, pb.Sample() if out is None else out)
     msg.tokens.extend(np.asarray(sample.tokens).reshape(-1).tolist())
     msg.loss_mask.extend(np.asarray(sample.loss_mask).reshape(-1).tolist())

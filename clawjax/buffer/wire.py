@@ -13,7 +13,7 @@ import numpy as np
 
 from clawjax.buffer import codec
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.sample import Sample, require_rollout_logp
+from clawjax.sample import Sample
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
@@ -46,7 +46,6 @@ def sample_parts(sample: Sample) -> list:
     """Serialized `rollout.Sample` for `sample` as a list of buffers to concatenate (array data
     is referenced, not copied). Parses to the same message as `codec.to_proto(sample)`, and
     refuses what it refuses (`SampleError`)."""
-    require_rollout_logp(sample, "on the buffer's wire")
     parts = [codec.scalars_to_proto(sample, pb.Sample()).SerializeToString()]
 
     def packed(field: int, arr: np.ndarray) -> None:
