@@ -87,6 +87,7 @@ class Child:
     proc: subprocess.Popen | None = None
     address: str = ""
     restarts: int = 0
+    supervised: bool = False  # set once its first start succeeded: only then restarted
 
     def start(self, timeout_s: float = 180.0) -> str:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
@@ -160,18 +161,24 @@ class LocalStack:
 
     def _child(self, name: str, args: list[str], ready: str,
                env: dict[str, str] | None = None) -> str:
+        """Starts a child and hands it to the supervisor once it is up: until then (its process
+        being forked, or not yet ready, or retried here) the supervisor leaves it alone, so it
+        is never started twice at once. A child that fails three times is forgotten."""
         child = Child(name, args, ready, os.path.join(self.logs, f"{name}.log"), env or {})
         with self._children_lock:
-            self.children[name] = child
+            self.children[name] = child   # stopped by `stop()` even while it starts
         for attempt in range(3):  # a previous run's child may still be releasing its files
             try:
                 address = child.start()
                 break
             except RuntimeError:
                 if attempt == 2:
+                    with self._children_lock:
+                        self.children.pop(name, None)
                     raise
                 log.warning("%s failed to start, retrying", name)
                 time.sleep(3.0)
+        child.supervised = True
         self._write_pids()
         return address
 
@@ -214,12 +221,12 @@ class LocalStack:
         while not self._stop.wait(0.5):
             for name, child in list(self.children.items()):
                 with self._children_lock:  # not one that `stop_child` is taking away
-                    if self.children.get(name) is not child or child.alive() \
-                            or self._stop.is_set():
+                    if self.children.get(name) is not child or not child.supervised \
+                            or child.alive() or self._stop.is_set():
                         continue
-                    log.warning("%s exited (code %s): restarting on %s", child.name,
-                                child.proc.returncode, child.address)
                     try:
+                        log.warning("%s exited (code %s): restarting on %s", child.name,
+                                    child.proc.returncode, child.address)
                         child.start()
                         child.restarts += 1
                         self._write_pids()

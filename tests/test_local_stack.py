@@ -133,3 +133,87 @@ def test_the_supervisor_outlives_a_restart_that_fails_to_fork(tmp_path, monkeypa
         assert stack._supervisor.is_alive()
     finally:
         stack.stop()
+
+
+def _stack_without_its_four(tmp_path, monkeypatch) -> LocalStack:
+    """A started stack (its supervisor running) whose four processes are not started: the
+    children under test are added with `start_child`."""
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalStack, "_child", lambda self, name, args, ready, env=None: "x:1")
+        stack = LocalStack(str(tmp_path), "model").start()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return stack
+
+
+def _counting_popen(monkeypatch, delay_s: float = 0.0) -> list:
+    """Counts (and delays by `delay_s`) every process the stack starts."""
+    real_popen, started = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        started.append(1)
+        time.sleep(delay_s)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(local_stack.subprocess, "Popen", popen)
+    return started
+
+
+def test_a_child_being_forked_is_not_the_supervisors_yet(tmp_path, monkeypatch):
+    """`start_child` registers a child before its process exists (so that `stop()` reaches it).
+    A supervisor round in that window (here a fork slowed to 1.5 s: three rounds) used to read
+    the missing process's exit code, raise, and end the supervisor thread, so no child was
+    restarted for the rest of the run (seen in a `bench methods` run). It must leave the child
+    alone, and supervise it once started."""
+    stack = _stack_without_its_four(tmp_path, monkeypatch)
+    (tmp_path / "sleeper.py").write_text(
+        "import time\nprint('READY sleeper', flush=True)\ntime.sleep(120)\n")
+    started = _counting_popen(monkeypatch, delay_s=1.5)
+    try:
+        stack.start_child("sleeper", ["sleeper"], r"READY (sleeper)")
+        time.sleep(1.0)  # two more rounds after it came up
+        assert stack._supervisor.is_alive()
+        assert len(started) == 1 and stack.restarts() == {"sleeper": 0}
+        first = json.loads((tmp_path / "pids.json").read_text())["sleeper"]
+        os.kill(first, signal.SIGKILL)  # now it is supervised: restarted
+        deadline = time.monotonic() + 60
+        while stack.restarts()["sleeper"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stack.restarts() == {"sleeper": 1} and len(started) == 2
+    finally:
+        stack.stop()
+
+
+def test_a_child_whose_first_start_failed_is_retried_by_start_child_alone(tmp_path, monkeypatch):
+    """A child that exits before it is ready is retried by `start_child` (after 3 s); the
+    supervisor must not start it meanwhile too: it did, and the retry then replaced the process
+    the supervisor had started, which ran on unsupervised and was never stopped."""
+    stack = _stack_without_its_four(tmp_path, monkeypatch)
+    (tmp_path / "flaky.py").write_text(
+        "import os, sys, time\n"
+        f"marker = {str(tmp_path / 'tried')!r}\n"
+        "if not os.path.exists(marker):\n"
+        "    open(marker, 'w').close()\n"
+        "    sys.exit(3)\n"
+        "print('READY flaky', flush=True)\ntime.sleep(120)\n")
+    started = _counting_popen(monkeypatch)
+    try:
+        assert stack.start_child("flaky", ["flaky"], r"READY (flaky)") == "flaky"
+        time.sleep(1.0)
+        assert len(started) == 2 and stack.restarts() == {"flaky": 0}
+        assert stack.children["flaky"].alive()
+    finally:
+        stack.stop()
+
+
+def test_a_child_that_never_starts_is_forgotten(tmp_path, monkeypatch):
+    """Three failed starts: `start_child` raises and the name is free again (not left behind,
+    unstarted, as a child that blocks its name)."""
+    stack = _stack_without_its_four(tmp_path, monkeypatch)
+    (tmp_path / "dud.py").write_text("import sys\nsys.exit(4)\n")
+    monkeypatch.setattr(local_stack.time, "sleep", lambda s: None)  # the 3 s between tries
+    try:
+        with pytest.raises(RuntimeError, match="dud did not start"):
+            stack.start_child("dud", ["dud"], r"READY (dud)")
+        assert "dud" not in stack.children and stack._supervisor.is_alive()
+    finally:
+        stack.stop()
