@@ -23,7 +23,10 @@ same tokens. Input log-probs follow SGLang (SPEC.md §7): entries for prompt pos
 While fewer than `min_new_tokens` are out, `stop_token_ids` (and EOS ids unless `ignore_eos`)
 cannot be drawn (SGLang); the mask only affects which token is drawn, not the log-probs.
 As in SGLang's detokenizer, a matched stop token id (or EOS) ends `output_ids` but not `text`,
-and a matched stop string is cut from `text`, unless `no_stop_trim`.
+and a matched stop string is cut from `text`, unless `no_stop_trim`. A stop string ends
+generation only where it ends past the text of the first `min_new_tokens` tokens (SGLang checks
+the recent tail only): an occurrence wholly inside that text is ignored, so the cut never falls
+before text a stream already sent (the streams hold back a tail that may start a stop string).
 An exception in one request's share of a step aborts it alone ("request error: ...",
 `request_errors`; the rest of the step and the cache carry on); a failing forward aborts the
 whole step and resets the cache ("engine error: ...", `engine_errors`).
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from typing import Any, Callable
 
@@ -219,6 +223,9 @@ class Engine:
                 self._drop_unused_versions_locked()
 
     def _install_swap_locked(self) -> None:
+        """Installs a pending swap (between steps, or while idle or paused) and drops the
+        versions no admitted request runs on, before `load_weights` returns: updates with no
+        traffic keep one parameter copy, not one per update."""
         if self._swap is None:
             return
         version, state, done = self._swap
@@ -227,9 +234,13 @@ class Engine:
         self._params[self._gen] = (version, state)
         self.weight_version = version
         self.counters["weight_swaps"] += 1
+        self._drop_unused_versions_locked()
         done.set()
 
     def _drop_unused_versions_locked(self) -> None:
+        """Frees every weight version but the current one and those of requests in slots
+        (admitted, unfinished: they finish on their own version). Runs on the engine thread
+        between steps, so no forward is using a version it drops."""
         in_use = {r.gen for r in self._slots if r is not None} | {self._gen}
         for g in list(self._params):
             if g not in in_use:
@@ -347,11 +358,10 @@ class Engine:
         if n_out >= p.min_new_tokens and (
                 tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)):
             finish = {"type": "stop", "matched": tok}
-        elif p.stop and self.detokenize is not None and n_out >= p.min_new_tokens:
-            text = self.detokenize(r.output_ids, p.skip_special_tokens)
-            hits = [(text.find(s), s) for s in p.stop if s in text]
-            if hits:
-                at, s = min(hits)
+        elif p.stop and self.detokenize is not None and n_out > p.min_new_tokens:
+            hit = self._match_stop(r, self.detokenize(r.output_ids, p.skip_special_tokens))
+            if hit is not None:
+                at, s = hit
                 finish = {"type": "stop", "matched": s}
                 r.trim_text_at = None if p.no_stop_trim else at
         if finish is None and (n_out >= p.max_new_tokens or
@@ -361,6 +371,22 @@ class Engine:
             self._finish(r, finish)
         elif r.on_token is not None:
             r.on_token(self._result(r, None))
+
+    def _match_stop(self, r: Request, text: str) -> tuple[int, str] | None:
+        """The earliest (position, stop string) in `r`'s output `text` among occurrences that
+        end past the text of its first `min_new_tokens` tokens (those hold no match; their
+        text is decoded once, and only the part `text` still starts with counts: a character
+        completed by a later token is not in it); None when there is none."""
+        p = r.params
+        protected = 0
+        if p.min_new_tokens:
+            if r.min_text is None:
+                r.min_text = self.detokenize(r.output_ids[:p.min_new_tokens],
+                                             p.skip_special_tokens)
+            protected = len(os.path.commonprefix([r.min_text, text]))
+        hits = [(at, s) for s in p.stop
+                if (at := text.find(s, max(0, protected - len(s) + 1))) >= 0]
+        return min(hits) if hits else None
 
     def _finish(self, r: Request, finish: dict) -> None:
         r.finish = finish

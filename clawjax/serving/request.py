@@ -43,6 +43,7 @@ class Request:
     input_top: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
     finish: dict | None = None
     trim_text_at: int | None = None
+    min_text: str | None = None  # text of the first `min_new_tokens` tokens (no stop ends in it)
     aborted: str | None = None
     rng: np.random.Generator | None = None
     t_start: float = dataclasses.field(default_factory=time.monotonic)
