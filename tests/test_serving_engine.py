@@ -1,7 +1,9 @@
 """The embedded engine's per-request robustness and sampling rules, over real HTTP on loopback:
 tiny temperatures are greedy, a request whose own token fails is aborted alone (the others in
-its step and the KV cache are untouched), `min_new_tokens` masks stop/EOS ids (the reported
-log-probs stay the raw ones), and malformed bodies get a 400 naming the field."""
+its step and the KV cache are untouched), superseded weights are freed while the engine is
+idle or paused, `min_new_tokens` masks stop/EOS ids (the reported log-probs stay the raw ones),
+may not exceed the (settled) `max_new_tokens` and protects its tokens from stop strings, and
+malformed bodies get a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
+from clawjax import model as cm
 from clawjax.serving import engine as engine_mod
 from clawjax.serving.protocol import SamplingParams
 from clawjax.serving.sampling import sample_token
 from test_serving_helpers import (gen, hf_a, hf_logp, http, model_a, server,  # noqa: F401
-                                  token_logps, tokenizer)
+                                  stream_chat, token_logps, tokenizer)
 
 TOL = 1e-4
 
@@ -116,6 +119,30 @@ def test_a_request_whose_token_fails_is_aborted_alone(server, http, hf_a, tokeni
     assert after["running"] == 0
 
 
+# --- weight versions --------------------------------------------------------------------------
+
+def test_superseded_weight_versions_are_freed_while_idle_or_paused():
+    """Updates with no traffic (engine idle, or paused) keep only the current parameters: a
+    swap drops every version no request runs on, at once (no step has to run first)."""
+    config = cm.ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, qk_norm=True,
+                            max_position_embeddings=64)
+    eng = engine_mod.Engine(cm.init_random(config, seed=0), config, max_batch=2,
+                            context_len=32)
+    try:
+        for v in ("1", "2", "3"):
+            eng.load_weights(cm.init_random(config, seed=int(v)), config, v)
+            assert eng.stats()["versions_alive"] == [v]
+        eng.pause()
+        for v in ("4", "5"):
+            eng.load_weights(cm.init_random(config, seed=int(v)), config, v)
+            assert eng.stats()["versions_alive"] == [v]
+        assert eng.stats()["weight_swaps"] == 5
+    finally:
+        eng.close()
+
+
 # --- min_new_tokens ---------------------------------------------------------------------------
 
 def test_min_new_tokens_masks_stop_token_ids_and_reports_raw_logprobs(http, hf_a, tokenizer):
@@ -151,6 +178,94 @@ def test_min_new_tokens_masks_eos_unless_ignore_eos(server, http, tokenizer, mon
     # ignore_eos: EOS ids are ordinary tokens, not masked (and do not stop)
     ids = gen(http, input_ids=prompt, sampling_params={**sp, "ignore_eos": True})["output_ids"]
     assert ids[0] == x and len(ids) == 5
+
+
+MIN_CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path,body,field,says", [
+    # set explicitly: SGLang's "min_new_tokens must be in [0, max_new_tokens]"
+    ("/generate", {"input_ids": [1, 2, 3],
+                   "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 5}},
+     "sampling_params.min_new_tokens", ["[0, 2]", "'sampling_params.max_new_tokens' = 2"]),
+    ("/v1/chat/completions", {"messages": MIN_CHAT, "max_tokens": 2, "min_tokens": 5},
+     "min_tokens", ["[0, 2]", "'max_tokens' = 2"]),
+    ("/v1/chat/completions", {"messages": MIN_CHAT, "max_tokens": 9,
+                              "max_completion_tokens": 3, "min_tokens": 4},
+     "min_tokens", ["[0, 3]", "'max_completion_tokens' = 3"]),
+    ("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1, "min_tokens": 2},
+     "min_tokens", ["[0, 1]", "'max_tokens' = 1"]),
+    # left to the default, settled once the prompt is known
+    ("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"min_new_tokens": 200}},
+     "sampling_params.min_new_tokens", ["[0, 128]", "not set", "128"]),
+    ("/generate", {"input_ids": [1, 2, 3],
+                   "sampling_params": {"max_new_tokens": None, "min_new_tokens": 254}},
+     "sampling_params.min_new_tokens", ["[0, 253]", "context length 256", "3 prompt tokens"]),
+    ("/v1/completions", {"prompt": [1, 2, 3], "min_tokens": 17},
+     "min_tokens", ["[0, 16]", "'max_tokens'", "not set"]),
+    ("/v1/chat/completions", {"messages": MIN_CHAT, "min_tokens": 300},
+     "min_tokens", ["'max_tokens'", "not set", "context length 256"]),
+])
+def test_min_new_tokens_above_max_new_tokens_is_refused(http, path, body, field, says):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert err["param"] == field and repr(field) in err["message"], err
+    for s in says:
+        assert s in err["message"], (s, err["message"])
+
+
+def test_min_new_tokens_up_to_max_new_tokens_is_accepted(http):
+    out = gen(http, input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 3,
+                                                          "min_new_tokens": 3})
+    assert len(out["output_ids"]) == 3
+    r = http.post("/v1/chat/completions", json={"messages": MIN_CHAT, "min_tokens": 2,
+                                                "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def stop_after_min(texts: list[str], stop: str, m: int) -> tuple[str, int]:
+    """The reference: (text, completion tokens) of a greedy answer whose prefix texts are
+    `texts` (`texts[k]`: the first k tokens) under stop string `stop` and min_new_tokens `m`:
+    the first occurrence that ends past the text of the first `m` tokens ends it, trimmed."""
+    for k in range(m + 1, len(texts)):
+        at = texts[k].find(stop, max(0, len(texts[m]) - len(stop) + 1))
+        if at >= 0:
+            return texts[k][:at], k
+    return texts[-1], len(texts) - 1
+
+
+def test_a_stop_string_inside_the_first_min_new_tokens_is_ignored(http, tokenizer):
+    """Only a stop string that ends after the first `min_new_tokens` tokens ends generation
+    (SGLang checks the recent tail); one lying wholly inside them is ignored, not found later
+    and cut at (which would cut text already streamed). A streamed chat adds up to the final
+    content, and `completion_tokens` counts the tokens up to the match."""
+    body = {"messages": MIN_CHAT, "temperature": 0, "ignore_eos": True, "max_tokens": 16}
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        MIN_CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    ids = gen(http, input_ids=prompt, sampling_params={
+        "max_new_tokens": 16, "temperature": 0, "ignore_eos": True})["output_ids"]
+    texts = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    full = texts[-1]
+    # a stop first produced at token i, inside the first i + 3 (ignored there), and one that
+    # starts inside the first m tokens and ends after them (it ends generation)
+    i = next(i for i in range(1, 6) if full[i] not in full[:i])
+    m = next(m for m in range(2, 8) if full.find(full[m - 1:m + 1]) == m - 1)
+    for stop, min_tokens in ((full[i], i + 3), (full[m - 1:m + 1], m)):
+        text, n = stop_after_min(texts, stop, min_tokens)
+        out = gen(http, input_ids=prompt, sampling_params={
+            "max_new_tokens": 16, "temperature": 0, "ignore_eos": True, "stop": [stop],
+            "min_new_tokens": min_tokens})
+        assert (out["text"], out["meta_info"]["completion_tokens"]) == (text, n), (stop, full)
+        assert len(out["text"]) >= len(texts[min_tokens]) - len(stop) + 1
+        req = {**body, "stop": [stop], "min_tokens": min_tokens}
+        whole = http.post("/v1/chat/completions", json=req).json()
+        assert whole["choices"][0]["message"]["content"] == text
+        assert whole["usage"]["completion_tokens"] == n
+        assert whole["choices"][0]["finish_reason"] == ("stop" if n < 16 else "length")
+        chunks = stream_chat(http, req)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                       if c["choices"]) == text, (stop, min_tokens, full)
 
 
 def test_sample_token_banned_ids_fall_back_to_the_raw_row_when_nothing_is_left():

@@ -21,10 +21,11 @@ from clawjax.serving.openai_requests import (CHAT_MAX_TOKEN_KEYS, COMPLETION_MAX
                                              COMPLETION_MAX_TOKENS, ChatRequest,
                                              CompletionRequest, parse_chat, parse_completion)
 from clawjax.serving.sampling_params import (GENERATE_MAX_NEW_TOKENS, SamplingParams,
-                                             parse_sampling_params)
+                                             check_min_new_tokens, parse_sampling_params)
 
 __all__ = [
     "ProtocolError", "SamplingParams", "parse_sampling_params", "GENERATE_MAX_NEW_TOKENS",
+    "check_min_new_tokens",
     "GenerateRequest", "parse_generate", "GENERATE_MAX_TOKEN_KEYS", "check_lengths",
     "parse_update_weights",
     "ChatRequest", "parse_chat", "CHAT_MAX_TOKEN_KEYS", "CompletionRequest",

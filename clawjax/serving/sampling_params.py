@@ -31,18 +31,41 @@ class SamplingParams:
     sampling_seed: int | None = None
 
 
+def check_min_new_tokens(params: SamplingParams, min_field: str, max_field: str,
+                         defaulted: str | None = None) -> None:
+    """Refuses `min_new_tokens > max_new_tokens`, as SGLang does ("min_new_tokens must be in
+    [0, max_new_tokens]"): generation would end at `max_new_tokens`, short of the minimum.
+    Call it once `max_new_tokens` is settled. `min_field` / `max_field` name the request's
+    fields; `defaulted` is None when the request set `max_field`, else how its default came
+    about, e.g. "min(128, the context length 256 minus the 3 prompt tokens)" (the message
+    names both values either way)."""
+    lo, hi = params.min_new_tokens, params.max_new_tokens
+    if lo <= hi:
+        return
+    if defaulted is None:
+        why = f"at most {max_field!r} = {hi}"
+    else:
+        why = f"at most the output length: {max_field!r} is not set, so it is {hi} = {defaulted}"
+    raise ProtocolError(min_field, lo, f"an integer in [0, {hi}] ({why})")
+
+
 def parse_sampling_params(body: Any, vocab_size: int, prefix: str = "sampling_params.",
                           aliases: Mapping[str, str] | None = None) -> SamplingParams:
     """Validates a SGLang `sampling_params` dict (or the same keys of an OpenAI body when
-    `aliases` maps OpenAI names such as `max_tokens` onto ours)."""
+    `aliases` maps OpenAI names such as `max_tokens` onto ours). `min_new_tokens` above a
+    `max_new_tokens` the body sets is refused here (naming the field it came from); when the
+    body sets none, the server settles the default once the prompt is known and checks it
+    then (`check_min_new_tokens`)."""
     if body is None:
         body = {}
     if not isinstance(body, Mapping):
         raise ProtocolError(prefix.rstrip("."), body, "a JSON object")
     body = dict(body)
+    source: dict[str, str] = {}  # our name -> the alias it was set under
     for theirs, ours in (aliases or {}).items():
         if body.get(theirs) is not None:
             body[ours] = body.pop(theirs)
+            source[ours] = theirs
         else:
             body.pop(theirs, None)
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -66,4 +89,7 @@ def parse_sampling_params(body: Any, vocab_size: int, prefix: str = "sampling_pa
         raise ProtocolError(prefix + "top_p", 0.0, "a number in (0, 1]")
     if p.top_k == 0:
         raise ProtocolError(prefix + "top_k", 0, "-1 (off) or an integer >= 1")
+    if body.get("max_new_tokens") is not None:
+        check_min_new_tokens(p, prefix + "min_new_tokens",
+                             prefix + source.get("max_new_tokens", "max_new_tokens"))
     return p
