@@ -1,9 +1,12 @@
 """A 3-server fleet of `python -m clawjax.serve` subprocesses: one is SIGKILLed mid-run while
 requests keep flowing; the others are updated by the publisher and keep serving; the dead one
-is marked down, and once restarted it is brought to the newest weights before it serves."""
+is marked down, and once restarted it is brought to the newest weights before it serves. And
+the prober against scripted servers: one server's slow weight load does not hold up the
+probes of the others, and closing the fleet mid-load leaves no task behind."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -16,9 +19,10 @@ from flax import nnx
 
 from clawjax import model as cm
 from clawjax.publish import Publisher
+from clawjax.serving.fleet import Fleet
 from clawjax.serving.sync import SyncFleet
-from test_serving_helpers import (free_port, hf_model, model_a, model_b,  # noqa: F401
-                                  start_subprocess_server, token_logps, tokenizer)
+from test_serving_helpers import (Scripted, free_port, hf_model, model_a,  # noqa: F401
+                                  model_b, start_subprocess_server, token_logps, tokenizer)
 
 TOL = 1e-4
 
@@ -112,3 +116,45 @@ def test_fleet_survives_a_killed_server_and_updates_it_when_back(tmp_path, model
                 p.kill()
                 p.wait(10)
     assert errors == []
+
+
+def test_a_slow_load_on_one_server_does_not_hold_up_probing_the_others():
+    """The prober retries a refused update on server a, whose load then takes 2 s; meanwhile
+    b (healthy, on the target) is marked down by a transient failure and must be probed and
+    marked up again within a few probe intervals, not after a's load. The update to a is sent
+    once while it loads, and closing the fleet mid-load cancels every task it started."""
+    async def main():
+        a, b, sent = Scripted("a"), await Scripted("b").start(), []
+        update = a._update
+
+        async def counted(request):  # counts the updates a receives, as they arrive
+            sent.append(time.monotonic())
+            return await update(request)
+
+        a._update = counted
+        await a.start()
+        a.update_status = 400  # refused: a stays up, stale, and the prober retries it
+        try:
+            async with Fleet([a.url, b.url], probe_interval=0.05, health_timeout=1.0,
+                             update_timeout=30, update_retry_interval=0.1) as fleet:
+                sa, sb = fleet.servers
+                res = await fleet.update_weights_from_disk("/ckpt/v2", "2")
+                assert not res[a.url]["success"] and res[b.url]["success"]
+                a.update_status, a.update_delay = 200, 2.0
+                deadline = time.monotonic() + 10
+                while not sa.updating and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert sa.updating and sa.up  # the prober's retry is loading on a
+                fleet.mark_down(sb, "transient failure")
+                t0 = time.monotonic()
+                while not sb.up and time.monotonic() - t0 < 5:
+                    await asyncio.sleep(0.01)
+                took = time.monotonic() - t0
+                assert sb.up and took < 1.0, f"b stayed down {took:.2f}s during a's load"
+                await asyncio.sleep(0.3)  # six probe rounds: nothing more sent to a
+                assert sa.updating and a.version == "default" and len(sent) == 2
+        finally:
+            await a.stop(), await b.stop()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert left == [], left
+    asyncio.run(main())

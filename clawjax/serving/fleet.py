@@ -14,21 +14,24 @@ caller, whose deadline it is; re-running the same long generation on another ser
 time out again at several times the cost.
 
 Health: a background task probes every server every `probe_interval` seconds (`GET /health`,
-`health_timeout` each). A down server that answers again is asked which weights it holds (a
-restarted one is back on its launch weights, whatever it held before); when they are not the
-fleet's latest (the last `update_weights_from_disk` the fleet was asked for) it is brought to
-them first, and only then marked up. Updates: a server that cannot be reached is marked down
-and updated when it returns; a server that refuses an update (4xx: it could not load that
-checkpoint) stays up on its current weights (its responses keep reporting their
-`weight_version`, so the trainer can bound staleness) and the update is retried every
-`update_retry_interval` seconds, counted from the end of the last try. The prober never sends
-an update to a server that still has one in flight (a checkpoint load may take longer than the
-retry interval). A load still running after `update_timeout` seconds is not a dead server: the
-update call returns (success False, `loading` True) while the fleet keeps waiting for the answer
-in the background as long as the server answers `/health` (checked every `probe_interval`):
-an up server stays up on its current weights meanwhile, a returning one stays down, and the new
-weights are recorded (and a returning server marked up) when the load ends. A server that stops
-answering `/health` mid-load is marked down, as any unreachable one.
+`health_timeout` each), each probe a task of its own: a slow health check or weight load of one
+server never delays the probes of the others (a server whose probe is still running is not
+probed again until it ends, so it has at most one prober update in flight). A down server that
+answers again is asked which weights it holds (a restarted one is back on its launch weights,
+whatever it held before); when they are not the fleet's latest (the last
+`update_weights_from_disk` the fleet was asked for) it is brought to them first, and only then
+marked up. Updates: a server that cannot be reached is marked down and updated when it returns;
+a server that refuses an update (4xx: it could not load that checkpoint) stays up on its current
+weights (its responses keep reporting their `weight_version`, so the trainer can bound
+staleness) and the update is retried every `update_retry_interval` seconds, counted from the end
+of the last try. The prober never sends an update to a server that still has one in flight (a
+checkpoint load may take longer than the retry interval). A load still running after
+`update_timeout` seconds is not a dead server: the update call returns (success False, `loading`
+True) while the fleet keeps waiting for the answer in the background as long as the server
+answers `/health` (checked every `probe_interval`): an up server stays up on its current weights
+meanwhile, a returning one stays down, and the new weights are recorded (and a returning server
+marked up) when the load ends. A server that stops answering `/health` mid-load is marked down,
+as any unreachable one.
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -107,6 +110,7 @@ class Fleet:
         self.target: tuple[str, str | None] | None = None  # latest (model_path, weight_version)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._probe_task: asyncio.Task | None = None
+        self._probes: dict[Server, asyncio.Task] = {}  # the prober's probe running per server
         self._recovering: set[Server] = set()
         self._loads: set[asyncio.Task] = set()  # updates whose answer is still awaited
         self._up_event: asyncio.Event | None = None
@@ -120,7 +124,16 @@ class Fleet:
         return self
 
     async def aclose(self) -> None:
-        for task in [self._probe_task, *self._loads]:
+        """Cancels and awaits the prober, its running probes, then the loads still awaited
+        (a cancelled probe may have left one), and closes the clients."""
+        await self._cancel([self._probe_task])
+        await self._cancel(list(self._probes.values()))
+        await self._cancel(list(self._loads))
+        await asyncio.gather(*(s.client.aclose() for s in self.servers))
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task | None]) -> None:
+        for task in tasks:
             if task is None:
                 continue
             task.cancel()
@@ -128,7 +141,8 @@ class Fleet:
                 await task
             except asyncio.CancelledError:
                 pass
-        await asyncio.gather(*(s.client.aclose() for s in self.servers))
+            except Exception:  # noqa: BLE001 - it already failed; closing goes on
+                pass
 
     async def __aenter__(self) -> "Fleet":
         return await self.start()
@@ -314,9 +328,22 @@ class Fleet:
 
     # --- health --------------------------------------------------------------------------
     async def _probe_loop(self) -> None:
+        """Every `probe_interval` s starts a probe task for each server that has none running
+        (one awaiting a weight load may take up to `update_timeout`); never waits on them."""
         while True:
             await asyncio.sleep(self.probe_interval)
-            await asyncio.gather(*(self.probe(s) for s in self.servers), return_exceptions=True)
+            for server in self.servers:
+                if server not in self._probes:
+                    task = asyncio.create_task(self.probe(server),
+                                               name=f"fleet-probe {server.url}")
+                    self._probes[server] = task
+                    task.add_done_callback(lambda t, s=server: self._probe_done(s, t))
+
+    def _probe_done(self, server: Server, task: asyncio.Task) -> None:
+        if self._probes.get(server) is task:
+            del self._probes[server]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("fleet: probing %s failed: %r", server.url, task.exception())
 
     async def probe(self, server: Server) -> bool:
         """Checks one server now. A returning server is brought to the target weights before
