@@ -163,6 +163,9 @@ def test_bench_methods_quick(bench_root):
     fingerprints = {json.loads((tmp_path / f"{m}-s0" / "warmstart" / "warmstart.json")
                                .read_text())["fingerprint"] for m in ("rl", "opd", "combine")}
     assert len(fingerprints) == 1
+    # One XLA cache for all: the later runs load what the first compiled.
+    assert any((tmp_path / "xla_cache").iterdir())
+    assert not any((tmp_path / f"{m}-s0" / "xla_cache").exists() for m in ("rl", "opd", "combine"))
 
 
 @pytest.mark.slow

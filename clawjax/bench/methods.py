@@ -5,7 +5,8 @@ before (the warm-started policy) and after, in one table and one plot (`bench_me
 Each run is `python -m clawjax.train --config.method=M --config.trainer.seed=S` in its own
 workdir `ROOT/M-sS` (a clean process: no JAX state shared between runs). The first run trains
 the warm start; it is copied into every other run's workdir, where its fingerprint makes it
-cached. Before/after are the first and last entries of the run's `eval.jsonl` (the held-out
+cached; so is every program any run compiled (one XLA cache, `ROOT/xla_cache`, for all: the
+bench compares scores, not times). Before/after are the first and last entries of the run's `eval.jsonl` (the held-out
 evaluation of the served warm start, and of the final policy after its last publish). A run whose
 `summary.json` exists is read, not rerun (an interrupted bench resumes).
 
@@ -20,6 +21,7 @@ import math
 import os
 import statistics
 
+from clawjax import compile_cache
 from clawjax.bench import _runs
 from clawjax.bench.common import print_table
 from clawjax.config import METHODS
@@ -34,6 +36,7 @@ def run_one(root: str, method: str, seed: int, steps: int, quick: bool) -> dict:
             raise FileExistsError(f"{workdir} holds an unfinished run; remove it to rerun")
         _runs.run_module("clawjax.train", root, workdir, [
             *(_runs.QUICK_OVERRIDES if quick else ()), f"--config.method={method}",
+            f"--config.compile_cache_dir={os.path.join(root, compile_cache.SUBDIR)}",
             f"--config.trainer.seed={seed}", f"--config.trainer.steps={steps}"])
     with open(summary_path) as f:
         summary = json.load(f)
