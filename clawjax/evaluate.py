@@ -5,6 +5,15 @@ The score of one evaluation is the share of (task, sample) answers the judge rat
 `samples_per_task` answers per task at the rollout temperature. Held-out tasks are never trained
 on (DESIGN.md); the evaluator only talks to the policy server and the judge, never the proxy, so
 an evaluation produces no training samples.
+
+Versions: the server labels each answer with the weight version that produced all of it
+(`meta_info.weight_version`; an answer without one is taken to be from the version the server
+reported when the evaluation began). A point is labelled with the version of its answers. The
+periodic points run while training goes on publishing, so one may be answered by several
+versions: it is recorded as it is, `versions` counting the answers of each (`mixed`), labelled
+with the first of them (the oldest) — never passed off as one version's score. The run's two
+endpoints (the warm start, and the final policy after training stopped) must be one version:
+answers from several raise `MixedVersions` and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -19,28 +28,41 @@ import time
 
 from clawjax.rollout import judge as judge_lib
 from clawjax.rollout import prompts
+from clawjax.rollout.emit import policy_version_of
 from clawjax.rollout.envs import env_for_task
 from clawjax.serving.client import SGLangClient, ServingError
 
 log = logging.getLogger("clawjax.evaluate")
 
 
+class MixedVersions(ServingError):
+    """An evaluation that must be one version's score was answered by several."""
+
+
 @dataclasses.dataclass
 class EvalResult:
-    version: str
+    version: str  # the version that answered (the oldest of them when `mixed`)
     score: float  # share of answers judged +1
     n: int
     seconds: float
     examples: list[dict]
     task_scores: list[float] = dataclasses.field(default_factory=list)  # per task, task order
+    # answers per weight version, oldest first ({version: n} when one version answered all)
+    versions: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def mixed(self) -> bool:
+        """The answers came from more than one weight version (a periodic point only)."""
+        return len(self.versions) > 1
 
     def to_json(self) -> dict:
         return {"version": self.version, "score": self.score, "n": self.n,
-                "seconds": self.seconds, "task_scores": self.task_scores}
+                "seconds": self.seconds, "task_scores": self.task_scores,
+                "versions": self.versions}
 
 
 async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict, *,
-               temperature: float, max_tokens: int) -> tuple[int, str, str]:
+               temperature: float, max_tokens: int) -> tuple[int, str, str, str | None]:
     env = env_for_task(task)
     first = env.reset(task)
     messages = [{"role": "user", "content": first.text}]
@@ -54,17 +76,21 @@ async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict,
     view = prompts.TurnView(request=first.text, response=answer, next_role=reply.role,
                             next_text=reply.text)
     verdict = await judge_lib.judge_turn(judge, view, m=1, hint=False, temperature=0.0)
-    return verdict.reward, answer, reply.text
+    version = (out.get("meta_info") or {}).get("weight_version")
+    return verdict.reward, answer, reply.text, None if version is None else str(version)
 
 
 async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list[dict], *,
                          samples_per_task: int = 4, temperature: float = 1.0,
-                         max_tokens: int = 16, concurrency: int = 16) -> EvalResult:
-    """Scores the policy served at `policy_url` on `tasks` (see the module docstring)."""
+                         max_tokens: int = 16, concurrency: int = 16,
+                         single_version: bool = False) -> EvalResult:
+    """Scores the policy served at `policy_url` on `tasks` (see the module docstring: the
+    result is labelled with the version of its answers). `single_version`: answers from more
+    than one version raise `MixedVersions`; otherwise such a result is returned `mixed`."""
     start = time.perf_counter()
     gate = asyncio.Semaphore(concurrency)
     async with SGLangClient(policy_url) as policy, SGLangClient(judge_url) as judge:
-        version = await policy.get_weight_version() or ""
+        at_start = str(await policy.get_weight_version() or "")
 
         async def bounded(task):
             async with gate:
@@ -73,14 +99,24 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
 
         jobs = [t for t in tasks for _ in range(samples_per_task)]
         results = await asyncio.gather(*(bounded(t) for t in jobs))
-    rewards = [r for r, _, _ in results]
+    rewards = [r for r, _, _, _ in results]
+    counts: dict[str, int] = {}
+    for _, _, _, version in results:
+        label = at_start if version is None else version
+        counts[label] = counts.get(label, 0) + 1
+    versions = {v: counts[v] for v in sorted(counts, key=policy_version_of)}
+    if single_version and len(versions) > 1:
+        raise MixedVersions(policy_url, f"held-out answers came from weight versions "
+                                        f"{', '.join(versions)}, not one")
     examples = [{"task_id": t["task_id"], "answer": a, "reply": rep}
-                for t, (_, a, rep) in zip(jobs[::samples_per_task], results[::samples_per_task])]
+                for t, (_, a, rep, _) in zip(jobs[::samples_per_task],
+                                             results[::samples_per_task])]
     k = samples_per_task
     task_scores = [sum(r == 1 for r in rewards[i:i + k]) / k for i in range(0, len(rewards), k)]
-    return EvalResult(version=str(version), score=sum(r == 1 for r in rewards) / len(rewards),
+    return EvalResult(version=next(iter(versions), at_start),
+                      score=sum(r == 1 for r in rewards) / len(rewards),
                       n=len(rewards), seconds=time.perf_counter() - start, examples=examples,
-                      task_scores=task_scores)
+                      task_scores=task_scores, versions=versions)
 
 
 class Evaluator:
@@ -106,20 +142,25 @@ class Evaluator:
         with self._lock:
             return self.history[-1] if self.history else None
 
-    def evaluate_now(self, samples_per_task: int | None = None) -> EvalResult:
+    def evaluate_now(self, samples_per_task: int | None = None, *,
+                     single_version: bool = True) -> EvalResult:
         """Evaluates the version being served now (blocking); `samples_per_task` overrides the
-        evaluator's (the run's two endpoints use more answers than the periodic points)."""
+        evaluator's (the run's two endpoints use more answers than the periodic points).
+        By default (an endpoint) the answers must be one version (`MixedVersions`, nothing
+        recorded); the periodic points pass `single_version=False` and record a mix."""
         kwargs = dict(self.kwargs)
         if samples_per_task is not None:
             kwargs["samples_per_task"] = samples_per_task
         result = asyncio.run(evaluate_async(self.policy_url, self.judge_url, self.tokenizer,
-                                            self.tasks, **kwargs))
+                                            self.tasks, single_version=single_version,
+                                            **kwargs))
         with self._lock:
             self.history.append(result)
         with open(self.path, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")
-        log.info("held-out score %.3f at version %s (%d answers, %.1fs)", result.score,
-                 result.version, result.n, result.seconds)
+        log.info("held-out score %.3f at version %s (%d answers, %.1fs)%s", result.score,
+                 result.version, result.n, result.seconds,
+                 f"; answered by versions {result.versions}" if result.mixed else "")
         return result
 
     def _due(self, version: str) -> bool:
@@ -140,7 +181,7 @@ class Evaluator:
             try:
                 version = asyncio.run(current())
                 if self._due(version):
-                    self.evaluate_now()
+                    self.evaluate_now(single_version=False)
             except (ServingError, OSError) as e:
                 log.warning("evaluation skipped: %s", e)
 

@@ -2,7 +2,9 @@
 between the first and last evaluation, checked against a float64 reference written with the
 standard library; and the summary table that prints them."""
 
+import json
 import math
+import os
 import statistics
 
 import numpy as np
@@ -71,3 +73,95 @@ def test_summary_and_table_show_scores_with_standard_errors(tmp_path):
 def test_eval_result_json_carries_the_task_scores():
     result = _result("3", [0.0, 1.0])
     assert result.to_json()["task_scores"] == [0.0, 1.0]
+
+
+# ------------------------------------------------------------------ the surviving lineage
+def _write_jsonl(path, entries, tail=""):
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries) + tail)
+
+
+def _trained(steps, per_step):
+    return [{"step": s, "sample_ids": [f"s{s}-{i}" for i in range(per_step)]} for s in steps]
+
+
+def test_samples_trained_come_from_the_trained_log_not_the_logged_rows(tmp_path):
+    # trainer.log_every = 3: rows at steps 3 and 6 only; every step trained 2 samples.
+    _write_jsonl(tmp_path / "metrics.jsonl", [
+        {"step": 3, "samples": 2, "reward_mean": 0.0, "logp_gap": 0.1},
+        {"step": 6, "samples": 2, "reward_mean": 1.0, "logp_gap": 0.2}])
+    _write_jsonl(tmp_path / "trained.jsonl", _trained(range(1, 7), 2))
+    summary = report.summarize(str(tmp_path), [], {}, {}, {})
+    assert summary["steps"] == 6 and summary["samples_trained"] == 12
+    assert summary["samples_trained_from"] == "trained.jsonl"
+    assert summary["logged_steps"] == 2
+    assert summary["mean_reward_first_10"] == summary["mean_reward_last_10"] == 0.5
+    text = report.table(summary)
+    assert "mean reward, first / last 10 logged steps (2 of 6 logged)" in text
+
+
+def test_summary_after_a_resume_counts_the_surviving_lineage_once(tmp_path):
+    # Checkpoint at 2, crash after step 3's row; the resumed process trains 3 and 4 again. Two
+    # processes: process 1 keeps its own trained log; process 0's ends in a torn line.
+    _write_jsonl(tmp_path / "metrics.jsonl", [
+        {"step": 1, "samples": 2, "reward_mean": 0.0},
+        {"step": 2, "samples": 2, "reward_mean": 0.0},
+        {"step": 3, "samples": 2, "reward_mean": -1.0, "logp_gap": 9.0},   # discarded
+        {"step": 3, "samples": 2, "reward_mean": 1.0, "logp_gap": 0.5},
+        {"step": 4, "samples": 2, "reward_mean": 1.0, "logp_gap": 0.25}])
+    _write_jsonl(tmp_path / "trained.jsonl", _trained(range(1, 5), 2), tail='{"step": 5, "sam')
+    _write_jsonl(tmp_path / "trained.process1.jsonl", _trained(range(1, 5), 3))
+    summary = report.summarize(str(tmp_path), [], {}, {}, {})
+    assert summary["steps"] == 4
+    assert summary["samples_trained"] == 4 * 2 + 4 * 3
+    assert summary["logged_steps"] == 4
+    assert summary["mean_reward_first_10"] == pytest.approx(0.5)
+    assert summary["logp_gap_last"] == 0.25
+    assert "mean reward, first / last 10 steps" in report.table(summary)
+
+
+def test_lineage_rows_keep_the_last_row_of_each_step_on_the_final_path():
+    rows = [{"step": s, "k": k} for k, s in enumerate([1, 2, 3, 4, 5, 3, 4, 6, 2, 3])]
+    # the row at 3 rewinds past 4 and 5; the row at 2 past 3, 4 and 6
+    assert [(r["step"], r["k"]) for r in report.lineage_rows(rows)] == [(1, 0), (2, 8), (3, 9)]
+    # a rollback after the last row (no row after it): the trained log's last step bounds it
+    assert [r["step"] for r in report.lineage_rows(rows, last_step=2)] == [1, 2]
+    assert report.lineage_rows([]) == []
+
+
+def test_without_a_trained_log_the_summary_counts_the_logged_rows_and_says_so(tmp_path):
+    _write_jsonl(tmp_path / "metrics.jsonl", [
+        {"step": 1, "samples": 8, "reward_mean": -1.0}, {"step": 2, "samples": 8},
+        {"step": 1, "samples": 4, "reward_mean": 0.0}, {"step": 2, "samples": 4}])
+    summary = report.summarize(str(tmp_path), [], {}, {}, {})
+    assert summary["steps"] == 2 and summary["samples_trained"] == 8
+    assert summary["samples_trained_from"] == "metrics.jsonl"
+    assert "8 (logged steps only: no trained.jsonl)" in report.table(summary)
+
+
+def test_the_curve_plots_each_step_and_version_once_after_a_resume(tmp_path):
+    _write_jsonl(tmp_path / "metrics.jsonl", [
+        {"step": s, "reward_mean": 0.1 * s, "opd_share": 0.5} for s in (1, 2, 3, 4, 3, 4, 5)])
+    _write_jsonl(tmp_path / "trained.jsonl", _trained(range(1, 6), 1))
+    # the first process: warm start, versions 2 and 4; the resumed one starts again from
+    # the warm start ("default"), then 4 (of its own lineage) and a point spanning 4..6
+    _write_jsonl(tmp_path / "eval.jsonl", [
+        {"version": "default", "score": 0.1, "n": 4},
+        {"version": "2", "score": 0.2, "n": 4}, {"version": "4", "score": 0.3, "n": 4},
+        {"version": "default", "score": 0.1, "n": 4}, {"version": "4", "score": 0.4, "n": 4},
+        {"version": "4", "score": 0.5, "n": 4, "versions": {"4": 2, "6": 2}}])
+    series = report.curve_series(str(tmp_path))
+    assert series["steps"] == [1, 2, 3, 4, 5]
+    assert series["reward_mean"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert series["heldout"] == [(0, 0, 0.1), (4, 6, 0.5)]
+    assert os.path.exists(report.write_curve(str(tmp_path)))
+
+
+def test_summary_names_the_periodic_points_answered_by_several_versions(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "samples": 1}\n')
+    before = _result("default", [0.0, 0.5])
+    mixed = EvalResult(version="2", score=0.5, n=8, seconds=1.0, examples=[],
+                       task_scores=[0.5, 0.5], versions={"2": 4, "4": 4})
+    after = _result("6", [0.5, 1.0])
+    summary = report.summarize(str(tmp_path), [before, mixed, after], {}, {}, {})
+    assert summary["heldout_mixed"] == [{"version": "2", "versions": {"2": 4, "4": 4}}]
+    assert "held-out points answered by several versions" in report.table(summary)
