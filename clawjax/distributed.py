@@ -8,8 +8,9 @@ step is the same program as on one host. What differs is only the data path:
 - each process takes `local_share(samples_per_step)` samples of its own: from the gRPC buffer it
   leases them itself; from a replay file process i keeps every n-th sample of the step
   (`ProcessShardReplay`), so n processes together train exactly the samples one process would;
-- each process packs its samples into rows, the row counts are agreed across processes
-  (`pad_rows_to_common`: the largest wins, the others add padding rows), and
+- each process packs its samples into rows, the row counts and the teacher top-K width are
+  agreed across processes (`pad_rows_to_common`: the most rows win, the others add padding
+  rows; a process whose samples carry no top-K adds masked top-K fields), and
   `global_batch` stitches the local `[M, R_local, L]` stacks into the global `[M, n·R_local, L]`
   array with `jax.make_array_from_process_local_data` — process p's rows sit on its own devices.
 
@@ -332,18 +333,57 @@ def common_max(value: int) -> int:
 
 
 def pad_rows_to_common(batch):
-    """`batch` `[R, L]` with padding rows appended up to the largest R of any process (a
-    collective: every process must call it once per step). Padding rows are all zeros
-    (segment 0), so they carry no loss."""
+    """`batch` `[R, L]` in the one shape every process agrees on (a collective: every process
+    must call it once per step), so all build the same batch pytree and run the same jitted
+    step: padding rows appended up to the largest R of any process, and the teacher top-K
+    fields (`[R, L, K]`, zeros, `teacher_topk_mask` 0) added when another process's samples
+    carry top-K and this one's do not. Padding rows are all zeros (segment 0) and the added
+    top-K entries are masked, so neither carries any loss. Raises `DistributedError` when the
+    processes' samples carry different top-K widths (`common_batch_shape`)."""
+    from jax.experimental import multihost_utils
+
     rows = batch.tokens.shape[0]
-    common = common_max(rows)
-    if common == rows:
+    width = 0 if batch.teacher_topk_logp is None else batch.teacher_topk_logp.shape[-1]
+    shapes = multihost_utils.process_allgather(np.asarray([rows, width], np.int32))
+    return pad_batch(batch, *common_batch_shape(np.asarray(shapes)))
+
+
+def common_batch_shape(shapes) -> tuple[int, int]:
+    """(rows, K) of one step's batch from each process's own `[rows, K]` (process order; K 0:
+    no top-K samples): the most rows, and the one K of the processes that have top-K (0 if
+    none has). Raises `DistributedError` when two processes have different non-zero K: a step
+    packs one width, and one process admitting both (`TrainLoop.admit`) would have dropped
+    the other width's samples."""
+    shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
+    widths = sorted({int(k) for k in shapes[:, 1] if k})
+    if len(widths) > 1:
+        raise DistributedError(
+            f"this step's samples carry teacher top-K of different widths K on different "
+            f"processes ({[int(k) for k in shapes[:, 1]]} in process order, 0 = none): expected "
+            f"one width per step; set rollout.teacher_topk to the rollouts' K so every process "
+            f"admits only that width (with 0 each process takes it from its own first top-K "
+            f"sample)")
+    return int(shapes[:, 0].max()), (widths[0] if widths else 0)
+
+
+def pad_batch(batch, rows: int, topk: int):
+    """`batch` `[R, L]` grown to `rows` rows (≥ R) with all-zero padding rows (segment 0), and
+    when `topk` > 0 and it has no top-K fields, with zero `[rows, L, topk]` ones (mask 0), as
+    `batch.pack` fills them for a sample without top-K."""
+    have = batch.tokens.shape[0]
+    if topk and batch.teacher_topk_logp is None:
+        shape = batch.tokens.shape
+        batch = dataclasses.replace(
+            batch, teacher_topk_logp=np.zeros((*shape, topk), np.float32),
+            teacher_topk_ids=np.zeros((*shape, topk), np.int32),
+            teacher_topk_mask=np.zeros(shape, np.float32))
+    if rows == have:
         return batch
 
     def pad(x):
-        return np.concatenate([x, np.zeros((common - rows, *x.shape[1:]), x.dtype)])
+        return np.concatenate([x, np.zeros((rows - have, *x.shape[1:]), x.dtype)])
 
-    ids = tuple(batch.sample_ids or ()) + ((),) * (common - rows)
+    ids = tuple(batch.sample_ids or ()) + ((),) * (rows - have)
     return dataclasses.replace(jax.tree.map(pad, batch), sample_ids=ids)
 
 

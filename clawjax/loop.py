@@ -318,7 +318,8 @@ class TrainLoop(GateMixin):
 
     def pack(self, samples: list[Sample]):
         """Packs samples into a `[M, R, L]` stack of micro-batches placed on the mesh. With
-        several processes each packs its own samples and the global stack joins their rows."""
+        several processes each packs its own samples into the shape all agree on (rows, top-K
+        width, score capacity: one jitted program) and the global stack joins their rows."""
         micro = self.config.trainer.micro_batches
         packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
                                 row_multiple=micro * self.local_data_parallel,

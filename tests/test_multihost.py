@@ -3,7 +3,8 @@ coordinator, gloo collectives) against 1 process × 8 devices.
 
 - one `TrainLoop` step (2 accumulated micro-batches) from a replay file gives the same
   parameters (≤ 1e-5) whether one process packs all 8 samples or each of two packs its own 4
-  (process i takes every 2nd sample);
+  (process i takes every 2nd sample); only process 0's samples carry teacher top-K (automatic
+  K, `rollout.teacher_topk` = 0), so the processes must agree to pack the top-K fields;
 - the checkpoint the 2-process run wrote collectively restores in a 1-process run, bit for bit,
   with the replay position of the whole step;
 - a process that dies stops the other with the coordination service's message (no hang);
@@ -63,6 +64,7 @@ def _train(workdir, replay, out, coordinator="", num_processes=-1, process_id=-1
     from clawjax import distributed
 
     config = _config(workdir, replay)
+    config.loss.topk_coef = 0.1  # the top-K term on (K from the samples: rollout.teacher_topk 0)
     config.distributed.coordinator_address = coordinator
     config.distributed.num_processes, config.distributed.process_id = num_processes, process_id
     distributed.maybe_initialize(config)
@@ -147,16 +149,33 @@ def _checkpoint_meta(workdir: str, step: int) -> dict:
         return json.load(f)
 
 
+TOPK = 4
+
+
+def _with_topk(samples, every: int = 2):
+    """`samples` with teacher top-K (K = `TOPK`) on every `every`-th one, from the first (OPD
+    samples: `make_samples(opd_every=every)`): with 2 processes and `every` 2, process 0's
+    lane only (stream positions 0, 2, 4, …)."""
+    rng = np.random.default_rng(0)
+    for s in samples[::every]:
+        s.teacher_topk_logp = np.full((s.response_len, TOPK), np.log(0.1), np.float32)
+        s.teacher_topk_ids = np.stack([rng.choice(500, TOPK, replace=False)
+                                       for _ in range(s.response_len)]).astype(np.int32)
+        s.validate(vocab_size=512)
+    return samples
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Runs the 2-process step, then (one process) the 8-device reference step and the restore."""
+    """Runs the 2-process step, then (one process) the 8-device reference step and the restore.
+    Only process 0's share of the step carries teacher top-K (`_with_topk`)."""
     from sample_factory import make_samples
 
     from clawjax.sources import write_replay
 
     tmp = tmp_path_factory.mktemp("multihost")
     replay = str(tmp / "replay.jsonl")
-    write_replay(replay, make_samples(16, seed=7, max_len=40))
+    write_replay(replay, _with_topk(make_samples(16, seed=7, max_len=40, opd_every=2)))
     coordinator = f"127.0.0.1:{_free_port()}"
     mp = _finish([_spawn(["train_mp", str(tmp / "mp"), replay, str(tmp / "mp.npz"), coordinator,
                           str(i)], devices=4) for i in range(2)])
@@ -167,7 +186,8 @@ def runs(tmp_path_factory):
     restored = _finish([_spawn(["restore", str(tmp / "mp"), replay, str(tmp / "restored.npz")],
                                8)])
     assert restored[0][0] == 0, restored[0][2][-3000:]
-    return dict(mp=mp, mp_dir=str(tmp / "mp"), mp_params=dict(np.load(tmp / "mp.npz")),
+    return dict(mp=mp, mp_dir=str(tmp / "mp"), one_dir=str(tmp / "one"),
+                mp_params=dict(np.load(tmp / "mp.npz")),
                 one_params=dict(np.load(tmp / "one.npz")), restored=restored[0],
                 restored_params=dict(np.load(tmp / "restored.npz")))
 
@@ -202,6 +222,18 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     mp = runs["mp_params"]
     for name, value in runs["restored_params"].items():
         np.testing.assert_array_equal(value, mp["after" + name], err_msg=name)
+
+
+def test_the_step_trained_the_top_k_term_of_one_process_share(runs):
+    """Process 0's samples carry top-K and process 1's none: both packed the top-K fields (one
+    program), and the global step's top-K term is the one-process step's (process 1's masked
+    top-K entries add nothing to it)."""
+    def first_metrics(workdir):
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return json.loads(f.readline())
+    mp, one = first_metrics(runs["mp_dir"]), first_metrics(runs["one_dir"])
+    assert one["topk_kl"] > 0.0, one
+    np.testing.assert_allclose(mp["topk_kl"], one["topk_kl"], rtol=1e-5)
 
 
 def test_checkpoint_meta_and_logs_cover_both_processes(runs):
@@ -279,6 +311,33 @@ def test_bad_distributed_values_name_the_key(key, value, fragment):
     with pytest.raises(ConfigError, match=f"distributed.{key}") as e:
         validate(config)
     assert fragment in str(e.value)
+
+
+def test_processes_agree_on_rows_and_top_k_width():
+    """`pad_batch` to `common_batch_shape`: the most rows of any process, and the top-K fields
+    (masked zeros) on a process whose samples have none; different non-zero K are refused."""
+    from sample_factory import make_samples
+
+    from clawjax import distributed
+    from clawjax.batch import pack
+
+    plain, = pack(make_samples(3, seed=1, max_len=20), 32)
+    assert plain.teacher_topk_logp is None
+    rows = plain.tokens.shape[0]
+    assert distributed.common_batch_shape([[rows, 0], [rows + 2, TOPK]]) == (rows + 2, TOPK)
+    assert distributed.common_batch_shape([[rows, 0], [1, 0]]) == (rows, 0)
+    grown = distributed.pad_batch(plain, rows + 2, TOPK)
+    assert grown.teacher_topk_logp.shape == grown.teacher_topk_ids.shape == (rows + 2, 32, TOPK)
+    assert grown.teacher_topk_mask.shape == (rows + 2, 32) and not grown.teacher_topk_mask.any()
+    assert not grown.teacher_topk_logp.any() and grown.teacher_topk_ids.dtype == np.int32
+    assert not grown.segment_ids[rows:].any() and grown.sample_ids[rows:] == ((), ())
+    np.testing.assert_array_equal(grown.tokens[:rows], plain.tokens)
+    topk, = pack(_with_topk(make_samples(3, seed=1, max_len=20, opd_every=1), every=1), 32)
+    assert distributed.pad_batch(topk, rows, TOPK) is topk  # the agreed shape already
+    assert distributed.pad_batch(plain, rows, 0) is plain
+    with pytest.raises(distributed.DistributedError, match="rollout.teacher_topk") as e:
+        distributed.common_batch_shape([[2, 4], [2, 0], [2, 8]])
+    assert "[4, 0, 8]" in str(e.value)
 
 
 def _shares(path: str, n: int):
