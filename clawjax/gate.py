@@ -32,6 +32,15 @@ class GateDecision:
                 f"{self.serving:.4f} (margin {self.margin})")
 
 
+def _data_parallel(params) -> int:
+    """data × fsdp of the mesh `params` are sharded on (1 for arrays off a named mesh)."""
+    for leaf in jax.tree.leaves(params):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if mesh is not None and {"data", "fsdp"} <= set(mesh.shape):
+            return int(mesh.shape["data"] * mesh.shape["fsdp"])
+    return 1
+
+
 class RegressionGate:
     """Scores parameters on fixed probe samples; `check` compares a candidate with the serving
     policy's score (remembered from the last `accept`)."""
@@ -43,7 +52,10 @@ class RegressionGate:
         if margin < 0:
             raise ValueError(f"gate.margin = {margin}, expected a value ≥ 0")
         self.margin = margin
+        self._probe, self._token_budget = list(probe), token_budget
+        # Validates the probe now; `score` packs it again for a mesh that splits rows.
         self.batches = batch_lib.pack(probe, token_budget, need_rollout_logp=False)  # no ratio
+        self._row_multiple = 1
         self.serving_score: float | None = None
 
         @jax.jit
@@ -56,10 +68,22 @@ class RegressionGate:
 
         self._terms = terms
 
+    def _batches_for(self, params) -> list:
+        """The probe batches for `params`' mesh: each row count a multiple of its data × fsdp,
+        as the trainer packs its own (a Pallas attention kernel splits rows over those axes,
+        `clawjax.model.kernel_attention`). Padding rows are all zeros: `losses.reduce` counts
+        no token of them, so the score is the same for any multiple."""
+        multiple = _data_parallel(params)
+        if multiple != self._row_multiple:
+            self.batches = batch_lib.pack(self._probe, self._token_budget, row_multiple=multiple,
+                                          need_rollout_logp=False)
+            self._row_multiple = multiple
+        return self.batches
+
     def score(self, params) -> float:
         """Mean log-prob of the probe responses under `params` (higher is better)."""
         total, count = 0.0, 0.0
-        for b in self.batches:
+        for b in self._batches_for(params):
             s, c = self._terms(params, b)
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)

@@ -351,3 +351,32 @@ def test_a_candidate_whose_scoring_raises_is_no_longer_protected(tmp_path):
         assert loop.checkpointer.all_steps() == [0, 2]
     finally:
         loop.close()
+
+
+def test_gate_scores_a_kernel_attention_model_on_a_sharded_mesh_as_the_xla_one():
+    """A model with `attention = "pallas_gpu"` (the flash kernel, interpreted here) on the
+    2 × 2 × 2 mesh: its kernel splits rows over data × fsdp = 4 devices, so the gate packs the
+    probe to a multiple of 4 rows (zero padding rows, outside the score). Its score equals the
+    XLA model's on the same mesh and on one device, unpadded (≤ 1e-5 relative)."""
+    from flax import nnx
+
+    from clawjax import config as config_lib, model as cm, sharding
+    from clawjax.gate import RegressionGate
+
+    probe = make_samples(3, vocab_size=64, seed=1, min_len=8, max_len=12, opd_every=0)
+    meshes = {"one device": sharding.single_device_mesh(), "2x2x2": sharding.make_mesh(2, 2, 2)}
+    scores = {}
+    for where, attention in (("one device", "xla"), ("2x2x2", "pallas_gpu"), ("2x2x2", "xla")):
+        config = cm.ModelConfig.from_hf(dict(config_lib.TINY_QWEN3, vocab_size=64))
+        model = cm.init_random(config.replace(attention=attention), seed=1, mesh=meshes[where])
+        graphdef, params = nnx.split(model, nnx.Param)
+        gate = RegressionGate(graphdef, probe, margin=0.1, token_budget=32, chunk=64)
+        scores[where, attention] = gate.score(params)
+        rows = [b.tokens.shape[0] for b in gate.batches]
+        assert all(r % (4 if where == "2x2x2" else 1) == 0 for r in rows), (where, rows)
+        assert sum(int(np.sum(b.loss_mask)) for b in gate.batches) == \
+            sum(int(np.sum(s.loss_mask)) for s in probe)  # the padding rows score nothing
+    reference = scores["one device", "xla"]
+    assert np.isfinite(reference) and reference < 0.0
+    for key, score in scores.items():
+        np.testing.assert_allclose(score, reference, rtol=1e-5, err_msg=str(key))
