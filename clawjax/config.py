@@ -8,6 +8,8 @@ is wrong. Loss fields left as `None` take the defaults of `config.method` (SPEC.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -243,6 +245,58 @@ def read_secret_file(key: str, path: str, holds: str) -> str | None:
     return secret
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+PUBLISH_KEEP_EXPECTED = "an integer ≥ 1 (the version the fleet serves must stay on disk)"
+
+
+def check_publish_keep(keep) -> None:
+    """Raises `ConfigError` for a `publish.keep` below 1 (`validate`, and
+    `clawjax.publish.publisher_from_config` for a publish ConfigDict of a caller's own)."""
+    _check(_is_int(keep) and keep >= 1, "publish.keep", keep, PUBLISH_KEEP_EXPECTED)
+
+
+def validate_warmstart(w) -> None:
+    """Raises `ConfigError` naming the first `warmstart.*` key (`w` is the section) that
+    `clawjax.warmstart` / `clawjax.default_task` would fail on, after the local run moved an
+    earlier run aside: sizes of the tiny Qwen3, the steps, batch and example counts, the rows
+    a step packs into, the learning rate, the seed and the three shares."""
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "steps", "batch_size", "rows", "examples"):
+        _check(_is_int(w[key]) and w[key] >= 1, f"warmstart.{key}", w[key], "an integer ≥ 1")
+    head_dim = w.hidden_size // w.num_heads
+    _check(head_dim >= 2 and head_dim % 2 == 0, "warmstart.hidden_size", w.hidden_size,
+           f"a value whose head_dim = hidden_size // warmstart.num_heads = {w.num_heads} is even "
+           f"and ≥ 2 (rope rotates pairs; here {head_dim})")
+    _check(w.num_heads % w.num_kv_heads == 0, "warmstart.num_kv_heads", w.num_kv_heads,
+           f"a divisor of warmstart.num_heads = {w.num_heads} (grouped-query attention)")
+    _check(w.examples >= w.batch_size, "warmstart.examples", w.examples,
+           f"at least warmstart.batch_size = {w.batch_size} (each step samples a batch of "
+           "distinct examples)")
+    _check(_is_int(w.token_budget) and w.token_budget >= 2, "warmstart.token_budget",
+           w.token_budget, "an integer ≥ 2 (tokens per packed row)")
+    _check(_is_number(w.lr) and w.lr > 0, "warmstart.lr", w.lr, "a positive learning rate")
+    _check(_is_int(w.seed) and w.seed >= 0, "warmstart.seed", w.seed, "an integer ≥ 0")
+    for key in ("explain_share", "hinted_share"):
+        _check(_is_number(w[key]) and 0 <= w[key] <= 1, f"warmstart.{key}", w[key],
+               "a share in [0, 1]")
+    _check(_is_number(w.heldout_share) and 0 <= w.heldout_share < 1, "warmstart.heldout_share",
+           w.heldout_share, "a share in [0, 1)")
+    from clawjax import default_task
+
+    train, heldout = default_task.split_tasks(w.heldout_share, w.seed)
+    _check(len(train) >= 2, "warmstart.heldout_share", w.heldout_share,
+           f"a share that leaves at least 2 training tasks of the {len(train) + len(heldout)} "
+           f"(it leaves {len(train)}; the gate's probe takes some of them)")
+
+
 def validate(config) -> None:
     """Raises `ConfigError` naming the first key whose value is out of its domain."""
     c = config
@@ -302,6 +356,7 @@ def validate(config) -> None:
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, "an integer ≥ 1")
     _check(c.publish.every_steps >= 0, "publish.every_steps", c.publish.every_steps,
            "an integer ≥ 0 (0 = never)")
+    check_publish_keep(c.publish.keep)
     _check(c.publish.dtype in ("float32", "bfloat16"), "publish.dtype", c.publish.dtype,
            "'float32' or 'bfloat16'")
     read_secret_file("publish.api_key_file", c.publish.api_key_file, "the fleet's API key")
@@ -310,8 +365,13 @@ def validate(config) -> None:
            f"one of {GATE_ROLLBACK}")
     _check(c.gate.margin >= 0, "gate.margin", c.gate.margin, "a value ≥ 0 (nats per token)")
     for key in ("samples_per_task", "final_samples_per_task"):
-        _check(isinstance(c.eval[key], int) and c.eval[key] >= 1, f"eval.{key}", c.eval[key],
+        _check(_is_int(c.eval[key]) and c.eval[key] >= 1, f"eval.{key}", c.eval[key],
                "an integer ≥ 1")
+    # No "off" value: a number of versions larger than the run (the bench's 1000000) is none.
+    _check(_is_int(c.eval.every_steps) and c.eval.every_steps >= 1, "eval.every_steps",
+           c.eval.every_steps, "an integer ≥ 1 (evaluate every this many policy versions; a "
+           "number larger than trainer.steps for no periodic evaluation)")
+    validate_warmstart(c.warmstart)
     d = c.distributed
     if d.coordinator_address:
         _check(":" in d.coordinator_address, "distributed.coordinator_address",

@@ -338,11 +338,9 @@ def publisher_from_config(publish, workdir: str | os.PathLike,
     with every request, weight updates included."""
     if int(publish.every_steps) <= 0:
         return None
-    from clawjax.config import ConfigError, read_secret_file
+    from clawjax.config import check_publish_keep, read_secret_file
 
-    if int(publish.keep) < 1:
-        raise ConfigError("publish.keep", publish.keep,
-                          "an integer ≥ 1 (the version the fleet serves must stay on disk)")
+    check_publish_keep(int(publish.keep))  # as config.validate: for a ConfigDict of the caller's
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     if publish.dtype not in dtypes:
         raise ValueError(f"publish.dtype = {publish.dtype!r}, expected one of {sorted(dtypes)}")

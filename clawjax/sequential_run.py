@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -160,21 +159,36 @@ def run_sequential(config) -> dict:
         stack.stop()
 
 
-def main(argv) -> int:
-    del argv
-    from clawjax import compile_cache
-    from clawjax.train import _CONFIG, quiet_logging
+def require_local(config) -> None:
+    """Raises `ConfigError` unless `rollout.local`: the sequential run always runs the local
+    stack (`start_local`), and `clawjax.train.check_start` checks a config by that key."""
+    from clawjax.config import ConfigError
 
-    quiet_logging()
-    config = _CONFIG.value
+    if not config.rollout.local:
+        raise ConfigError("rollout.local", config.rollout.local,
+                          "True: the sequential run always runs the local stack "
+                          "(configs/default.py)")
+
+
+def train_sequential(config) -> None:
+    """`run_sequential` after the start-up checks, with the compilation cache on."""
+    from clawjax import compile_cache
+
     compile_cache.enable(compile_cache.resolve(config))  # as `python -m clawjax.train` does
     run_sequential(config)
-    return 0
+
+
+def main(argv) -> int:
+    """`clawjax.train`'s path (`run_checked`): the same start-up checks before any side effect,
+    exit status 2 with one `error:` line for a `ConfigError`."""
+    del argv
+    from clawjax import train
+
+    train.quiet_logging()
+    return train.run_checked(train._CONFIG.value, train_sequential, first=require_local)
 
 
 if __name__ == "__main__":
-    from absl import app
+    from clawjax.train import run
 
-    from clawjax.train import with_default_config
-
-    app.run(main, argv=with_default_config(sys.argv))
+    run(main)

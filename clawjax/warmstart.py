@@ -94,6 +94,17 @@ def _make_step(graphdef, optimizer):
     return step
 
 
+def lr_schedule(settings):
+    """Linear warm-up over the first tenth of `settings.steps` (at most 100), then cosine decay
+    to 5% of `settings.lr` at the last step. The warm-up leaves at least one step to the decay
+    (optax refuses a decay over 0 steps): a 1-step warm start takes its one step at `lr`.
+    Needs `steps` ≥ 1 (`config.validate`)."""
+    steps = int(settings.steps)
+    warmup = min(100, steps // 10 + 1, steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, steps,
+                                              settings.lr * 0.05)
+
+
 def warm_start(out_dir: str, settings, progress: bool = True) -> str:
     """Trains (or reuses) the warm-started policy in `out_dir`; returns `out_dir`."""
     if is_cached(out_dir, settings):
@@ -102,10 +113,8 @@ def warm_start(out_dir: str, settings, progress: bool = True) -> str:
     config = model_lib.ModelConfig.from_hf(tiny_hf_config(tokenizer, settings))
     model = model_lib.init_random(config, settings.seed, dtype=jnp.float32)
     graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(100, settings.steps // 10 + 1), settings.steps, settings.lr * 0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, weight_decay=0.01))
+                            optax.adamw(lr_schedule(settings), weight_decay=0.01))
     opt_state = optimizer.init(params)
     step = _make_step(graphdef, optimizer)
     samples = sft_samples(tokenizer, settings)

@@ -15,7 +15,8 @@ the first run's last policy (seen: staleness -48 on the new run's first steps).
 - The local default run (`clawjax.default_run.start_local`) moves an earlier run's files aside
   instead (`archive_previous_run`), into `workdir/previous/<UTC time>/`: nothing is deleted,
   and the warm-start cache (`warmstart/`) and the compilation cache (`xla_cache/`,
-  `clawjax.compile_cache`) stay where the new run finds them.
+  `clawjax.compile_cache`) stay where the new run finds them. What it does not move aside is
+  checked before anything is (`require_fresh_local`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,14 @@ def require_fresh(workdir: str, resume: bool, publish_dir: str = "",
             f"a workdir without an earlier run's files: it holds its logs {left} (it left no "
             "checkpoint to resume from); move them aside, or pass another --config.workdir for "
             "a new run (nothing was changed)")
-    versions = versions_in(publish_dir) if publish_dir else []
+    if publish_dir:
+        require_no_versions(publish_dir)
+
+
+def require_no_versions(publish_dir: str) -> None:
+    """Raises `ConfigError` on `publish.dir` when `publish_dir` holds published versions (a new
+    run would publish among them: `require_fresh`); changes nothing."""
+    versions = versions_in(publish_dir)
     if versions:
         raise ConfigError(
             "publish.dir", publish_dir,
@@ -123,6 +131,30 @@ def require_fresh(workdir: str, resume: bool, publish_dir: str = "",
             f"{['v%d' % v for v in versions]}; move them aside, pass another --config.publish.dir, "
             "or trainer.resume=True to continue the run that published them (nothing was "
             "changed)")
+
+
+def moved_by_archive(workdir: str, path: str) -> bool:
+    """Whether `archive_previous_run(workdir)` moves `path` aside: it is, or lies inside, one of
+    the workdir's `RUN_ENTRIES` (`workdir/publish`, not the workdir itself nor `previous/`)."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(workdir))
+    first = rel.split(os.sep)[0]
+    if rel == os.curdir or first == os.pardir:
+        return False
+    return any(fnmatch.fnmatchcase(first, p) for p in RUN_ENTRIES)
+
+
+def require_fresh_local(workdir: str, resume: bool, publish_dir: str = "") -> None:
+    """`require_fresh` for the local default run, which looks at what that run will use: with
+    `resume` it continues the workdir as it is (its checkpoints, published versions and logs,
+    and its `publish_dir`'s versions are its own), so nothing here (`clawjax.train.require_paths`
+    refuses a resume with no checkpoint); a new run first moves the earlier run's files aside
+    (`archive_previous_run`: checkpoints, logs, `workdir/publish`), so only a `publish_dir`
+    (`own_publish_dir`) that the archive does not move (`moved_by_archive`: outside the
+    workdir, the workdir itself, or a folder in it that is not a run's) is refused, on
+    `publish.dir`, when it holds versions. Changes nothing."""
+    if resume or not publish_dir or moved_by_archive(workdir, publish_dir):
+        return
+    require_no_versions(publish_dir)
 
 
 def archive_previous_run(workdir: str) -> str | None:

@@ -357,7 +357,8 @@ def test_publisher_from_config(tmp_path):
 
 def test_publisher_from_config_names_a_bad_keep(tmp_path):
     """`publish.keep` < 1 (the served version would be deleted) is refused naming the key, not
-    a bare `keep` that reads like `checkpoint.keep`; `config.validate` does not check it."""
+    a bare `keep` that reads like `checkpoint.keep`; `config.validate` checks it too (before any
+    side effect), this is for a publish ConfigDict of the caller's own."""
     import ml_collections
 
     from clawjax.config import ConfigError

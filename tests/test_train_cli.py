@@ -194,8 +194,12 @@ def test_bad_value_on_the_default_path_is_refused_before_touching_the_workdir(tm
     (["--config.publish.every_steps=1", "--config.publish.dir={replay}"],
      ["'publish.dir' = ", "a directory"]),
     (["--config.trainer.resume=True"], ["'trainer.resume' = True", "no checkpoint"]),
+    (["--config.publish.every_steps=1", "--config.gate.enabled=True"],
+     ["'gate.probe' = ''", "gate.enabled"]),
+    (["--config.publish.every_steps=1", "--config.publish.keep=0"],
+     ["'publish.keep' = 0", "an integer ≥ 1"]),
 ], ids=["local-device-ids", "staleness", "replay", "gate-probe", "model-path", "publish-dir",
-        "resume"])
+        "resume", "gate-without-probe", "publish-keep"])
 def test_bad_values_are_refused_before_any_side_effect(tmp_path, extra, named):
     """Each a single `error:` line naming the key, exit 2, nothing created (files and
     directories that are not there, or not of their kind, included: they ended in tracebacks,
@@ -239,3 +243,74 @@ def test_the_local_run_refuses_a_key_it_supplies_before_touching_the_workdir(tmp
                         "--config.warmstart.examples=50")
         assert_refused(out, named, "--config.rollout.local=False")
         assert os.listdir(workdir) == ["metrics.jsonl"]   # nothing moved aside, no warm start
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--config=configs/tiny_cpu.py", "--config.trainer.steps=abc"],
+     ["'trainer.steps' = 'abc'", "an integer"]),
+    (["--config=configs/tiny_cpu.py", "--config.trainer.lr=fast"],
+     ["'trainer.lr' = 'fast'", "a number"]),
+    (["--config=configs/tiny_cpu.py", "--config.trainer.resume=maybe"],
+     ["'trainer.resume' = 'maybe'", "True or False"]),
+    (["--config=configs/nope.py"], ["--config = 'configs/nope.py'", "No such file"]),
+], ids=["int", "float", "bool", "missing-config-file"])
+def test_a_flag_value_absl_cannot_parse_is_refused_naming_it(tmp_path, args, named):
+    """A value of the wrong type and a config file that is not there: exit 2 with one `error:`
+    line naming the flag and the value (not absl's `FATAL Flags parsing error`, exit 1, nor an
+    OSError traceback), nothing created."""
+    out = run_train(*args, f"--config.workdir={tmp_path / 'w'}")
+    assert_refused(out, *named)
+    assert not (tmp_path / "w").exists()
+
+
+def run_sequential(*args, timeout=120):
+    """`python -m clawjax.sequential_run ARGS` (the default run's config)."""
+    return subprocess.run([sys.executable, "-m", "clawjax.sequential_run", *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--config.replay=r.jsonl", ["'replay' = 'r.jsonl'", "--config.rollout.local=False"]),
+    ("--config.method=foo", ["'method' = 'foo'", "'rl', 'opd', 'combine'"]),
+    ("--config.trainer.steps=abc", ["'trainer.steps' = 'abc'"]),
+    ("--config.rollout.local=False", ["'rollout.local' = False"]),
+], ids=["local-key", "method", "flag-type", "not-local"])
+def test_the_sequential_run_refuses_bad_config_as_train_does(tmp_path, flag, named):
+    """`python -m clawjax.sequential_run` goes through `clawjax.train`'s start-up checks: exit
+    2, one `error:` line, the earlier run's files not moved aside and no warm start (kept tiny
+    in case there is one)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    out = run_sequential(f"--config.workdir={workdir}", flag, "--config.warmstart.steps=2",
+                         "--config.warmstart.examples=50", "--config.trainer.progress=False")
+    assert_refused(out, *named)
+    assert os.listdir(workdir) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--config.warmstart.examples=10"], ["'warmstart.examples' = 10", "warmstart.batch_size"]),
+    (["--config.warmstart.heldout_share=1.0"], ["'warmstart.heldout_share' = 1.0"]),
+    (["--config.eval.every_steps=0"], ["'eval.every_steps' = 0", "an integer ≥ 1"]),
+    (["--config.trainer.resume=True"], ["'trainer.resume' = True", "no checkpoint"]),
+    (["--config.publish.dir={published}"], ["'publish.dir' = ", "['v4']"]),
+], ids=["warmstart-examples", "warmstart-heldout", "eval-every", "resume", "publish-dir"])
+def test_the_local_run_refuses_bad_values_before_any_side_effect(tmp_path, extra, named):
+    """The default (local) run: refused before the earlier run's files are moved aside and
+    before the warm start (kept tiny in case it is not): warm-start values the warm start would
+    fail on, an `eval.every_steps` that re-scores the same version forever, `trainer.resume`
+    with no checkpoint to continue, a `publish.dir` outside the workdir that holds an earlier
+    run's versions (not moved aside by the new run)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    published = tmp_path / "served"
+    (published / "v4").mkdir(parents=True)
+    extra = [flag.format(published=published) for flag in extra]
+    out = run_train(f"--config.workdir={workdir}", "--config.warmstart.steps=2",
+                    "--config.warmstart.examples=50", "--config.trainer.steps=1",
+                    "--config.eval.final_samples_per_task=1", "--config.rollout.agents=1",
+                    "--config.trainer.progress=False", *extra)
+    assert_refused(out, *named)
+    assert os.listdir(workdir) == ["metrics.jsonl"]
+    assert os.listdir(published) == ["v4"]

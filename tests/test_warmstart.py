@@ -44,3 +44,14 @@ def test_a_crash_while_saving_new_settings_leaves_no_marker_for_the_old(tmp_path
     assert not warmstart.is_cached(out, tiny(1))
     warmstart.warm_start(out, tiny(0), progress=False)   # trains again: same seed, same weights
     assert digest(out) == first and warmstart.is_cached(out, tiny(0))
+
+
+def test_a_one_step_warm_start_trains(tmp_path):
+    """`warmstart.steps=1`, the tests' tiny warm start: the schedule is valid for one step (its
+    warm-up no longer takes the only step, which optax refused: cosine decay over 0 steps)."""
+    s = tiny(0)
+    s.steps, s.hidden_size, s.intermediate_size, s.num_layers = 1, 32, 64, 1
+    out = warmstart.warm_start(str(tmp_path / "warmstart"), s, progress=False)
+    assert warmstart.is_cached(out, s)
+    schedule = warmstart.lr_schedule(s)
+    assert float(schedule(0)) == pytest.approx(s.lr)   # the one step at the full rate

@@ -163,3 +163,51 @@ def test_training_twice_in_a_workdir_without_resume_is_refused_and_changes_nothi
     resumed = train("--config.trainer.resume=True", "--config.trainer.steps=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert workdir_lib.checkpoint_steps(str(workdir))[-1] == 3
+
+
+def local_config(tmp_path):
+    from clawjax.configs import default
+
+    config = default.get_config()
+    config.workdir = str(tmp_path / "run")
+    return config
+
+
+def test_check_start_refuses_a_local_resume_with_no_checkpoint(tmp_path):
+    """The local run keeps its workdir as it is on `trainer.resume`: with no checkpoint there it
+    got through the warm start, the stack and the baseline evaluation and then failed."""
+    from clawjax import train
+
+    config = local_config(tmp_path)
+    config.trainer.resume = True
+    with pytest.raises(ConfigError, match=r"'trainer.resume' = True, expected False for a new "
+                                          r"run: no checkpoint exists under .*run"):
+        train.check_start(config)
+    assert not os.path.exists(config.workdir)
+    make_files(tmp_path / "run", ["checkpoints/4/x", "publish/v4/x"])
+    train.check_start(config)   # continues it, its published versions too
+    config.publish.dir = str(tmp_path / "served")
+    make_files(tmp_path / "served", ["v4/x"])
+    train.check_start(config)   # resuming: the versions are the run's own
+
+
+def test_check_start_refuses_a_local_publish_dir_the_new_run_does_not_move_aside(tmp_path):
+    """A new local run moves the earlier run's files aside (`archive_previous_run`), so its
+    checkpoints, logs and `publish/` are no reason to refuse; a `publish.dir` the archive does
+    not move (outside the workdir, or inside it but not a run entry) holding versions is."""
+    from clawjax import train
+
+    config = local_config(tmp_path)
+    make_files(tmp_path / "run", ["checkpoints/4/x", "publish/v4/x", "metrics.jsonl"])
+    train.check_start(config)                           # publish.dir "": workdir/publish
+    config.publish.dir = str(tmp_path / "run" / "publish")
+    train.check_start(config)                           # the same, named
+    for holding in (tmp_path / "served", tmp_path / "run" / "served", tmp_path / "run"):
+        make_files(holding, ["v7/x"])
+        config.publish.dir = str(holding)
+        with pytest.raises(ConfigError, match=r"'publish.dir' = .*it holds \['v7'\]"):
+            train.check_start(config)
+    config.publish.every_steps = 0                      # not publishing: nothing to mix with
+    train.check_start(config)
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "metrics.jsonl", "publish",
+                                                    "served", "v7"]   # nothing moved
