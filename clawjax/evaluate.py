@@ -120,12 +120,16 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
 
 
 class Evaluator:
-    """Evaluates each new serving version that is at least `every_versions` past the last one
-    evaluated, in a background thread; results go to `eval.jsonl` and `latest`."""
+    """Evaluates each new serving version that is at least `every_versions` (an integer ≥ 1)
+    past the newest version that answered the last evaluation, in a background thread; results
+    go to `eval.jsonl` and `latest`."""
 
     def __init__(self, policy_url: str, judge_url: str, tokenizer, tasks: list[dict], workdir: str,
                  *, every_versions: int = 4, samples_per_task: int = 4, temperature: float = 1.0,
                  max_tokens: int = 16):
+        if isinstance(every_versions, bool) or not isinstance(every_versions, int) \
+                or every_versions < 1:
+            raise ValueError(f"every_versions = {every_versions!r}, expected an integer >= 1")
         self.policy_url, self.judge_url = policy_url, judge_url
         self.tokenizer, self.tasks = tokenizer, tasks
         self.every = every_versions
@@ -167,9 +171,10 @@ class Evaluator:
         last = self.latest
         if last is None:
             return True
+        newest = next(reversed(last.versions), last.version)  # oldest first
         if not version.isdigit():
-            return version != last.version
-        base = int(last.version) if last.version.isdigit() else 0  # the warm start is version 0
+            return version != newest
+        base = int(newest) if newest.isdigit() else 0  # the warm start is version 0
         return int(version) - base >= self.every
 
     def _run(self) -> None:

@@ -135,3 +135,22 @@ def test_the_periodic_evaluations_record_the_mix_in_eval_jsonl(serve, tmp_path):
     entry = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])
     assert entry["version"] == "10" and len(entry["versions"]) > 1
     assert sum(entry["versions"].values()) == entry["n"]
+
+
+def test_the_next_point_is_due_every_versions_past_the_newest_that_answered(serve, tmp_path):
+    """A mixed point (answered by 10 to 16) counts from its newest version: version 18 is not
+    yet 4 past it (it was, counted from the label 10, and a point followed too soon)."""
+    serve(Server(10, publish_every=7))
+    evaluator = evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path),
+                                   every_versions=4)
+    evaluator.evaluate_now(single_version=False)
+    assert list(evaluator.latest.versions) == ["10", "12", "14", "16"]
+    assert not evaluator._due("18") and evaluator._due("20")
+
+
+@pytest.mark.parametrize("every", [0, -3, 1.5, True])
+def test_every_versions_must_be_a_positive_integer(tmp_path, every):
+    """0 or less made every version due again at once (the same version re-scored every 0.5 s)."""
+    with pytest.raises(ValueError, match=rf"every_versions = {every!r}.*integer >= 1"):
+        evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path),
+                           every_versions=every)
