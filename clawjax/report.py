@@ -172,7 +172,7 @@ def table(summary: dict) -> str:
         f"{summary['mean_reward_first_10']:.3f} / {summary['mean_reward_last_10']:.3f}")
     mixed = summary.get("heldout_mixed", [])
     if mixed:
-        row("held-out points answered by several versions",
+        row("held-out points of several versions",
             ", ".join(f"{m['version']} ({'/'.join(m['versions'])})" for m in mixed))
     row("samples emitted by kind", summary["emitted"])
     row("judge votes", summary["votes"])

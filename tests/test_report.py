@@ -164,4 +164,4 @@ def test_summary_names_the_periodic_points_answered_by_several_versions(tmp_path
     after = _result("6", [0.5, 1.0])
     summary = report.summarize(str(tmp_path), [before, mixed, after], {}, {}, {})
     assert summary["heldout_mixed"] == [{"version": "2", "versions": {"2": 4, "4": 4}}]
-    assert "held-out points answered by several versions" in report.table(summary)
+    assert "held-out points of several versions   2 (2/4)\n" in report.table(summary)  # aligned
