@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Mapping
 
 import jax
@@ -318,11 +319,26 @@ def gather_json(obj) -> list:
 def file_for_process(path: str) -> str:
     """`path` for process 0; `stem.process{i}.ext` for process i > 0, so processes sharing a
     workdir never append to the same file."""
-    i = jax.process_index()
+    return _process_path(path, jax.process_index())
+
+
+def _process_path(path: str, i: int) -> str:
     if i == 0:
         return path
     stem, ext = os.path.splitext(path)
     return f"{stem}.process{i}{ext}"
+
+
+def files_of_every_process(path: str) -> list[str]:
+    """The existing files that `file_for_process(path)` names in any process, in process order
+    (to read after a run, from one process: no collective)."""
+    stem, ext = os.path.splitext(path)
+    folder, base = os.path.split(stem)
+    pattern = re.compile(re.escape(base) + r"\.process(\d+)" + re.escape(ext))
+    others = sorted((int(m.group(1)), name) for name in os.listdir(folder or ".")
+                    if (m := pattern.fullmatch(name)))
+    first = [path] if os.path.exists(path) else []
+    return first + [os.path.join(folder, name) for _, name in others]
 
 
 def common_max(value: int) -> int:

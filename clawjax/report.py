@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 
 import numpy as np
 
-_PROCESS_LOG = re.compile(r"trained\.process\d+\.jsonl")
+from clawjax.distributed import files_of_every_process
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -67,13 +66,12 @@ def lineage_rows(rows: list[dict], last_step: int | None = None) -> list[dict]:
 def trained_steps(workdir: str) -> dict[int, int] | None:
     """{step: samples trained at it, over all processes} of the surviving lineage, from the
     trained-step logs; None when the workdir has none."""
-    names = sorted(n for n in os.listdir(workdir)
-                   if n == "trained.jsonl" or _PROCESS_LOG.fullmatch(n))
-    if not names:
+    paths = files_of_every_process(os.path.join(workdir, "trained.jsonl"))
+    if not paths:
         return None
     counts: dict[int, int] = {}
-    for name in names:
-        entries = _read_jsonl(os.path.join(workdir, name))
+    for path in paths:
+        entries = _read_jsonl(path)
         per_step = {e["step"]: len(e["sample_ids"]) for e in entries
                     if isinstance(e.get("step"), int) and isinstance(e.get("sample_ids"), list)}
         for step, n in per_step.items():
