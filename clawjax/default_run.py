@@ -265,10 +265,8 @@ def run_default(config) -> dict:
                                                                       stats_client))
         loop.install_signal_handlers()
         if loop.step > 0 and loop.publisher is not None:
-            # Resumed: serve the restored policy before any rollout, or every new sample would
-            # carry the warm start's version and be dropped as stale.
-            loop.publisher.maybe_publish(loop.step, (loop.graphdef, loop.state.params),
-                                         loop.model_config, loop.policy_version, force=True)
+            # Resumed: the loop publishes the restored policy; it is served before any rollout,
+            # or every new sample would carry an older version and be dropped as stale.
             loop.publisher.wait(timeout=120)
         agents.start()
         evaluator.start()

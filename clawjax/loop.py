@@ -129,6 +129,8 @@ class TrainLoop(GateMixin):
         self._trained_log = dist_lib.file_for_process(os.path.join(self.workdir, "trained.jsonl"))
         score = self._resume() if config.trainer.resume else None
         self._start_gate(score)  # with a gate: the policy we start from is the serving one
+        if self.step > 0:
+            self._announce_restored()
         # Metrics are global (the loss of the global batch): process 0 writes metrics.jsonl,
         # TensorBoard and the progress bar; others keep their own file (metrics.process{i}).
         lead = jax.process_index() == 0
@@ -185,6 +187,19 @@ class TrainLoop(GateMixin):
             self._resume_after_rollback(record, latest)
             return None
         return self._resume_gated(latest, record)
+
+    def _announce_restored(self) -> None:
+        """After a resume: the restored policy is published (`v<step>`, whatever the publish
+        cadence) and its version announced to the source. The fleet still serves the version the
+        crashed run published last, which may be newer than the restored checkpoint (a policy
+        the resumed run never trained, and a number it will publish again); its samples would
+        look fresh, and a gate's serving score would be another policy's. Returns at once: the
+        publisher writes and updates the fleet in its thread (`publisher.wait` to await it)."""
+        if self.publisher is not None:
+            self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
+                                         self.model_config, self.policy_version, force=True)
+        if hasattr(self.source, "set_policy_version"):
+            self.source.set_policy_version(self.policy_version)
 
     def restore(self, step: int | None = None) -> None:
         """Resumes from checkpoint `step` (default: the latest): the train state, the data

@@ -319,6 +319,45 @@ def test_a_torn_last_line_of_the_trained_log_does_not_block_the_resume(tmp_path)
         resumed.close()
 
 
+class AnnouncedSource(QueueSource):
+    """A queue that keeps the policy versions the loop announces (as the buffer's source does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.announced: list[int] = []
+
+    def set_policy_version(self, version: int) -> None:
+        self.announced.append(version)
+
+
+def test_a_resumed_run_serves_and_announces_the_restored_policy(tmp_path):
+    """A crash after a publish newer than the last checkpoint leaves the fleet serving a policy
+    the resumed run never trained (v2, restored from step 1): the resumed loop publishes v1 at
+    once, off the publish cadence, and announces version 1 to its source."""
+    publishing = {"trainer.samples_per_step": 4, "publish.every_steps": 2, "publish.keep": 3}
+    source = QueueSource()
+    source.put(make_samples(8, seed=1))
+    loop = TrainLoop(tiny_config(tmp_path / "run", **publishing), source=source)
+    loop.train_step(loop.take_samples())
+    loop.save_checkpoint()
+    loop.train_step(loop.take_samples())
+    loop.maybe_publish()
+    assert loop.publisher.wait(timeout=60)
+    loop.close()
+    publish_dir = tmp_path / "run" / "publish"
+    assert sorted(p.name for p in publish_dir.iterdir() if p.name.startswith("v")) == ["v2"]
+
+    source = AnnouncedSource()
+    resumed = TrainLoop(tiny_config(tmp_path / "run", **publishing, **{"trainer.resume": True}),
+                        source=source)
+    try:
+        assert resumed.step == 1 and resumed.publisher.wait(timeout=60)
+        assert resumed.publisher.stats()["last_version"] == 1
+        assert (publish_dir / "v1").is_dir() and source.announced == [1]
+    finally:
+        resumed.close()
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_config_or_dtype(tmp_path):
     """Same parameter shapes, other rope_theta / rms_norm_eps / dtype: orbax would cast the
     state (Adam moments included) into the new model; the resume names every difference."""
