@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.logp_chunk = 1024  # vocabulary chunk of token_logp_and_entropy
 
     c.trainer = ml_collections.ConfigDict()
+    c.trainer.max_response_len = 0  # 0: no bound; else drop samples with longer responses
     c.trainer.steps = 100
     c.trainer.lr = 1e-5
     c.trainer.b1 = 0.9
@@ -326,6 +327,8 @@ def validate(config) -> None:
            c.rollout.teacher_topk, f"0 (none) to {MAX_TOPK}")
     _check(not (c.rollout.local and c.loss.topk_coef > 0 and c.rollout.teacher_topk == 0),
            "rollout.teacher_topk", c.rollout.teacher_topk,
+    _check(_is_int(t.max_response_len) and t.max_response_len >= 0, "trainer.max_response_len",
+           t.max_response_len, "an integer ≥ 0 (0: no bound)")
            f"K ≥ 1 with loss.topk_coef = {c.loss.topk_coef} in a local run (the top-K loss "
            "needs the teacher's top-K in the samples)")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")

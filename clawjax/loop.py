@@ -287,6 +287,11 @@ class TrainLoop(GateMixin):
             log.warning("rejected sample %r: %d tokens > trainer.token_budget %d",
                         sample.sample_id, len(sample.tokens), self.config.trainer.token_budget)
             return "too_long"
+        longest = self.config.trainer.max_response_len
+        if longest and sample.response_len > longest:
+            log.warning("rejected sample %r: a %d-token response > trainer.max_response_len %d",
+                        sample.sample_id, sample.response_len, longest)
+            return "too_long"
         bound = self.config.trainer.max_staleness
         if bound >= 0 and self.policy_version - sample.policy_version > bound:
             return "stale"

@@ -30,6 +30,8 @@ def get_config():
     c.trainer.grad_clip = 1.0
     c.trainer.samples_per_step = 16
     c.trainer.token_budget = 32768  # max context: one row holds the longest sample
+    c.trainer.max_response_len = 8192  # longer responses are dropped (`too_long`)
+    c.rollout.max_tokens = 8192  # what the local agents ask the fleet for
     c.trainer.micro_batches = 4
     c.checkpoint.every_steps = 10
     c.publish.every_steps = 1

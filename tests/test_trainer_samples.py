@@ -35,6 +35,24 @@ def test_invalid_and_oversized_samples_are_counted_not_trained(tmp_path):
     assert loop.dropped == {"invalid": 2, "too_long": 1, "stale": 0}  # zeros listed too
 
 
+def test_responses_longer_than_max_response_len_are_dropped_as_too_long(tmp_path):
+    """`trainer.max_response_len` bounds the response, whatever the sample's total length
+    (SPEC §6: responses ≤ 8192 tokens in the reference run)."""
+    samples = sorted(make_samples(8, seed=3, min_len=20, max_len=60),
+                     key=lambda s: -s.response_len)  # the longest come first
+    bound = samples[3].response_len
+    short = [s.sample_id for s in samples if s.response_len <= bound]
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.samples_per_step": len(short), "trainer.max_response_len": bound}),
+        source=source)
+    assert sorted(s.sample_id for s in loop.take_samples()) == sorted(short)
+    assert loop.dropped == {"invalid": 0, "too_long": 8 - len(short), "stale": 0}
+    assert 0 < len(short) < 8 and all(len(s.tokens) <= 1024 for s in samples)
+    loop.close()
+
+
 def test_recomputed_old_logprobs_need_no_rollout_logprobs(tmp_path):
     """Under loss.old_logp = 'recompute' the old policy is the parameters before the update: a
     sample without `rollout_logp` is admitted and trained."""
