@@ -14,9 +14,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from clawjax.group_norm import GROUP_NORM_MODES
+from clawjax.methods import METHOD_LOSS_DEFAULTS, METHOD_PRM_M, METHODS, prm_m_for  # noqa: F401
 from clawjax.sample import MAX_TOPK
 
-METHODS = ("rl", "opd", "combine")
 # = clawjax.model.config.ATTENTION_IMPLEMENTATIONS (a test keeps them equal; importing the model
 # package here would load JAX for every `--help`).
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
@@ -27,14 +27,6 @@ GATE_ROLLBACK = ("checkpoint", "memory")  # where the regression gate's rollback
 # JAX platform names `rollout.server_platforms` may list (JAX_PLATFORMS of the policy server).
 SERVER_PLATFORMS = ("cpu", "cuda", "gpu", "rocm", "tpu")
 
-# Loss defaults per method (SPEC §2–§3): weights of the two advantage terms and the KL coefficient.
-METHOD_LOSS_DEFAULTS = {
-    "rl": dict(w_rl=1.0, w_opd=0.0, kl_coef=0.02),
-    "opd": dict(w_rl=0.0, w_opd=1.0, kl_coef=0.0),
-    "combine": dict(w_rl=1.0, w_opd=1.0, kl_coef=0.0),
-}
-# Judge votes per turn per method (SPEC §7: PRM_M default 1; 3 for Binary RL).
-METHOD_PRM_M = {"rl": 3, "opd": 1, "combine": 1}
 
 # A tiny random Qwen3 that trains in seconds on a CPU (vocabulary ≥ 512 for recorded files).
 TINY_QWEN3 = dict(
@@ -94,7 +86,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.logp_chunk = 1024  # vocabulary chunk of token_logp_and_entropy
 
     c.trainer = ml_collections.ConfigDict()
-    c.trainer.max_response_len = 0  # 0: no bound; else drop samples with longer responses
     c.trainer.steps = 100
     c.trainer.lr = 1e-5
     c.trainer.b1 = 0.9
@@ -103,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.grad_clip = 1.0
     c.trainer.samples_per_step = 16
     c.trainer.token_budget = 1024  # tokens per packed row
+    c.trainer.max_response_len = 0  # 0: no bound; else drop samples with longer responses
     c.trainer.micro_batches = 1
     c.trainer.resume = False
     c.trainer.seed = 0
@@ -215,11 +207,6 @@ def resolved_loss_kwargs(config) -> dict:
     return out
 
 
-def prm_m_for(method: str, prm_m: int | None = None) -> int:
-    """Judge votes per turn: `prm_m`, or when None the method's default (`METHOD_PRM_M`)."""
-    return METHOD_PRM_M[method] if prm_m is None else int(prm_m)
-
-
 def resolved_prm_m(config) -> int:
     """`prm_m_for` of the config's `method` and `rollout.prm_m`."""
     return prm_m_for(config.method, config.rollout.prm_m)
@@ -327,8 +314,6 @@ def validate(config) -> None:
            c.rollout.teacher_topk, f"0 (none) to {MAX_TOPK}")
     _check(not (c.rollout.local and c.loss.topk_coef > 0 and c.rollout.teacher_topk == 0),
            "rollout.teacher_topk", c.rollout.teacher_topk,
-    _check(_is_int(t.max_response_len) and t.max_response_len >= 0, "trainer.max_response_len",
-           t.max_response_len, "an integer ≥ 0 (0: no bound)")
            f"K ≥ 1 with loss.topk_coef = {c.loss.topk_coef} in a local run (the top-K loss "
            "needs the teacher's top-K in the samples)")
     _check(c.loss.logp_chunk >= 1, "loss.logp_chunk", c.loss.logp_chunk, "an integer ≥ 1")
@@ -342,6 +327,8 @@ def validate(config) -> None:
     _check(t.samples_per_step >= 1, "trainer.samples_per_step", t.samples_per_step,
            "an integer ≥ 1")
     _check(t.token_budget >= 2, "trainer.token_budget", t.token_budget, "an integer ≥ 2")
+    _check(_is_int(t.max_response_len) and t.max_response_len >= 0, "trainer.max_response_len",
+           t.max_response_len, "an integer ≥ 0 (0: no bound)")
     multiple = ATTENTION_ROW_MULTIPLE[c.model.attention]
     _check(t.token_budget % multiple == 0, "trainer.token_budget", t.token_budget,
            f"a multiple of {multiple} with model.attention = {c.model.attention!r} (its "

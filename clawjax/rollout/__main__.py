@@ -14,7 +14,7 @@ import logging
 import sys
 
 from clawjax.cli_signals import LOG_LEVELS, serve_until_signal
-from clawjax.config import prm_m_for
+from clawjax.methods import prm_m_for
 from clawjax.sample import MAX_TOPK
 
 

@@ -50,7 +50,7 @@ import uuid
 
 from aiohttp import web
 
-from clawjax.config import prm_m_for
+from clawjax.methods import prm_m_for
 from clawjax.loop_thread import LoopThread
 from clawjax.rollout import chat_bodies, chatapi, policy_calls
 from clawjax.rollout.chatapi import RequestError
@@ -229,7 +229,7 @@ async def expire_loop(proxy: Proxy, interval_s: float) -> None:
 class ProxyConfig:
     """Everything `python -m clawjax.rollout serve` configures (see `__main__.py` for the flags).
     `teacher_urls` empty = the policy fleet is the teacher (self-distillation); `prm_m` None =
-    the method's default (`clawjax.config.prm_m_for`: 3 for rl, else 1); `teacher_topk` K > 0:
+    the method's default (`clawjax.methods.prm_m_for`: 3 for rl, else 1); `teacher_topk` K > 0:
     OPD samples carry the teacher's top-K log-probs and ids (SPEC §5)."""
     model_dir: str
     policy_urls: list[str]
