@@ -36,7 +36,7 @@ from clawjax import losses, sharding as sharding_lib, sources, trainer
 from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
 from clawjax.loop_setup import build_model, make_publisher, make_source
-from clawjax.metrics import MetricsWriter
+from clawjax.metrics import MetricsWriter, sample_metrics
 from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 log = logging.getLogger("clawjax.train")
@@ -366,14 +366,9 @@ class TrainLoop(GateMixin):
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
         version = self.policy_version
-        staleness = [version_before - s.policy_version for s in samples]
         metrics.update(
-            samples=len(samples), tokens=int(sum(len(s.tokens) for s in samples)),
-            tokens_per_s=sum(len(s.tokens) for s in samples) / max(elapsed, 1e-9),
+            **sample_metrics(samples, version_before, elapsed),  # every process's samples
             step_time_s=elapsed, compiled=compiled, policy_version=version,
-            reward_mean=float(np.mean([s.reward for s in samples])),
-            opd_share=float(np.mean([s.has_teacher for s in samples])),
-            staleness_mean=float(np.mean(staleness)), staleness_max=float(np.max(staleness)),
             skipped_total=float(self.state.skipped), gate_refusals=float(self.gate_refusals),
             gate_score_s=self._gate_score_s,
             **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},

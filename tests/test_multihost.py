@@ -224,16 +224,30 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
         np.testing.assert_array_equal(value, mp["after" + name], err_msg=name)
 
 
+def _first_metrics(workdir, name="metrics.jsonl"):
+    with open(os.path.join(workdir, name)) as f:
+        return json.loads(f.readline())
+
+
 def test_the_step_trained_the_top_k_term_of_one_process_share(runs):
     """Process 0's samples carry top-K and process 1's none: both packed the top-K fields (one
     program), and the global step's top-K term is the one-process step's (process 1's masked
     top-K entries add nothing to it)."""
-    def first_metrics(workdir):
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return json.loads(f.readline())
-    mp, one = first_metrics(runs["mp_dir"]), first_metrics(runs["one_dir"])
+    mp, one = _first_metrics(runs["mp_dir"]), _first_metrics(runs["one_dir"])
     assert one["topk_kl"] > 0.0, one
     np.testing.assert_allclose(mp["topk_kl"], one["topk_kl"], rtol=1e-5)
+
+
+def test_the_step_metrics_count_the_samples_of_both_processes(runs):
+    """Each process trains its own 4 samples; the step's sample metrics (in every process's
+    log) are those of all 8, as the one-process run's."""
+    one = _first_metrics(runs["one_dir"])
+    assert one["samples"] == 8
+    keys = ("samples", "tokens", "reward_mean", "opd_share", "staleness_mean", "staleness_max")
+    for name in ("metrics.jsonl", "metrics.process1.jsonl"):
+        mp = _first_metrics(runs["mp_dir"], name)
+        np.testing.assert_allclose([mp[k] for k in keys], [one[k] for k in keys], rtol=1e-12,
+                                   err_msg=name)
 
 
 def test_checkpoint_meta_and_logs_cover_both_processes(runs):
