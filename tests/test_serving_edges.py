@@ -3,7 +3,9 @@ that is already in flight is refused (SGLang: "Duplicate request ID"), so `/abor
 cannot hit the wrong request; chat `top_logprobs` without `logprobs` is a 400 (OpenAI); a
 weight load that outlives its client is not overtaken by a later one; a fleet update slower
 than `update_timeout` on a healthy server leaves it up, is sent once and is recorded when it
-lands; and a byte-level tokenizer whose tokens split UTF-8 characters streams no U+FFFD."""
+lands; a byte-level tokenizer whose tokens split UTF-8 characters streams no U+FFFD; and
+hostile input (a lone surrogate in a text prompt, a deeply nested body, stop lists past their
+bounds) is a 400 naming the field, never a 500 (which a fleet reads as a dead server)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import hf_tiny
+from clawjax.serving import fields
 from clawjax.serving.fleet import Fleet
 from clawjax.serving.launch import ServerThread, make_context
 from clawjax.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, PAD_TOKEN, save_tokenizer
@@ -344,3 +347,64 @@ def test_client_stream_with_a_malformed_event_raises_server_unavailable():
         finally:
             await runner.cleanup()
     asyncio.run(main())
+
+
+# --- hostile input: a 400 naming the field, never a 500 -------------------------------------
+LONE = "ab\ud800cd"  # valid JSON ("\\ud800"), but no UTF-8 encoding: no tokenizer takes it
+
+
+def post_raw(http, path: str, raw: bytes) -> httpx.Response:
+    return http.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/generate", {"text": LONE, "sampling_params": {"max_new_tokens": 2}}, "text"),
+    ("/v1/completions", {"prompt": LONE, "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}],
+                              "max_tokens": 2}, "messages[0].content"),
+], ids=["generate-text", "completions-prompt", "chat-content"])
+def test_text_with_a_lone_surrogate_is_a_400_naming_the_field(http, path, body, field):
+    r = post_raw(http, path, json.dumps(body).encode())  # ASCII: the surrogate as "\ud800"
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == field, r.text
+    assert "'ab\\ud800cd'" in r.json()["message"] and "UTF-8" in r.json()["message"], r.text
+
+
+def test_a_deeply_nested_body_is_a_400_naming_the_body(http):
+    """JSON nested deeper than the parser's recursion allows (a 100 kB body) is bad JSON."""
+    for path in ("/generate", "/v1/chat/completions", "/v1/completions",
+                 "/update_weights_from_disk", "/abort_request", "/pause_generation"):
+        r = post_raw(http, path, b"[" * 100_000)
+        assert r.status_code == 400 and r.json()["param"] == "body", (path, r.text)
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, extra, field, expected", [
+    ("/generate", {"stop": [f"s{i}" for i in range(fields.MAX_STOP_STRINGS + 1)]},
+     "sampling_params.stop", f"at most {fields.MAX_STOP_STRINGS} stop strings"),
+    ("/generate", {"stop": ["s", "x" * (fields.MAX_STOP_CHARS + 1)]},
+     "sampling_params.stop[1]", f"at most {fields.MAX_STOP_CHARS} characters"),
+    ("/generate", {"stop_token_ids": [1] * (fields.MAX_STOP_TOKEN_IDS + 1)},
+     "sampling_params.stop_token_ids", f"at most {fields.MAX_STOP_TOKEN_IDS} token ids"),
+    ("/v1/chat/completions", {"stop": ["s"] * (fields.MAX_STOP_STRINGS + 1)},
+     "stop", f"at most {fields.MAX_STOP_STRINGS} stop strings"),
+], ids=["stop-count", "stop-length", "stop-token-ids-count", "chat-stop-count"])
+def test_stop_lists_past_their_bounds_are_refused_naming_the_field(http, tokenizer, path,
+                                                                   extra, field, expected):
+    """Every decode step of the one engine thread checks every stop string and stop id of
+    every batched request: an unbounded list would stall them all."""
+    if path == "/generate":
+        body = {"input_ids": tokenizer.encode("q"),
+                "sampling_params": {"max_new_tokens": 2, **extra}}
+    else:
+        body = {"messages": CHAT, "max_tokens": 2, **extra}
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == field and expected in r.json()["message"], r.text
+
+
+def test_stop_lists_at_their_bounds_are_served(http, tokenizer):
+    gen(http, input_ids=tokenizer.encode("q"), sampling_params={
+        "max_new_tokens": 2, "stop_token_ids": [1] * fields.MAX_STOP_TOKEN_IDS,
+        "stop": [f"{i:03}" + "x" * (fields.MAX_STOP_CHARS - 3)
+                 for i in range(fields.MAX_STOP_STRINGS)]})

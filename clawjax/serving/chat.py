@@ -9,6 +9,7 @@ produced it.
 
 from __future__ import annotations
 
+from clawjax.serving.fields import utf8_text
 from clawjax.serving.protocol import ProtocolError
 
 
@@ -16,21 +17,27 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template, with the assistant
     generation prompt appended. 400 (ProtocolError on `messages`) without a tokenizer, and
     when the template refuses the messages (its `raise_exception`, or fields it cannot
-    render): the request's fault, not the server's (a 5xx would mark it down in a fleet)."""
+    render) or the tokenizer its text: the request's fault, not the server's (a 5xx would
+    mark it down in a fleet). A string field with no UTF-8 encoding (a lone surrogate) is
+    refused naming it, e.g. `messages[0].content`."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ProtocolError("messages", f"<{len(messages)} messages>",
                             "a server with a tokenizer and chat template (this model "
                             "directory has none; send /generate with input_ids instead)")
     import jinja2  # what transformers renders chat templates with
 
+    for i, message in enumerate(messages):
+        for key, value in message.items():
+            if isinstance(value, str):
+                utf8_text(value, f"messages[{i}].{key}")
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
     except (jinja2.TemplateError, TypeError, KeyError, AttributeError, ValueError) as e:
         raise ProtocolError("messages", f"<{len(messages)} messages>",
                             f"messages the model's chat template accepts (it raised "
                             f"{type(e).__name__}: {e})") from e
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _finish(result: dict) -> tuple[str, object]:

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from clawjax.serving.engine import Engine, Request
-from clawjax.serving.fields import ProtocolError
+from clawjax.serving.fields import ProtocolError, utf8_text
 
 
 class ServerContext:
@@ -37,24 +37,26 @@ CTX: web.AppKey[ServerContext] = web.AppKey("ctx", ServerContext)
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body (`{}` when empty). Undecodable bytes or bad JSON (both
-    ValueError) are a ProtocolError naming `body`."""
+    ValueError), and arrays or objects nested deeper than the parser's recursion allows
+    (RecursionError: `[` * 100000 is a 100 kB body), are a ProtocolError naming `body`."""
     raw = await request.read()
     if not raw:
         return {}
     try:
         return json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError("body", raw[:60].decode("utf-8", "replace"),
-                            f"valid JSON in UTF-8 ({e})")
+                            f"valid JSON in UTF-8, not nested too deeply ({e})") from None
 
 
 def tokenize_text(ctx: ServerContext, text: str, field: str) -> list[int]:
     """Token ids of a text prompt with the tokenizer's special tokens (a BOS where it adds
-    one), as SGLang tokenizes `text`; chat prompts get theirs from the template instead."""
+    one), as SGLang tokenizes `text`; chat prompts get theirs from the template instead.
+    Text with no UTF-8 encoding (a lone surrogate) is a ProtocolError naming `field`."""
     if ctx.tokenizer is None:
         raise ProtocolError(field, text[:40], "input_ids: this model directory has no "
                             "tokenizer files, so only 'input_ids' requests are served")
-    return ctx.tokenizer.encode(text)
+    return ctx.tokenizer.encode(utf8_text(text, field))
 
 
 def submit(ctx: ServerContext, prompt: list[int], params, *, rid: str | None, stream: bool,

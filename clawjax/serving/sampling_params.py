@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from clawjax.serving.fields import (ProtocolError, bool_field, check_keys, float_field,
-                                    id_list, int_field, stop_list)
+from clawjax.serving.fields import (MAX_STOP_TOKEN_IDS, ProtocolError, bool_field, check_keys,
+                                    float_field, id_list, int_field, stop_list)
 
 GENERATE_MAX_NEW_TOKENS = 128  # SGLang's `SamplingParams.max_new_tokens` default (/generate)
 
@@ -78,7 +78,7 @@ def parse_sampling_params(body: Any, vocab_size: int, prefix: str = "sampling_pa
         min_p=float_field(body, "min_p", prefix, 0.0, lo=0.0, hi=1.0),
         stop=stop_list(body.get("stop"), prefix + "stop"),
         stop_token_ids=id_list(body.get("stop_token_ids"), prefix + "stop_token_ids",
-                               vocab_size),
+                               vocab_size, most=MAX_STOP_TOKEN_IDS),
         ignore_eos=bool_field(body, "ignore_eos", prefix, False),
         skip_special_tokens=bool_field(body, "skip_special_tokens", prefix, True),
         no_stop_trim=bool_field(body, "no_stop_trim", prefix, False),
