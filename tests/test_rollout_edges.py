@@ -233,6 +233,19 @@ def test_a_session_id_header_that_is_not_utf8_is_refused_naming_it(stack):
     assert error["param"] == "X-Session-Id" and "in UTF-8" in error["message"], error
 
 
+@pytest.mark.parametrize("raw", [b"[" * 100_000,
+                                 b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}"],
+                         ids=["nested-100000-deep", "5000-digit-integer"])
+def test_a_body_python_cannot_parse_is_refused_as_bad_json_naming_it(stack, raw):
+    """Nesting past the parser's recursion (RecursionError) and an integer past Python's
+    4300-digit conversion limit (a bare ValueError) are bad JSON like any other: 400."""
+    r = httpx.post(stack["proxy"].url + "/v1/chat/completions", content=raw, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "body" and "valid JSON" in error["message"], error
+
+
 # --- 4. malformed policy server answers -------------------------------------------------------
 
 def _answer(**meta) -> dict:

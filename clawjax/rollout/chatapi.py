@@ -183,11 +183,15 @@ def _top_logprobs(body: Mapping, logprobs: bool) -> int:
 
 
 def parse_call(raw: bytes, headers: Mapping, vocab_size: int) -> ChatCall:
-    """Parses and validates a `/v1/chat/completions` request body plus session headers."""
+    """Parses and validates a `/v1/chat/completions` request body plus session headers. A body
+    that is not JSON in UTF-8 is refused naming `body`: bad syntax or bytes, an integer of more
+    digits than Python converts (all ValueError), or nesting deeper than the parser's
+    recursion allows (RecursionError)."""
     try:
         body = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError("body", raw[:60].decode("utf-8", "replace"), f"valid JSON ({e})")
+    except (ValueError, RecursionError) as e:
+        raise RequestError("body", raw[:60].decode("utf-8", "replace"),
+                           f"valid JSON ({e})") from None
     if not isinstance(body, Mapping):
         raise RequestError("body", body, "a JSON object")
     sid, turn_type, done = _session(body, headers)

@@ -175,6 +175,11 @@ async def _stream(request: web.Request, proxy: Proxy, call: chatapi.ChatCall, bo
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+    except ConnectionResetError:  # the agent went away mid-stream: an ordinary disconnect,
+        # not a proxy failure (no ERROR traceback, no 500 for a client that is gone); aiohttp
+        # then drops the connection quietly, and the upstream generation is cancelled below
+        log.info("stream client disconnected: %s %s", request.method, request.path)
+        return resp
     finally:
         task.cancel()
 
