@@ -16,12 +16,17 @@ Invariants:
 - entropy is over the full vocabulary; gradients flow to `hidden` and `lm_head` only;
 - `sequence_*` outputs are aligned like `TokenBatch`: the value at `[r, t]` is about
   `tokens[r, t]`, predicted from `hidden[r, t − 1]` of the same segment; positions that start a
-  segment or are padding hold exactly 0 and pass no gradient.
+  segment or are padding hold exactly 0 and pass no gradient;
+- token ids (targets, tokens, topk_ids) have an integer dtype: a float dtype is refused at trace
+  time, naming the argument. Their values must lie in [0, V), and that is NOT checked (values are
+  invisible under jit): an id outside matches no vocabulary column, so its log-prob comes out as
+  the finite, meaningless −logsumexp(logits). Check ids on the host (`Sample.validate` does).
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import jax
@@ -143,8 +148,9 @@ def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
     backward recomputes each `[B, T, chunk]` logits block, writes its `[D, chunk]` slice of
     the lm_head gradient in place and accumulates the `[B, T, D]` hidden gradient. Neither pass
     holds `[B, T, V]` logits nor a separate `[D, V]` accumulator."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk = {chunk!r}, expected a positive int")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk = {chunk!r}, expected a positive int (Python or NumPy)")
+    chunk = int(chunk)
     lead, d = hidden.shape[:-1], hidden.shape[-1]
     k = ids.shape[-1]
     if not lead or ids.shape[:-1] != lead:
@@ -158,13 +164,26 @@ def _chunked_logp_entropy(hidden: Array, lm_head: Array, ids: Array, chunk: int
     return logp.reshape(*lead, k), entropy.reshape(lead)
 
 
+def _check_ids(fn: str, ids: dict[str, Any]) -> None:
+    """Refuses token ids (name → array; None skipped) of a non-integer dtype, naming the field:
+    the int32 cast would silently truncate them (1.7 → 1). Dtypes are static: trace time only."""
+    for name, x in ids.items():
+        dtype = None if x is None else x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"{fn}: {name} has dtype {dtype}, expected an integer dtype "
+                             "(token ids in [0, V))")
+
+
 def token_logp_and_entropy(hidden: Array, lm_head: Array, targets: Array, chunk: int = 512
                            ) -> tuple[Array, Array]:
     """(log π(targets), full-vocabulary entropy), each `[..., T]` float32, from hidden
     `[..., T, D]` and lm_head `[D, V]` (logits = hidden @ lm_head, computed in float32 even for
     bfloat16 inputs). `chunk` is the VOCABULARY block: forward and backward hold a few
     `[T, chunk]` logits blocks, never `[T, V]`, and the lm_head gradient is written block by
-    block without a second `[D, V]` buffer. Gradients flow to `hidden` and `lm_head`."""
+    block without a second `[D, V]` buffer. Gradients flow to `hidden` and `lm_head`.
+    `targets` are integer ids in [0, V): a float dtype is refused; the values are not checked
+    (an id outside [0, V) gives a finite, meaningless log-prob: see the module docstring)."""
+    _check_ids("token_logp_and_entropy", {"targets": targets})
     logp, entropy = _chunked_logp_entropy(hidden, lm_head, targets[..., None], chunk)
     return logp[..., 0], entropy
 
@@ -192,7 +211,8 @@ def sequence_logp_and_entropy(hidden: Array, lm_head: Array, tokens: Array, segm
     `[R, L]` → (logp `[R, L]`, entropy `[R, L]`), float32, aligned like `TokenBatch`: the value
     at t is about tokens[t], computed from hidden[t−1] of the same segment; positions that start
     a segment or are padding hold 0 (and pass no gradient). Memory-lean as
-    `token_logp_and_entropy`."""
+    `token_logp_and_entropy`; tokens are integer ids in [0, V) (only the dtype is checked)."""
+    _check_ids("sequence_logp_and_entropy", {"tokens": tokens})
     ids, valid = _shift(tokens, segment_ids)
     logp, entropy = token_logp_and_entropy(hidden, lm_head, ids, chunk)
     return _unshift(logp, valid), _unshift(entropy, valid)
@@ -203,7 +223,9 @@ def sequence_logp_entropy_topk(hidden: Array, lm_head: Array, tokens: Array, seg
                                ) -> tuple[Array, Array, Array]:
     """`sequence_logp_and_entropy` plus the student's log-probs at the teacher's top-K ids
     (`topk_ids [R, L, K]`, aligned like tokens: row t holds the ids for the prediction of
-    tokens[t]) → (logp `[R, L]`, entropy `[R, L]`, topk_logp `[R, L, K]`), one pass."""
+    tokens[t]) → (logp `[R, L]`, entropy `[R, L]`, topk_logp `[R, L, K]`), one pass.
+    tokens and topk_ids are integer ids in [0, V) (only the dtype is checked)."""
+    _check_ids("sequence_logp_entropy_topk", {"tokens": tokens, "topk_ids": topk_ids})
     ids = jnp.concatenate([tokens[..., None], topk_ids.astype(tokens.dtype)], axis=-1)
     ids, valid = _shift(ids, segment_ids)
     both, entropy = _chunked_logp_entropy(hidden, lm_head, ids, chunk)
@@ -224,7 +246,9 @@ def sequence_logp_at(hidden: Array, lm_head: Array, tokens: Array, segment_ids: 
     `sequence_logp_entropy_topk`) evaluated only at the positions `index` `[R, C]` of each row
     (`TokenBatch.score_index`): the LM head runs on `[R, C]` hidden states instead of `[R, L]`.
     Returns `[R, L]` arrays (and `[R, L, K]`), equal to the full functions' at the indexed
-    positions and 0 everywhere else (no gradient there). Entries 0 of `index` are inert."""
+    positions and 0 everywhere else (no gradient there). Entries 0 of `index` are inert.
+    tokens and topk_ids are integer ids in [0, V) (only the dtype is checked)."""
+    _check_ids("sequence_logp_at", {"tokens": tokens, "topk_ids": topk_ids, "index": index})
     prev = jnp.maximum(index - 1, 0)
     ids = tokens[..., None]
     if topk_ids is not None:

@@ -5,21 +5,26 @@ Imports jax, numpy and the standard library only, so other JAX projects can
 
 Shapes: a packed batch is `[R, L]` (rows × token budget). The value at `[r, t]` is about the token
 `tokens[r, t]` predicted from the tokens before it in the same segment; `segment_ids` are 1..n per
-row and 0 is padding. Per-token functions also accept any leading shape `[...]`.
+row (so never above L) and 0 is padding. Per-token functions also accept any leading shape `[...]`.
+Shapes are checked at trace time (static under jit: no run-time cost), a mismatch raising
+ValueError naming the argument, its shape and the one expected; values are not checked.
+Dtypes: losses are computed in at least float32 (float16 / bfloat16 inputs are upcast), so results
+are float32, or float64 for float64 inputs (x64); gradients come back in each input's dtype.
 
 Reductions return `(sum, denominator)` pairs so that gradient accumulation over micro-batches can
 add sums and denominators and divide once (exact, because a sample lives in one row of one
 micro-batch and denominators do not depend on the parameters).
 
 Log-probs and entropy from hidden states (`token_logp_and_entropy`, `sequence_logp_and_entropy`,
-`sequence_logp_entropy_topk`) live in `clawjax.logprobs`, the top-K reverse KL
-(`topk_reverse_kl`) in `clawjax.topk_kl`; both are re-exported here.
+`sequence_logp_entropy_topk`) live in `clawjax.logprobs` and are re-exported here; the top-K reverse
+KL's formula lives in `clawjax.topk_kl` (`topk_reverse_kl` here checks and upcasts its inputs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -29,8 +34,8 @@ import jax.numpy as jnp
 from clawjax.logprobs import sequence_logp_and_entropy as sequence_logp_and_entropy
 from clawjax.logprobs import sequence_logp_entropy_topk as sequence_logp_entropy_topk
 from clawjax.logprobs import token_logp_and_entropy as token_logp_and_entropy
+from clawjax import topk_kl
 from clawjax.topk_kl import TOPK_TAIL_MAX_LOGSUMEXP as TOPK_TAIL_MAX_LOGSUMEXP
-from clawjax.topk_kl import topk_reverse_kl as topk_reverse_kl
 from clawjax.topk_kl import exp_minus_one_minus
 
 Array = jax.Array
@@ -48,6 +53,29 @@ def _floating(x: Array) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _check_shapes(fn: str, want: tuple, why: str, arrays: dict[str, Any]) -> None:
+    """Raises ValueError naming the first of `arrays` (name → array; None is skipped) whose shape
+    is not `want`. Shapes are static, so under jit this runs once, at trace time."""
+    for name, x in arrays.items():
+        if x is not None and tuple(jnp.shape(x)) != tuple(want):
+            raise ValueError(f"{fn}: {name} has shape {tuple(jnp.shape(x))}, expected "
+                             f"{tuple(want)} ({why})")
+
+
+def _as_float(value: Any) -> float | None:
+    """`value` as a Python float if it is one real number (a Python or NumPy int / float scalar,
+    or a concrete 0-d NumPy / JAX int / float array), else None (bools, strings, tracers, …)."""
+    dtype = getattr(value, "dtype", None)
+    real_0d = getattr(value, "shape", None) == () and dtype is not None and (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or real_0d):
+        return None
+    try:
+        return float(value)
+    except TypeError:          # a tracer (ConcretizationTypeError): no static value
+        return None
+
+
 # ---------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -57,6 +85,8 @@ class LossConfig:
     per-token quantity reduced with `reduction` over loss-masked tokens.
     `use_tis` multiplies the per-token policy loss by the truncated importance weight
     min(exp(old_logp − rollout_logp), tis_cap) (a constant: no gradient flows through it).
+    Numeric fields take a real scalar (Python, NumPy, or 0-d array: `np.float32(0.5)`; not a
+    bool) and store a Python float; `use_tis` takes a Python or NumPy bool.
     """
 
     w_rl: float = 1.0
@@ -78,12 +108,13 @@ class LossConfig:
                 f"LossConfig.{name} = {getattr(self, name)!r}, expected {expected}")
 
         def number(name, ok, expected):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                fail(name, f"a number ({expected})")
-            if not math.isfinite(value) or not ok(float(value)):
+            value = _as_float(getattr(self, name))
+            if value is None:
+                fail(name, f"a real number, not a bool ({expected}); got "
+                           f"{type(getattr(self, name)).__name__}")
+            if not math.isfinite(value) or not ok(value):
                 fail(name, expected)
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, value)
 
         number("w_rl", lambda v: True, "a finite float")
         number("w_opd", lambda v: True, "a finite float")
@@ -99,6 +130,8 @@ class LossConfig:
             fail("kl_kind", f"one of {KL_KINDS}")
         if self.reduction not in REDUCTIONS:
             fail("reduction", f"one of {REDUCTIONS}")
+        if getattr(self.use_tis, "shape", None) == () and getattr(self.use_tis, "dtype", 0) == bool:
+            object.__setattr__(self, "use_tis", bool(self.use_tis))   # np.bool_, 0-d bool array
         if not isinstance(self.use_tis, bool):
             fail("use_tis", "a bool")
 
@@ -107,40 +140,47 @@ class LossConfig:
 def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, eps_clip: float = 0.2,
                     eps_clip_high: float = 0.28, dual_clip: float | None = None
                     ) -> tuple[Array, Array]:
-    """Asymmetric PPO clip (SPEC §1). All inputs share one shape `[...]`.
+    """Asymmetric PPO clip (SPEC §1). All inputs share one shape `[...]` (checked: a per-sample
+    advantage `[R]` beside logp `[R, L]` must be broadcast over its tokens first).
 
     ratio = exp(logp − old_logp); l1 = −ratio·A; l2 = −clip(ratio, 1−ε, 1+ε_high)·A;
     l = max(l1, l2); with dual clip c > 1, where A < 0: l = min(l, −c·A).
-    Returns `(per_token_loss, clipped)`; `clipped` is 1.0 where l2 > l1, else 0.0.
+    Returns `(per_token_loss, clipped)` in at least float32 (half-precision inputs are upcast);
+    `clipped` is 1.0 where l2 > l1, else 0.0.
 
-    The log-ratio is capped at PPO_MAX_LOG_RATIO = 20 before exp: in float32 exp overflows to
-    inf above ~88.7, and inf·0 (A = 0) or the inf gradient (A > 0) would turn the whole loss
-    and its gradient into NaN. The cap changes no clipped value: where it acts the ratio is
-    ≥ e^20 ≈ 4.9e8, above 1 + ε_high and the dual clip c (for any ε_high, c < 4.9e8), so for
-    A > 0 (l = −(1+ε_high)·A), A = 0 (l = 0) and A < 0 with dual clip (l = −c·A) the value
-    and its zero gradient are exactly the formula's. Only the unbounded branch (A < 0, no
-    dual clip: l = l1 = −ratio·A) is capped there, at e^20·|A| with zero gradient, instead of
-    a value ≥ 4.9e8·|A| that float32 may not even hold.
+    The max (and the dual-clip min) take a clipped branch only where it is strictly better, so at
+    a tie the gradient is −ratio·A: the true one where the loss is smooth at a bound (ratio = 1−ε
+    with A > 0, ratio = 1+ε_high with A < 0); jnp.maximum split it there (0.75×).
+    The log-ratio is capped at PPO_MAX_LOG_RATIO = 20 before exp (float32 exp overflows above
+    ~88.7, and inf·0 is NaN). The ratio is then ≥ e^20, beyond 1 + ε_high and any dual clip, so
+    values and zero gradients stay the formula's except on the unbounded branch (A < 0, no dual
+    clip), capped at e^20·|A| with zero gradient.
     """
+    _check_shapes("ppo_policy_loss", jnp.shape(logp), "logp's shape: all inputs share one shape",
+                  {"old_logp": old_logp, "advantages": advantages})
+    logp, old_logp, advantages = map(_floating, (logp, old_logp, advantages))
     ratio = jnp.exp(jnp.minimum(logp - old_logp, PPO_MAX_LOG_RATIO))
     l1 = -ratio * advantages
     l2 = -jnp.clip(ratio, 1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
-    loss = jnp.maximum(l1, l2)
-    clipped = (l2 > l1).astype(loss.dtype)
+    clipped = l2 > l1
+    loss = jnp.where(clipped, l2, l1)
     if dual_clip is not None:
-        loss = jnp.where(advantages < 0, jnp.minimum(loss, -dual_clip * advantages), loss)
-    return loss, clipped
+        bound = -dual_clip * advantages
+        loss = jnp.where((advantages < 0) & (bound < loss), bound, loss)
+    return loss, clipped.astype(loss.dtype)
 
 
 def kl_penalty(logp: Array, ref_logp: Array, kind: str = "low_var_kl") -> Array:
-    """Per-token KL estimate to a reference policy (SPEC §3), same shape as `logp`.
+    """Per-token KL estimate to a reference policy (SPEC §3): logp and ref_logp `[...]` (one
+    shape, checked) → `[...]` in at least float32 (half-precision inputs are upcast).
 
     k1 = logp − ref; k2 = (logp − ref)²/2; low_var_kl (k3) = exp(ref − logp) − 1 − (ref − logp)
-    clamped to [−10, 10]. For k3 the log-ratio is first clamped to ±20, which changes no value
-    (k3 already exceeds 10 there) but keeps exp finite so gradients stay finite. k3 is
-    evaluated without cancellation (`exp_minus_one_minus`): near logp = ref it is ~x²/2, far
-    below the float32 rounding of e^x, and the naive form gave negative, noisy values there.
+    clamped to [−10, 10]. For k3 the log-ratio is first clamped to ±20 (no value changes: k3 > 10
+    there; exp and gradients stay finite), and k3 is evaluated without cancellation
+    (`exp_minus_one_minus`: near logp = ref the naive form gave negative, noisy values).
     """
+    _check_shapes("kl_penalty", jnp.shape(logp), "logp's shape", {"ref_logp": ref_logp})
+    logp, ref_logp = _floating(logp), _floating(ref_logp)
     if kind == "k1":
         return logp - ref_logp
     if kind == "k2":
@@ -150,6 +190,15 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: str = "low_var_kl") -> Array:
         k3 = exp_minus_one_minus(log_ratio)
         return jnp.clip(k3, -LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
     raise ValueError(f"kl_penalty kind = {kind!r}, expected one of {KL_KINDS}")
+
+
+def topk_reverse_kl(student_topk_logp: Array, teacher_topk_logp: Array) -> Array:
+    """Reverse KL(student ‖ teacher) over the teacher's top-K ids plus one tail bin (SPEC §5):
+    `clawjax.topk_kl.topk_reverse_kl` (the formula, evaluated without cancellation) on inputs
+    `[..., K]` of one shape (checked) computed in at least float32. Returns `[...]`."""
+    _check_shapes("topk_reverse_kl", jnp.shape(student_topk_logp),
+                  "student_topk_logp's shape [..., K]", {"teacher_topk_logp": teacher_topk_logp})
+    return topk_kl.topk_reverse_kl(_floating(student_topk_logp), _floating(teacher_topk_logp))
 
 
 # ---------------------------------------------------------------------------------- advantages
@@ -162,15 +211,19 @@ def binary_rl_advantages(rewards: Array) -> Array:
 def opd_advantages(teacher_logp: Array, old_logp: Array, teacher_mask: Array) -> Array:
     """OPD (SPEC §2): A_t = m_t · (teacher_logp_t − old_logp_t), `[R, L]`, stop-gradient.
     Where `teacher_mask` is 0 the advantage is exactly 0 whatever `teacher_logp` holds."""
+    _check_shapes("opd_advantages", jnp.shape(old_logp), "old_logp's shape",
+                  {"teacher_logp": teacher_logp, "teacher_mask": teacher_mask})
     diff = jnp.where(jnp.asarray(teacher_mask) > 0,
-                     jnp.asarray(teacher_logp) - jnp.asarray(old_logp), 0.0)
-    return jax.lax.stop_gradient(_floating(diff))
+                     _floating(teacher_logp) - _floating(old_logp), 0.0)
+    return jax.lax.stop_gradient(diff)
 
 
 def combined_advantages(batch: Any, w_rl: float = 1.0, w_opd: float = 1.0) -> Array:
     """A_t = w_rl · r + w_opd · m_t · (teacher_logp_t − old_logp_t) (SPEC §2), `[R, L]`.
     `batch` is a `TokenBatch` (any object with `rewards, teacher_logp, old_logp,
-    teacher_mask`). Stop-gradient: teacher terms are constants."""
+    teacher_mask`, all one shape: checked). Stop-gradient: teacher terms are constants."""
+    _check_shapes("combined_advantages", jnp.shape(batch.old_logp), "batch.old_logp's shape",
+                  {"batch.rewards": batch.rewards})
     return (w_rl * binary_rl_advantages(batch.rewards)
             + w_opd * opd_advantages(batch.teacher_logp, batch.old_logp, batch.teacher_mask))
 
@@ -192,11 +245,12 @@ def grpo_advantages(rewards: Array, group_ids: Array, scale_by_std: bool = True,
     unbiased (ddof=1) group standard deviation, as torch's default; a group of one has std 0
     and advantage 0. O(N²) in the number of samples, which is small.
 
-    Float-safe (shifted data, two passes): each reward is first shifted by its group's first
-    member's reward, so nearby rewards lose no digits ([3.0, 3.0001] → ±0.697, where
-    E[r²] − E[r]² gives ±50); the variance is Σ_g (r − mean)² / (n − 1) of the centred values,
-    so a group of equal rewards has exactly zero advantage.
+    Float-safe: rewards are shifted by their group's first member's, so nearby rewards lose no
+    digits ([3.0, 3.0001] → ±0.697, not ±50), and the variance is taken of the centred values
+    (two passes), so a group of equal rewards has exactly zero advantage.
     """
+    _check_shapes("grpo_advantages", tuple(jnp.shape(rewards))[:1] or ("N",),
+                  "[N]: one scalar reward per sample", {"rewards": rewards, "group_ids": group_ids})
     r = _floating(rewards)
     group_ids = jnp.asarray(group_ids)
     same = (group_ids[:, None] == group_ids[None, :]).astype(r.dtype)   # [N, N]
@@ -215,12 +269,20 @@ def reduce(values: Array, loss_mask: Array, segment_ids: Array, mode: str
            ) -> tuple[Array, Array]:
     """Reduces per-token `values [R, L]` over tokens with loss_mask > 0 (SPEC §4).
 
+    values, loss_mask and segment_ids share one shape `[..., L]` (checked; leading dims are rows).
     `token_mean`: (Σ masked values, number of masked tokens).
     `sample_mean`: a sample is a (row, segment id ≠ 0) pair; (Σ over samples with ≥ 1 masked
     token of their masked mean, number of such samples).
     Masked-out values are replaced (not multiplied) by 0, so NaN/inf there changes nothing and
     gets exactly zero gradient. Divide with `sum / max(denominator, 1)`.
+
+    Invariant, not checked (values are invisible under jit): segment ids are 1..n per row
+    (0 = padding), so never above L, as `clawjax.batch.pack` writes them. `sample_mean` keys a
+    sample on id + (L + 1)·row: an id above L (ids numbered across the batch, arbitrary labels)
+    is silently merged into a sample of the next row or dropped. Renumber per row first.
     """
+    _check_shapes("reduce", jnp.shape(values), "values' shape [..., L]",
+                  {"loss_mask": loss_mask, "segment_ids": segment_ids})
     mask = (loss_mask > 0) & (segment_ids > 0)
     v = _floating(jnp.where(mask, values, 0.0))
     m = mask.astype(v.dtype)
@@ -254,6 +316,30 @@ def add_terms(a: Terms, b: Terms) -> Terms:
 
 
 # ---------------------------------------------------------------------------------- combined
+_BATCH_FIELDS = ("segment_ids", "old_logp", "rollout_logp", "teacher_logp", "teacher_mask",
+                 "rewards", "ref_logp", "teacher_topk_mask")
+
+
+def _check_batch(logp: Array, batch: Any, entropy: Array | None, student_topk_logp: Array | None):
+    """combined_loss's shape contract: logp, entropy and the batch's `[R, L]` fields have
+    `loss_mask`'s shape, the top-K arrays `[R, L, K]` with the teacher's K."""
+    shape = tuple(jnp.shape(batch.loss_mask))
+    teacher_topk = getattr(batch, "teacher_topk_logp", None)
+    if student_topk_logp is not None and teacher_topk is None:
+        raise ValueError(
+            f"combined_loss: student_topk_logp has shape {tuple(jnp.shape(student_topk_logp))} "
+            "but the batch carries no top-K teacher data (batch.teacher_topk_logp is None), so "
+            "there is nothing to distil against: expected student_topk_logp = None")
+    fields = {f"batch.{name}": getattr(batch, name, None) for name in _BATCH_FIELDS}
+    _check_shapes("combined_loss", shape, "the batch's [R, L], loss_mask's shape",
+                  {"logp": logp, "entropy": entropy, **fields})
+    if teacher_topk is not None:      # [R, L, K]; "K" (never equal) when the rank is wrong
+        k = jnp.shape(teacher_topk)[-1] if jnp.ndim(teacher_topk) == len(shape) + 1 else "K"
+        _check_shapes("combined_loss", shape + (k,), "the batch's [R, L], K",
+                      {"batch.teacher_topk_logp": teacher_topk,
+                       "student_topk_logp": student_topk_logp})
+
+
 def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
                         entropy: Array | None = None,
                         student_topk_logp: Array | None = None) -> Terms:
@@ -270,23 +356,13 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
     `divide_terms` leaves them as counts.
     Micro-batches: add the pairs (`add_terms`), then `divide_terms` once; the gradient of the
     full-batch loss is Σ grad(loss sum) / Σ loss denominator.
+
+    Shapes are checked (each array read is `loss_mask`'s `[R, L]`, or `[R, L, K]`); segment ids
+    are not: they must be 1..n per row, never above L (see `reduce`). Computed in ≥ float32.
     """
-    shape = tuple(batch.loss_mask.shape)
-    if student_topk_logp is not None and getattr(batch, "teacher_topk_logp", None) is None:
-        raise ValueError(
-            f"combined_loss: student_topk_logp has shape {tuple(jnp.shape(student_topk_logp))} "
-            "but the batch carries no top-K teacher data (batch.teacher_topk_logp is None), so "
-            "there is nothing to distil against: expected student_topk_logp = None")
-    for name, value, want in (("logp", logp, shape), ("entropy", entropy, shape),
-                              ("student_topk_logp", student_topk_logp, None)):
-        if value is None:
-            continue
-        want = want or shape + tuple(jnp.shape(batch.teacher_topk_logp)[-1:])
-        if tuple(jnp.shape(value)) != want:
-            raise ValueError(f"combined_loss: {name} has shape {tuple(jnp.shape(value))}, "
-                             f"expected {want} (the batch's [R, L]{', K' if want != shape else ''})")
+    _check_batch(logp, batch, entropy, student_topk_logp)
     mask = (jnp.asarray(batch.loss_mask) > 0) & (jnp.asarray(batch.segment_ids) > 0)
-    old = jnp.asarray(batch.old_logp)
+    logp, old = _floating(logp), _floating(batch.old_logp)
     # Masked positions see logp = old_logp (ratio 1, zero KL) through `where`: exactly zero
     # gradient there and no NaN leaking from whatever values they hold.
     logp_m = jnp.where(mask, logp, old)
@@ -299,9 +375,8 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     terms: Terms = {}
     if config.use_tis:
-        log_w = jnp.where(mask, old - jnp.asarray(batch.rollout_logp), 0.0)
-        tis = jnp.minimum(jnp.exp(jnp.minimum(log_w, 30.0)), config.tis_cap)
-        tis = jax.lax.stop_gradient(tis)
+        log_w = jnp.where(mask, old - _floating(batch.rollout_logp), 0.0)
+        tis = jax.lax.stop_gradient(jnp.minimum(jnp.exp(jnp.minimum(log_w, 30.0)), config.tis_cap))
         pg = pg * tis
         terms["tis_weight"] = red(tis)
     total = pg
@@ -312,14 +387,14 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     ref = getattr(batch, "ref_logp", None)
     if ref is not None:
-        kl = kl_penalty(logp_m, jnp.where(mask, jnp.asarray(ref), old), config.kl_kind)
+        kl = kl_penalty(logp_m, jnp.where(mask, _floating(ref), old), config.kl_kind)
         terms["kl"] = red(kl)
         total = total + config.kl_coef * kl
     elif config.kl_coef > 0:
         raise ValueError(f"LossConfig.kl_coef = {config.kl_coef} > 0 needs batch.ref_logp, "
                          "got None")
     if entropy is not None:
-        ent = jnp.where(mask, entropy, 0.0)
+        ent = jnp.where(mask, _floating(entropy), 0.0)
         terms["entropy"] = red(ent)
         total = total - config.entropy_coef * ent
     elif config.entropy_coef != 0:
@@ -328,7 +403,7 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
     teacher_topk = getattr(batch, "teacher_topk_logp", None)
     if teacher_topk is not None and student_topk_logp is not None:
-        teacher_topk = jnp.asarray(teacher_topk)
+        teacher_topk = _floating(teacher_topk)
         topk_mask = mask & (jnp.asarray(batch.teacher_topk_mask) > 0)
         safe = jnp.where(topk_mask[..., None], student_topk_logp, teacher_topk)
         tk = jnp.where(topk_mask, topk_reverse_kl(safe, teacher_topk), 0.0)
@@ -351,7 +426,8 @@ def combined_loss_terms(logp: Array, batch: Any, config: LossConfig,
 
 def combined_loss(logp: Array, batch: Any, config: LossConfig, entropy: Array | None = None,
                   student_topk_logp: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """`(loss, metrics)`: `combined_loss_terms` with every pair already divided.
+    """`(loss, metrics)`: `combined_loss_terms` with every pair already divided (same inputs,
+    same checks; segment ids must be 1..n per row, never above L: not checked, see `reduce`).
 
     loss = pg − entropy_coef·entropy + kl_coef·kl (+ topk_coef·topk_kl), reduced per
     `config.reduction`. Every metric in the dict is already divided (a mean under

@@ -2,7 +2,8 @@
 
 `topk_reverse_kl(student [..., K], teacher [..., K]) -> [...]` is
 Σ_{k=1..K+1} p_s,k (log p_s,k − log p_t,k), the tail bin holding the mass outside the K ids,
-log_tail = log(1 − exp(min(lse, −1e−7))). Pure jax.numpy; `clawjax.losses` re-exports it. Float32 stays accurate for nearly
+log_tail = log(1 − exp(min(lse, −1e−7))). Pure jax.numpy; `clawjax.losses.topk_reverse_kl` is it
+with checked shapes and inputs upcast to at least float32. Float32 stays accurate for nearly
 equal distributions (self-distillation) and for peaked teachers: see each helper's docstring.
 """
 
@@ -83,28 +84,32 @@ def _tail_log_ratio(student: Array, teacher: Array, mass_s: Array, mass_t: Array
 def topk_reverse_kl(student_topk_logp: Array, teacher_topk_logp: Array) -> Array:
     """Reverse KL(student ‖ teacher) over the teacher's top-K ids plus one tail bin (SPEC §5).
 
-    Inputs `[..., K]`: log-probs of student and teacher at the teacher's top-K token ids.
-    Returns `[...]`: Σ_{k=1..K+1} p_s,k (log p_s,k − log p_t,k), the tail bin holding the mass
-    outside the K ids for each of the two distributions.
+    Inputs `[..., K]`: log-probs of student and teacher at the teacher's top-K token ids (one
+    floating dtype; `clawjax.losses.topk_reverse_kl` checks the shapes and upcasts to at least
+    float32). Returns `[...]`: Σ_{k=1..K+1} p_s,k (log p_s,k − log p_t,k), the tail bin holding
+    the mass outside the K ids for each of the two distributions.
 
     Evaluated without cancellation: with y_k = log p_t,k − log p_s,k, P = Σ p_s and Q = Σ p_t
     over the K+1 bins, Σ p_s (log p_s − log p_t) = Σ p_s φ(y) − (Q − P) with φ(y) = e^y − 1 − y
-    ≥ 0 (an identity in the student's inputs, so values and gradients are the formula's).
-    P = Q = 1 unless a tail is floored, where Q − P is formed from the two floor excesses. The
-    direct sum has terms of both signs down to a KL ~ spread²: for nearly equal distributions
-    (self-distillation) float32 gave negative values and noise there.
+    ≥ 0 (an identity in the student's inputs, so values and gradients are the formula's): a
+    series where |y| < 0.5, else p_t − p_s·(1 + y) with p_t from the teacher directly (no e^y
+    overflow). P = Q = 1 unless a tail is floored, where Q − P is formed from the two floor
+    excesses. The direct sum has terms of both signs down to a KL ~ spread²: for nearly equal
+    distributions (self-distillation) float32 gave negative values and noise there. A student
+    bin with p_s = 0 (log-prob −inf, or underflowing) adds 0 (0·log 0 = 0) with a zero gradient.
     """
-    floor = _tail_floor(student_topk_logp.dtype)
-    mass_s, mass_t = _tail_mass(student_topk_logp), _tail_mass(teacher_topk_logp)
-    y_tail = _tail_log_ratio(student_topk_logp, teacher_topk_logp, mass_s, mass_t, floor)
-    s = jnp.concatenate(
-        [student_topk_logp, jnp.log(jnp.maximum(mass_s, floor))[..., None]], axis=-1)
-    y = jnp.concatenate([teacher_topk_logp - student_topk_logp, y_tail[..., None]], axis=-1)
-    p = jnp.exp(s)
-    small = jnp.abs(y) < EXP_SERIES_MAX
-    # p·φ(y): the series where y is small; e^(s + y) − p·(1 + y) elsewhere (no e^y overflow).
+    s, t = student_topk_logp, teacher_topk_logp
+    floor = _tail_floor(jnp.promote_types(s.dtype, t.dtype))
+    mass_s, mass_t = _tail_mass(s), _tail_mass(t)
+    y_tail = _tail_log_ratio(s, t, mass_s, mass_t, floor)
+    p = jnp.exp(jnp.concatenate([s, jnp.log(jnp.maximum(mass_s, floor))[..., None]], axis=-1))
+    q = jnp.concatenate([jnp.exp(t), jnp.maximum(mass_t, floor)[..., None]], axis=-1)
+    y = jnp.concatenate([t - s, y_tail[..., None]], axis=-1)
+    seen = p > 0                 # y is ±inf or NaN where s = −inf: kept out of both branches
+    small = seen & (jnp.abs(y) < EXP_SERIES_MAX)
+    y = jnp.where(seen, y, 0.0)
     terms = jnp.where(small, p * exp_minus_one_minus(jnp.where(small, y, 0.0)),
-                      jnp.exp(s + y) - p * (1.0 + y))
+                      q - p * (1.0 + y))
     excess_q = jnp.maximum(floor - mass_t, 0.0)     # Q − 1
     excess_p = jnp.maximum(floor - mass_s, 0.0)     # P − 1
     return jnp.sum(terms, axis=-1) - excess_q + excess_p

@@ -35,6 +35,23 @@ def ppo(logp, old_logp, adv, eps=0.2, eps_high=0.28, dual_clip=None):
     return loss, clipped
 
 
+def ppo_grad(logp, old_logp, adv, eps=0.2, eps_high=0.28, dual_clip=None):
+    """d ppo loss / d logp, element by element in float64: 0 where a clipped branch is strictly
+    the one taken (l2 > l1, or the dual clip's −c·A < l), else d(−ratio·A)/d logp = −ratio·A.
+    At a tie this is the unclipped branch's derivative: the true one where the loss is smooth
+    at a clip bound (ratio = 1 − ε with A > 0, ratio = 1 + ε_high with A < 0)."""
+    logp, old_logp, adv = np.broadcast_arrays(f64(logp), f64(old_logp), f64(adv))
+    out = np.empty(logp.shape)
+    for idx in np.ndindex(logp.shape):
+        ratio, a = math.exp(logp[idx] - old_logp[idx]), adv[idx]
+        l1, l2 = -ratio * a, -min(max(ratio, 1.0 - eps), 1.0 + eps_high) * a
+        g = 0.0 if l2 > l1 else -ratio * a
+        if dual_clip is not None and a < 0 and -dual_clip * a < max(l1, l2):
+            g = 0.0
+        out[idx] = g
+    return out
+
+
 def kl(logp, ref_logp, kind):
     d = f64(logp) - f64(ref_logp)
     if kind == "k1":
@@ -64,7 +81,8 @@ def kl_grad(logp, ref_logp, kind):
 
 
 def topk_reverse_kl(student, teacher):
-    """Σ over K bins + tail of p_s (log p_s − log p_t); tail = log(1 − exp(min(lse, −1e−7)))."""
+    """Σ over K bins + tail of p_s (log p_s − log p_t); tail = log(1 − exp(min(lse, −1e−7))).
+    A bin with p_s = 0 (log-prob −inf, or exp underflowing in float64) adds 0: 0·log 0 = 0."""
     student, teacher = f64(student), f64(teacher)
     out = np.empty(student.shape[:-1])
     for idx in np.ndindex(out.shape):
@@ -75,7 +93,7 @@ def topk_reverse_kl(student, teacher):
             tail = math.log(1.0 - math.exp(min(lse, -1e-7)))
             bins.append(list(row) + [tail])
         s, t = bins
-        out[idx] = sum(math.exp(a) * (a - b) for a, b in zip(s, t))
+        out[idx] = sum(math.exp(a) * (a - b) for a, b in zip(s, t) if math.exp(a) > 0.0)
     return out
 
 
@@ -93,6 +111,9 @@ def topk_reverse_kl_grad(student, teacher):
             tails.append((lse, math.log(1.0 - math.exp(min(lse, -1e-7)))))
         (lse_s, tail_s), (_, tail_t) = tails
         for k, (a, b) in enumerate(zip(student[idx], teacher[idx])):
+            if math.exp(a) == 0.0:          # p_s = 0: p·(d + 1) → 0 as p → 0
+                out[idx + (k,)] = 0.0
+                continue
             g = math.exp(a) * (a - b + 1.0)
             if lse_s < -1e-7:
                 g -= math.exp(a) * (tail_s - tail_t + 1.0)
