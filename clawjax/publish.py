@@ -17,7 +17,8 @@ collective every process joins) and hands the snapshot to a background thread, w
      server (a `Fleet`): a server that fails is reported, marked down and retried by the
      fleet's prober (it gets the newest version when it answers again); it never blocks the
      other servers or training;
-  3. deletes all but the newest `keep` versions in publish order (`_prune`): the versions this
+  3. deletes all but the newest `keep` versions in publish order (`_prune`), also when
+     updating the fleet raised (the publish then counts as failed): the versions this
      Publisher wrote, in the order it wrote them, are newer than any it found on disk (left by
      an earlier process: a resumed run publishes lower numbers than a crashed run reached, since
      the version is the step). The version just published, the fleet's target, is never deleted.
@@ -242,9 +243,11 @@ class Publisher:
         job.snapshot = None  # the device copies can go
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         t1 = time.perf_counter()
-        results = self._update_servers(str(path), str(version))
-        t2 = time.perf_counter()
-        self._prune()
+        try:
+            results = self._update_servers(str(path), str(version))
+            t2 = time.perf_counter()
+        finally:  # also when updating the fleet failed: else every publish stays on disk
+            self._prune()  # keeps the version just written (the newest in publish order)
         failures = sum(not r.get("success") for r in results.values())
         with self._cv:
             self._stats.update(

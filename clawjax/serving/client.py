@@ -13,7 +13,12 @@ answer within the deadline, which a hung server and a healthy one running a long
 both do; a fleet tells them apart with a health check. Every call has a deadline (`timeout`
 seconds overall, connect within `connect_timeout`), so nothing hangs forever; a caller that
 bounds a call otherwise (the fleet's weight loads, by health checks) may pass `math.inf`.
-A stream event that is not JSON is the server's fault: `ServerUnavailable`.
+A stream event that is not JSON is the server's fault: `ServerUnavailable`. A 2xx answer to a
+weight update or an admin call (`update_weights_from_disk`, `get_model_info`, ...) that is JSON
+but not an object (`"OK"`, `null`, a list: a misbehaving proxy in front of the server) is the
+server's fault too: `MalformedResponse`, naming the endpoint and the body. `/generate` and
+chat answers are returned as they come (a batch `/generate` answers with a list); their
+readers check them (`clawjax.rollout.answers`, `clawjax.serving.teacher`).
 
 Transport: one `aiohttp.ClientSession` per client (keep-alive pool of `max_connections`),
 opened on first use inside the caller's event loop; a client belongs to that loop. aiohttp
@@ -49,6 +54,12 @@ class BadRequest(ServingError):
 
 class ServerUnavailable(ServingError):
     """The server could not answer (connection error, timeout, 5xx)."""
+
+
+class MalformedResponse(ServingError):
+    """The server answered 2xx with a body the API does not define (JSON that is not an
+    object). It is up and answering, so not `ServerUnavailable`: a fleet counts a weight
+    update answered so as refused by that server (it stays up and the update is retried)."""
 
 
 class RequestTimedOut(ServerUnavailable):
@@ -166,6 +177,16 @@ class SGLangClient:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return {"text": resp.text}
 
+    async def _object(self, method: str, path: str, body: Any = None,
+                      timeout: float | None = None) -> dict:
+        """`_json` for the calls whose answer is a JSON object; `MalformedResponse` naming
+        `path` and the body when it is another JSON value."""
+        out = await self._json(method, path, body, timeout)
+        if not isinstance(out, dict):
+            raise MalformedResponse(self.url, f"{method} {path} answered {out!r:.200}, "
+                                    "expected a JSON object")
+        return out
+
     # --- native API --------------------------------------------------------------------------
     async def generate_raw(self, body: dict, timeout: float | None = None) -> dict:
         """POST /generate with a full SGLang body (non-streaming)."""
@@ -240,21 +261,22 @@ class SGLangClient:
     async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
                                        timeout: float | None = None, **extra) -> dict:
         """POST /update_weights_from_disk; returns `{"success", "message", ...}`. A server
-        that answers `success: false` raises BadRequest with its message."""
+        that answers `success: false` raises BadRequest with its message; one whose answer is
+        not a JSON object, MalformedResponse."""
         body = {"model_path": model_path, **extra}
         if weight_version is not None:
             body["weight_version"] = weight_version
-        out = await self._json("POST", "/update_weights_from_disk", body, timeout)
+        out = await self._object("POST", "/update_weights_from_disk", body, timeout)
         if not out.get("success", False):
             raise BadRequest(self.url, f"update_weights_from_disk({model_path!r}) failed: "
                              f"{out.get('message')}")
         return out
 
     async def get_model_info(self) -> dict:
-        return await self._json("GET", "/get_model_info")
+        return await self._object("GET", "/get_model_info")
 
     async def get_server_info(self) -> dict:
-        return await self._json("GET", "/get_server_info")
+        return await self._object("GET", "/get_server_info")
 
     async def get_weight_version(self) -> str | None:
         """The server's weight_version (from /get_model_info, which SGLang and the embedded
@@ -272,6 +294,17 @@ class SGLangClient:
         except ServingError:
             return False
 
+    async def responsive(self, timeout: float = 5.0) -> bool:
+        """True when the server's HTTP front answers GET /get_model_info within `timeout`. Unlike
+        `/health` (on SGLang a one-token generation unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION
+        is off, which waits while weights load) it is answered during a weight load: a server
+        that does not answer it is hung or gone."""
+        try:
+            await self.request("GET", "/get_model_info", timeout=timeout)
+            return True
+        except ServingError:
+            return False
+
     async def health_generate(self, timeout: float = 60.0) -> bool:
         try:
             await self.request("GET", "/health_generate", timeout=timeout)
@@ -281,13 +314,14 @@ class SGLangClient:
 
     async def pause_generation(self, mode: str = "abort") -> dict:
         """POST /pause_generation (`mode`: abort | retract | in_place)."""
-        return await self._json("POST", "/pause_generation", {"mode": mode})
+        return await self._object("POST", "/pause_generation", {"mode": mode})
 
     async def continue_generation(self) -> dict:
-        return await self._json("POST", "/continue_generation", {})
+        return await self._object("POST", "/continue_generation", {})
 
     async def abort_request(self, rid: str | None = None, abort_all: bool = False) -> dict:
-        return await self._json("POST", "/abort_request", {"rid": rid, "abort_all": abort_all})
+        return await self._object("POST", "/abort_request",
+                                  {"rid": rid, "abort_all": abort_all})
 
     async def teacher_logprobs(self, prompt_ids, response_ids, top_k: int = 0,
                                timeout: float | None = None) -> teacher.TeacherLogprobs:

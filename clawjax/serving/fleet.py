@@ -21,17 +21,21 @@ answers again is asked which weights it holds (a restarted one is back on its la
 whatever it held before); when they are not the fleet's latest (the last
 `update_weights_from_disk` the fleet was asked for) it is brought to them first, and only then
 marked up. Updates: a server that cannot be reached is marked down and updated when it returns;
-a server that refuses an update (4xx: it could not load that checkpoint) stays up on its current
-weights (its responses keep reporting their `weight_version`, so the trainer can bound
-staleness) and the update is retried every `update_retry_interval` seconds, counted from the end
-of the last try. The prober never sends an update to a server that still has one in flight (a
-checkpoint load may take longer than the retry interval). A load still running after
+a server that refuses an update (4xx: it could not load that checkpoint; or an answer that is
+not a JSON object, `MalformedResponse`) stays up on its current weights (its responses keep
+reporting their `weight_version`, so the trainer can bound staleness) and the update is retried
+every `update_retry_interval` seconds, counted from the end of the last try. The prober never
+sends an update to a server that still has one in flight (a checkpoint load may take longer
+than the retry interval). A load still running after
 `update_timeout` seconds is not a dead server: the update call returns (success False, `loading`
 True) while the fleet keeps waiting for the answer in the background as long as the server
-answers `/health` (checked every `probe_interval`): an up server stays up on its current weights
-meanwhile, a returning one stays down, and the new weights are recorded (and a returning server
-marked up) when the load ends. A server that stops answering `/health` mid-load is marked down,
-as any unreachable one.
+answers: an up server stays up on its current weights meanwhile, a returning one stays down, and
+the new weights are recorded (and a returning server marked up) when the load ends. A loading
+server is checked every `probe_interval` from the start with GET /get_model_info (SGLang's
+`/health` may run a generation that waits for the load): one that stops answering mid-load
+(hung) is marked down, as any unreachable one, after one failed check, so it holds up an update
+of the whole fleet (a publish) for about `probe_interval + health_timeout`, not
+`update_timeout`.
 
 All calls run on the loop that called `start()` (`async with Fleet(urls) as fleet:`); for
 synchronous callers see `clawjax.serving.sync.SyncFleet`.
@@ -253,9 +257,10 @@ class Fleet:
         return results
 
     async def _update(self, server: Server, model_path: str, version: str | None) -> dict:
-        """One update, answered within `update_timeout` s. Unreachable → marked down (the
-        prober retries when it is back). A refusal (4xx: it could not load the weights) leaves
-        it up, serving and reporting its current version, and the prober retries every
+        """One update, answered within `update_timeout` s. Unreachable, or hung mid-load (no
+        answer to `/health`) → marked down (the prober retries when it is back). A refusal
+        (4xx: it could not load the weights; or an answer that is not the API's) leaves it up,
+        serving and reporting its current version, and the prober retries every
         `update_retry_interval` seconds. A load that is still running then goes on in the
         background (`_load`), and the answer says `loading`."""
         load = asyncio.ensure_future(self._load(server, model_path, version))
@@ -265,23 +270,25 @@ class Fleet:
         if done:
             return load.result()
         return {"success": False, "loading": True, "message": (
-            f"{server.url}: still loading after {self.update_timeout}s (it answers /health); "
+            f"{server.url}: still loading after {self.update_timeout}s (it answers); "
             "it keeps its current weights until the load ends, then the fleet records it")}
 
     async def _load(self, server: Server, model_path: str, version: str | None) -> dict:
-        """Sends the update and waits for its answer as long as the server answers `/health`
-        (after `update_timeout` s, checked every `probe_interval` s); records the outcome."""
+        """Sends the update and waits for its answer as long as the server's HTTP front answers
+        (`responsive`: GET /get_model_info, which a loading SGLang server answers, where its
+        `/health` may wait for the load), checked every `probe_interval` s from the start (the
+        prober leaves a loading server alone): one that hangs mid-load is marked down after one
+        failed check, within about `probe_interval + health_timeout` s, so it holds up the
+        fleet's update call (a publish) that long, not `update_timeout`. Records the outcome."""
         server.last_update_try = time.monotonic()
         server.updating += 1
         call = asyncio.ensure_future(server.client.update_weights_from_disk(
             model_path, version, timeout=math.inf))  # the health checks bound it
         try:
-            done, _ = await asyncio.wait({call}, timeout=self.update_timeout)
-            while not done:
-                if not await server.client.health(timeout=self.health_timeout):
+            while not (await asyncio.wait({call}, timeout=self.probe_interval))[0]:
+                if not await server.client.responsive(timeout=self.health_timeout):
                     raise ServerUnavailable(server.url, "update_weights_from_disk still "
-                                            "running and GET /health did not answer")
-                done, _ = await asyncio.wait({call}, timeout=self.probe_interval)
+                                            "running and GET /get_model_info did not answer")
             out = call.result()
         except ServerUnavailable as e:
             server.update_failures += 1
