@@ -2,7 +2,8 @@
 and the judge scores each reply exactly as in training (the same judge prompt and endpoint).
 
 The score of one evaluation is the share of (task, sample) answers the judge rates +1, with
-`samples_per_task` answers per task at the rollout temperature. Held-out tasks are never trained
+`samples_per_task` answers per task at the rollout temperature (of the answers judged: see
+Judging below). Held-out tasks are never trained
 on (DESIGN.md); the evaluator only talks to the policy server and the judge, never the proxy, so
 an evaluation produces no training samples.
 
@@ -14,6 +15,15 @@ versions: it is recorded as it is, `versions` counting the answers of each (`mix
 with the first of them (the oldest) — never passed off as one version's score. The run's two
 endpoints (the warm start, and the final policy after training stopped) must be one version:
 answers from several raise `MixedVersions` and nothing is recorded.
+
+Judging: an answer whose judge gave no valid vote (the call failed, e.g. the judge is down or
+being restarted, or it answered without a `\\boxed` vote) is not a measurement. Training counts
+it as reward 0 (SPEC.md §7); the evaluation leaves it out instead and counts it (`unjudged`).
+A task's score is the share of its judged answers rated +1, and the score is the mean of the
+task scores. A task none of whose answers was judged has no score, so the evaluation fails
+(`JudgeUnavailable`, nothing recorded): a judge outage is never recorded as a score of 0, and
+every recorded point scores the same tasks, which keeps the per-task pairing of two points
+(`report.paired_change`) sound.
 """
 
 from __future__ import annotations
@@ -39,16 +49,22 @@ class MixedVersions(ServingError):
     """An evaluation that must be one version's score was answered by several."""
 
 
+class JudgeUnavailable(ServingError):
+    """A held-out task got no valid judge vote for any of its answers (module docstring); `url`
+    is the judge's."""
+
+
 @dataclasses.dataclass
 class EvalResult:
     version: str  # the version that answered (the oldest of them when `mixed`)
-    score: float  # share of answers judged +1
-    n: int
+    score: float  # mean over tasks of the share of the task's judged answers rated +1
+    n: int  # answers judged (those the score is over)
     seconds: float
     examples: list[dict]
     task_scores: list[float] = dataclasses.field(default_factory=list)  # per task, task order
-    # answers per weight version, oldest first ({version: n} when one version answered all)
+    # judged answers per weight version, oldest first ({version: n} when one version answered)
     versions: dict[str, int] = dataclasses.field(default_factory=dict)
+    unjudged: int = 0  # answers left out: the judge gave no valid vote
 
     @property
     def mixed(self) -> bool:
@@ -58,11 +74,12 @@ class EvalResult:
     def to_json(self) -> dict:
         return {"version": self.version, "score": self.score, "n": self.n,
                 "seconds": self.seconds, "task_scores": self.task_scores,
-                "versions": self.versions}
+                "versions": self.versions, "unjudged": self.unjudged}
 
 
 async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict, *,
-               temperature: float, max_tokens: int) -> tuple[int, str, str, str | None]:
+               temperature: float, max_tokens: int) -> tuple[int | None, str, str, str | None]:
+    """(judged reward, or None when the judge gave no valid vote; answer; reply; version)."""
     env = env_for_task(task)
     first = env.reset(task)
     messages = [{"role": "user", "content": first.text}]
@@ -77,7 +94,9 @@ async def _one(policy: SGLangClient, judge: SGLangClient, tokenizer, task: dict,
                             next_text=reply.text)
     verdict = await judge_lib.judge_turn(judge, view, m=1, hint=False, temperature=0.0)
     version = (out.get("meta_info") or {}).get("weight_version")
-    return verdict.reward, answer, reply.text, None if version is None else str(version)
+    judged = any(v is not None for v in verdict.votes)
+    return (verdict.reward if judged else None, answer, reply.text,
+            None if version is None else str(version))
 
 
 async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list[dict], *,
@@ -86,7 +105,9 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
                          single_version: bool = False) -> EvalResult:
     """Scores the policy served at `policy_url` on `tasks` (see the module docstring: the
     result is labelled with the version of its answers). `single_version`: answers from more
-    than one version raise `MixedVersions`; otherwise such a result is returned `mixed`."""
+    than one version raise `MixedVersions`; otherwise such a result is returned `mixed`.
+    Answers without a valid judge vote are left out (`unjudged`); a task left without any
+    judged answer raises `JudgeUnavailable` (module docstring: Judging)."""
     start = time.perf_counter()
     gate = asyncio.Semaphore(concurrency)
     async with SGLangClient(policy_url) as policy, SGLangClient(judge_url) as judge:
@@ -99,9 +120,19 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
 
         jobs = [t for t in tasks for _ in range(samples_per_task)]
         results = await asyncio.gather(*(bounded(t) for t in jobs))
-    rewards = [r for r, _, _, _ in results]
+    k = samples_per_task
+    per_task = [[r for r in results[i:i + k] if r[0] is not None]
+                for i in range(0, len(results), k)]  # the judged answers of each task
+    judged = [r for answers in per_task for r in answers]
+    unjudged = len(results) - len(judged)
+    missing = sum(not answers for answers in per_task)
+    if missing:
+        raise JudgeUnavailable(judge_url, f"no valid judge vote for any answer to {missing} of "
+                                          f"{len(per_task)} held-out tasks ({unjudged} of "
+                                          f"{len(results)} answers unjudged): the judge could "
+                                          "not be reached or answered without a \\boxed vote")
     counts: dict[str, int] = {}
-    for _, _, _, version in results:
+    for _, _, _, version in judged:
         label = at_start if version is None else version
         counts[label] = counts.get(label, 0) + 1
     versions = {v: counts[v] for v in sorted(counts, key=policy_version_of)}
@@ -109,14 +140,12 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
         raise MixedVersions(policy_url, f"held-out answers came from weight versions "
                                         f"{', '.join(versions)}, not one")
     examples = [{"task_id": t["task_id"], "answer": a, "reply": rep}
-                for t, (_, a, rep, _) in zip(jobs[::samples_per_task],
-                                             results[::samples_per_task])]
-    k = samples_per_task
-    task_scores = [sum(r == 1 for r in rewards[i:i + k]) / k for i in range(0, len(rewards), k)]
+                for t, (_, a, rep, _) in zip(jobs[::k], results[::k])]
+    task_scores = [sum(r == 1 for r, _, _, _ in answers) / len(answers) for answers in per_task]
     return EvalResult(version=next(iter(versions), at_start),
-                      score=sum(r == 1 for r in rewards) / len(rewards),
-                      n=len(rewards), seconds=time.perf_counter() - start, examples=examples,
-                      task_scores=task_scores, versions=versions)
+                      score=sum(task_scores) / len(task_scores),
+                      n=len(judged), seconds=time.perf_counter() - start, examples=examples,
+                      task_scores=task_scores, versions=versions, unjudged=unjudged)
 
 
 class Evaluator:
@@ -151,7 +180,9 @@ class Evaluator:
         """Evaluates the version being served now (blocking); `samples_per_task` overrides the
         evaluator's (the run's two endpoints use more answers than the periodic points).
         By default (an endpoint) the answers must be one version (`MixedVersions`, nothing
-        recorded); the periodic points pass `single_version=False` and record a mix."""
+        recorded); the periodic points pass `single_version=False` and record a mix. A judge
+        that left a task without any judged answer raises `JudgeUnavailable`, nothing recorded
+        (the periodic thread skips the point, as for any `ServingError`)."""
         kwargs = dict(self.kwargs)
         if samples_per_task is not None:
             kwargs["samples_per_task"] = samples_per_task
@@ -162,8 +193,10 @@ class Evaluator:
             self.history.append(result)
         with open(self.path, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")
-        log.info("held-out score %.3f at version %s (%d answers, %.1fs)%s", result.score,
+        log.info("held-out score %.3f at version %s (%d answers, %.1fs)%s%s", result.score,
                  result.version, result.n, result.seconds,
+                 f"; {result.unjudged} answers left out, no valid judge vote"
+                 if result.unjudged else "",
                  f"; answered by versions {result.versions}" if result.mixed else "")
         return result
 

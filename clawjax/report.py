@@ -105,6 +105,8 @@ def summarize(workdir: str, evals, proxy_stats: dict, trainer_drops, restarts: d
     `samples_trained` from the trained-step logs (`samples_trained_from`: "trained.jsonl";
     without them, "metrics.jsonl": the logged rows' `samples`, which miss unlogged steps); the
     rewards and the log-prob gap from its metrics rows, one per logged step (`logged_steps`).
+    `heldout_*_n`: the answers judged; `heldout_*_unjudged`: those left out for want of a valid
+    judge vote (`clawjax.evaluate`: every task keeps a score, so the change pairs by task).
     `heldout_mixed`: the evaluations answered by more than one weight version."""
     trained = trained_steps(workdir)
     last_step = max(trained, default=0) if trained is not None else None
@@ -129,6 +131,8 @@ def summarize(workdir: str, evals, proxy_stats: dict, trainer_drops, restarts: d
         "heldout_after_se": standard_error(last_tasks),
         "heldout_before_n": evals[0].n if evals else 0,
         "heldout_after_n": evals[-1].n if evals else 0,
+        "heldout_before_unjudged": evals[0].unjudged if evals else 0,
+        "heldout_after_unjudged": evals[-1].unjudged if evals else 0,
         "heldout_change": change, "heldout_change_se": change_se,
         "heldout_curve": [(e.version, e.score) for e in evals],
         "heldout_mixed": [{"version": e.version, "versions": e.versions}
@@ -158,8 +162,11 @@ def table(summary: dict) -> str:
         if summary.get("samples_trained_from", "trained.jsonl") == "trained.jsonl"
         else f"{summary['samples_trained']} (logged steps only: no trained.jsonl)")
     for name, key in (("held-out score (warm start)", "before"), ("held-out score (final)", "after")):
+        answers = f"{summary[f'heldout_{key}_n']} answers"
+        if summary.get(f"heldout_{key}_unjudged"):
+            answers += f", {summary[f'heldout_{key}_unjudged']} unjudged left out"
         row(name, f"{summary[f'heldout_{key}']:.3f} ± {summary[f'heldout_{key}_se']:.3f} "
-                  f"({summary[f'heldout_{key}_n']} answers)")
+                  f"({answers})")
     change, se = summary["heldout_change"], summary["heldout_change_se"]
     row("held-out change, paired by task",
         f"{change:+.3f} ± {se:.3f} ({change / se:+.1f} standard errors)"

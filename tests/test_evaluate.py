@@ -1,7 +1,11 @@
 """The held-out evaluation's version labels: each answer's `meta_info.weight_version` is read, a
 point answered by one version is labelled with it, a periodic point whose answers came from
 several versions (training publishes during it) records them all, and the run's two endpoints
-must be one version. A stand-in policy client (no HTTP, no model) and a stand-in judge."""
+must be one version. A stand-in policy client (no HTTP, no model) and a stand-in judge.
+
+Then the judging, on loopback with real servers (a scripted policy server and the rule judge):
+an answer without a valid judge vote is left out and counted, and a judge outage fails the
+evaluation instead of being recorded as a score of 0."""
 
 import asyncio
 import json
@@ -9,8 +13,13 @@ import time
 import types
 
 import pytest
+from aiohttp import web
+from scripted_upstream import AppThread
 
 from clawjax import default_task, evaluate
+from clawjax.rollout import rule_judge
+from clawjax.serving.client import ServingError
+from clawjax.tokenizer import build_tokenizer
 
 TASKS = default_task.split_tasks(0.1, 0)[1][:6]
 
@@ -67,7 +76,8 @@ class Server:
 @pytest.fixture
 def serve(monkeypatch):
     async def judge(client, view, **kwargs):
-        return types.SimpleNamespace(reward=1 if view.response == "4" else -1)
+        reward = 1 if view.response == "4" else -1
+        return types.SimpleNamespace(reward=reward, votes=[reward])
 
     monkeypatch.setattr(evaluate.judge_lib, "judge_turn", judge)
 
@@ -154,3 +164,127 @@ def test_every_versions_must_be_a_positive_integer(tmp_path, every):
     with pytest.raises(ValueError, match=rf"every_versions = {every!r}.*integer >= 1"):
         evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path),
                            every_versions=every)
+
+
+# ------------------------------------------------------------ judging, with real servers
+REAL_TASKS = TASKS[:3]
+
+
+def _policy_app(forms: dict) -> web.Application:
+    """An SGLang-style policy server at version 4: answers each task right, in the form
+    `forms[task_id]` ("explain" satisfies the simulated user, "final_only" does not)."""
+    tokenizer = build_tokenizer()
+    app = web.Application()
+
+    async def health(request):
+        return web.Response(text="")
+
+    async def info(request):
+        return web.json_response({"weight_version": "4"})
+
+    async def generate(request):
+        prompt = tokenizer.decode((await request.json())["input_ids"])
+        task = next(t for t in REAL_TASKS if t["question"] in prompt)
+        ids = tokenizer.encode(default_task.answer(task, forms[task["task_id"]]),
+                               add_special_tokens=False)
+        return web.json_response({"text": "", "output_ids": ids,
+                                  "meta_info": {"weight_version": "4"}})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/get_model_info", info)
+    app.router.add_post("/generate", generate)
+    return app
+
+
+def _rule_judge(refuse: dict, how: str) -> web.Application:
+    """The rule judge, except that the next `refuse[question]` votes on answers to the task of
+    `question` fail: a 503 (`how` = "down") or an answer without a boxed vote ("no vote")."""
+
+    @web.middleware
+    async def flaky(request, handler):
+        if request.path == "/v1/chat/completions":
+            text = json.dumps((await request.json())["messages"])
+            question = next((q for q in refuse if refuse[q] > 0 and q in text), None)
+            if question is not None:
+                refuse[question] -= 1
+                if how == "down":
+                    return web.json_response({"error": {"message": "restarting"}}, status=503)
+                return web.json_response({"choices": [{"message": {
+                    "role": "assistant", "content": "I cannot tell."}}]})
+        return await handler(request)
+
+    app = rule_judge.build_app()
+    app.middlewares.append(flaky)
+    return app
+
+
+@pytest.fixture
+def servers():
+    """start(forms, refuse, how) -> (policy AppThread, judge AppThread); stops them after."""
+    started = []
+
+    def start(forms=None, refuse=None, how="down"):
+        forms = forms or {t["task_id"]: "explain" for t in REAL_TASKS}
+        started.append(AppThread(_policy_app(forms)))
+        started.append(AppThread(_rule_judge(refuse or {}, how)))
+        return started[-2], started[-1]
+
+    yield start
+    for app in started:
+        if app.worker.running:
+            app.stop()
+
+
+def _evaluator(policy, judge, workdir):
+    return evaluate.Evaluator(policy.url, judge.url, build_tokenizer(), REAL_TASKS, str(workdir),
+                              samples_per_task=2, temperature=0.0)
+
+
+def _recorded(workdir):
+    path = workdir / "eval.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_judge_outage_is_not_recorded_as_a_score(servers, tmp_path):
+    """The judge stops between two evaluations (as while the local stack restarts it): the
+    second raises `JudgeUnavailable` (a `ServingError`: the periodic thread skips the point,
+    the run's final evaluation reports the failure) and records nothing. It used to record
+    0.0 for answers the judge had rated 1.0, a collapse on the curve and in the summary."""
+    policy, judge = servers()
+    evaluator = _evaluator(policy, judge, tmp_path)
+    up = evaluator.evaluate_now()
+    assert (up.score, up.n) == (1.0, 6)
+    judge.stop()
+    for single_version in (False, True):   # a periodic point, an endpoint
+        with pytest.raises(ServingError, match=f"{judge.url}.*3 of 3 held-out "
+                                               r"tasks \(6 of 6 answers") as raised:
+            evaluator.evaluate_now(single_version=single_version)
+        assert isinstance(raised.value, evaluate.JudgeUnavailable)
+    assert evaluator.history == [up]
+    assert [(e["score"], e["unjudged"]) for e in _recorded(tmp_path)] == [(1.0, 0)]
+
+
+@pytest.mark.parametrize("how", ["down", "no vote"])
+def test_answers_without_a_valid_vote_are_left_out_and_counted(servers, tmp_path, how):
+    """One of task 0's two answers gets no valid vote: it is left out of the score, not counted
+    as a failed answer (task 0 keeps its score 1.0, not 0.5); task 2's answers are judged -1."""
+    forms = {t["task_id"]: "explain" for t in REAL_TASKS}
+    forms[REAL_TASKS[2]["task_id"]] = "final_only"
+    policy, judge = servers(forms, refuse={REAL_TASKS[0]["question"]: 1}, how=how)
+    result = _evaluator(policy, judge, tmp_path).evaluate_now()
+    assert result.task_scores == [1.0, 1.0, 0.0]
+    assert result.score == pytest.approx(2 / 3)
+    assert (result.n, result.unjudged, result.versions) == (5, 1, {"4": 5})
+    [entry] = _recorded(tmp_path)
+    assert (entry["n"], entry["unjudged"], entry["task_scores"]) == (5, 1, [1.0, 1.0, 0.0])
+
+
+def test_a_task_without_any_judged_answer_fails_the_evaluation(servers, tmp_path):
+    """A task none of whose answers was judged has no score: recording the others' would score
+    a different task set, which the paired change by task cannot pair."""
+    policy, judge = servers(refuse={REAL_TASKS[1]["question"]: 2})
+    evaluator = _evaluator(policy, judge, tmp_path)
+    with pytest.raises(ServingError, match=r"1 of 3 held-out tasks \(2 of 6") as raised:
+        evaluator.evaluate_now(single_version=False)
+    assert isinstance(raised.value, evaluate.JudgeUnavailable)
+    assert evaluator.history == [] and _recorded(tmp_path) == []

@@ -75,6 +75,20 @@ def test_eval_result_json_carries_the_task_scores():
     assert result.to_json()["task_scores"] == [0.0, 1.0]
 
 
+def test_summary_and_table_count_the_answers_left_out_unjudged(tmp_path):
+    """An answer the judge gave no valid vote is left out of the score (`clawjax.evaluate`);
+    the summary says how many, next to the answers judged."""
+    before = _result("0", [0.0, 0.5])
+    after = EvalResult(version="8", score=0.75, n=14, seconds=1.0, examples=[],
+                       task_scores=[0.5, 1.0], unjudged=2)
+    summary = report.summarize(str(tmp_path), [before, after], {}, {}, {})
+    assert summary["heldout_before_unjudged"] == 0 and summary["heldout_after_unjudged"] == 2
+    assert summary["heldout_after_n"] == 14
+    assert after.to_json()["unjudged"] == 2
+    text = report.table(summary)
+    assert "(8 answers)\n" in text and "(14 answers, 2 unjudged left out)\n" in text
+
+
 # ------------------------------------------------------------------ the surviving lineage
 def _write_jsonl(path, entries, tail=""):
     path.write_text("".join(json.dumps(e) + "\n" for e in entries) + tail)
