@@ -393,10 +393,27 @@ class TrainLoop(GateMixin):
                 rolled_back = self._settle_last_candidate()
                 if self.stopping or not rolled_back:
                     break
+        except Exception:
+            self._save_before_raising()
+            raise
         finally:
             self.flush_metrics()  # the step the run stopped at (a stop, an error)
         self.save_checkpoint()  # no-op when this step is already saved
         self.checkpointer.wait()
+
+    def _save_before_raising(self) -> None:
+        """A run ending on an error between steps (the buffer refusing a rotated token, a source
+        that failed) keeps what it trained: the state is checkpointed before the error is
+        raised. One process only (a save is a collective the others may not join). An error
+        that left no state to save (an update that failed after donating it) or a failed save
+        is logged; the run's own error is the one raised."""
+        if jax.process_count() > 1:
+            return
+        try:
+            self.save_checkpoint()
+            self.checkpointer.wait()
+        except Exception:
+            log.exception("could not checkpoint the trained steps before stopping on an error")
 
     def log_step(self, metrics: dict) -> None:
         """Writes the metrics of the step just trained when it is a multiple of

@@ -49,7 +49,10 @@ def make_source(config, vocab_size: int, workdir: str):
         return sources.BufferSource(
             config.buffer.address, token=token, tls_ca=config.buffer.tls_ca or None,
             rejected_path=os.path.join(workdir, "rejected.jsonl"),
-            keepalive_s=config.buffer.keepalive_s)
+            keepalive_s=config.buffer.keepalive_s,
+            # a buffer outage is a wait for samples: given up on (and retried) as often as a
+            # wait for samples, so a stop is seen in time
+            retry_budget_s=max(float(config.trainer.take_timeout_s), 1.0))
     return sources.QueueSource()
 
 

@@ -306,38 +306,89 @@ class BufferSource:
     A `LeaseKeeper` thread extends the leases of taken, uncommitted samples every
     `keepalive_s`, so a slow step or checkpoint never lets the buffer redeliver them. After a
     crash the buffer makes every unacknowledged sample deliverable again.
+
+    An outage of the buffer (unreachable past the client's `retry_budget_s` of retries) is, to
+    the trainer, a wait for samples: `take` returns what it has (maybe nothing) and logs it, so
+    the loop checks for a stop and asks again; an announcement of the policy version that does
+    not get through is logged (the next step announces again). Acknowledgements that do not get
+    through stay pending (`ack_pending`): retried at each `take` and `commit`, and a sample the
+    buffer redelivers meanwhile (a restart forgets leases) is acknowledged again, never handed
+    out: its update is in a checkpoint already, whose meta lists it for a resume as well.
+    Permanent refusals (a rotated token: `AuthenticationError`) still raise from `take`.
     """
 
     redelivers = True
     loops = False
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
-                 rejected_path: str | None = None, keepalive_s: float = 5.0):
+                 rejected_path: str | None = None, keepalive_s: float = 5.0,
+                 retry_budget_s: float = 120.0):
         from clawjax.buffer import BufferClient, LeaseKeeper
 
-        self.client = BufferClient(address, token=token, tls_ca=tls_ca)
+        self.client = BufferClient(address, token=token, tls_ca=tls_ca,
+                                   retry_budget_s=retry_budget_s)
         self._keeper = LeaseKeeper(self.client, interval_s=keepalive_s)
         self._rejected_path = rejected_path
+        self.ack_pending: set[str] = set()  # committed; the buffer has not confirmed the ack
+        self._down_since: float | None = None  # when the current outage was first seen
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
         """Up to n leased samples, waiting up to `timeout_s` for them (0: none, but the samples
-        the buffer holds queued are leased)."""
+        the buffer holds queued are leased); fewer, maybe none, while the buffer is down."""
+        from clawjax.buffer import BufferUnavailableError
+
+        self._flush_acks()
         out: list[Sample] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < n:
             remaining = deadline - time.monotonic()
-            got = self.client.lease(n - len(out), timeout_s=min(max(remaining, 0.0), 1.0))
+            try:
+                got = self.client.lease(n - len(out), timeout_s=min(max(remaining, 0.0), 1.0))
+            except BufferUnavailableError as e:
+                self._outage(e)
+                break
+            if self._down_since is not None:
+                log.warning("the buffer at %s is back after %.0f s", self.client.address,
+                            time.monotonic() - self._down_since)
+                self._down_since = None
+            done = [s.sample_id for s in got if s.sample_id in self.ack_pending]
+            if done:  # redelivered after a restart: trained and checkpointed already
+                self._flush_acks()
+                got = [s for s in got if s.sample_id not in done]
             self._keeper.add(s.sample_id for s in got)
             out.extend(got)
             if remaining <= 0 and not got:
                 break
         return out
 
+    def _outage(self, error) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        log.warning("the buffer at %s is unreachable (for %.0f s; the trainer waits for it): %s",
+                    self.client.address, now - self._down_since, error)
+
     def commit(self, sample_ids) -> None:
         ids = list(sample_ids)
-        if ids:
-            self.client.ack(ids)
         self._keeper.remove(ids)
+        self.ack_pending.update(ids)
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Acknowledges the pending ids; if the buffer cannot be reached (or refuses), they
+        stay pending, logged."""
+        from clawjax.buffer import RolloutBufferError
+
+        if not self.ack_pending:
+            return
+        ids = sorted(self.ack_pending)
+        try:
+            self.client.ack(ids)
+        except RolloutBufferError as e:
+            log.warning("%d trained samples are checkpointed but not acknowledged yet (%s): "
+                        "retried at the next take or commit", len(ids), e)
+            return
+        self.ack_pending.difference_update(ids)
 
     def reject(self, sample: Sample, reason: str) -> None:
         """Records `sample` in the rejected file, durably (flushed and fsynced, the directory
@@ -373,8 +424,16 @@ class BufferSource:
         pass
 
     def set_policy_version(self, version: int) -> None:
-        self.client.set_policy_version(version)
+        from clawjax.buffer import RolloutBufferError
+
+        try:
+            self.client.set_policy_version(version)
+        except RolloutBufferError as e:
+            log.warning("could not announce policy version %d to the buffer (%s): the next "
+                        "step announces again", version, e)
 
     def close(self) -> None:
+        """Pending acknowledgements are not waited for: the checkpoint's meta lists them, and a
+        resume acknowledges them first."""
         self._keeper.close()
         self.client.close()
