@@ -116,7 +116,7 @@ class TrainLoop(GateMixin):
         self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
         self._unwritten = None  # (step, metrics) trained, not yet written (`log_step`)
         self.unacked: list[str] = []  # trained since the last checkpoint save started
-        self._in_hand: set[str] = set()  # trained, not yet acknowledged (saved or not)
+        self._in_hand: set[str] = set()  # trained by any process, not yet acknowledged
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
         self._signals: list[int] = []   # filled by the signal handlers (install_signal_handlers)
@@ -254,7 +254,7 @@ class TrainLoop(GateMixin):
 
         def committed():
             self.source.commit(ids)
-            self._in_hand.difference_update(ids)
+            self._in_hand.difference_update(everyone)
             self._checkpoint_committed(carry)
 
         self.checkpointer.save(self.step, self.state, meta, on_commit=committed)
@@ -378,7 +378,10 @@ class TrainLoop(GateMixin):
             metrics.update(self.extra_metrics())
         ids = [s.sample_id for s in samples]
         self.unacked.extend(ids)
-        self._in_hand.update(ids)
+        # Every process's: a buffer restart requeues what any process trained and has not yet
+        # acknowledged, and another process may lease it (`take_samples` skips what is in hand).
+        self._in_hand.update(ids if jax.process_count() == 1 else
+                             (i for part in dist_lib.gather_json(ids) for i in part))
         with open(self._trained_log, "a") as f:
             f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
         return metrics

@@ -75,6 +75,14 @@ def _train(workdir, replay, out, coordinator="", num_processes=-1, process_id=-1
     if die and jax.process_index() == 1:
         os._exit(3)  # dies without a word, in the middle of the job
     before = _host_params(loop.state.params)
+    in_hand = []  # after each step: the trained ids a redelivery of would be skipped
+    train_step = loop.train_step
+
+    def recording(samples):
+        metrics = train_step(samples)
+        in_hand.append(len(loop._in_hand))
+        return metrics
+    loop.train_step = recording
     loop.run()
     loop.close()
     after = _host_params(loop.state.params)
@@ -82,7 +90,8 @@ def _train(workdir, replay, out, coordinator="", num_processes=-1, process_id=-1
         np.savez(out, **{f"before{k}": v for k, v in before.items()},
                  **{f"after{k}": v for k, v in after.items()})
     print(json.dumps({"process": jax.process_index(), "of": jax.process_count(),
-                      "devices": jax.device_count(), "local": jax.local_device_count()}))
+                      "devices": jax.device_count(), "local": jax.local_device_count(),
+                      "in_hand": in_hand}))
 
 
 def _restore(workdir, replay, out):
@@ -198,7 +207,16 @@ def _last_json(stdout: str) -> dict:
 
 def test_two_processes_form_one_runtime(runs):
     infos = sorted((_last_json(out) for _, out, _ in runs["mp"]), key=lambda d: d["process"])
-    assert infos == [{"process": i, "of": 2, "devices": 8, "local": 4} for i in range(2)]
+    assert [{k: v for k, v in info.items() if k != "in_hand"} for info in infos] == [
+        {"process": i, "of": 2, "devices": 8, "local": 4} for i in range(2)]
+
+
+def test_each_process_holds_every_process_trained_samples_until_acknowledged(runs):
+    """A buffer restart requeues what any process trained and has not acknowledged, and any
+    process may lease it: each must skip the other's trained samples too, so after the step
+    each holds all 8 ids (its own 4 and the other's), until the checkpoint acknowledges them."""
+    infos = [_last_json(out) for _, out, _ in runs["mp"]]
+    assert [info["in_hand"] for info in infos] == [[8], [8]], infos
 
 
 def test_one_step_matches_single_process(runs):
