@@ -15,12 +15,12 @@ import time
 import pytest
 from aiohttp import web
 
-from clawjax import model as cm
 from clawjax.publish import Publisher, list_versions
 from clawjax.serving import client as client_lib
 from clawjax.serving.client import SGLangClient, ServingError
 from clawjax.serving.fleet import Fleet
 from clawjax.serving.sync import SyncFleet
+from test_publish import tiny_model
 from test_serving_helpers import Scripted
 
 
@@ -146,20 +146,12 @@ def test_client_names_an_answer_that_is_not_a_json_object(answer):
     asyncio.run(main())
 
 
-def _tiny():
-    config = cm.ModelConfig.from_hf(dict(
-        model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=64, tie_word_embeddings=False))
-    return cm.init_random(config, seed=0), config
-
-
 def test_a_server_answering_updates_with_a_string_is_refused_alone_and_pruning_goes_on(
         tmp_path):
     """g answers every weight update with HTTP 200 and `"OK"`: each publish still counts as
     published, a gets every version, g is reported as failing (up, refused), and `keep`
     holds on disk."""
-    model, config = _tiny()
+    model, config = tiny_model()
     a, g = Scripted("a"), Scripted("g")
     g._update = _garbage("OK")
     fleet = SyncFleet([a.url, g.url], probe_interval=0.2)
@@ -186,7 +178,7 @@ def test_a_server_answering_updates_with_a_string_is_refused_alone_and_pruning_g
 def test_a_fleet_update_that_raises_still_prunes_and_keeps_the_version_written(tmp_path):
     """A fleet whose update raises (here an async Fleet whose loop is not running): every
     publish counts as failed, yet the versions beyond `keep` are pruned and the newest stays."""
-    model, config = _tiny()
+    model, config = tiny_model()
     pub = Publisher(Fleet(["http://127.0.0.1:9"]), tmp_path / "pub", every_steps=1, keep=2)
     try:
         for v in (1, 2, 3):

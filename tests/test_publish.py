@@ -197,7 +197,8 @@ def test_a_crash_while_pruning_leaves_no_half_deleted_version(tmp_path, monkeypa
     assert os.listdir(out / ".staging") == [] and list_versions(out) == [2]
 
 
-def _tiny():
+def tiny_model():
+    """A one-layer random Qwen3 (vocabulary 128) and its config: quick to export."""
     config = cm.ModelConfig.from_hf(dict(
         model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -220,7 +221,7 @@ def test_a_resumed_run_prunes_in_publish_order_not_by_number(tmp_path):
     """The version is the step: a run resumed from its step-10 checkpoint publishes v10, v12
     while the crashed run left v14, v16. Pruning by number deleted the version just published
     (the fleet's target) and kept the dead run's; by publish order the dead run's go first."""
-    model, config = _tiny()
+    model, config = tiny_model()
     out = tmp_path / "pub"
     crashed = Publisher(None, out, every_steps=2, keep=2)
     _publish_all(crashed, model, config, range(2, 18, 2))
@@ -237,7 +238,7 @@ def test_a_resumed_run_prunes_in_publish_order_not_by_number(tmp_path):
 
 def test_a_new_run_keeps_its_versions_over_a_dead_runs(tmp_path):
     """A run that died before its first checkpoint left v6, v8: a new run's v2, v4 stay."""
-    model, config = _tiny()
+    model, config = tiny_model()
     out = tmp_path / "pub"
     dead = Publisher(None, out, every_steps=2, keep=2)
     _publish_all(dead, model, config, [2, 4, 6, 8])
@@ -260,7 +261,7 @@ def test_a_failed_write_removes_its_staging_directory(tmp_path, monkeypatch):
 
     import clawjax.publish_snapshot as publish_snapshot
 
-    model, config = _tiny()
+    model, config = tiny_model()
     out = tmp_path / "pub"
     pub = Publisher(None, out, every_steps=1, keep=2)
     real_write = publish_snapshot.write
@@ -294,7 +295,7 @@ def test_a_failed_write_removes_its_staging_directory(tmp_path, monkeypatch):
 def test_a_coalesced_publish_calls_its_on_drop_not_its_check(tmp_path):
     """Every scheduled publish gets exactly one of `check` (it reached the publisher thread)
     and `on_drop` (replaced by a newer one while waiting, or discarded by close(wait=False))."""
-    model, config = _tiny()
+    model, config = tiny_model()
     pub = Publisher(None, tmp_path / "pub", every_steps=1, keep=3)
     release, checked, dropped = threading.Event(), [], []
 
