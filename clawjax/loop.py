@@ -36,7 +36,7 @@ from clawjax import losses, sharding as sharding_lib, sources, trainer
 from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
 from clawjax.loop_setup import build_model, make_publisher, make_source
-from clawjax.metrics import MetricsWriter, sample_metrics
+from clawjax.metrics import MetricsWriter, sample_metrics, sample_stats
 from clawjax.sample import Sample, SampleError, require_rollout_logp
 
 log = logging.getLogger("clawjax.train")
@@ -366,8 +366,14 @@ class TrainLoop(GateMixin):
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
         version = self.policy_version
+        ids = [s.sample_id for s in samples]
+        # Every process's ids and sample stats (one gather): the metrics are the step's, and a
+        # buffer restart requeues what any process trained and has not yet acknowledged, which
+        # another process may lease (`take_samples` skips what is in hand).
+        own = (ids, sample_stats(samples, version_before))
+        shares = [own] if jax.process_count() == 1 else dist_lib.gather_json(own)
         metrics.update(
-            **sample_metrics(samples, version_before, elapsed),  # every process's samples
+            **sample_metrics([stats for _, stats in shares], elapsed),
             step_time_s=elapsed, compiled=compiled, policy_version=version,
             skipped_total=float(self.state.skipped), gate_refusals=float(self.gate_refusals),
             gate_score_s=self._gate_score_s,
@@ -376,12 +382,8 @@ class TrainLoop(GateMixin):
         )
         if self.extra_metrics is not None:
             metrics.update(self.extra_metrics())
-        ids = [s.sample_id for s in samples]
         self.unacked.extend(ids)
-        # Every process's: a buffer restart requeues what any process trained and has not yet
-        # acknowledged, and another process may lease it (`take_samples` skips what is in hand).
-        self._in_hand.update(ids if jax.process_count() == 1 else
-                             (i for part in dist_lib.gather_json(ids) for i in part))
+        self._in_hand.update(i for share_ids, _ in shares for i in share_ids)
         with open(self._trained_log, "a") as f:
             f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
         return metrics

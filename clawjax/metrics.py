@@ -13,26 +13,25 @@ import time
 PROGRESS_KEYS = ("samples", "loss", "reward_mean", "clipfrac", "staleness_mean", "tokens_per_s")
 
 
-def sample_metrics(samples, version_before: int, elapsed_s: float) -> dict:
-    """The step's sample metrics over the samples of EVERY process (a collective with several:
-    each trains its own share): `samples`, `tokens`, `tokens_per_s`, `reward_mean`,
-    `opd_share` (samples with a teacher context) and `staleness_mean` / `staleness_max`
-    (`version_before` minus each sample's policy version)."""
-    import jax
-
+def sample_stats(samples, version_before: int) -> list:
+    """One process's share of a step, as `sample_metrics` adds them up (JSON numbers): count,
+    tokens, reward sum, samples with a teacher context, staleness sum and max (`version_before`
+    minus each sample's policy version)."""
     staleness = [int(version_before - s.policy_version) for s in samples]
-    own = [len(samples), sum(len(s.tokens) for s in samples),
-           float(sum(s.reward for s in samples)), sum(1 for s in samples if s.has_teacher),
-           sum(staleness), max(staleness)]
-    if jax.process_count() > 1:
-        from clawjax.distributed import gather_json
+    return [len(samples), sum(len(s.tokens) for s in samples),
+            float(sum(s.reward for s in samples)), sum(1 for s in samples if s.has_teacher),
+            sum(staleness), max(staleness)]
 
-        every = gather_json(own)
-        own = [sum(column) for column in zip(*every)][:-1] + [max(row[-1] for row in every)]
-    count, tokens, reward, teacher, stale, most_stale = own
+
+def sample_metrics(shares: list[list], elapsed_s: float) -> dict:
+    """The step's sample metrics from every process's `sample_stats` (`shares`, one per
+    process: each trains its own share): `samples`, `tokens`, `tokens_per_s`, `reward_mean`,
+    `opd_share` (samples with a teacher context), `staleness_mean` and `staleness_max`."""
+    count, tokens, reward, teacher, stale, _ = (sum(column) for column in zip(*shares))
     return dict(samples=int(count), tokens=int(tokens), tokens_per_s=tokens / max(elapsed_s, 1e-9),
                 reward_mean=float(reward) / count, opd_share=teacher / count,
-                staleness_mean=stale / count, staleness_max=float(most_stale))
+                staleness_mean=stale / count,
+                staleness_max=float(max(share[5] for share in shares)))
 
 
 def _plain(value):
