@@ -247,7 +247,10 @@ class TrainLoop(GateMixin):
         ids, self.unacked = self.unacked, []
         # Every process's trained ids go into the one meta file (orbax writes it from process
         # 0): after a restart each process acknowledges all of them (idempotent at the buffer).
-        everyone = sorted({i for part in dist_lib.gather_json(ids) for i in part})
+        # So do the source's acknowledgements still pending from earlier checkpoints (the buffer
+        # was down): a resume reads the newest meta only.
+        pending = sorted(getattr(self.source, "ack_pending", ()))
+        everyone = sorted({i for part in dist_lib.gather_json(ids + pending) for i in part})
         meta = {"source": self.source.state(), "policy_version": self.policy_version,
                 "unacked_ids": everyone, "dropped": dict(self.dropped), **self._model_meta()}
         carry = self._rollback_carry
@@ -360,13 +363,19 @@ class TrainLoop(GateMixin):
         stack = self.pack(group_norm.normalize_rewards(samples, self.config.loss.group_norm))
         shapes_known = _cache_size(self._step)
         self.state, metrics = self._step(self.state, stack, self.ref_params)
+        version = self.policy_version
+        ids = [s.sample_id for s in samples]
+        # Recorded before anything else can raise: a checkpoint of this state (also the one
+        # `run` saves on an error) must list these samples, or a resume trains them again.
+        self.unacked.extend(ids)
+        self._in_hand.update(ids)
+        with open(self._trained_log, "a") as f:
+            f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
         # 1 when this step's shapes (rows, score capacity) were new to the jitted step: its
         # step_time_s includes tracing and compiling (a one-off stall per shape).
         compiled = float(_cache_size(self._step) > shapes_known)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
-        version = self.policy_version
-        ids = [s.sample_id for s in samples]
         # Every process's ids and sample stats (one gather): the metrics are the step's, and a
         # buffer restart requeues what any process trained and has not yet acknowledged, which
         # another process may lease (`take_samples` skips what is in hand).
@@ -380,12 +389,9 @@ class TrainLoop(GateMixin):
             **{f"dropped_{k}": float(v) for k, v in self.dropped.items()},
             **self._thread_s,
         )
+        self._in_hand.update(i for share_ids, _ in shares for i in share_ids)
         if self.extra_metrics is not None:
             metrics.update(self.extra_metrics())
-        self.unacked.extend(ids)
-        self._in_hand.update(i for share_ids, _ in shares for i in share_ids)
-        with open(self._trained_log, "a") as f:
-            f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
         return metrics
 
     def run(self) -> None:

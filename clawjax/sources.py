@@ -433,7 +433,7 @@ class BufferSource:
                         "step announces again", version, e)
 
     def close(self) -> None:
-        """Pending acknowledgements are not waited for: the checkpoint's meta lists them, and a
-        resume acknowledges them first."""
+        """Pending acknowledgements are not waited for: the newest checkpoint's meta lists them
+        (`TrainLoop.save_checkpoint` adds `ack_pending`), and a resume acknowledges them first."""
         self._keeper.close()
         self.client.close()

@@ -6,6 +6,7 @@ checkpointed."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -25,13 +26,24 @@ def ids(samples) -> set[str]:
     return {s.sample_id for s in samples}
 
 
+def checkpoint_meta(workdir, step: int) -> dict:
+    """The JSON meta of checkpoint `step`, read from disk as a resume reads it."""
+    found = [p for p in (workdir / "checkpoints" / str(step) / "meta").iterdir()
+             if p.is_file() and not p.name.startswith("_")]
+    return json.loads(found[0].read_text())
+
+
 def test_a_buffer_outage_is_a_wait_and_no_sample_is_trained_twice(tmp_path):
-    samples = make_samples(12, seed=41)
+    """Checkpoints 2 and 3 commit while the buffer is down: their acknowledgements stay pending,
+    and checkpoint 3's meta (all a resume reads) lists step 2's samples as well as its own. The
+    next take waits through the outage; once the buffer is back (it requeues every leased,
+    unacknowledged sample) the pending ones are acknowledged, none is trained again."""
+    samples = make_samples(16, seed=41)
+    workdir = tmp_path / "run"
     with ServerProcess(str(tmp_path / "buffer"), "--lease-timeout-s", "300") as server:
         client = BufferClient(server.address)
         client.push(samples)
-        loop = TrainLoop(tiny_config(tmp_path / "run", **OUTAGE,
-                                     **{"buffer.address": server.address}))
+        loop = TrainLoop(tiny_config(workdir, **OUTAGE, **{"buffer.address": server.address}))
         try:
             first = loop.take_samples()
             loop.train_step(first)
@@ -39,10 +51,16 @@ def test_a_buffer_outage_is_a_wait_and_no_sample_is_trained_twice(tmp_path):
             loop.checkpointer.wait()  # acknowledged: the buffer has finished them
             second = loop.take_samples()
             loop.train_step(second)
+            third = loop.take_samples()
             server.kill()
             loop.save_checkpoint()  # the acknowledgement cannot get through: pending, no error
             loop.checkpointer.wait()
             assert loop.source.ack_pending == ids(second)
+            loop.train_step(third)
+            loop.save_checkpoint()
+            loop.checkpointer.wait()
+            assert loop.source.ack_pending == ids(second) | ids(third)
+            assert set(checkpoint_meta(workdir, 3)["unacked_ids"]) == ids(second) | ids(third)
 
             taken, errors = [], []
 
@@ -53,21 +71,21 @@ def test_a_buffer_outage_is_a_wait_and_no_sample_is_trained_twice(tmp_path):
                     errors.append(e)
             waiting = threading.Thread(target=take)
             waiting.start()
-            waiting.join(4.0)  # four of the source's 1-second retry budgets
+            waiting.join(3.0)  # three of the source's 1-second retry budgets
             assert waiting.is_alive() and not errors, errors
-            server.restart()  # it requeues `second`: leased, never acknowledged
+            server.restart()  # it requeues `second` and `third`: leased, never acknowledged
             waiting.join(120)
             assert not waiting.is_alive() and not errors, errors
-            third = taken[0]
-            assert ids(third) == ids(samples) - ids(first) - ids(second)
+            fourth = taken[0]
+            assert ids(fourth) == ids(samples) - ids(first) - ids(second) - ids(third)
             assert not loop.source.ack_pending
-            loop.train_step(third)
+            loop.train_step(fourth)
             loop.save_checkpoint()
             loop.checkpointer.wait()
             stats = client.stats()  # of the restarted process: `first` was acknowledged before
-            assert (stats["acked_total"], stats["queued"], stats["leased"]) == (8, 0, 0), stats
+            assert (stats["acked_total"], stats["queued"], stats["leased"]) == (12, 0, 0), stats
             again = client.push(samples)  # every id finished: each is a duplicate now
-            assert (again.accepted, again.duplicates) == (0, 12)
+            assert (again.accepted, again.duplicates) == (0, 16)
         finally:
             loop.close()
             client.close()

@@ -53,6 +53,35 @@ def test_responses_longer_than_max_response_len_are_dropped_as_too_long(tmp_path
     loop.close()
 
 
+def test_a_run_ending_on_an_error_checkpoints_the_step_with_its_samples_listed(tmp_path):
+    """An error raised after an update (here the `extra_metrics` hook, on step 2) ends `run`
+    with a checkpoint of that update: its meta must list the step's samples (a resume
+    acknowledges them rather than train them again) and the trained-step log must hold it."""
+    samples = make_samples(8, seed=13)
+    steps = []
+
+    def extra():
+        steps.append(len(steps) + 1)
+        if len(steps) == 2:
+            raise RuntimeError("the stats endpoint failed")
+        return {}
+    source = QueueSource()
+    source.put(samples)
+    loop = TrainLoop(tiny_config(tmp_path / "run", **{
+        "trainer.samples_per_step": 4, "trainer.steps": 2, "checkpoint.every_steps": 50}),
+        source=source, extra_metrics=extra)
+    with pytest.raises(RuntimeError, match="stats endpoint"):
+        loop.run()
+    loop.close()
+    assert loop.checkpointer.latest_step() == 2
+    meta_dir = tmp_path / "run" / "checkpoints" / "2" / "meta"
+    meta = json.loads(next(p for p in meta_dir.iterdir() if not p.name.startswith("_"))
+                      .read_text())
+    assert set(meta["unacked_ids"]) == {s.sample_id for s in samples}  # steps 1 and 2
+    with open(tmp_path / "run" / "trained.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
 def test_recomputed_old_logprobs_need_no_rollout_logprobs(tmp_path):
     """Under loss.old_logp = 'recompute' the old policy is the parameters before the update: a
     sample without `rollout_logp` is admitted and trained."""
