@@ -274,8 +274,7 @@ def run_default(config) -> dict:
         agents.stop()
         evaluator.stop()
         if loop.publisher is not None:
-            loop.publisher.maybe_publish(loop.step, (loop.graphdef, loop.state.params),
-                                         loop.model_config, loop.policy_version, force=True)
+            loop.publish_now()
             loop.publisher.wait(timeout=120)
         try:
             # the final policy, after its last publish landed

@@ -196,10 +196,16 @@ class TrainLoop(GateMixin):
         look fresh, and a gate's serving score would be another policy's. Returns at once: the
         publisher writes and updates the fleet in its thread (`publisher.wait` to await it)."""
         if self.publisher is not None:
-            self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
-                                         self.model_config, self.policy_version, force=True)
+            self.publish_now()
         if hasattr(self.source, "set_policy_version"):
             self.source.set_policy_version(self.policy_version)
+
+    def publish_now(self, check=None, on_drop=None) -> None:
+        """Hands the current policy to the publisher as `v<step>`, off the publish cadence
+        (`Publisher.maybe_publish` with `force`; `check` / `on_drop` as there). Returns at once."""
+        self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
+                                     self.model_config, self.policy_version, force=True,
+                                     check=check, on_drop=on_drop)
 
     def restore(self, step: int | None = None) -> None:
         """Resumes from checkpoint `step` (default: the latest): the train state, the data

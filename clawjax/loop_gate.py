@@ -54,8 +54,9 @@ def _device_copy(tree):
 
 class GateMixin:
     """The gate's state and decisions, mixed into `TrainLoop` (which owns `state`, `step`,
-    `checkpointer`, `publisher`, `save_checkpoint`, `restore` and `_load_state`). Without a
-    gate (`self.gate` None) only `maybe_publish`'s plain publishing is left."""
+    `checkpointer`, `publisher`, `publish_now`, `save_checkpoint`, `restore` and
+    `_load_state`). Without a gate (`self.gate` None) only `maybe_publish`'s plain publishing
+    is left."""
 
     def _init_gate(self, config, gate) -> None:
         """The gate (`gate`, else the config's when `gate.enabled`, else None) and its decision
@@ -164,9 +165,7 @@ class GateMixin:
                 self.save_checkpoint()  # the rollback target for a later refusal
             self._keep_good_state()
             self._record_gate()
-        self.publisher.maybe_publish(self.step, (self.graphdef, self.state.params),
-                                     self.model_config, self.policy_version, force=True,
-                                     check=check, on_drop=on_drop)
+        self.publish_now(check=check, on_drop=on_drop)
 
     def _candidate_check(self):
         """The publisher-thread check of the current state as a candidate (`gate.background`).
