@@ -286,31 +286,27 @@ class SGLangClient:
     async def flush_cache(self) -> None:
         await self.request("POST", "/flush_cache")
 
-    async def health(self, timeout: float = 5.0) -> bool:
-        """True when GET /health answers 200 within `timeout`."""
+    async def _answers(self, path: str, timeout: float) -> bool:
+        """True when GET `path` answers 2xx within `timeout` (any `ServingError`: False)."""
         try:
-            await self.request("GET", "/health", timeout=timeout)
+            await self.request("GET", path, timeout=timeout)
             return True
         except ServingError:
             return False
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        """True when GET /health answers 200 within `timeout`."""
+        return await self._answers("/health", timeout)
 
     async def responsive(self, timeout: float = 5.0) -> bool:
         """True when the server's HTTP front answers GET /get_model_info within `timeout`. Unlike
         `/health` (on SGLang a one-token generation unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION
         is off, which waits while weights load) it is answered during a weight load: a server
         that does not answer it is hung or gone."""
-        try:
-            await self.request("GET", "/get_model_info", timeout=timeout)
-            return True
-        except ServingError:
-            return False
+        return await self._answers("/get_model_info", timeout)
 
     async def health_generate(self, timeout: float = 60.0) -> bool:
-        try:
-            await self.request("GET", "/health_generate", timeout=timeout)
-            return True
-        except ServingError:
-            return False
+        return await self._answers("/health_generate", timeout)
 
     async def pause_generation(self, mode: str = "abort") -> dict:
         """POST /pause_generation (`mode`: abort | retract | in_place)."""
