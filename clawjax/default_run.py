@@ -259,7 +259,7 @@ def run_default(config) -> dict:
     stats_client = httpx.Client()
     try:
         if not evaluator.history:
-            baseline = evaluator.evaluate_now(config.eval.final_samples_per_task)
+            baseline = evaluator.evaluate_endpoint(config.eval.final_samples_per_task)
             print(f"warm-started policy: held-out score {baseline.score:.3f}", flush=True)
         loop = TrainLoop(config, extra_metrics=lambda: step_metrics(stack, agents, evaluator,
                                                                       stats_client))
@@ -278,7 +278,7 @@ def run_default(config) -> dict:
             loop.publisher.wait(timeout=120)
         try:
             # the final policy, after its last publish landed
-            evaluator.evaluate_now(config.eval.final_samples_per_task)
+            evaluator.evaluate_endpoint(config.eval.final_samples_per_task)
         except ServingError as e:
             log.warning("final evaluation failed: %s", e)
         summary = report.summarize(workdir, evaluator.history,

@@ -24,6 +24,8 @@ task scores. A task none of whose answers was judged has no score, so the evalua
 (`JudgeUnavailable`, nothing recorded): a judge outage is never recorded as a score of 0, and
 every recorded point scores the same tasks, which keeps the per-task pairing of two points
 (`report.paired_change`) sound.
+The run's two endpoints are tried again through a short outage (`Evaluator.evaluate_endpoint`);
+a periodic point is skipped.
 """
 
 from __future__ import annotations
@@ -199,6 +201,27 @@ class Evaluator:
                  if result.unjudged else "",
                  f"; answered by versions {result.versions}" if result.mixed else "")
         return result
+
+    def evaluate_endpoint(self, samples_per_task: int | None = None, *,
+                          patience_s: float = 120.0, retry_every_s: float = 5.0) -> EvalResult:
+        """`evaluate_now` for one of the run's two endpoints (one version), tried again every
+        `retry_every_s` while the policy server or the judge cannot be reached or the judge gave
+        no vote (`JudgeUnavailable`), for up to `patience_s`: the local stack restarts a child
+        that died within seconds, and the warm start's point is the baseline every later point
+        is compared with, so a moment's outage must not end the run. `MixedVersions` is not
+        tried again. Once the patience is spent, the last error is raised."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return self.evaluate_now(samples_per_task)
+            except MixedVersions:
+                raise
+            except (ServingError, OSError) as e:
+                if time.monotonic() + retry_every_s > deadline:
+                    raise
+                log.warning("held-out evaluation failed, trying again in %.0fs: %s",
+                            retry_every_s, e)
+                time.sleep(retry_every_s)
 
     def _due(self, version: str) -> bool:
         last = self.latest

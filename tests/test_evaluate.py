@@ -288,3 +288,30 @@ def test_a_task_without_any_judged_answer_fails_the_evaluation(servers, tmp_path
         evaluator.evaluate_now(single_version=False)
     assert isinstance(raised.value, evaluate.JudgeUnavailable)
     assert evaluator.history == [] and _recorded(tmp_path) == []
+
+
+def test_an_endpoint_is_tried_again_while_the_judge_is_down(servers, tmp_path):
+    """The judge refuses every vote of the first try (as while the local stack restarts it):
+    the run's endpoint is tried again and recorded once, instead of ending the run."""
+    refuse = {t["question"]: 2 for t in REAL_TASKS}   # 2 answers per task: one whole try
+    policy, judge = servers(refuse=refuse)
+    evaluator = _evaluator(policy, judge, tmp_path)
+    result = evaluator.evaluate_endpoint(patience_s=30, retry_every_s=0.1)
+    assert (result.score, result.n, result.unjudged) == (1.0, 6, 0)
+    assert all(left == 0 for left in refuse.values())
+    assert [e["score"] for e in _recorded(tmp_path)] == [1.0]
+
+
+def test_an_endpoint_gives_up_once_its_patience_is_spent(servers, tmp_path):
+    """A judge that stays down: the endpoint raises `JudgeUnavailable` after its patience,
+    having tried more than once, and records nothing."""
+    policy, judge = servers()
+    judge.stop()
+    evaluator = _evaluator(policy, judge, tmp_path)
+    tries = []
+    once = evaluator.evaluate_now
+    evaluator.evaluate_now = lambda *args: tries.append(args) or once(*args)
+    with pytest.raises(evaluate.JudgeUnavailable):
+        evaluator.evaluate_endpoint(patience_s=1.0, retry_every_s=0.1)
+    assert len(tries) >= 2   # tried again before giving up
+    assert evaluator.history == [] and _recorded(tmp_path) == []
