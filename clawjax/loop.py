@@ -6,7 +6,8 @@ checkpoint's meta (`unacked_ids`) and acknowledged to the source once that check
 committed. On resume, the restored checkpoint's `unacked_ids` are acknowledged first (idempotent)
 and skipped if delivered again; samples trained after the checkpoint were never acknowledged, so
 the source delivers them again and they are trained from the restored state. `trained.jsonl`
-keeps the ids per step of the surviving lineage (lines after the restored step are dropped).
+keeps the ids per step of the surviving lineage (`clawjax.trained_log`). Which samples a step
+takes is `clawjax.intake`'s decision.
 
 The regression gate's part (deciding candidates, rollback, a gated resume) is `GateMixin`, in
 `clawjax.loop_gate`; the model, source and publisher are built by `clawjax.loop_setup`.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -31,19 +31,17 @@ from clawjax import cli_signals
 from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
-from clawjax import group_norm
+from clawjax import group_norm, intake
 from clawjax import losses, sharding as sharding_lib, sources, trainer
+from clawjax import trained_log
 from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
 from clawjax.loop_setup import build_model, make_publisher, make_source
+from clawjax.intake import DROP_REASONS
 from clawjax.metrics import MetricsWriter, sample_metrics, sample_stats
-from clawjax.sample import Sample, SampleError, require_rollout_logp
+from clawjax.sample import Sample
 
 log = logging.getLogger("clawjax.train")
-
-# Why the trainer drops a sample it took (`TrainLoop.admit`); every count, zeros included, is in
-# each step's metrics (`dropped_<reason>`) and in the run's summary (`trainer_<reason>`).
-DROP_REASONS = ("invalid", "too_long", "stale")
 
 # Row counts a step may compile for: powers of two, large enough that one step is one batch.
 ROW_BUCKETS = tuple(2 ** i for i in range(16))
@@ -218,33 +216,9 @@ class TrainLoop(GateMixin):
         if self.source.redelivers:
             self.skip_ids = set(checkpointed)
         self.dropped.update(meta.get("dropped", {}))
-        self._truncate_trained_log(step)
+        trained_log.truncate(self._trained_log, step)
         log.info("resumed from checkpoint step %d (%d samples acknowledged on resume)",
                  step, len(self.skip_ids))
-
-    def _truncate_trained_log(self, step: int) -> None:
-        """Keeps the lines of trained.jsonl up to the restored `step`, replacing the file whole.
-        A line that does not parse (half a line from a crash mid-append) is dropped and logged:
-        the checkpoint, not this log, is what the resume goes on from."""
-        if not os.path.exists(self._trained_log):
-            return
-        kept = []
-        with open(self._trained_log) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry_step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError):
-                    log.warning("%s line %d is torn or not a trained-step entry: dropped (%r)",
-                                self._trained_log, number, line[:80])
-                    continue
-                if entry_step <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        partial = self._trained_log + ".partial"
-        with open(partial, "w") as f:
-            f.writelines(kept)
-        os.replace(partial, self._trained_log)
 
     def save_checkpoint(self) -> None:
         if self._saved_step == self.step:
@@ -269,43 +243,6 @@ class TrainLoop(GateMixin):
         self.checkpointer.save(self.step, self.state, meta, on_commit=committed)
 
     # ------------------------------------------------------------------ samples
-    @property
-    def needs_rollout_logp(self) -> bool:
-        """Whether the loss reads each sample's `rollout_logp`: as the old policy
-        (loss.old_logp = 'rollout') or in the truncated importance weight (loss.use_tis)."""
-        return self.config.loss.old_logp == "rollout" or bool(self.config.loss.use_tis)
-
-    def admit(self, sample: Sample, topk: int | None = None) -> str | None:
-        """None if `sample` may be trained now, else the drop reason, one of `DROP_REASONS`
-        (counted and kept). `topk`: the top-K width of the step being gathered (None: not
-        known yet); one step packs one width."""
-        try:
-            sample.validate(vocab_size=self.model_config.vocab_size)
-            if self.needs_rollout_logp:
-                require_rollout_logp(sample, "(loss.old_logp = 'rollout' or loss.use_tis)")
-            width = sample.topk_width
-            topk = self.config.rollout.teacher_topk or topk
-            if width is not None and topk is not None and width != topk:
-                raise SampleError(sample.sample_id, "teacher_topk_logp", f"K = {width}",
-                                  f"K = {topk}, the top-K width of this step's samples "
-                                  "(rollout.teacher_topk, else the first top-K sample's)")
-        except SampleError as e:
-            log.warning("rejected: %s", e)
-            return "invalid"
-        if len(sample.tokens) > self.config.trainer.token_budget:
-            log.warning("rejected sample %r: %d tokens > trainer.token_budget %d",
-                        sample.sample_id, len(sample.tokens), self.config.trainer.token_budget)
-            return "too_long"
-        longest = self.config.trainer.max_response_len
-        if longest and sample.response_len > longest:
-            log.warning("rejected sample %r: a %d-token response > trainer.max_response_len %d",
-                        sample.sample_id, sample.response_len, longest)
-            return "too_long"
-        bound = self.config.trainer.max_staleness
-        if bound >= 0 and self.policy_version - sample.policy_version > bound:
-            return "stale"
-        return None
-
     def take_samples(self) -> list[Sample]:
         """Blocks until `samples_per_step` admissible samples are in hand; returns them, or []
         on a stop that comes first (those in hand go back to the source untrained,
@@ -329,7 +266,8 @@ class TrainLoop(GateMixin):
                     continue  # its update is in hand; the next checkpoint acknowledges it
                 if any(s.sample_id == o.sample_id for o in out):  # a redelivery, a re-put
                     continue
-                reason = self.admit(s, topk)
+                reason = intake.admit(s, self.config, vocab_size=self.model_config.vocab_size,
+                                      policy_version=self.policy_version, topk=topk)
                 if reason is None:
                     out.append(s)
                     topk = topk if topk is not None else s.topk_width
@@ -352,7 +290,7 @@ class TrainLoop(GateMixin):
         micro = self.config.trainer.micro_batches
         packed = batch_lib.pack(samples, self.config.trainer.token_budget, row_buckets=ROW_BUCKETS,
                                 row_multiple=micro * self.local_data_parallel,
-                                need_rollout_logp=self.needs_rollout_logp)
+                                need_rollout_logp=intake.needs_rollout_logp(self.config))
         assert len(packed) == 1, "ROW_BUCKETS holds every step's rows in one batch"
         rows = dist_lib.pad_rows_to_common(packed[0]) if jax.process_count() > 1 else packed[0]
         capacity = batch_lib.score_capacity(np.asarray(rows.loss_mask))
@@ -375,8 +313,7 @@ class TrainLoop(GateMixin):
         # `run` saves on an error) must list these samples, or a resume trains them again.
         self.unacked.extend(ids)
         self._in_hand.update(ids)
-        with open(self._trained_log, "a") as f:
-            f.write(json.dumps({"step": version, "sample_ids": ids}) + "\n")
+        trained_log.append(self._trained_log, version, ids)
         # 1 when this step's shapes (rows, score capacity) were new to the jitted step: its
         # step_time_s includes tracing and compiling (a one-off stall per shape).
         compiled = float(_cache_size(self._step) > shapes_known)

@@ -30,6 +30,7 @@ from clawjax import checkpoint as ckpt_lib
 from clawjax import config as config_lib
 from clawjax import distributed as dist_lib
 from clawjax import sources
+from clawjax import trained_log
 
 log = logging.getLogger("clawjax.train")
 
@@ -128,7 +129,7 @@ class GateMixin:
             self.checkpointer.record_gate(accepted, record["serving_score"], None,
                                           self._rollback_carry)
         self.checkpointer.discard_after(target)
-        self._truncate_trained_log(target)
+        trained_log.truncate(self._trained_log, target)
         return None
 
     def _settle_last_candidate(self) -> bool:
@@ -334,4 +335,4 @@ class GateMixin:
         self._protect_checkpoints()
         if self._good_state is None:
             self._load_state(self._good_step)
-        self._truncate_trained_log(self._good_step)
+        trained_log.truncate(self._trained_log, self._good_step)
