@@ -341,6 +341,23 @@ def validate(config) -> None:
     _check(not (c.replay and t.max_staleness >= 0), "trainer.max_staleness", t.max_staleness,
            f"-1 (no bound) with replay = {c.replay!r}: replayed samples carry the policy "
            "versions they were recorded with, so every one would soon be dropped as stale")
+    _check(_is_int(t.max_consecutive_skips) and t.max_consecutive_skips >= 0,
+           "trainer.max_consecutive_skips", t.max_consecutive_skips, "an integer ≥ 0")
+    # A wait of 0 (or NaN) returned at once and the loop asked again without a pause: a
+    # busy loop, and a flood of Lease calls to the buffer (likewise the lease keeper's period).
+    for key, value, holds in (
+            ("trainer.take_timeout_s", t.take_timeout_s,
+             "how long one wait for samples may block before the loop checks for a stop"),
+            ("buffer.keepalive_s", c.buffer.keepalive_s,
+             "the period of the lease keep-alive for samples awaiting a checkpoint"),
+            ("rollout.lease_timeout_s", c.rollout.lease_timeout_s,
+             "how long the local buffer's lease lasts without a keep-alive")):
+        _check(_is_number(value) and value > 0, key, value, f"a positive number of seconds "
+                                                             f"({holds})")
+    _check(not c.rollout.local or c.buffer.keepalive_s < c.rollout.lease_timeout_s,
+           "buffer.keepalive_s", c.buffer.keepalive_s,
+           f"less than rollout.lease_timeout_s = {c.rollout.lease_timeout_s} in a local run "
+           "(a lease not kept alive within its timeout is given to another consumer)")
     _check(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", c.checkpoint.every_steps,
            "an integer ≥ 1")
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, "an integer ≥ 1")

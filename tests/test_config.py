@@ -99,6 +99,25 @@ def test_the_warmstart_defaults_and_a_tiny_warm_start_pass():
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("trainer.take_timeout_s", 0.0, "a positive number of seconds"),
+    ("trainer.take_timeout_s", -1.0, "a positive number of seconds"),
+    ("trainer.take_timeout_s", float("nan"), "a positive number of seconds"),
+    ("buffer.keepalive_s", 0.0, "a positive number of seconds"),
+    ("buffer.keepalive_s", 30.0, "less than rollout.lease_timeout_s = 30.0 in a local run"),
+    ("rollout.lease_timeout_s", 0.0, "a positive number of seconds"),
+    ("trainer.max_consecutive_skips", -1, "an integer ≥ 0"),
+])
+def test_waits_and_periods_that_would_spin_are_refused(key, value, expected):
+    """A 0 s take timeout or keep-alive period was accepted: each wait returned at once and was
+    asked again at once (641,295 takes from a queue, 4,627 Lease calls to the buffer in 3 s)."""
+    c = default.get_config()
+    section, _, name = key.rpartition(".")
+    c[section][name] = value
+    e = refused(c)
+    assert e.key == key and expected in str(e), str(e)
+
+
 @pytest.mark.parametrize("value", [0, -3])
 def test_eval_every_steps_must_be_a_positive_integer(value):
     """0 or less made the evaluator re-score the version it had just scored every 0.5 s."""

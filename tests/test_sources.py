@@ -92,8 +92,8 @@ def test_buffer_release_requeues_the_leases(tmp_path):
 
 
 def test_queue_take_without_waiting_returns_the_queued_samples():
-    """`take(n, timeout_s=0)` (trainer.take_timeout_s = 0: never wait) returns the samples
-    already queued, up to n, not none: the trainer would otherwise spin on a full queue."""
+    """`take(n, timeout_s=0)` (never wait: a caller's poll) returns the samples already queued,
+    up to n, not none: a poller would otherwise spin on a full queue."""
     samples = make_samples(3, seed=34)
     source = QueueSource()
     source.put(samples)
