@@ -62,7 +62,7 @@ class EvalResult:
     score: float  # mean over tasks of the share of the task's judged answers rated +1
     n: int  # answers judged (those the score is over)
     seconds: float
-    examples: list[dict]
+    examples: list[dict]  # one answer per task; kept on the first and the latest in history
     task_scores: list[float] = dataclasses.field(default_factory=list)  # per task, task order
     # judged answers per weight version, oldest first ({version: n} when one version answered)
     versions: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -153,7 +153,8 @@ async def evaluate_async(policy_url: str, judge_url: str, tokenizer, tasks: list
 class Evaluator:
     """Evaluates each new serving version that is at least `every_versions` (an integer ≥ 1)
     past the newest version that answered the last evaluation, in a background thread; results
-    go to `eval.jsonl` and `latest`."""
+    go to `eval.jsonl`, `latest` and `history` (every result; the answer texts, `examples`,
+    only on the first and the latest: a long run evaluates thousands of times)."""
 
     def __init__(self, policy_url: str, judge_url: str, tokenizer, tasks: list[dict], workdir: str,
                  *, every_versions: int = 4, samples_per_task: int = 4, temperature: float = 1.0,
@@ -192,6 +193,8 @@ class Evaluator:
                                             self.tasks, single_version=single_version,
                                             **kwargs))
         with self._lock:
+            if len(self.history) >= 2:   # the latest becomes a middle point: its texts go
+                self.history[-1].examples = []
             self.history.append(result)
         with open(self.path, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")

@@ -315,3 +315,14 @@ def test_an_endpoint_gives_up_once_its_patience_is_spent(servers, tmp_path):
         evaluator.evaluate_endpoint(patience_s=1.0, retry_every_s=0.1)
     assert len(tries) >= 2   # tried again before giving up
     assert evaluator.history == [] and _recorded(tmp_path) == []
+
+
+def test_history_keeps_answer_texts_on_the_first_and_latest_point_only(serve, tmp_path):
+    """A week-long run evaluates thousands of times: every score stays in `history`, but the
+    answer texts (about 12 KB a point) only on the two endpoints the summary reads."""
+    serve(Server(4))
+    evaluator = evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path))
+    for _ in range(4):
+        evaluator.evaluate_now()
+    assert [len(r.examples) for r in evaluator.history] == [len(TASKS), 0, 0, len(TASKS)]
+    assert [r.score for r in evaluator.history] == [1.0] * 4
