@@ -25,12 +25,13 @@ def append(path: str, step: int, sample_ids: list[str]) -> None:
 
 def truncate(path: str, step: int) -> None:
     """Keeps the lines of steps up to `step`, replacing the file whole (a crash leaves the old
-    file or the new one). Torn or foreign lines are dropped and logged. No file: nothing to do."""
+    file or the new one), one line in memory at a time (a week's log is tens of MB). Torn or
+    foreign lines are dropped and logged. No file: nothing to do."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    partial = path + ".partial"
+    with open(path) as old, open(partial, "w") as kept:
+        for number, line in enumerate(old, 1):
             if not line.strip():
                 continue
             try:
@@ -40,8 +41,5 @@ def truncate(path: str, step: int) -> None:
                             path, number, line[:80])
                 continue
             if entry_step <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        f.writelines(kept)
+                kept.write(line if line.endswith("\n") else line + "\n")
     os.replace(partial, path)
