@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from clawjax.pipe_lines import PipeLines
 
 _READY = re.compile(r"clawjax buffer listening on (\S+)")
 
@@ -37,21 +38,20 @@ class ServerProcess:
             return f.read()[-n:]
 
     def start(self) -> str:
+        """Starts the server and waits up to `ready_timeout_s` for its ready line (read by
+        `PipeLines`: a partial line or two lines in one write cannot hold the wait past its
+        deadline); returns its address. Raises RuntimeError (the log's tail in it) if the
+        server exits or is not ready by then."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, env=env)
-        until = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < until:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                match = _READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    self.port = int(self.address.rsplit(":", 1)[1])
-                    return self.address
-            if self.proc.poll() is not None:
-                break
+                                     bufsize=0, env=env)
+        match = PipeLines(self.proc.stdout).wait_for(
+            _READY, time.monotonic() + self.ready_timeout_s,
+            give_up=lambda: self.proc.poll() is not None)
+        if match:
+            self.address = match.group(1)
+            self.port = int(self.address.rsplit(":", 1)[1])
+            return self.address
         rc = self.proc.poll()
         self.stop()
         raise RuntimeError(f"buffer server did not start (exit code {rc}): {self.log_tail()}")
