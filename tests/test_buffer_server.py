@@ -120,7 +120,7 @@ def test_lease_keeper_keeps_leases_alive_until_released(tmp_path):
         try:
             # without the keeper both leases would expire after 2 s and come back here
             assert c.lease(5, timeout_s=3) == []
-            assert keeper.lost == set()
+            assert keeper.lost_total == 0
             keeper.remove(["k2"])
             assert c.ack(["k1"]) == 1
         finally:
@@ -158,17 +158,40 @@ def test_lease_keeper_does_not_call_an_id_acked_during_its_extend_lost(tmp_path)
             time.sleep(0.1)  # the in-flight extend returns; later ones name only a2
         finally:
             keeper.close()
-        assert keeper.lost == set()
+        assert keeper.lost_total == 0
         c.nack(["a2"])   # a2 really is lost to the keeper once another consumer holds it
         keeper = LeaseKeeper(c, interval_s=0.01, lease_timeout_s=60)
         keeper.add(["a2"])
         try:
             deadline = time.monotonic() + 10
-            while not keeper.lost and time.monotonic() < deadline:
+            while not keeper.lost_total and time.monotonic() < deadline:
                 time.sleep(0.01)
         finally:
             keeper.close()
-        assert keeper.lost == {"a2"}
+        assert keeper.lost_total == 1
+
+
+def test_lease_keeper_counts_ids_lost_to_restarts_and_keeps_none_of_them(tmp_path):
+    """A restart forgets leases: the keeper's next ExtendLease reports every id it holds
+    lost. They are counted and dropped; the keeper keeps no record of them, so over a long
+    run of restarts its memory is the ids it holds now."""
+    with ServerProcess(str(tmp_path), "--lease-timeout-s", "30") as proc, \
+            BufferClient(proc.address, retry_budget_s=30) as c:
+        keeper = LeaseKeeper(c, interval_s=0.05, lease_timeout_s=60)
+        try:
+            for round_ in range(2):
+                c.push([make(f"r{round_}-{i}") for i in range(3)])
+                keeper.add(s.sample_id for s in c.lease(3, timeout_s=5))
+                proc.restart()
+                deadline = time.monotonic() + 10
+                while keeper.lost_total < 3 * (round_ + 1) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert keeper.lost_total == 3 * (round_ + 1)
+                c.ack([f"r{round_}-{i}" for i in range(3)])   # trained anyway: finished
+        finally:
+            keeper.close()
+        assert not hasattr(keeper, "lost")   # no set of ids grows with the restarts
+        assert keeper._ids == set()
 
 
 def test_stream_flow_control(client):

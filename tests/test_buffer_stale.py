@@ -113,8 +113,8 @@ def test_a_restart_under_a_looser_bound_does_not_copy_it_again_when_it_goes_stal
 
 
 def test_stale_log_records_read_on_open_are_not_kept(tmp_path):
-    """stale.log keeps every stale sample ever and is read whole on open (torn-tail check);
-    the store matches its ids against the held samples then and keeps none of its bytes."""
+    """stale.log is read whole on open (torn-tail check); the store matches its ids against
+    the held samples then and keeps none of its bytes."""
     store = _store(tmp_path)
     store.push([("old", 0, b"o" * 4096), ("kept", 3, b"k")])
     store.set_policy_version(3)                     # "old" moved aside for good
@@ -129,3 +129,75 @@ def test_stale_log_records_read_on_open_are_not_kept(tmp_path):
         finally:
             store.close()
     assert _stale_ids(tmp_path) == ["old"]
+
+
+def _record_bytes(sid: str, data: bytes) -> int:
+    return 9 + 10 + len(sid.encode()) + len(data)   # header, version and id length, id, sample
+
+
+def test_stale_log_is_rotated_past_half_its_cap_and_keeps_the_newest_copies(tmp_path):
+    """Each stale sample's whole bytes go to stale.log: past half of `max_stale_bytes` it is
+    rotated to stale.log.1 (the older rotation dropped), so the two files stay within the cap
+    however many samples go stale, and the newest copies are the ones kept, in order."""
+    data, cap = b"x" * 1000, 8000
+    store = _store(tmp_path, max_stale_bytes=cap)
+    try:
+        for i in range(20):
+            store.push([(f"s{i:02d}", 0, data)])
+            store.set_policy_version(i + 1)        # s{i} is moved aside alone
+            held = sum(p.stat().st_size for p in tmp_path.glob("stale.log*"))
+            assert held <= cap, f"after {i + 1} samples moved aside: {held} bytes kept"
+        assert store.stats()["stale_total"] == 20
+    finally:
+        store.close()
+    kept = _stale_ids(tmp_path)
+    per_file = (cap // 2 - 8) // _record_bytes("s00", data)      # 3 copies per file
+    assert kept == [f"s{i:02d}" for i in range(20 - len(kept), 20)]
+    assert per_file + 1 <= len(kept) <= 2 * per_file
+    assert sorted(p.name for p in tmp_path.glob("stale.log*")) == ["stale.log", "stale.log.1"]
+
+
+def test_a_pending_copy_rotated_to_stale_log_1_is_not_copied_again_after_a_restart(tmp_path):
+    """A sample whose copy is durable and whose DONE is not is found pending on open in
+    stale.log.1 as well as in stale.log: its copy is not written a second time."""
+    data = b"x" * 1000
+    store = _store(tmp_path, max_stale_bytes=8000)
+    store.push([("old", 0, data), ("kept", 3, b"k")])
+    _fail_next_done(store)
+    with pytest.raises(OSError, match="I/O error"):
+        store.set_policy_version(3)               # "old" copied, its DONE failed: held again
+    store.close()                                  # as a crash before the DONE record
+    store = Store(tmp_path, compact_interval_s=3600, max_staleness=5, max_stale_bytes=8000)
+    try:
+        assert [sid for sid, _ in store.lease(5)] == ["old", "kept"]   # 3 - 0 ≤ 5: not stale
+        store.set_policy_version(20)
+        for i in range(3):                         # stale on arrival: rotates once
+            store.push([(f"n{i}", 0, data)])
+        assert [sid for sid, _, _ in wal_mod.read_stale(tmp_path)][:1] == ["old"]
+        assert (tmp_path / "stale.log.1").exists()
+    finally:
+        store.close()                              # "old" still leased, then forgotten
+    store = Store(tmp_path, compact_interval_s=3600, max_staleness=5, max_stale_bytes=8000)
+    try:
+        assert store.stats()["queued"] == 0        # the sweep on open moved "old" aside
+        assert store.stale_log.pending == set()
+    finally:
+        store.close()
+    assert _stale_ids(tmp_path).count("old") == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_a_stale_cap_that_is_not_a_positive_integer_is_refused_by_name(tmp_path, value):
+    with pytest.raises(ValueError, match=r"max_stale_bytes \(--max-stale-bytes\) = .* expected "
+                                         r"an integer ≥ 1"):
+        _store(tmp_path, max_stale_bytes=value)
+    assert not (tmp_path / "wal").exists()          # refused before anything was opened
+
+
+def test_the_serve_command_takes_the_stale_cap(tmp_path, capsys):
+    from clawjax.buffer.__main__ import _parser, main
+
+    assert _parser().parse_args(["serve", "--port", "0", "--dir", str(tmp_path)]
+                                ).max_stale_bytes == 256 << 20
+    assert main(["serve", "--port", "0", "--dir", str(tmp_path), "--max-stale-bytes", "0"]) == 2
+    assert "--max-stale-bytes" in capsys.readouterr().err

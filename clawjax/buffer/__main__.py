@@ -1,5 +1,10 @@
 """`python -m clawjax.buffer serve --port P --dir DIR [--host H] [--token-file F]
-[--tls-cert C --tls-key K] [--max-bytes B] [--lease-timeout-s S] [--max-staleness N]`
+[--tls-cert C --tls-key K] [--max-bytes B] [--lease-timeout-s S] [--max-staleness N]
+[--max-stale-bytes B]`
+
+Samples moved aside as too stale are copied to DIR/stale.log for inspection; past half of
+`--max-stale-bytes` (default 256 MiB) it is rotated to DIR/stale.log.1, dropping the older
+rotation, so the two files keep the newest copies in about that many bytes.
 
 Prints `clawjax buffer listening on HOST:PORT` (flushed) once it serves; `--port 0` picks a free
 port. SIGTERM / SIGINT stop it cleanly. `gen-proto` regenerates the committed protobuf modules.
@@ -12,6 +17,7 @@ import logging
 import sys
 import time
 
+from clawjax.buffer.stale import DEFAULT_MAX_STALE_BYTES
 from clawjax.cli_signals import LOG_LEVELS, record_stop_signals
 
 
@@ -30,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lease-timeout-s", type=float, default=60.0)
     s.add_argument("--max-staleness", type=int, default=None,
                    help="withhold samples more than N policy versions behind the trainer")
+    s.add_argument("--max-stale-bytes", type=int, default=DEFAULT_MAX_STALE_BYTES,
+                   help="bytes of stale samples kept for inspection in stale.log and "
+                        "stale.log.1 together: past half of it stale.log is rotated to "
+                        "stale.log.1, dropping the older rotation (default: %(default)s)")
     s.add_argument("--max-message-bytes", type=int, default=64 << 20)
     s.add_argument("--max-sample-bytes", type=int, default=16 << 20)
     s.add_argument("--max-sample-tokens", type=int, default=None,
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_sample_bytes=args.max_sample_bytes,
                               **({"max_sample_tokens": args.max_sample_tokens}
                                  if args.max_sample_tokens else {}),
-                              segment_bytes=args.segment_bytes)
+                              segment_bytes=args.segment_bytes,
+                              max_stale_bytes=args.max_stale_bytes)
         server.start()
     except (InsecureBindError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

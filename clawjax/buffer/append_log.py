@@ -7,6 +7,8 @@ Invariants:
   failed too refuses every later append.
 - On open a torn or corrupt tail is truncated at the first bad record, as for the WAL's active
   segment; a missing file is created durably.
+- `rotate` (stale.log's byte cap) renames the file away whole and starts an empty one; the log
+  never rewrites a record in place.
 """
 
 from __future__ import annotations
@@ -51,13 +53,18 @@ class AppendOnlyLog:
             if keep_opened:
                 self._opened = records
         else:
-            with open(self.path, "wb") as f:
-                f.write(MAGIC)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            if fsync:
-                fsync_dir(self.path.parent)
+            self._create()
+
+    def _create(self) -> None:
+        """Writes a new file holding `MAGIC` alone, durably (file and directory fsynced, with
+        `fsync`)."""
+        with open(self.path, "wb") as f:
+            f.write(MAGIC)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        if self.fsync:
+            fsync_dir(self.path.parent)
 
     def append_records(self, records: Iterable[tuple[int, bytes]]) -> None:
         """Appends (type, payload) records; durable on return (with `fsync`). All or nothing:
@@ -92,6 +99,17 @@ class AppendOnlyLog:
             self._broken = (f"an append failed ({error!r}) and cutting the file back to "
                             f"{start} bytes failed too ({cut_error!r})")
             log.error("%s: %s", self.path, self._broken)
+
+    def rotate(self, to: pathlib.Path) -> None:
+        """Renames the file to `to` (replacing what was there) and starts a new, empty one at
+        `path`, durably. A crash in between leaves no file at `path`: the next open creates it.
+        Records read on open and not yet taken by `records()` are dropped."""
+        with self._lock:
+            if self._broken is not None:
+                raise OSError(f"{self.path}: rotation refused: {self._broken}")
+            self._opened = None
+            os.replace(self.path, to)
+            self._create()
 
     def records(self) -> list[tuple[int, bytes | memoryview]]:
         """Every good record, in order (payloads bytes, or memoryviews the first time with

@@ -15,6 +15,13 @@ so does an UNAVAILABLE that is a failed TLS handshake (`TLSHandshakeError`, see
 `clawjax.buffer.handshake`). Every RPC here is safe to repeat: pushes are idempotent by sample
 id, acks/nacks by id.
 
+Deadlines: each attempt's gRPC deadline is what is left of the retry budget (at least
+`MIN_ATTEMPT_S`, at most `rpc_timeout_s`), plus the seconds a Lease asks the server to wait
+(`attempt_timeout_s`), so a buffer that stops answering (frozen, partitioned: its connection
+still open) holds a call about `retry_budget_s` (+ that wait), never `rpc_timeout_s` per
+attempt. A Stream has no deadline: HTTP/2 keep-alive pings (`clawjax.buffer.keepalive`) turn
+such a buffer into UNAVAILABLE within `ping_interval_s + ping_timeout_s`, retried as above.
+
 Consumer token: each client names itself (`consumer`, a random uuid4 hex unless given) in the
 `x-clawjax-consumer` metadata of Lease, Stream, Ack, Nack and ExtendLease, so the server lets
 only the current lease holder nack or extend a lease (`clawjax.buffer.consumer`). Clients
@@ -34,7 +41,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from clawjax.buffer import decode
+from clawjax.buffer import decode, keepalive
 from clawjax.buffer import rollout_pb2 as pb
 from clawjax.buffer import rollout_pb2_grpc as pb_grpc
 from clawjax.buffer import wire
@@ -48,6 +55,16 @@ from clawjax.buffer.validate import MAX_LEASE_SAMPLES, MAX_WAIT_S, lease_wait_s
 from clawjax.sample import Sample, SampleError
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MIN_ATTEMPT_S = 0.5   # the shortest deadline an attempt gets, however little budget is left
+
+
+def attempt_timeout_s(rpc_timeout_s: float, budget_left_s: float, wait_s: float = 0.0) -> float:
+    """The gRPC deadline of one attempt: `budget_left_s` of the retry budget (at least
+    `MIN_ATTEMPT_S`, so the last attempt is not cut short to nothing; at most
+    `rpc_timeout_s`), plus `wait_s`, the seconds the server waits on purpose (a Lease's
+    long-poll). Invariant: a call's attempts end within `retry_budget_s + wait_s +
+    MIN_ATTEMPT_S` of its start, whatever `rpc_timeout_s` is."""
+    return wait_s + min(rpc_timeout_s, max(budget_left_s, MIN_ATTEMPT_S))
 
 
 class PushResult(NamedTuple):
@@ -114,13 +131,17 @@ class BufferClient:
     """Connects to `address` ("host:port"). `token` adds `authorization: Bearer <token>` to every
     call; `tls_ca` (path or PEM bytes) switches to TLS with that root certificate
     (`tls_server_name` overrides the name checked against the certificate). `consumer` is this
-    client's consumer token (module docstring); None draws a random one."""
+    client's consumer token (module docstring); None draws a random one. `ping_interval_s` and
+    `ping_timeout_s`: how often an open call pings the server and how long an unanswered
+    ping keeps the connection (`keepalive.client_options`, ValueError out of range)."""
 
     def __init__(self, address: str, token: str | None = None, tls_ca=None,
                  tls_server_name: str | None = None, retry_budget_s: float = 120.0,
                  backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0,
                  rpc_timeout_s: float = 60.0, max_message_bytes: int = 256 << 20,
-                 consumer: str | None = None):
+                 consumer: str | None = None,
+                 ping_interval_s: float = keepalive.DEFAULT_PING_INTERVAL_S,
+                 ping_timeout_s: float = keepalive.DEFAULT_PING_TIMEOUT_S):
         self.address = address
         self.retry_budget_s, self.rpc_timeout_s = retry_budget_s, rpc_timeout_s
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
@@ -132,7 +153,8 @@ class BufferClient:
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.initial_reconnect_backoff_ms", 100),
                    ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000)]
+                   ("grpc.max_reconnect_backoff_ms", 1000),
+                   *keepalive.client_options(ping_interval_s, ping_timeout_s)]
         if tls_ca is not None:
             if not isinstance(tls_ca, bytes):
                 with open(tls_ca, "rb") as f:
@@ -161,23 +183,24 @@ class BufferClient:
         base = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
         return base * (0.5 + random.random() / 2)
 
-    def _call(self, method, request, what: str, timeout_s: float | None = None,
+    def _call(self, method, request, what: str, wait_s: float = 0.0,
               metadata: tuple | None = None):
-        """`method(request)` with retries (module docstring); `metadata` defaults to the
-        authorization header alone."""
+        """`method(request)` with retries, each attempt under `attempt_timeout_s` (module
+        docstring); `wait_s`: the seconds the server may wait on purpose (a Lease);
+        `metadata` defaults to the authorization header alone."""
         give_up = time.monotonic() + self.retry_budget_s
         attempt = 0
         metadata = self._metadata if metadata is None else metadata
         while True:
+            timeout = attempt_timeout_s(self.rpc_timeout_s, give_up - time.monotonic(), wait_s)
             try:
-                return method(request, timeout=timeout_s or self.rpc_timeout_s,
-                              metadata=metadata)
+                return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as err:
                 wait = self._retry_wait(err, attempt, what)
                 if time.monotonic() + wait > give_up:
                     exc = BufferFullError if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
                         else BufferUnavailableError
-                    raise exc(f"{what}: gave up after {self.retry_budget_s:.0f} s of retries: "
+                    raise exc(f"{what}: gave up after {self.retry_budget_s:g} s of retries: "
                               f"{err.code().name}: {err.details()}", err.code().name,
                               err.details() or "") from err
                 time.sleep(wait)
@@ -218,8 +241,7 @@ class BufferClient:
         wait_s = _wait_s(timeout_s)
         reply = self._call(self._lease_raw, pb.LeaseRequest(max_samples=max_samples,
                                                             timeout_s=wait_s),
-                           "lease", timeout_s=wait_s + self.rpc_timeout_s,
-                           metadata=self._as_consumer)
+                           "lease", wait_s=wait_s, metadata=self._as_consumer)
         return _samples(reply)
 
     def stream(self, max_in_flight: int = 64, max_samples: int | None = None
@@ -229,17 +251,20 @@ class BufferClient:
         failures; stops after `max_samples` if given (closing the generator also stops it).
         Samples of a received batch not handed out when it stops are nacked (deliverable at
         once, not held until their leases expire).
-        A `max_in_flight` outside 1..MAX_LEASE_SAMPLES is a ValueError (at the first `next`)."""
+        A `max_in_flight` outside 1..MAX_LEASE_SAMPLES is a ValueError (at the first `next`).
+        The retry budget counts from the first failure since the last batch received (a quiet
+        stream's next failure is retried as long as a first one); a buffer that stops answering
+        fails the call through keep-alive pings (module docstring)."""
         _check_count("max_in_flight", max_in_flight)
         delivered, attempt = 0, 0
-        give_up = time.monotonic() + self.retry_budget_s
+        give_up: float | None = None   # set by the first failure since the last batch
         held: collections.deque[Sample] = collections.deque()   # received, not yet handed out
         while max_samples is None or delivered < max_samples:
             call = self._stream_raw(pb.StreamRequest(max_in_flight=max_in_flight),
                                     metadata=self._as_consumer)
             try:
                 for batch in call:
-                    attempt, give_up = 0, time.monotonic() + self.retry_budget_s
+                    attempt, give_up = 0, None
                     held.extend(_samples(batch))
                     while held:
                         delivered += 1
@@ -248,9 +273,12 @@ class BufferClient:
                             return
             except grpc.RpcError as err:
                 wait = self._retry_wait(err, attempt, "stream")
+                give_up = time.monotonic() + self.retry_budget_s if give_up is None else give_up
                 if time.monotonic() + wait > give_up:
-                    raise BufferUnavailableError(f"stream: gave up after retries: {err.details()}",
-                                                 err.code().name, err.details() or "") from err
+                    raise BufferUnavailableError(
+                        f"stream: gave up after {self.retry_budget_s:g} s of retries: "
+                        f"{err.code().name}: {err.details()}", err.code().name,
+                        err.details() or "") from err
                 time.sleep(wait)
                 attempt += 1
             finally:
@@ -260,12 +288,13 @@ class BufferClient:
 
     def _give_back(self, sample_ids: list[str]) -> None:
         """Nacks leased samples this client received but never handed to its caller (a stream
-        that stopped part way through a batch), in one attempt: should it fail, their leases
-        expire as usual."""
+        that stopped part way through a batch), in one attempt (within the retry budget, as
+        `_call`'s): should it fail, their leases expire as usual."""
         if not sample_ids:
             return
+        timeout = attempt_timeout_s(self.rpc_timeout_s, self.retry_budget_s)
         try:
-            self._stub.Nack(pb.SampleIds(sample_ids=sample_ids), timeout=self.rpc_timeout_s,
+            self._stub.Nack(pb.SampleIds(sample_ids=sample_ids), timeout=timeout,
                             metadata=self._as_consumer)
         except (grpc.RpcError, ValueError):   # ValueError: this client's channel is closed
             pass
@@ -317,13 +346,15 @@ class BufferClient:
 class LeaseKeeper:
     """Keeps leases alive from a thread until released: `keeper.add(ids)` after leasing,
     `keeper.remove(ids)` after ack/nack, `keeper.close()` at the end. Calls `extend_lease`
-    every `interval_s` (pick ≤ lease_timeout_s / 3); `lost` accumulates ids the server no longer
-    holds for us (they were redelivered: do not ack them as trained-once)."""
+    every `interval_s` (pick ≤ lease_timeout_s / 3). An id the server reports no longer held
+    for us (its lease expired, or the buffer restarted, and it was or will be redelivered)
+    leaves the keeper and is counted in `lost_total`; only a count is kept, so the keeper's
+    memory is the ids it holds now, however long it runs."""
 
     def __init__(self, client: BufferClient, interval_s: float, lease_timeout_s: float = 0.0):
         self._client, self._interval, self._length = client, interval_s, lease_timeout_s
         self._ids: set[str] = set()
-        self.lost: set[str] = set()
+        self.lost_total = 0
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
@@ -344,13 +375,19 @@ class LeaseKeeper:
                 continue
             try:
                 _, lost = self._client.extend_lease(ids, self._length)
-            except RolloutBufferError:
+            except (RolloutBufferError, ValueError):   # ValueError: the client was closed
                 continue
             with self._lock:   # ids removed meanwhile (acked, nacked) were not lost to us
                 lost = self._ids.intersection(lost)
-                self.lost.update(lost)
+                self.lost_total += len(lost)
                 self._ids.difference_update(lost)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 2.0) -> bool:
+        """Stops the thread, waiting at most `timeout_s` for an `extend_lease` in flight;
+        returns whether the thread ended. One that did not (a buffer that stopped answering)
+        ends by itself once its call gives up (within the client's retry budget, see
+        `attempt_timeout_s`) or at once when the client is closed (the call is cancelled);
+        it starts no further round."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()

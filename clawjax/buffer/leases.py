@@ -71,7 +71,7 @@ class LeaseTable:
                 self.counters["expired_total"] += 1
                 self._cv.notify_all()
 
-    def _unlease_locked(self, e: _Entry) -> None:
+    def _unlease_locked(self, e: Entry) -> None:
         self.leased -= 1
         if e.owner is not None:
             self._owners[e.owner] -= 1

@@ -9,7 +9,8 @@ server. Lease, Stream, Nack and ExtendLease read the caller's consumer token fro
 moves a lease another consumer holds (an Ack needs no lease: `Store.ack`). Lease and Stream
 responses are assembled from the stored serialized samples without re-encoding them (a
 `LeaseResponse` is `repeated Sample samples = 1` on the wire), and a pushed sample's bytes are
-stored as received.
+stored as received. Clients' HTTP/2 keep-alive pings are accepted (`clawjax.buffer.keepalive`):
+a Stream waiting for samples is pinged, never answered with GOAWAY too_many_pings.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from google.protobuf.message import DecodeError
 
+from clawjax.buffer import keepalive, wire
 from clawjax.buffer import rollout_pb2 as pb
-from clawjax.buffer import wire
 from clawjax.buffer.consumer import token_of
 from clawjax.buffer.errors import InsecureBindError
+from clawjax.buffer.stale import DEFAULT_MAX_STALE_BYTES, check_max_stale_bytes
 from clawjax.buffer.store import BatchTooLarge, BufferFull, Store
 from clawjax.buffer.validate import (MAX_LEASE_SAMPLES, MAX_WAIT_S,  # noqa: F401 (API)
                                      Limits, check_wire, lease_wait_s)
@@ -113,6 +115,7 @@ class BufferServer:
     `tls_cert`/`tls_key` (paths or PEM bytes) it serves TLS. `max_message_bytes` bounds every
     gRPC message; `max_sample_bytes`/`max_sample_tokens` bound each sample. Lease keep-alive:
     `ExtendLease` moves deadlines (the trainer calls it while a checkpoint is pending).
+    `max_stale_bytes` bounds stale.log and its rotation stale.log.1 together (`stale.py`).
 
     Of the `max_workers` (≥ 2) handler threads, at most `wait_slots(max_workers)` wait at once
     (an open Stream, a Lease waiting for its first sample), so pushes, acks and stats always
@@ -126,7 +129,8 @@ class BufferServer:
                  max_staleness: int | None = None, max_message_bytes: int = 64 << 20,
                  max_sample_bytes: int = 16 << 20, max_sample_tokens: int = MAX_TOKENS,
                  segment_bytes: int = 64 << 20, fsync: bool = True, max_workers: int = 64,
-                 compact_interval_s: float = 1.0, retry_after_s: float = 0.2):
+                 compact_interval_s: float = 1.0, retry_after_s: float = 0.2,
+                 max_stale_bytes: int = DEFAULT_MAX_STALE_BYTES):
         if not token and not is_loopback(host):
             raise InsecureBindError(
                 f"host = {host!r}: a server without a token binds only loopback addresses "
@@ -144,7 +148,8 @@ class BufferServer:
         self._store_kwargs = dict(max_bytes=max_bytes, lease_timeout_s=lease_timeout_s,
                                   max_staleness=max_staleness, segment_bytes=segment_bytes,
                                   fsync=fsync, compact_interval_s=compact_interval_s,
-                                  retry_after_s=retry_after_s)
+                                  retry_after_s=retry_after_s,
+                                  max_stale_bytes=check_max_stale_bytes(max_stale_bytes))
         if not isinstance(max_workers, int) or max_workers < 2:
             raise ValueError(f"max_workers = {max_workers!r}, expected an integer ≥ 2 (one "
                              "thread at least for calls that never wait)")
@@ -196,7 +201,8 @@ class BufferServer:
     def _serve(self) -> int:
         """Binds and starts the gRPC server over the opened store; returns the bound port."""
         options = [("grpc.max_receive_message_length", self.max_message_bytes),
-                   ("grpc.max_send_message_length", self.max_message_bytes)]
+                   ("grpc.max_send_message_length", self.max_message_bytes),
+                   *keepalive.server_options()]   # clients' keep-alive pings are welcome
         interceptors = [_TokenAuth(self.token)] if self.token else []
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="buffer"),

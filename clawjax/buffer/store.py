@@ -21,7 +21,8 @@ Invariants:
 - Leases live only in memory: after a restart every unacked sample is queued again.
 - A sample with policy_version < announced - max_staleness is never delivered: it is appended to
   `stale.log` (fsynced, at most once per id: `StaleOnce`), then marked DONE in the WAL, and
-  counted in `stale_total`.
+  counted in `stale_total`. stale.log and its one rotation hold about `max_stale_bytes` at most
+  (the newest copies; `stale.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from clawjax.buffer.done_set import DoneSet, digests
 from clawjax.buffer.leases import FINISHING, LEASED, QUEUED, Entry, LeaseTable
 from clawjax.buffer.records import RecordType, encode_push
 from clawjax.buffer.recovery import recover
-from clawjax.buffer.stale import StaleOnce
+from clawjax.buffer.stale import DEFAULT_MAX_STALE_BYTES, StaleOnce, check_max_stale_bytes
 from clawjax.buffer.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class Store(LeaseTable):
     def __init__(self, directory: str | os.PathLike, max_bytes: int = 1 << 30,
                  lease_timeout_s: float = 60.0, max_staleness: int | None = None,
                  segment_bytes: int = 64 << 20, fsync: bool = True,
-                 compact_interval_s: float = 1.0, retry_after_s: float = 0.2):
+                 compact_interval_s: float = 1.0, retry_after_s: float = 0.2,
+                 max_stale_bytes: int = DEFAULT_MAX_STALE_BYTES):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes = {max_bytes}, expected a positive byte count")
         if not (math.isfinite(lease_timeout_s) and lease_timeout_s > 0):  # NaN/inf: never
@@ -78,6 +80,7 @@ class Store(LeaseTable):
                              "seconds > 0")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness = {max_staleness}, expected ≥ 0 or None")
+        check_max_stale_bytes(max_stale_bytes)   # before the WAL is opened and locked
         super().__init__(lease_timeout_s)
         self.max_bytes = int(max_bytes)
         self.max_staleness, self.retry_after_s = max_staleness, retry_after_s
@@ -89,7 +92,7 @@ class Store(LeaseTable):
         self.policy_version = 0
         self._policy_lock = threading.Lock()   # orders policy announcements: WAL == memory
         self.wal = WriteAheadLog(directory, segment_bytes=segment_bytes, fsync=fsync)
-        self.stale_log = StaleOnce(directory, fsync=fsync)
+        self.stale_log = StaleOnce(directory, fsync=fsync, max_bytes=max_stale_bytes)
         self.done_log = DoneLog(directory, fsync=fsync)
         self._replay()
         # Any held sample may have been copied to stale.log before a crash or a failed DONE
