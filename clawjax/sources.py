@@ -334,10 +334,13 @@ class BufferSource:
 
     def take(self, n: int, timeout_s: float = 60.0) -> list[Sample]:
         """Up to n leased samples, waiting up to `timeout_s` for them (0: none, but the samples
-        the buffer holds queued are leased); fewer, maybe none, while the buffer is down."""
+        the buffer holds queued are leased); fewer, maybe none, while the buffer is down. The
+        pending acks go first; when the buffer cannot be reached for them, no lease is tried
+        (one retry budget per take while it is down, not two)."""
         from clawjax.buffer import BufferUnavailableError
 
-        self._flush_acks()
+        if isinstance(self._flush_acks(), BufferUnavailableError):
+            return []
         out: list[Sample] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < n:
@@ -374,21 +377,22 @@ class BufferSource:
         self.ack_pending.update(ids)
         self._flush_acks()
 
-    def _flush_acks(self) -> None:
+    def _flush_acks(self):
         """Acknowledges the pending ids; if the buffer cannot be reached (or refuses), they
-        stay pending, logged."""
+        stay pending, logged, and the error is returned (else None)."""
         from clawjax.buffer import RolloutBufferError
 
         if not self.ack_pending:
-            return
+            return None
         ids = sorted(self.ack_pending)
         try:
             self.client.ack(ids)
         except RolloutBufferError as e:
             log.warning("%d trained samples are checkpointed but not acknowledged yet (%s): "
                         "retried at the next take or commit", len(ids), e)
-            return
+            return e
         self.ack_pending.difference_update(ids)
+        return None
 
     def reject(self, sample: Sample, reason: str) -> None:
         """Records `sample` in the rejected file, durably (flushed and fsynced, the directory

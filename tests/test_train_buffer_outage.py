@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -102,14 +101,19 @@ def test_a_refused_token_ends_the_run_after_checkpointing_the_trained_steps(tmp_
         loop = TrainLoop(tiny_config(tmp_path / "run", **OUTAGE, **{
             "buffer.address": server.address, "buffer.token_file": str(token_file),
             "trainer.steps": 3, "checkpoint.every_steps": 50}))
-        ended = []
+        ended, trained, train_step = [], threading.Semaphore(0), loop.train_step
+
+        def counted_step(samples):   # loop.step reads donated state: not from another thread
+            out = train_step(samples)
+            trained.release()
+            return out
+
+        loop.train_step = counted_step
         running = threading.Thread(target=lambda: ended.append(_run(loop)))
         try:
             running.start()
-            deadline = time.monotonic() + 120
-            while loop.step < 2:  # both steps' samples trained; the third waits for samples
-                assert time.monotonic() < deadline and running.is_alive(), ended
-                time.sleep(0.05)
+            # both steps' samples trained; the third waits for samples
+            assert trained.acquire(timeout=120) and trained.acquire(timeout=120), ended
             token.write_text("rotated-token")
             server.restart()
             running.join(120)
