@@ -8,8 +8,8 @@ A checkpoint at `directory/<step>/` holds two items:
           built for: the model config and parameter dtype, checked on restore: `expect`).
 
 Beside the steps, `directory/gate.json` records the regression gate's decisions
-(`record_gate`): the last accepted step, its probe score, and a refused candidate not yet rolled
-back. A resume reads it (`gate_record`) so that it never starts from a candidate the gate
+(`record_gate`): the last accepted step, its probe score, a refused candidate not yet rolled
+back, and the run's refusal count. A resume reads it (`gate_record`) so that it never starts from a candidate the gate
 refused or has not decided on as if it had been accepted.
 
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the write
@@ -110,17 +110,19 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ gate record
     def record_gate(self, accepted_step: int, serving_score: float,
-                    refused_step: int | None = None, after_rollback: dict | None = None
-                    ) -> None:
+                    refused_step: int | None = None, after_rollback: dict | None = None,
+                    refusals: int = 0) -> None:
         """Durably records the regression gate's state (`directory/gate.json`, replaced
         atomically; written by process 0 only, the one that writes the checkpoints): the last
-        accepted step and its probe score, a refused candidate (None once rolled back), and
+        accepted step and its probe score, a refused candidate (None once rolled back),
         `after_rollback` (a JSON dict, kept only when given): what a resume must go on with
-        after the last rollback until a newer checkpoint holds it."""
+        after the last rollback until a newer checkpoint holds it, and `refusals`, the run's
+        refusals so far (a resume goes on counting from it)."""
         if jax.process_index() != 0:
             return
         record = {"accepted_step": int(accepted_step), "serving_score": float(serving_score),
-                  "refused_step": None if refused_step is None else int(refused_step)}
+                  "refused_step": None if refused_step is None else int(refused_step),
+                  "refusals": int(refusals)}
         if after_rollback is not None:
             record["after_rollback"] = after_rollback
         _write_json_durably(os.path.join(self.directory, GATE_RECORD), record)
@@ -139,8 +141,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{path} cannot be read: {type(e).__name__}: {e} (expected the JSON object "
-                "record_gate writes: accepted_step, serving_score, refused_step, and maybe "
-                "after_rollback)") from e
+                "record_gate writes: accepted_step, serving_score, refused_step, refusals, and "
+                "maybe after_rollback)") from e
         return record
 
     # ------------------------------------------------------------------ saving

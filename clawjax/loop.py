@@ -176,6 +176,8 @@ class TrainLoop(GateMixin):
         the gate accepted (`_resume_gated`). Returns the restored policy's probe score when
         already known (else None)."""
         record = self.checkpointer.gate_record() if self.gate is not None else None
+        if record is not None:
+            self.gate_refusals = int(record.get("refusals", 0))   # the run's count goes on
         latest = self.checkpointer.latest_step()
         if record is None or latest is None or latest <= record["accepted_step"]:
             if self.gate is not None and record is None:

@@ -106,6 +106,7 @@ class GateMixin:
         self.restore(latest)
         if refused is not None and accepted < refused <= latest:
             verdict = f"the regression gate refused step {refused} before the restart"
+            # counted when it was recorded (`gate_refusals`)
         else:
             self.gate.accept(None, record["serving_score"])  # the score of the served policy
             decision = self.gate.check(self.state.params)
@@ -114,20 +115,20 @@ class GateMixin:
                          "resuming from it", decision.describe(), latest, accepted)
                 return decision.candidate
             verdict = f"{decision.describe()} for checkpoint step {latest}"
+            self.gate_refusals += 1
         target = max((s for s in self.checkpointer.all_steps() if s <= accepted), default=None)
         if target is None:
             raise ckpt_lib.CheckpointError(
                 f"{verdict}, but no checkpoint at or below the last accepted step {accepted} "
                 f"is left under {self.checkpointer.directory!r} to roll back to (expected the "
                 "one kept for the gate)")
-        self.gate_refusals += 1
         log.warning("%s: rolling back to checkpoint step %d (deleting steps %s)", verdict,
                     target, [s for s in self.checkpointer.all_steps() if s > target])
         self._load_state(target)
         self._carry_on_after_rollback(target)
         with self._record_lock:  # before the deletion (the refusal is acted on)
             self.checkpointer.record_gate(accepted, record["serving_score"], None,
-                                          self._rollback_carry)
+                                          self._rollback_carry, refusals=self.gate_refusals)
         self.checkpointer.discard_after(target)
         trained_log.truncate(self._trained_log, target)
         return None
@@ -198,6 +199,7 @@ class GateMixin:
                         return False  # trained on from a refused candidate
                     if not decision.passed:
                         self._gate_refused = (decision, step)
+                        self.gate_refusals += 1   # counted as recorded (a resume reads both)
                         self._record_gate(refused=step)
                         return False
                     self.gate.accept(params, decision.candidate)
@@ -230,7 +232,7 @@ class GateMixin:
         with self._record_lock:
             self._recorded_refused = refused
             self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused,
-                                          self._rollback_carry)
+                                          self._rollback_carry, refusals=self.gate_refusals)
 
     def _carry_on_after_rollback(self, step: int) -> None:
         """Before a rollback to checkpoint `step` deletes the newer ones: what they held that
@@ -252,7 +254,7 @@ class GateMixin:
         with self._record_lock:
             self._rollback_carry = None
             self.checkpointer.record_gate(self._good_step, self.gate.serving_score,
-                                          self._recorded_refused)
+                                          self._recorded_refused, refusals=self.gate_refusals)
 
     def _resume_after_rollback(self, record: dict | None, latest: int | None) -> None:
         """After restoring checkpoint `latest`: when the record's `after_rollback` is newer (no
@@ -283,8 +285,7 @@ class GateMixin:
             if refused is None:
                 return False
             self._gate_epoch += 1
-        decision, step = refused
-        self.gate_refusals += 1
+        decision, step = refused   # counted when the publisher thread recorded it
         log.warning("%s for step %d: rolling back to step %d", decision.describe(), step,
                     self._good_step)
         self.rollback()

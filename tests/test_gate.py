@@ -146,7 +146,7 @@ def test_a_background_refusal_discards_what_was_trained_on_top_of_it(tmp_path):
         corrupt(loop)
         loop.maybe_publish()  # candidate 2, scored in the background
         assert loop.publisher.wait(timeout=60)
-        assert loop.publisher.stats()["gated_out"] == 1 and loop.gate_refusals == 0
+        assert loop.publisher.stats()["gated_out"] == 1 and loop.gate_refusals == 1
         loop.train_step(loop.take_samples())  # step 3, on top of the refused candidate
         loop.state = loop.state.replace(params=good_params)  # would pass the gate
         loop.maybe_publish()

@@ -48,7 +48,7 @@ def test_a_crash_after_a_rollback_does_not_train_the_discarded_samples_again(
     resumed = replay_gated_loop(tmp_path, rollback, background, **{"trainer.resume": True})
     try:
         samples = resumed.source.samples
-        assert resumed.step == 1 and resumed.gate_refusals == 0
+        assert resumed.step == 1 and resumed.gate_refusals == 1   # the run's count goes on
         assert resumed.dropped["too_long"] == 2
         assert "after_rollback" in resumed.checkpointer.gate_record()
         resumed.train_step(resumed.take_samples())
@@ -76,6 +76,7 @@ def test_a_crash_after_a_resumes_rollback_does_not_train_the_discarded_samples_a
         resumed = replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
         try:
             assert resumed.step == 1 and resumed.source.position == 8, attempt
+            assert resumed.gate_refusals == 1, attempt   # the resume's refusal, counted once
             assert resumed.checkpointer.all_steps()[-1] == 1
         finally:
             resumed.close()
@@ -115,7 +116,8 @@ def test_a_crash_before_the_refusal_is_acted_on_resumes_from_an_accepted_step(
         loop.maybe_publish()
         assert loop.publisher.wait(timeout=60) and loop.publisher.stats()["gated_out"] == 1
     loop.checkpointer.wait()
-    assert loop.checkpointer.latest_step() == 2 and loop.gate_refusals == 0
+    # counted when recorded: by the background gate's thread, not yet in the foreground
+    assert loop.checkpointer.latest_step() == 2 and loop.gate_refusals == int(background)
     loop.close()  # the crash: nothing acted on the refusal (no settle_gate, no rollback)
 
     resumed = gated_loop(tmp_path, rollback, background, **{"trainer.resume": True})
@@ -130,7 +132,7 @@ def test_a_crash_before_the_refusal_is_acted_on_resumes_from_an_accepted_step(
         record = resumed.checkpointer.gate_record()
         assert record == {
             "accepted_step": expected, "serving_score": resumed.gate.serving_score,
-            "refused_step": None, "after_rollback": record["after_rollback"]}
+            "refused_step": None, "refusals": 1, "after_rollback": record["after_rollback"]}
         # Until a newer checkpoint is durable: going on as the resume's rollback did.
         assert record["after_rollback"]["step"] == expected
         assert published(resumed) == ["v1"]
