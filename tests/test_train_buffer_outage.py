@@ -134,3 +134,45 @@ def _run(loop):
     except Exception as e:  # noqa: BLE001 (the test checks which)
         return e
     return None
+
+
+def test_a_drop_is_acknowledged_with_the_checkpoint_that_counts_it(tmp_path):
+    """A sample the trainer drops is recorded in rejected.jsonl at once but acknowledged only
+    when the checkpoint holding its drop count commits: after a crash before that checkpoint
+    the buffer delivers it again and the resumed run counts the drop again, as the run that did
+    not crash did (it was acknowledged at once, and the count died with the process)."""
+    samples = make_samples(8, seed=43, max_len=40)
+    too_long = make_samples(1, seed=44, prefix="long", min_len=400, max_len=400)[0]
+    workdir = tmp_path / "run"
+    config = {**OUTAGE, "trainer.token_budget": 128}
+    with ServerProcess(str(tmp_path / "buffer"), "--lease-timeout-s", "300") as server:
+        client = BufferClient(server.address)
+        client.push(samples[:4])
+        loop = TrainLoop(tiny_config(workdir, **config, **{"buffer.address": server.address}))
+        try:
+            loop.train_step(loop.take_samples())
+            loop.save_checkpoint()
+            loop.checkpointer.wait()
+            client.push([too_long, *samples[4:]])
+            loop.train_step(loop.take_samples())
+            assert loop.dropped["too_long"] == 1
+            assert client.stats()["acked_total"] == 4   # the drop is recorded, not acknowledged
+            assert len((workdir / "rejected.jsonl").read_text().splitlines()) == 1
+        finally:
+            loop.close()   # the crash: no checkpoint after the drop
+        server.restart()   # leases are gone: the drop and step 2's samples are queued again
+        resumed = TrainLoop(tiny_config(workdir, **config, **{
+            "buffer.address": server.address, "trainer.resume": True}))
+        try:
+            assert resumed.step == 1 and resumed.dropped["too_long"] == 0
+            again = resumed.take_samples()
+            assert ids(again) == ids(samples[4:]) and resumed.dropped["too_long"] == 1
+            resumed.train_step(again)
+            resumed.save_checkpoint()
+            resumed.checkpointer.wait()
+            assert "long44-0" in checkpoint_meta(workdir, 2)["unacked_ids"]
+            stats = client.stats()   # of the restarted process: all but the first 4 acknowledged
+            assert (stats["acked_total"], stats["queued"], stats["leased"]) == (5, 0, 0), stats
+        finally:
+            resumed.close()
+            client.close()
