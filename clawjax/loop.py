@@ -1,9 +1,9 @@
 """`TrainLoop`: the trainer's step loop — sources, validation, packing, the jitted step,
 checkpoints with exactly-once acknowledgement, metrics, publishing.
 
-Exactly-once: the ids of samples trained (or dropped, `DROP_REASONS`) since the last checkpoint
-are stored in the next checkpoint's meta (`unacked_ids`) and acknowledged to the source once that
-checkpoint is committed. On resume, the restored checkpoint's `unacked_ids` are acknowledged first (idempotent)
+Exactly-once: the ids of samples trained since the last checkpoint are stored in the next
+checkpoint's meta (`unacked_ids`) and acknowledged to the source once that checkpoint is
+committed. On resume, the restored checkpoint's `unacked_ids` are acknowledged first (idempotent)
 and skipped if delivered again; samples trained after the checkpoint were never acknowledged, so
 the source delivers them again and they are trained from the restored state. `trained.jsonl`
 keeps the ids per step of the surviving lineage (`clawjax.trained_log`). Which samples a step
@@ -113,8 +113,8 @@ class TrainLoop(GateMixin):
             async_save=config.checkpoint.async_save)
         self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
         self._unwritten = None  # (step, metrics) trained, not yet written (`log_step`)
-        self.unacked: list[str] = []  # trained or dropped since the last checkpoint save started
-        self._in_hand: set[str] = set()  # trained (by any process) or dropped, not acknowledged
+        self.unacked: list[str] = []  # trained since the last checkpoint save started
+        self._in_hand: set[str] = set()  # trained by any process, not yet acknowledged
         self.skip_ids: set[str] = set()  # trained and checkpointed, maybe not yet acknowledged
         self._stop = threading.Event()
         self._signals: list[int] = []   # filled by the signal handlers (install_signal_handlers)
@@ -276,9 +276,6 @@ class TrainLoop(GateMixin):
                 else:
                     self.dropped[reason] += 1
                     self.source.reject(s, reason)
-                    # acknowledged with the next checkpoint, which holds the count
-                    self.unacked.append(s.sample_id)
-                    self._in_hand.add(s.sample_id)
             self.source.keepalive()
             self.checkpointer.poll()
         if len(out) < want:  # stopped first

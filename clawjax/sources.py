@@ -3,8 +3,7 @@
 Every source follows one protocol, so the trainer's exactly-once bookkeeping is the same for all:
   take(n, timeout_s) -> list[Sample]   up to n samples (fewer only at timeout / shutdown)
   commit(sample_ids)                   their update is in a durable checkpoint: acknowledge
-  reject(sample, reason)               never train it: keep it on disk (the trainer commits
-                                       it with its trained samples, at the next checkpoint)
+  reject(sample, reason)               never train it: acknowledge it and keep it on disk
   keepalive()                          keep the leases of taken, uncommitted samples alive
   release(samples)                     never trained (a stop mid-step): deliver them again
   state() / restore(state)             the position to checkpoint (replay only)
@@ -397,14 +396,12 @@ class BufferSource:
 
     def reject(self, sample: Sample, reason: str) -> None:
         """Records `sample` in the rejected file, durably (flushed and fsynced, the directory
-        too when the file is new): once acknowledged the buffer forgets it, and the record is
-        all that is left of it. The trainer acknowledges it with the samples it trained, once
-        the checkpoint holding its drop count commits (`commit`), so a crash before that
-        redelivers it and the drop is counted again, as in the run that did not crash (its
-        record may then be written twice: the same sample id)."""
+        too when the file is new), and only then acknowledges it: the buffer forgets an
+        acknowledged sample, so the record is all that is left of it."""
         if self._rejected_path:
             append_durably(self._rejected_path,
                            json.dumps({"reason": reason, "sample": sample.to_json_dict()}) + "\n")
+        self.commit([sample.sample_id])
 
     def keepalive(self) -> None:
         pass  # the LeaseKeeper thread does it

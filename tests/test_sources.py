@@ -134,11 +134,10 @@ def test_a_replay_file_repeating_a_sample_id_is_refused_naming_both_lines(tmp_pa
     assert repr(samples[1].sample_id) in str(e.value)
 
 
-def test_buffer_reject_is_on_disk_and_left_to_the_checkpoint_to_acknowledge(tmp_path, monkeypatch):
+def test_buffer_reject_is_on_disk_before_the_sample_is_acknowledged(tmp_path, monkeypatch):
     """The buffer forgets an acknowledged sample, so its rejected.jsonl record is all that is
-    left of it: the line is flushed and fsynced (the directory too, when the file is new) when
-    the sample is rejected. The ack is not `reject`'s: the trainer commits the id with the
-    checkpoint that counts the drop (test_train_buffer_outage)."""
+    left of it: the line must be flushed and fsynced (the directory too, when the file is new)
+    before the ack. Before, the line was only written, left to the OS to flush some time."""
     path = tmp_path / "rejected.jsonl"
     events = []
     real_fsync = os.fsync
@@ -158,7 +157,8 @@ def test_buffer_reject_is_on_disk_and_left_to_the_checkpoint_to_acknowledge(tmp_
     first, second = make_samples(2, seed=34)
     source.reject(first, "too long")
     source.reject(second, "stale")
-    assert events == [("fsync file", 1), ("fsync dir", None), ("fsync file", 2)]
+    assert events == [("fsync file", 1), ("fsync dir", None), ("ack", [first.sample_id]),
+                      ("fsync file", 2), ("ack", [second.sample_id])]
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["reason"], r["sample"]["sample_id"]) for r in records] == \
         [("too long", first.sample_id), ("stale", second.sample_id)]
