@@ -397,7 +397,9 @@ class BufferSource:
     def reject(self, sample: Sample, reason: str) -> None:
         """Records `sample` in the rejected file, durably (flushed and fsynced, the directory
         too when the file is new), and only then acknowledges it: the buffer forgets an
-        acknowledged sample, so the record is all that is left of it."""
+        acknowledged sample, so the record is all that is left of it. Acknowledged at once, so
+        that drops never hold buffer capacity; the drop counts become durable with the next
+        checkpoint, so a crash before it loses the counts since the last one (not the records)."""
         if self._rejected_path:
             append_durably(self._rejected_path,
                            json.dumps({"reason": reason, "sample": sample.to_json_dict()}) + "\n")
