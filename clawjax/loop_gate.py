@@ -108,6 +108,7 @@ class GateMixin:
             verdict = f"the regression gate refused step {refused} before the restart"
             # counted when it was recorded (`gate_refusals`)
         else:
+            refused = latest
             self.gate.accept(None, record["serving_score"])  # the score of the served policy
             decision = self.gate.check(self.state.params)
             if decision.passed:
@@ -126,10 +127,13 @@ class GateMixin:
                     target, [s for s in self.checkpointer.all_steps() if s > target])
         self._load_state(target)
         self._carry_on_after_rollback(target)
-        with self._record_lock:  # before the deletion (the refusal is acted on)
-            self.checkpointer.record_gate(accepted, record["serving_score"], None,
-                                          self._rollback_carry, refusals=self.gate_refusals)
+        # Before the deletion: the carry, and the refused step until it is gone (a crash in
+        # between resumes into the "refused before the restart" branch: counted once).
+        with self._record_lock:
+            self._write_gate_record(accepted, record["serving_score"], refused)
         self.checkpointer.discard_after(target)
+        with self._record_lock:
+            self._write_gate_record(accepted, record["serving_score"], None)
         trained_log.truncate(self._trained_log, target)
         return None
 
@@ -156,10 +160,9 @@ class GateMixin:
             decision = self.gate.check(self.state.params)
             self._thread_s["gate_s"] = self._gate_score_s = time.perf_counter() - scoring
             if not decision.passed:
-                self.gate_refusals += 1
                 log.warning("%s: rolling back to step %d", decision.describe(),
                             self._good_step)
-                self._record_gate(refused=self.step)
+                self._record_gate(refused=self.step, counted=True)
                 self.rollback()
                 return
             self.gate.accept(self.state.params, decision.candidate)
@@ -199,8 +202,7 @@ class GateMixin:
                         return False  # trained on from a refused candidate
                     if not decision.passed:
                         self._gate_refused = (decision, step)
-                        self.gate_refusals += 1   # counted as recorded (a resume reads both)
-                        self._record_gate(refused=step)
+                        self._record_gate(refused=step, counted=True)
                         return False
                     self.gate.accept(params, decision.candidate)
                     self._good_step, self._good_state = step, candidate
@@ -225,14 +227,23 @@ class GateMixin:
             self._undecided.discard(step)
         self._protect_checkpoints()
 
-    def _record_gate(self, refused: int | None = None) -> None:
+    def _record_gate(self, refused: int | None = None, counted: bool = False) -> None:
         """Records the gate's state durably (`Checkpointer.record_gate`), read by a resume: the
         accepted step and the serving score, and `refused`, a candidate refused but not yet
-        rolled back. Called from either thread, after each decision and each rollback."""
+        rolled back; `counted`: that refusal is new, and `gate_refusals` counts it here, under
+        the record's lock, so every record holds the count and the refused step together (a
+        resume counts a refusal it finds recorded no more). Called from either thread, after
+        each decision and each rollback."""
         with self._record_lock:
+            self.gate_refusals += int(counted)
             self._recorded_refused = refused
-            self.checkpointer.record_gate(self._good_step, self.gate.serving_score, refused,
-                                          self._rollback_carry, refusals=self.gate_refusals)
+            self._write_gate_record(self._good_step, self.gate.serving_score, refused)
+
+    def _write_gate_record(self, accepted: int, serving_score: float,
+                           refused: int | None) -> None:
+        """`Checkpointer.record_gate` with this run's rollback carry and refusal count."""
+        self.checkpointer.record_gate(accepted, serving_score, refused, self._rollback_carry,
+                                      refusals=self.gate_refusals)
 
     def _carry_on_after_rollback(self, step: int) -> None:
         """Before a rollback to checkpoint `step` deletes the newer ones: what they held that
@@ -253,8 +264,8 @@ class GateMixin:
             return
         with self._record_lock:
             self._rollback_carry = None
-            self.checkpointer.record_gate(self._good_step, self.gate.serving_score,
-                                          self._recorded_refused, refusals=self.gate_refusals)
+            self._write_gate_record(self._good_step, self.gate.serving_score,
+                                    self._recorded_refused)
 
     def _resume_after_rollback(self, record: dict | None, latest: int | None) -> None:
         """After restoring checkpoint `latest`: when the record's `after_rollback` is newer (no
@@ -319,7 +330,9 @@ class GateMixin:
         accepted state not on disk is checkpointed (and waited for) before the deletion, so a
         crash resumes from it."""
         self._carry_on_after_rollback(self._good_step)
-        self._record_gate()  # the refusal is acted on; recorded before the deletion
+        # The carry, recorded before the deletion, with the refused step until it is gone (a
+        # crash in between resumes into the "refused before the restart" branch: counted once)
+        self._record_gate(refused=self._recorded_refused)
         if self._good_state is not None:
             self.state = _device_copy(self._good_state)
             if self._good_step not in self.checkpointer.all_steps():
@@ -336,4 +349,5 @@ class GateMixin:
         self._protect_checkpoints()
         if self._good_state is None:
             self._load_state(self._good_step)
+        self._record_gate()  # the refusal is acted on
         trained_log.truncate(self._trained_log, self._good_step)

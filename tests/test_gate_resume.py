@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from clawjax.checkpoint import Checkpointer
 from clawjax.sources import write_replay
 from sample_factory import make_samples
 from test_gate import (MODES, corrupt, gated_loop, publish, published, replay_gated_loop,
@@ -211,5 +212,48 @@ def test_a_crash_after_a_memory_rollback_resumes_from_the_accepted_state(tmp_pat
         assert trained_steps(resumed) == [1, 2]
         assert [s.sample_id for s in resumed.take_samples()] == [f"s5-{i}" for i in
                                                                  range(16, 20)]
+    finally:
+        resumed.close()
+
+
+class Crash(Exception):
+    """The process dying at a chosen point (here: as a rollback deletes the refused steps)."""
+
+
+@pytest.mark.parametrize("rolled_back_by", ["the run", "a resume"])
+def test_a_crash_while_a_rollback_deletes_counts_the_refusal_once(tmp_path, monkeypatch,
+                                                                   rolled_back_by):
+    """A rollback records its carry before deleting the refused checkpoints; a crash between
+    the two used to leave a record without the refused step, so the next resume decided the
+    same candidate again and counted its refusal twice. The refused step stays recorded until
+    the deletion is done."""
+    loop = replay_gated_loop(tmp_path, "checkpoint", False)
+    loop.train_step(loop.take_samples())
+    publish(loop)  # v1 accepted and checkpointed
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    loop.save_checkpoint()
+    loop.checkpointer.wait()
+
+    def crash(self, step):
+        raise Crash(f"killed before deleting the steps after {step}")
+
+    if rolled_back_by == "the run":
+        monkeypatch.setattr(Checkpointer, "discard_after", crash)
+        with pytest.raises(Crash):
+            publish(loop)   # refused: the rollback dies mid-way
+        loop.close()
+    else:
+        loop.close()  # a crash before the gate decided on step 2: the resume rolls back
+        monkeypatch.setattr(Checkpointer, "discard_after", crash)
+        with pytest.raises(Crash):
+            replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
+    monkeypatch.undo()
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).gate_record()["refusals"] == 1
+    resumed = replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
+    try:
+        assert resumed.step == 1 and resumed.gate_refusals == 1
+        assert resumed.checkpointer.all_steps()[-1] == 1
+        assert resumed.checkpointer.gate_record()["refused_step"] is None
     finally:
         resumed.close()
