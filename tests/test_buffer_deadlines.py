@@ -200,6 +200,41 @@ def test_a_quiet_stream_reconnects_after_a_restart_past_its_retry_budget(tmp_pat
         server.stop()
 
 
+def test_a_stream_open_through_its_pings_gets_a_whole_budget_for_its_next_failure(tmp_path):
+    """A failure, a reconnect that stays open (quiet, answering keep-alive pings) past the
+    first failure's budget, then a second failure: retried with a whole budget again. It was
+    raised at once (the budget ran from the first failure until a batch came)."""
+    server = BufferServer(tmp_path, fsync=False)
+    port = server.start()
+    client = BufferClient(f"127.0.0.1:{port}", retry_budget_s=2.0, ping_interval_s=1.0,
+                          ping_timeout_s=0.5)   # alive once a call is open 2.5 s
+    stream, box = client.stream(max_in_flight=4), {}
+
+    def wait_for_next():
+        try:
+            box["sample"] = next(stream)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    waiting = threading.Thread(target=wait_for_next, daemon=True)
+    try:
+        waiting.start()
+        time.sleep(0.5)
+        for _ in range(2):                                 # two restarts 4 s apart
+            server.stop()
+            time.sleep(0.3)
+            server = BufferServer(tmp_path, port=port, fsync=False)
+            server.start()
+            time.sleep(3.5)                                # reconnected, open and quiet
+            assert waiting.is_alive(), box
+        client.push(make_samples(1, prefix="b"))
+        waiting.join(BOUND_S)
+        assert not waiting.is_alive() and "sample" in box, box
+    finally:
+        client.close()
+        server.stop()
+
+
 @pytest.mark.parametrize("kw, name", [({"ping_interval_s": 0.1}, "ping_interval_s"),
                                       ({"ping_timeout_s": float("nan")}, "ping_timeout_s"),
                                       ({"ping_interval_s": True}, "ping_interval_s")])

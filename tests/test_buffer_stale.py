@@ -157,6 +157,32 @@ def test_stale_log_is_rotated_past_half_its_cap_and_keeps_the_newest_copies(tmp_
     assert sorted(p.name for p in tmp_path.glob("stale.log*")) == ["stale.log", "stale.log.1"]
 
 
+def test_a_rotation_that_cannot_write_its_new_file_leaves_the_log_as_it_was(tmp_path,
+                                                                             monkeypatch):
+    """The new stale.log is written aside before the old one is renamed away: a full disk at
+    that moment fails the append (the sample stays held) and leaves stale.log in place, so the
+    appends after it work. It used to leave no stale.log: every later append failed until the
+    buffer restarted."""
+    from clawjax.buffer.stale import StaleLog
+
+    log = StaleLog(tmp_path, fsync=False, max_bytes=4000)
+    log.append([("a", 0, b"x" * 1500)])
+    real = StaleLog._write_empty
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(StaleLog, "_write_empty", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        log.append([("b", 0, b"x" * 1500)])   # past half the cap: a rotation first
+    monkeypatch.setattr(StaleLog, "_write_empty", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.log"]
+    log.append([("c", 0, b"x" * 10)])
+    log.append([("d", 0, b"x" * 1500)])   # past half the cap again: rotates this time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.log", "stale.log.1"]
+    assert [sid for sid, _, _ in read_stale(tmp_path)] == ["a", "c", "d"]
+
+
 def test_a_pending_copy_rotated_to_stale_log_1_is_not_copied_again_after_a_restart(tmp_path):
     """A sample whose copy is durable and whose DONE is not is found pending on open in
     stale.log.1 as well as in stale.log: its copy is not written a second time."""

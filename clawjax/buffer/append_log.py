@@ -56,15 +56,24 @@ class AppendOnlyLog:
             self._create()
 
     def _create(self) -> None:
-        """Writes a new file holding `MAGIC` alone, durably (file and directory fsynced, with
-        `fsync`)."""
-        with open(self.path, "wb") as f:
-            f.write(MAGIC)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+        """Writes a new file holding `MAGIC` alone at `path`, durably (file and directory
+        fsynced, with `fsync`)."""
+        self._write_empty(self.path)
         if self.fsync:
             fsync_dir(self.path.parent)
+
+    def _write_empty(self, path: pathlib.Path) -> None:
+        """Writes `path` holding `MAGIC` alone (the file fsynced, with `fsync`); a failed write
+        leaves no file there."""
+        try:
+            with open(path, "wb") as f:
+                f.write(MAGIC)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     def append_records(self, records: Iterable[tuple[int, bytes]]) -> None:
         """Appends (type, payload) records; durable on return (with `fsync`). All or nothing:
@@ -102,14 +111,20 @@ class AppendOnlyLog:
 
     def rotate(self, to: pathlib.Path) -> None:
         """Renames the file to `to` (replacing what was there) and starts a new, empty one at
-        `path`, durably. A crash in between leaves no file at `path`: the next open creates it.
-        Records read on open and not yet taken by `records()` are dropped."""
+        `path`, durably. The new file is written aside first, so a failure to write it (a full
+        disk) leaves the log as it was; a crash between the two renames leaves no file at
+        `path`: the next open creates it. Records read on open and not yet taken by
+        `records()` are dropped."""
         with self._lock:
             if self._broken is not None:
                 raise OSError(f"{self.path}: rotation refused: {self._broken}")
+            fresh = self.path.with_name(self.path.name + ".new")
+            self._write_empty(fresh)
             self._opened = None
             os.replace(self.path, to)
-            self._create()
+            os.replace(fresh, self.path)
+            if self.fsync:
+                fsync_dir(self.path.parent)
 
     def records(self) -> list[tuple[int, bytes | memoryview]]:
         """Every good record, in order (payloads bytes, or memoryviews the first time with

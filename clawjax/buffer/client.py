@@ -155,6 +155,9 @@ class BufferClient:
                    ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000),
                    *keepalive.client_options(ping_interval_s, ping_timeout_s)]
+        # An open call this old answered a keep-alive round: its server was alive (a frozen
+        # one fails a call within ping_interval_s + ping_timeout_s).
+        self._proven_alive_s = 2 * ping_interval_s + ping_timeout_s
         if tls_ca is not None:
             if not isinstance(tls_ca, bytes):
                 with open(tls_ca, "rb") as f:
@@ -252,14 +255,17 @@ class BufferClient:
         Samples of a received batch not handed out when it stops are nacked (deliverable at
         once, not held until their leases expire).
         A `max_in_flight` outside 1..MAX_LEASE_SAMPLES is a ValueError (at the first `next`).
-        The retry budget counts from the first failure since the last batch received (a quiet
-        stream's next failure is retried as long as a first one); a buffer that stops answering
-        fails the call through keep-alive pings (module docstring)."""
+        The retry budget counts from the first failure since the stream last proved alive (a
+        batch received, a call the server ended in order, or a call open through a keep-alive
+        round: 2 × `ping_interval_s` + `ping_timeout_s`), so a quiet stream's next failure is retried as long as a first one;
+        a buffer that stops answering fails the call through keep-alive pings (module
+        docstring) and so never proves alive."""
         _check_count("max_in_flight", max_in_flight)
         delivered, attempt = 0, 0
-        give_up: float | None = None   # set by the first failure since the last batch
+        give_up: float | None = None   # set by the first failure since it proved alive
         held: collections.deque[Sample] = collections.deque()   # received, not yet handed out
         while max_samples is None or delivered < max_samples:
+            opened = time.monotonic()
             call = self._stream_raw(pb.StreamRequest(max_in_flight=max_in_flight),
                                     metadata=self._as_consumer)
             try:
@@ -271,7 +277,10 @@ class BufferClient:
                         yield held.popleft()
                         if max_samples is not None and delivered >= max_samples:
                             return
+                attempt, give_up = 0, None   # ended in order by the server (it is stopping)
             except grpc.RpcError as err:
+                if time.monotonic() - opened > self._proven_alive_s:
+                    attempt, give_up = 0, None   # it was alive: a new failure, a whole budget
                 wait = self._retry_wait(err, attempt, "stream")
                 give_up = time.monotonic() + self.retry_budget_s if give_up is None else give_up
                 if time.monotonic() + wait > give_up:
