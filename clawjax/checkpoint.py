@@ -9,8 +9,8 @@ A checkpoint at `directory/<step>/` holds two items:
 
 Beside the steps, `directory/gate.json` records the regression gate's decisions
 (`record_gate`): the last accepted step, its probe score, a refused candidate not yet rolled
-back, and the run's refusal count. A resume reads it (`gate_record`) so that it never starts from a candidate the gate
-refused or has not decided on as if it had been accepted.
+back, and the run's refusal count. A resume reads it (`gate_record`) so that it never starts
+from a candidate the gate refused or has not decided on as if it had been accepted.
 
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the write
 continues in the background. The trainer acknowledges samples only once the checkpoint holding

@@ -279,7 +279,7 @@ def run_default(config) -> dict:
         try:
             # the final policy, after its last publish landed
             evaluator.evaluate_endpoint(config.eval.final_samples_per_task)
-        except ServingError as e:
+        except (ServingError, OSError) as e:
             log.warning("final evaluation failed: %s", e)
         summary = report.summarize(workdir, evaluator.history,
                                    proxy_stats(stack.proxy_url, stats_client),

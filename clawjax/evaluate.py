@@ -192,12 +192,12 @@ class Evaluator:
         result = asyncio.run(evaluate_async(self.policy_url, self.judge_url, self.tokenizer,
                                             self.tasks, single_version=single_version,
                                             **kwargs))
+        with open(self.path, "a") as f:   # first: a failed write records nothing at all
+            f.write(json.dumps(result.to_json()) + "\n")
         with self._lock:
             if len(self.history) >= 2:   # the latest becomes a middle point: its texts go
                 self.history[-1].examples = []
             self.history.append(result)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(result.to_json()) + "\n")
         log.info("held-out score %.3f at version %s (%d answers, %.1fs)%s%s", result.score,
                  result.version, result.n, result.seconds,
                  f"; {result.unjudged} answers left out, no valid judge vote"

@@ -1,6 +1,6 @@
 """Which samples the trainer trains: `admit` decides, for each sample a source delivered, whether
 this step may train it or why not (`DROP_REASONS`). `TrainLoop.take_samples` counts each drop and
-hands the sample back to its source (`source.reject`).
+tells the source (`source.reject`: kept on disk, never trained).
 """
 
 from __future__ import annotations

@@ -217,6 +217,9 @@ class LocalStack:
                     raise
                 log.warning("%s failed to start, retrying", name)
                 time.sleep(3.0)
+            except Exception:   # fork, exec, pipes: not left in `children` unsupervised
+                self._forget(name, child)
+                raise
         child.supervised = True
         self._write_pids()
         return address

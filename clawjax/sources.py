@@ -339,7 +339,9 @@ class BufferSource:
         (one retry budget per take while it is down, not two)."""
         from clawjax.buffer import BufferUnavailableError
 
-        if isinstance(self._flush_acks(), BufferUnavailableError):
+        unreachable = self._flush_acks()
+        if isinstance(unreachable, BufferUnavailableError):
+            self._outage(unreachable)
             return []
         out: list[Sample] = []
         deadline = time.monotonic() + timeout_s

@@ -30,6 +30,17 @@ def truncate(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     partial = path + ".partial"
+    try:
+        _copy_up_to(path, partial, step)
+    except BaseException:
+        if os.path.exists(partial):   # a full disk, say: the log stays as it was
+            os.unlink(partial)
+        raise
+    os.replace(partial, path)
+
+
+def _copy_up_to(path: str, partial: str, step: int) -> None:
+    """Writes to `partial` the good lines of `path` with steps up to `step`."""
     with open(path) as old, open(partial, "w") as kept:
         for number, line in enumerate(old, 1):
             if not line.strip():
@@ -42,4 +53,3 @@ def truncate(path: str, step: int) -> None:
                 continue
             if entry_step <= step:
                 kept.write(line if line.endswith("\n") else line + "\n")
-    os.replace(partial, path)

@@ -243,7 +243,9 @@ def test_ping_settings_out_of_range_are_refused_by_name(kw, name):
         BufferClient("127.0.0.1:1", **kw)
 
 
-def test_ping_settings_reach_the_channel():
+def test_keepalive_options_hold_the_ping_settings_and_the_server_permits_them():
+    """The option values (the frozen-stream test above shows the client's channel uses them);
+    the server permits pings more often than any client may send them."""
     from clawjax.buffer import keepalive
 
     options = dict(keepalive.client_options(2.0, 0.5))

@@ -319,10 +319,22 @@ def test_an_endpoint_gives_up_once_its_patience_is_spent(servers, tmp_path):
 
 def test_history_keeps_answer_texts_on_the_first_and_latest_point_only(serve, tmp_path):
     """A week-long run evaluates thousands of times: every score stays in `history`, but the
-    answer texts (about 12 KB a point) only on the two endpoints the summary reads."""
+    answer texts (about 12 KB a point) only on the first point (the warm start's) and the
+    latest."""
     serve(Server(4))
     evaluator = evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path))
     for _ in range(4):
         evaluator.evaluate_now()
     assert [len(r.examples) for r in evaluator.history] == [len(TASKS), 0, 0, len(TASKS)]
     assert [r.score for r in evaluator.history] == [1.0] * 4
+
+
+def test_a_point_that_cannot_be_written_is_not_kept_either(serve, tmp_path):
+    """eval.jsonl is written first: a failed write (here the path is a directory) records the
+    point nowhere, so a retried endpoint does not leave it twice in `history`."""
+    serve(Server(4))
+    (tmp_path / "eval.jsonl").mkdir()
+    evaluator = evaluate.Evaluator("policy", "judge", Tokenizer(), TASKS, str(tmp_path))
+    with pytest.raises(IsADirectoryError):
+        evaluator.evaluate_now()
+    assert evaluator.history == []

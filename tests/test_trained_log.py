@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clawjax import trained_log
 
 
@@ -40,3 +42,21 @@ def test_torn_and_foreign_lines_are_dropped_and_the_rest_kept(tmp_path, caplog):
 def test_truncating_a_missing_log_creates_nothing(tmp_path):
     trained_log.truncate(str(tmp_path / "trained.jsonl"), 3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncate_that_fails_leaves_the_log_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "trained.jsonl"
+    for step in (1, 2, 3):
+        trained_log.append(str(path), step, [f"s{step}"])
+    whole = path.read_text()
+
+    def full_disk(source, partial, step):
+        with open(partial, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trained_log, "_copy_up_to", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        trained_log.truncate(str(path), 1)
+    assert path.read_text() == whole and sorted(p.name for p in tmp_path.iterdir()) == [
+        "trained.jsonl"]

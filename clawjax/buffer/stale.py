@@ -60,8 +60,8 @@ class StaleLog(AppendOnlyLog):
         records = [(RecordType.PUSH, encode_push(*item)) for item in items]
         size = sum(HEADER.size + len(head) + len(data) for _, (head, data) in records)
         with self._append_lock:
-            held = self.disk_bytes()
-            if held > len(MAGIC) and held + size > self.max_bytes // 2:
+            file_bytes = self.disk_bytes()
+            if file_bytes > len(MAGIC) and file_bytes + size > self.max_bytes // 2:
                 self.rotate(self.rotated)
             self.append_records(records)
 
