@@ -166,6 +166,22 @@ def test_a_quiet_stream_pinged_every_second_is_not_sent_away(tmp_path):
             call.cancel()
 
 
+def next_in_a_thread(stream):
+    """Starts a thread waiting for the stream's next sample; returns (thread, box): the box
+    gets "sample" or the "error" that ended the wait."""
+    box = {}
+
+    def wait_for_next():
+        try:
+            box["sample"] = next(stream)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    waiting = threading.Thread(target=wait_for_next, daemon=True)
+    waiting.start()
+    return waiting, box
+
+
 def test_a_quiet_stream_reconnects_after_a_restart_past_its_retry_budget(tmp_path):
     """The stream's retry budget counts from its first failure, not from its last batch: a
     buffer restart after a quiet spell longer than the budget is retried."""
@@ -176,16 +192,7 @@ def test_a_quiet_stream_reconnects_after_a_restart_past_its_retry_budget(tmp_pat
         client.push(make_samples(1, prefix="a"))
         stream = client.stream(max_in_flight=4)
         client.ack([next(stream).sample_id])
-        box = {}
-
-        def wait_for_next():
-            try:
-                box["sample"] = next(stream)
-            except BaseException as e:  # noqa: BLE001 - handed to the test
-                box["error"] = e
-
-        waiting = threading.Thread(target=wait_for_next, daemon=True)
-        waiting.start()
+        waiting, box = next_in_a_thread(stream)
         time.sleep(3.5)                                    # quiet for longer than the budget
         server.stop()
         time.sleep(0.5)                                    # its reconnects fail meanwhile
@@ -208,17 +215,8 @@ def test_a_stream_open_through_its_pings_gets_a_whole_budget_for_its_next_failur
     port = server.start()
     client = BufferClient(f"127.0.0.1:{port}", retry_budget_s=2.0, ping_interval_s=1.0,
                           ping_timeout_s=0.5)   # alive once a call is open 2.5 s
-    stream, box = client.stream(max_in_flight=4), {}
-
-    def wait_for_next():
-        try:
-            box["sample"] = next(stream)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    waiting = threading.Thread(target=wait_for_next, daemon=True)
     try:
-        waiting.start()
+        waiting, box = next_in_a_thread(client.stream(max_in_flight=4))
         time.sleep(0.5)
         for _ in range(2):                                 # two restarts 4 s apart
             server.stop()

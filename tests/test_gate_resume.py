@@ -24,6 +24,19 @@ def trained_firsts(loop) -> list[tuple[int, str]]:
         return [(e["step"], e["sample_ids"][0]) for e in map(json.loads, f)]
 
 
+def accepted_then_corrupted(tmp_path):
+    """A replay-fed "checkpoint"-mode loop whose step 1 was accepted (published and
+    checkpointed) and whose step 2, corrupted, is checkpointed but not yet decided."""
+    loop = replay_gated_loop(tmp_path, "checkpoint", False)
+    loop.train_step(loop.take_samples())
+    publish(loop)  # v1 accepted and checkpointed
+    loop.train_step(loop.take_samples())
+    corrupt(loop)
+    loop.save_checkpoint()
+    loop.checkpointer.wait()
+    return loop
+
+
 @pytest.mark.parametrize("rollback,background", MODES)
 def test_a_crash_after_a_rollback_does_not_train_the_discarded_samples_again(
         tmp_path, rollback, background):
@@ -65,13 +78,7 @@ def test_a_crash_after_a_resumes_rollback_does_not_train_the_discarded_samples_a
         tmp_path):
     """The same for the rollback a resume makes (a refused candidate found on disk): a second
     crash before the next checkpoint resumes past the discarded step's samples too."""
-    loop = replay_gated_loop(tmp_path, "checkpoint", False)
-    loop.train_step(loop.take_samples())
-    publish(loop)  # v1 accepted and checkpointed
-    loop.train_step(loop.take_samples())
-    corrupt(loop)
-    loop.save_checkpoint()
-    loop.close()  # a crash before the gate decided on step 2
+    accepted_then_corrupted(tmp_path).close()  # a crash before the gate decided on step 2
 
     for attempt in range(2):  # the resume rolls back; then it crashes too, and a third resumes
         resumed = replay_gated_loop(tmp_path, "checkpoint", False, **{"trainer.resume": True})
@@ -227,13 +234,7 @@ def test_a_crash_while_a_rollback_deletes_counts_the_refusal_once(tmp_path, monk
     the two used to leave a record without the refused step, so the next resume decided the
     same candidate again and counted its refusal twice. The refused step stays recorded until
     the deletion is done."""
-    loop = replay_gated_loop(tmp_path, "checkpoint", False)
-    loop.train_step(loop.take_samples())
-    publish(loop)  # v1 accepted and checkpointed
-    loop.train_step(loop.take_samples())
-    corrupt(loop)
-    loop.save_checkpoint()
-    loop.checkpointer.wait()
+    loop = accepted_then_corrupted(tmp_path)
 
     def crash(self, step):
         raise Crash(f"killed before deleting the steps after {step}")
