@@ -1,9 +1,10 @@
 """A buffer that stops answering (its process SIGSTOPped: a frozen host or a partition, the TCP
-connection still open) holds no call past the client's retry budget: unary attempts are cut to
-the budget left (`attempt_timeout_s`), a Stream learns of it from HTTP/2 keep-alive pings, and
+connection still open) holds no call past the client's retry budget (or the 5 s an attempt gets
+at least): unary attempts are cut to the budget left (`attempt_timeout_s`), a Stream learns of it from HTTP/2 keep-alive pings, and
 `LeaseKeeper.close` does not wait on an ExtendLease nobody answers. Every wait on the frozen
 buffer runs in a daemon thread joined with a bound, so a regression fails instead of hanging."""
 
+import concurrent.futures
 import os
 import signal
 import threading
@@ -60,12 +61,13 @@ def frozen(tmp_path):
 
 def test_attempt_timeout_is_the_budget_left_bounded_by_the_rpc_timeout_plus_the_wait():
     attempt_timeout_s, MIN_ATTEMPT_S = client_mod.attempt_timeout_s, client_mod.MIN_ATTEMPT_S
-    assert attempt_timeout_s(60.0, 1.0) == 1.0
+    assert MIN_ATTEMPT_S == 5.0
+    assert attempt_timeout_s(60.0, 12.0) == 12.0
     assert attempt_timeout_s(60.0, 120.0) == 60.0                 # a large budget: as before
-    assert attempt_timeout_s(60.0, 0.01) == MIN_ATTEMPT_S         # the last attempt gets a floor
+    assert attempt_timeout_s(60.0, 1.0) == MIN_ATTEMPT_S          # every attempt gets a floor
     assert attempt_timeout_s(60.0, -3.0) == MIN_ATTEMPT_S
-    assert attempt_timeout_s(0.2, 5.0) == 0.2                     # a short rpc_timeout_s holds
-    assert attempt_timeout_s(60.0, 1.0, wait_s=2.5) == 3.5        # a Lease's long-poll on top
+    assert attempt_timeout_s(0.2, 10.0) == 0.2                    # a short rpc_timeout_s holds
+    assert attempt_timeout_s(60.0, 12.0, wait_s=2.5) == 14.5      # a Lease's long-poll on top
 
 
 def test_unary_calls_to_a_frozen_buffer_give_up_within_the_retry_budget(frozen):
@@ -73,11 +75,13 @@ def test_unary_calls_to_a_frozen_buffer_give_up_within_the_retry_budget(frozen):
         held = client.lease(4, timeout_s=1.0)
         assert len(held) == 4
         frozen.freeze()
-        for name, call in [("stats", client.stats),
-                           ("lease", lambda: client.lease(4, timeout_s=1.0)),
-                           ("ack", lambda: client.ack([s.sample_id for s in held])),
-                           ("extend_lease", lambda: client.extend_lease(["x"]))]:
-            outcome, value = _within(call)
+        calls = {"stats": client.stats,
+                 "lease": lambda: client.lease(4, timeout_s=1.0),
+                 "ack": lambda: client.ack([s.sample_id for s in held]),
+                 "extend_lease": lambda: client.extend_lease(["x"])}
+        with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:   # at once: 5 s each
+            outcomes = dict(zip(calls, pool.map(_within, calls.values())))
+        for name, (outcome, value) in outcomes.items():
             assert outcome == "raised", f"{name}: {outcome} after {BOUND_S} s"
             assert isinstance(value, BufferUnavailableError), f"{name}: {value!r}"
             assert value.code == "DEADLINE_EXCEEDED"

@@ -18,8 +18,8 @@ id, acks/nacks by id.
 Deadlines: each attempt's gRPC deadline is what is left of the retry budget (at least
 `MIN_ATTEMPT_S`, at most `rpc_timeout_s`), plus the seconds a Lease asks the server to wait
 (`attempt_timeout_s`), so a buffer that stops answering (frozen, partitioned: its connection
-still open) holds a call about `retry_budget_s` (+ that wait), never `rpc_timeout_s` per
-attempt. A Stream has no deadline: HTTP/2 keep-alive pings (`clawjax.buffer.keepalive`) turn
+still open) holds a call about `retry_budget_s` or `MIN_ATTEMPT_S` (5 s), whichever is
+longer (+ that wait), never `rpc_timeout_s` per attempt. A Stream has no deadline: HTTP/2 keep-alive pings (`clawjax.buffer.keepalive`) turn
 such a buffer into UNAVAILABLE within `ping_interval_s + ping_timeout_s`, retried as above.
 
 Consumer token: each client names itself (`consumer`, a random uuid4 hex unless given) in the
@@ -55,12 +55,15 @@ from clawjax.buffer.validate import MAX_LEASE_SAMPLES, MAX_WAIT_S, lease_wait_s
 from clawjax.sample import Sample, SampleError
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-MIN_ATTEMPT_S = 0.5   # the shortest deadline an attempt gets, however little budget is left
+# The shortest deadline an attempt gets, however little budget is left: a healthy buffer's
+# answer is not cut short on a loaded machine (a Lease cut short leaves its samples leased to
+# this client, unreceived, until the lease expires).
+MIN_ATTEMPT_S = 5.0
 
 
 def attempt_timeout_s(rpc_timeout_s: float, budget_left_s: float, wait_s: float = 0.0) -> float:
     """The gRPC deadline of one attempt: `budget_left_s` of the retry budget (at least
-    `MIN_ATTEMPT_S`, so the last attempt is not cut short to nothing; at most
+    `MIN_ATTEMPT_S`, so no attempt is cut short to nothing; at most
     `rpc_timeout_s`), plus `wait_s`, the seconds the server waits on purpose (a Lease's
     long-poll). Invariant: a call's attempts end within `retry_budget_s + wait_s +
     MIN_ATTEMPT_S` of its start, whatever `rpc_timeout_s` is."""
