@@ -86,20 +86,16 @@ def test_a_partial_line_does_not_hold_the_start_past_its_deadline(modules):
     assert child.proc.poll() is not None   # the start stopped it
 
 
-def test_a_ready_line_in_the_same_write_as_a_banner_is_found(modules):
-    child = _child(modules, "two_lines", "some banner|READY http://127.0.0.1:2|")
+@pytest.mark.parametrize("module, args, address, within_s", [
+    ("two_lines", ("some banner|READY http://127.0.0.1:2|",), "http://127.0.0.1:2", 3),  # one write
+    ("slow_newline", (), "http://127.0.0.1:3", 4),   # the ready line finished by a later write
+])
+def test_a_ready_line_is_found_however_the_writes_split_it(modules, module, args, address,
+                                                          within_s):
+    child = _child(modules, module, *args)
     try:
         result, took = _bounded(lambda: child.start(timeout_s=5), lambda: None, limit_s=10)
-        assert result == "http://127.0.0.1:2" and took < 3, (result, took)
-    finally:
-        child.stop()
-
-
-def test_a_ready_line_finished_by_a_later_write_is_found(modules):
-    child = _child(modules, "slow_newline")
-    try:
-        result, took = _bounded(lambda: child.start(timeout_s=5), lambda: None, limit_s=10)
-        assert result == "http://127.0.0.1:3" and took < 4, (result, took)
+        assert result == address and took < within_s, (result, took)
     finally:
         child.stop()
 
