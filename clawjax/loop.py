@@ -37,7 +37,6 @@ from clawjax import trained_log
 from clawjax import workdir as workdir_lib
 from clawjax.loop_gate import GateMixin
 from clawjax.loop_setup import build_model, make_publisher, make_source
-from clawjax.intake import DROP_REASONS
 from clawjax.metrics import MetricsWriter, sample_metrics, sample_stats
 from clawjax.sample import Sample
 
@@ -111,7 +110,7 @@ class TrainLoop(GateMixin):
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save)
-        self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})  # zeros shown too
+        self.dropped = collections.Counter({r: 0 for r in intake.DROP_REASONS})  # zeros shown too
         self._unwritten = None  # (step, metrics) trained, not yet written (`log_step`)
         self.unacked: list[str] = []  # trained since the last checkpoint save started
         self._in_hand: set[str] = set()  # trained by any process, not yet acknowledged
